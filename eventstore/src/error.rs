@@ -1,0 +1,70 @@
+//! The store's typed errors.
+
+use uuid::Uuid;
+
+use crate::{ExpectedVersion, StreamId};
+
+/// Everything an event store operation can fail with.
+///
+/// Each variant says how a caller should react and which GraphQL
+/// `extensions.code` the API maps it to.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream is not at the expected version; nothing was written.
+    /// Reload the stream and decide again (`CONFLICT`).
+    #[error("stream {stream} expected {expected} but is at {}", actual.map_or("no stream".to_string(), |v| format!("version {v}")))]
+    Conflict {
+        /// The stream appended to.
+        stream: StreamId,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's actual last version (`None`: the stream does not exist).
+        actual: Option<u64>,
+    },
+
+    /// An event id that is already stored was sent again with different content,
+    /// or a batch mixed stored and new ids; nothing was written (`CONFLICT`).
+    #[error("event {event_id} in stream {stream} was already recorded with different content")]
+    IdempotencyMismatch {
+        /// The stream appended to.
+        stream: StreamId,
+        /// The reused id.
+        event_id: Uuid,
+    },
+
+    /// The input breaks a documented rule (stream id, event type, payload shape
+    /// or size, NUL characters); nothing was written. Fix the input (`BAD_INPUT`).
+    #[error("bad input: {0}")]
+    BadInput(String),
+
+    /// The database failed or could not be reached. The append may or may not
+    /// have committed: resend the same event ids, which is safe (`INTERNAL`).
+    #[error("database error: {0}")]
+    Database(#[from] tokio_postgres::Error),
+
+    /// No connection could be taken from the pool (`INTERNAL`, retry later).
+    #[error("connection pool: {0}")]
+    Pool(String),
+
+    /// A stored row could not be decoded (corruption or a newer schema) (`INTERNAL`).
+    #[error("corrupt stored event at position {position}: {reason}")]
+    Corrupt {
+        /// Where.
+        position: u64,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// The store is shutting down; the operation did not run (`INTERNAL`).
+    #[error("the event store is shut down")]
+    Closed,
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => Self::Database(e),
+            other => Self::Pool(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The agentledger event store: append-only, hash-chained streams of JSON
+//! events with a gap-safe global order and catch-up-then-live subscriptions.
+//!
+//! Two implementations behave identically behind [`EventStore`]:
+//! [`PostgresEventStore`] (the real one) and [`InMemoryEventStore`] (embedded
+//! dev mode, fast unit tests). One contract test suite runs against both.
+//!
+//! This crate depends on nothing else of agentledger and knows nothing of
+//! workflows, agents or GraphQL: it stores JSON events named by type.
+//!
+//! ```
+//! # tokio_test_block(async {
+//! use agentledger_eventstore::*;
+//! use serde_json::json;
+//!
+//! let store = InMemoryEventStore::default();
+//! let stream = StreamId::new("workflow-1").unwrap();
+//! let event = NewEvent::new("Greeted", json!({"text": "안녕하세요"}), Metadata::new(Actor::system()));
+//! let appended = store.append(&stream, ExpectedVersion::NoStream, vec![event]).await.unwrap();
+//! assert_eq!(appended.stream_version, 0);
+//! assert!(store.verify_stream(&stream).await.unwrap().ok);
+//! # });
+//! # fn tokio_test_block(f: impl std::future::Future<Output = ()>) {
+//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+//! # }
+//! ```
+
+mod append;
+pub mod chain;
+mod error;
+mod event;
+mod memory;
+pub mod migrate;
+pub mod postgres;
+mod prepare;
+pub mod subscription;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use async_trait::async_trait;
+
+pub use chain::{verify_events, ChainVerifier, Verification};
+pub use error::StoreError;
+pub use event::{
+    Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position, RecordedEvent,
+    StreamId, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+};
+pub use memory::InMemoryEventStore;
+pub use postgres::{PostgresEventStore, PostgresOptions};
+pub use prepare::Limits;
+pub use subscription::Subscription;
+
+/// How many live events a process keeps for subscribers that are behind;
+/// a subscriber further behind than this reads the table instead.
+pub const LIVE_BUFFER: usize = 4096;
+
+/// An append-only store of event streams. See the crate docs.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically, all or nothing.
+    ///
+    /// - `expected` must match the stream's last version, else
+    ///   [`StoreError::Conflict`] and nothing is written.
+    /// - Resending events whose ids are already stored in this stream with the
+    ///   same content returns the original positions with `deduplicated: true`
+    ///   and writes nothing, whatever `expected` says; the same id with other
+    ///   content is [`StoreError::IdempotencyMismatch`].
+    /// - Invalid input ([`Limits`], stream id, event type, non-object payload,
+    ///   NUL characters) is [`StoreError::BadInput`], nothing written.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Up to `limit` events of `stream` with version ≥ `from_version`, in version order.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Up to `limit` events of `$all` with position ≥ `from_position`, in position order.
+    ///
+    /// Gap-safe: once an event at position `p` has been read, no event with a
+    /// position below `p` can appear later.
+    async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The position of the last committed event (0 when the store is empty).
+    async fn head_position(&self) -> Result<Position, StoreError>;
+
+    /// Every event with position ≥ `from_position`, then live; see [`Subscription`].
+    fn subscribe_all(&self, from_position: Position) -> Subscription;
+
+    /// Every event of `stream` with version ≥ `from_version`, then live.
+    fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription;
+
+    /// Recomputes `stream`'s hash chain from what is stored and names the
+    /// first event that does not match. Reads in pages: memory stays bounded.
+    async fn verify_stream(&self, stream: &StreamId) -> Result<Verification, StoreError> {
+        const PAGE: usize = 1_000;
+        let mut verifier = ChainVerifier::new();
+        let mut from = 0;
+        loop {
+            let page = self.read_stream(stream, from, PAGE).await?;
+            page.iter().for_each(|e| verifier.check(e));
+            match page.last() {
+                Some(last) if page.len() == PAGE => from = last.stream_version + 1,
+                _ => return Ok(verifier.finish()),
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The in-memory store, for the embedded dev mode and fast unit tests.
+//! It keeps nothing across restarts and behaves like the PostgreSQL store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::append::{decide, now_micros, written, Outcome, StreamHead};
+use crate::prepare::{prepare, Limits};
+use crate::subscription::Subscription;
+use crate::{AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId};
+
+/// An event store held in process memory. Cheap to clone: clones share the data.
+#[derive(Clone)]
+pub struct InMemoryEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    live: broadcast::Sender<Arc<RecordedEvent>>,
+    limits: Limits,
+}
+
+#[derive(Default)]
+struct State {
+    /// Index `i` holds position `i + 1`.
+    events: Vec<Arc<RecordedEvent>>,
+    /// Per stream, the indexes of its events in version order.
+    streams: HashMap<StreamId, Vec<usize>>,
+    ids: HashMap<(StreamId, Uuid), usize>,
+}
+
+impl Default for InMemoryEventStore {
+    fn default() -> Self {
+        Self::new(Limits::default())
+    }
+}
+
+impl InMemoryEventStore {
+    /// An empty store enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        let (live, _) = broadcast::channel(crate::LIVE_BUFFER);
+        Self { inner: Arc::new(Inner { state: Mutex::new(State::default()), live, limits }) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-updated
+        // (appends push after every check), so a poisoned lock is still usable.
+        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let prepared = prepare(stream, events, &self.inner.limits)?;
+        let mut state = self.state();
+        let stored: Vec<Option<&RecordedEvent>> = prepared
+            .iter()
+            .map(|p| state.ids.get(&(stream.clone(), p.event.event_id)).map(|&i| state.events[i].as_ref()))
+            .collect();
+        let head = state.streams.get(stream).and_then(|indexes| indexes.last()).map(|&i| StreamHead {
+            version: state.events[i].stream_version,
+            hash: state.events[i].hash,
+        });
+        let next_position = state.events.len() as Position + 1;
+        match decide(stream, expected, &prepared, &stored, head, next_position, now_micros())? {
+            Outcome::AlreadyStored(result) => Ok(result),
+            Outcome::Write(records) => {
+                let result = written(&records);
+                for record in records {
+                    let index = state.events.len();
+                    let record = Arc::new(record);
+                    state.ids.insert((stream.clone(), record.event_id), index);
+                    state.streams.entry(stream.clone()).or_default().push(index);
+                    state.events.push(record.clone());
+                    // No receiver is not an error: nobody is subscribed.
+                    let _ = self.inner.live.send(record);
+                }
+                Ok(result)
+            }
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let state = self.state();
+        let Some(indexes) = state.streams.get(stream) else { return Ok(Vec::new()) };
+        let from = usize::try_from(from_version).unwrap_or(usize::MAX).min(indexes.len());
+        Ok(indexes[from..].iter().take(limit).map(|&i| state.events[i].as_ref().clone()).collect())
+    }
+
+    async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let state = self.state();
+        let from = usize::try_from(from_position.max(1) - 1).unwrap_or(usize::MAX).min(state.events.len());
+        Ok(state.events[from..].iter().take(limit).map(|e| e.as_ref().clone()).collect())
+    }
+
+    async fn head_position(&self) -> Result<Position, StoreError> {
+        Ok(self.state().events.len() as Position)
+    }
+
+    fn subscribe_all(&self, from_position: Position) -> Subscription {
+        Subscription::all(Arc::new(self.clone()), self.inner.live.subscribe(), from_position)
+    }
+
+    fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
+        Subscription::stream(Arc::new(self.clone()), self.inner.live.subscribe(), stream, from_version)
+    }
+}

@@ -1,0 +1,181 @@
+//! The PostgreSQL event store.
+//!
+//! - **Writes** go through one writer task per process ([`writer`]) that
+//!   group-commits every append waiting at that moment in one transaction
+//!   under a transaction-scoped advisory lock. The lock makes appends from all
+//!   processes commit one transaction at a time, in position order, which is
+//!   what makes `$all` gap-safe for readers that resume by position alone.
+//! - **Live events** come from one tailer task per process ([`tailer`]) that
+//!   reads new rows from the table and broadcasts them to every subscriber.
+//!   It wakes up on this process's own commits, on `NOTIFY` from other
+//!   processes (dedicated `LISTEN` connection, coalesced NOTIFY sent after
+//!   commit), and on a slow safety poll.
+
+mod rows;
+mod tailer;
+mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use crate::prepare::{prepare, Limits};
+use crate::subscription::Subscription;
+use crate::{AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId};
+
+pub use rows::EVENT_COLUMNS;
+
+/// The channel other processes' commits are announced on.
+pub const NOTIFY_CHANNEL: &str = "agentledger_events";
+
+/// Advisory lock key under which appends commit (transaction-scoped).
+pub const APPEND_LOCK: i64 = 0x6167_6c65_6467_0002;
+
+/// Tuning for [`PostgresEventStore`].
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// Pooled connections for reads (the writer and the listener have their own).
+    pub pool_size: usize,
+    /// Input limits.
+    pub limits: Limits,
+    /// Most events one group commit takes (a single larger append still goes alone).
+    pub max_group_events: usize,
+    /// How often the tailer looks for new events when no wake-up came.
+    pub safety_poll: Duration,
+    /// Least time between two NOTIFYs this process sends.
+    pub notify_interval: Duration,
+    /// A fault point for scripted tests: awaited after a group's rows are
+    /// inserted and before its `COMMIT`, with the append lock held.
+    pub before_commit: Option<CommitHook>,
+}
+
+/// See [`PostgresOptions::before_commit`].
+pub type CommitHook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            limits: Limits::default(),
+            max_group_events: 2_000,
+            safety_poll: Duration::from_secs(1),
+            notify_interval: Duration::from_millis(2),
+            before_commit: None,
+        }
+    }
+}
+
+/// An event store on PostgreSQL. Cheap to clone: clones share the pool and tasks.
+#[derive(Clone)]
+pub struct PostgresEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    appends: mpsc::Sender<writer::AppendRequest>,
+    live: broadcast::Sender<Arc<RecordedEvent>>,
+    limits: Limits,
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl PostgresEventStore {
+    /// Connects to `database_url` (the service's role is enough) and starts
+    /// the writer and tailer tasks. The schema must be migrated already.
+    pub async fn connect(database_url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::BadInput(format!("DATABASE_URL: {e}")))?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let start = rows::head_position(&pool.get().await?).await?;
+
+        let stop = CancellationToken::new();
+        let committed = Arc::new(Notify::new());
+        let (live, _) = broadcast::channel(crate::LIVE_BUFFER);
+        let (appends, requests) = mpsc::channel(1_024);
+
+        let writer = writer::Writer::new(config.clone(), options.max_group_events, committed.clone(), options.before_commit);
+        tokio::spawn(writer.run(requests));
+        let tailer = tailer::Tailer {
+            config,
+            pool: pool.clone(),
+            live: live.clone(),
+            committed,
+            last: start,
+            safety_poll: options.safety_poll,
+            notify_interval: options.notify_interval,
+        };
+        tokio::spawn(tailer.run(stop.clone()));
+
+        Ok(Self { inner: Arc::new(Inner { pool, appends, live, limits: options.limits, stop }) })
+    }
+
+    /// The read pool (for tools and tests that need plain SQL).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let events = prepare(stream, events, &self.inner.limits)?;
+        let (reply, answer) = oneshot::channel();
+        let request = writer::AppendRequest { stream: stream.clone(), expected, events, reply };
+        self.inner.appends.send(request).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.inner.pool.get().await?;
+        rows::read_stream(&client, stream, from_version, limit).await
+    }
+
+    async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.inner.pool.get().await?;
+        rows::read_all(&client, from_position, limit).await
+    }
+
+    async fn head_position(&self) -> Result<Position, StoreError> {
+        let client = self.inner.pool.get().await?;
+        rows::head_position(&client).await
+    }
+
+    fn subscribe_all(&self, from_position: Position) -> Subscription {
+        Subscription::all(Arc::new(self.clone()), self.inner.live.subscribe(), from_position)
+    }
+
+    fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
+        Subscription::stream(Arc::new(self.clone()), self.inner.live.subscribe(), stream, from_version)
+    }
+}

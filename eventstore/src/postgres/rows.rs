@@ -1,0 +1,71 @@
+//! Reading event rows.
+
+use deadpool_postgres::Client;
+use tokio_postgres::Row;
+
+use crate::{Position, RecordedEvent, StoreError, StreamId};
+
+/// The columns of an event row, in the order [`decode`] expects.
+pub const EVENT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, schema_version, \
+     payload, metadata, recorded_at, hash_version, prev_hash, hash";
+
+pub(crate) async fn read_all(
+    client: &Client,
+    from_position: Position,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE global_position >= $1 ORDER BY global_position LIMIT $2");
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client.query(&statement, &[&to_i64(from_position), &to_i64(limit as u64)]).await?;
+    rows.iter().map(decode).collect()
+}
+
+pub(crate) async fn read_stream(
+    client: &Client,
+    stream: &StreamId,
+    from_version: u64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version >= $2 \
+         ORDER BY stream_version LIMIT $3"
+    );
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client.query(&statement, &[&stream.as_str(), &to_i64(from_version), &to_i64(limit as u64)]).await?;
+    rows.iter().map(decode).collect()
+}
+
+pub(crate) async fn head_position(client: &Client) -> Result<Position, StoreError> {
+    let statement = client.prepare_cached("SELECT coalesce(max(global_position), 0) FROM events").await?;
+    let row = client.query_one(&statement, &[]).await?;
+    Ok(row.get::<_, i64>(0) as Position)
+}
+
+/// Clamps to the `bigint` range; positions and versions never get near it.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Decodes a row selected with [`EVENT_COLUMNS`].
+pub fn decode(row: &Row) -> Result<RecordedEvent, StoreError> {
+    let position: i64 = row.try_get(0)?;
+    let corrupt = |reason: String| StoreError::Corrupt { position: position as u64, reason };
+    let hash_of = |i: usize| -> Result<[u8; 32], StoreError> {
+        let bytes: &[u8] = row.try_get(i)?;
+        bytes.try_into().map_err(|_| corrupt(format!("hash of {} bytes", bytes.len())))
+    };
+    Ok(RecordedEvent {
+        global_position: position as Position,
+        stream_id: StreamId::new(row.try_get::<_, String>(1)?).map_err(|e| corrupt(e.to_string()))?,
+        stream_version: row.try_get::<_, i64>(2)? as u64,
+        event_id: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get::<_, i32>(5)? as u32,
+        payload: row.try_get(6)?,
+        metadata: row.try_get(7)?,
+        recorded_at: row.try_get(8)?,
+        hash_version: row.try_get::<_, i16>(9)? as u16,
+        prev_hash: hash_of(10)?,
+        hash: hash_of(11)?,
+    })
+}

@@ -1,0 +1,123 @@
+//! Throwaway PostgreSQL databases for tests (feature `testing`).
+//!
+//! `DATABASE_URL` names the server and a database to connect to for
+//! `CREATE DATABASE` (default `postgres://postgres@127.0.0.1:5432/postgres`,
+//! a superuser). Each [`TestDatabase`] is a fresh, migrated database that is
+//! dropped when the value is dropped, so tests run in parallel.
+
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+use crate::{PostgresEventStore, PostgresOptions};
+
+/// The server tests use when `DATABASE_URL` is unset.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The role the migrations grant INSERT and SELECT on events to.
+pub const SERVICE_ROLE: &str = "agentledger_service";
+
+/// A fresh, migrated database, dropped on drop.
+pub struct TestDatabase {
+    name: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    /// Creates and migrates a database named `agentledger_t_<random>`.
+    ///
+    /// # Panics
+    /// When the server cannot be reached: tests that need PostgreSQL fail loudly.
+    pub async fn create() -> Self {
+        let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
+        let name = format!("agentledger_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&server).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
+        let db = Self { admin_url: with_database(&server, &name, None), name };
+        crate::migrate::run(&db.admin_url).await.expect("migrations apply to a fresh database");
+        db
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Connection string for the owner (a superuser).
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+
+    /// Connection string for the service's least-privileged role.
+    pub fn service_url(&self) -> String {
+        with_database(&self.admin_url, &self.name, Some(SERVICE_ROLE))
+    }
+
+    /// A connection as the owner.
+    pub async fn admin_client(&self) -> Client {
+        connect(&self.admin_url).await
+    }
+
+    /// A store connected as the service role, with default options.
+    pub async fn store(&self) -> PostgresEventStore {
+        self.store_with(PostgresOptions::default()).await
+    }
+
+    /// A store connected as the service role.
+    pub async fn store_with(&self, options: PostgresOptions) -> PostgresEventStore {
+        PostgresEventStore::connect(&self.service_url(), options).await.expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (server, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on; a
+        // short-lived thread with its own runtime does the clean-up.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let admin = connect(&with_database(&server, "postgres", None)).await;
+                if let Err(e) = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+                    eprintln!("could not drop test database {name}: {e}");
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Connects and drives the connection in the background.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) =
+        tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// `url` with another database (and optionally user), as a key=value string.
+pub fn with_database(url: &str, database: &str, user: Option<&str>) -> String {
+    let config: tokio_postgres::Config = url.parse().unwrap_or_else(|e| panic!("DATABASE_URL {url:?}: {e}"));
+    let mut parts = Vec::new();
+    if let Some(host) = config.get_hosts().first() {
+        match host {
+            Host::Tcp(h) => parts.push(format!("host={h}")),
+            Host::Unix(path) => parts.push(format!("host={}", path.display())),
+        }
+    }
+    if let Some(port) = config.get_ports().first() {
+        parts.push(format!("port={port}"));
+    }
+    if let Some(user) = user.or(config.get_user()) {
+        parts.push(format!("user={user}"));
+    }
+    if let (None, Some(password)) = (user, config.get_password()) {
+        parts.push(format!("password={}", String::from_utf8_lossy(password)));
+    }
+    parts.push(format!("dbname={database}"));
+    parts.join(" ")
+}
