@@ -15,31 +15,57 @@ pub(crate) struct StreamHead {
     pub hash: [u8; 32],
 }
 
+/// An event with the same stream and id as one being appended: already
+/// stored, or planned earlier in the same group commit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Existing<'a> {
+    Stored(&'a RecordedEvent),
+    Planned { event: &'a PreparedEvent, position: Position, version: u64 },
+}
+
+impl Existing<'_> {
+    fn position_and_version(&self) -> (Position, u64) {
+        match self {
+            Self::Stored(e) => (e.global_position, e.stream_version),
+            Self::Planned { position, version, .. } => (*position, *version),
+        }
+    }
+}
+
+/// Where the `i`-th event of an append goes, and its chain links.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewRecord {
+    pub global_position: Position,
+    pub stream_version: u64,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
 /// What to do with an append.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// Write these records (positions and versions assigned, hashes chained).
-    Write(Vec<RecordedEvent>),
+    /// Write the events with these positions, versions and hashes (one per event, in order).
+    Write(Vec<NewRecord>),
     /// Every event already exists with the same content: answer with the original positions.
     AlreadyStored(AppendResult),
 }
 
 /// Decides one append.
 ///
-/// `stored[i]` is the already stored event with the id of `events[i]` in this
-/// stream, if any. `next_position` is the position the first new event gets.
+/// `existing[i]` is the event with the id of `events[i]` in this stream, if
+/// there is one. `next_position` is the position the first new event gets.
 pub(crate) fn decide(
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[PreparedEvent],
-    stored: &[Option<&RecordedEvent>],
+    existing: &[Option<Existing<'_>>],
     head: Option<StreamHead>,
     next_position: Position,
     recorded_at: DateTime<Utc>,
 ) -> Result<Outcome, StoreError> {
-    debug_assert_eq!(events.len(), stored.len());
-    if stored.iter().any(Option::is_some) {
-        return already_stored(stream, events, stored);
+    debug_assert_eq!(events.len(), existing.len());
+    if existing.iter().any(Option::is_some) {
+        return already_stored(stream, events, existing);
     }
     let actual = head.map(|h| h.version);
     let matches = match expected {
@@ -50,30 +76,26 @@ pub(crate) fn decide(
     if !matches {
         return Err(StoreError::Conflict { stream: stream.clone(), expected, actual });
     }
-    let mut version = actual.map_or(0, |v| v + 1);
+    let first_version = actual.map_or(0, |v| v + 1);
     let mut prev_hash = head.map_or(GENESIS_HASH, |h| h.hash);
-    let mut position = next_position;
     let records = events
         .iter()
-        .map(|p| {
-            let mut record = RecordedEvent {
-                global_position: position,
-                stream_id: stream.clone(),
-                stream_version: version,
+        .zip(0..)
+        .map(|(p, i)| {
+            let stream_version = first_version + i;
+            let hash = HashedFields {
                 event_id: p.event.event_id,
-                event_type: p.event.event_type.clone(),
+                stream_id: stream.as_str(),
+                stream_version,
+                event_type: &p.event.event_type,
                 schema_version: p.event.schema_version,
-                payload: p.event.payload.clone(),
-                metadata: p.metadata.clone(),
+                payload: &p.payload_json,
+                metadata: &p.metadata_json,
                 recorded_at,
-                hash_version: HASH_VERSION,
-                prev_hash,
-                hash: [0; 32],
-            };
-            record.hash = HashedFields::from(&record).hash(&prev_hash);
-            prev_hash = record.hash;
-            version += 1;
-            position += 1;
+            }
+            .hash(&prev_hash);
+            let record = NewRecord { global_position: next_position + i, stream_version, prev_hash, hash };
+            prev_hash = hash;
             record
         })
         .collect();
@@ -83,36 +105,55 @@ pub(crate) fn decide(
 fn already_stored(
     stream: &StreamId,
     events: &[PreparedEvent],
-    stored: &[Option<&RecordedEvent>],
+    existing: &[Option<Existing<'_>>],
 ) -> Result<Outcome, StoreError> {
-    let mut first: Option<&RecordedEvent> = None;
-    let mut last: Option<&RecordedEvent> = None;
-    for (new, old) in events.iter().zip(stored) {
-        let mismatch = || StoreError::IdempotencyMismatch { stream: stream.clone(), event_id: new.event.event_id };
-        let old = old.ok_or_else(mismatch)?;
-        if !same_content(new, &old.event_type, old.schema_version, &old.payload, &old.metadata) {
-            return Err(mismatch());
+    let mut found = Vec::with_capacity(events.len());
+    for (new, old) in events.iter().zip(existing) {
+        match old {
+            Some(old) if same_content(new, old) => found.push(old.position_and_version()),
+            _ => return Err(StoreError::IdempotencyMismatch { stream: stream.clone(), event_id: new.event.event_id }),
         }
-        first = first.or(Some(old));
-        last = Some(old);
     }
-    let (first, last) = (first.expect("non-empty append"), last.expect("non-empty append"));
+    let (first, last) = (found[0], found[found.len() - 1]);
     Ok(Outcome::AlreadyStored(AppendResult {
-        first_position: first.global_position,
-        last_position: last.global_position,
-        stream_version: last.stream_version,
+        first_position: first.0,
+        last_position: last.0,
+        stream_version: last.1,
         deduplicated: true,
     }))
 }
 
 /// The result of writing `records`.
-pub(crate) fn written(records: &[RecordedEvent]) -> AppendResult {
+pub(crate) fn written(records: &[NewRecord]) -> AppendResult {
     let (first, last) = (records.first().expect("non-empty"), records.last().expect("non-empty"));
     AppendResult {
         first_position: first.global_position,
         last_position: last.global_position,
         stream_version: last.stream_version,
         deduplicated: false,
+    }
+}
+
+/// The stored event an append produced.
+pub(crate) fn recorded(
+    stream: &StreamId,
+    event: PreparedEvent,
+    record: &NewRecord,
+    recorded_at: DateTime<Utc>,
+) -> RecordedEvent {
+    RecordedEvent {
+        global_position: record.global_position,
+        stream_id: stream.clone(),
+        stream_version: record.stream_version,
+        event_id: event.event.event_id,
+        event_type: event.event.event_type,
+        schema_version: event.event.schema_version,
+        payload: event.event.payload,
+        metadata: event.metadata,
+        recorded_at,
+        hash_version: HASH_VERSION,
+        prev_hash: record.prev_hash,
+        hash: record.hash,
     }
 }
 

@@ -24,22 +24,24 @@ pub const HASH_VERSION: u16 = 1;
 /// The `prev_hash` of a stream's first event.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
-/// The fields the hash covers, borrowed from either a new or a stored event.
+/// The fields the hash covers, with payload and metadata already in canonical form.
 pub(crate) struct HashedFields<'a> {
     pub event_id: Uuid,
     pub stream_id: &'a str,
     pub stream_version: u64,
     pub event_type: &'a str,
     pub schema_version: u32,
-    pub payload: &'a Value,
-    pub metadata: &'a Value,
+    /// `canonical_json(payload)`.
+    pub payload: &'a [u8],
+    /// `canonical_json(metadata)`.
+    pub metadata: &'a [u8],
     pub recorded_at: DateTime<Utc>,
 }
 
 impl HashedFields<'_> {
     /// The canonical bytes, hash version 1.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(192 + self.payload.len() + self.metadata.len());
         // Keys in sorted order, written by hand so that no serde_json feature
         // (such as `preserve_order`, enabled by another crate) can change them.
         out.extend_from_slice(b"{\"event_id\":\"");
@@ -47,9 +49,9 @@ impl HashedFields<'_> {
         out.extend_from_slice(b"\",\"event_type\":");
         write_string(&mut out, self.event_type);
         out.extend_from_slice(b",\"metadata\":");
-        write_canonical(&mut out, self.metadata);
+        out.extend_from_slice(self.metadata);
         out.extend_from_slice(b",\"payload\":");
-        write_canonical(&mut out, self.payload);
+        out.extend_from_slice(self.payload);
         out.extend_from_slice(b",\"recorded_at\":");
         out.extend_from_slice(self.recorded_at.timestamp_micros().to_string().as_bytes());
         out.extend_from_slice(b",\"schema_version\":");
@@ -71,19 +73,27 @@ impl HashedFields<'_> {
     }
 }
 
-impl<'a> From<&'a RecordedEvent> for HashedFields<'a> {
-    fn from(e: &'a RecordedEvent) -> Self {
-        Self {
-            event_id: e.event_id,
-            stream_id: e.stream_id.as_str(),
-            stream_version: e.stream_version,
-            event_type: &e.event_type,
-            schema_version: e.schema_version,
-            payload: &e.payload,
-            metadata: &e.metadata,
-            recorded_at: e.recorded_at,
-        }
+/// Recomputes a stored event's hash from what is stored.
+pub fn recompute_hash(e: &RecordedEvent) -> [u8; 32] {
+    let (payload, metadata) = (canonical_json(&e.payload), canonical_json(&e.metadata));
+    HashedFields {
+        event_id: e.event_id,
+        stream_id: e.stream_id.as_str(),
+        stream_version: e.stream_version,
+        event_type: &e.event_type,
+        schema_version: e.schema_version,
+        payload: &payload,
+        metadata: &metadata,
+        recorded_at: e.recorded_at,
     }
+    .hash(&e.prev_hash)
+}
+
+/// `value` in canonical form.
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    write_canonical(&mut out, value);
+    out
 }
 
 /// Writes `value` in canonical form: sorted keys, compact, one number form.
@@ -189,7 +199,7 @@ impl ChainVerifier {
             Some(format!("unknown hash version {}", event.hash_version))
         } else if event.prev_hash != self.prev_hash {
             Some("prev_hash does not match the previous event's hash".to_string())
-        } else if HashedFields::from(event).hash(&event.prev_hash) != event.hash {
+        } else if recompute_hash(event) != event.hash {
             Some("content does not match its hash".to_string())
         } else {
             None
@@ -227,9 +237,7 @@ mod tests {
     use serde_json::json;
 
     fn canonical(v: &Value) -> String {
-        let mut out = Vec::new();
-        write_canonical(&mut out, v);
-        String::from_utf8(out).unwrap()
+        String::from_utf8(canonical_json(v)).unwrap()
     }
 
     #[test]

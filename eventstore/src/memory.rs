@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::append::{decide, now_micros, written, Outcome, StreamHead};
+use crate::append::{decide, now_micros, recorded, written, Existing, Outcome, StreamHead};
 use crate::prepare::{prepare, Limits};
 use crate::subscription::Subscription;
 use crate::{AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId};
@@ -64,31 +64,31 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult, StoreError> {
         let prepared = prepare(stream, events, &self.inner.limits)?;
         let mut state = self.state();
-        let stored: Vec<Option<&RecordedEvent>> = prepared
+        let existing: Vec<Option<Existing<'_>>> = prepared
             .iter()
-            .map(|p| state.ids.get(&(stream.clone(), p.event.event_id)).map(|&i| state.events[i].as_ref()))
+            .map(|p| state.ids.get(&(stream.clone(), p.event.event_id)).map(|&i| Existing::Stored(&state.events[i])))
             .collect();
         let head = state.streams.get(stream).and_then(|indexes| indexes.last()).map(|&i| StreamHead {
             version: state.events[i].stream_version,
             hash: state.events[i].hash,
         });
         let next_position = state.events.len() as Position + 1;
-        match decide(stream, expected, &prepared, &stored, head, next_position, now_micros())? {
-            Outcome::AlreadyStored(result) => Ok(result),
-            Outcome::Write(records) => {
-                let result = written(&records);
-                for record in records {
-                    let index = state.events.len();
-                    let record = Arc::new(record);
-                    state.ids.insert((stream.clone(), record.event_id), index);
-                    state.streams.entry(stream.clone()).or_default().push(index);
-                    state.events.push(record.clone());
-                    // No receiver is not an error: nobody is subscribed.
-                    let _ = self.inner.live.send(record);
-                }
-                Ok(result)
-            }
+        let recorded_at = now_micros();
+        let records = match decide(stream, expected, &prepared, &existing, head, next_position, recorded_at)? {
+            Outcome::AlreadyStored(result) => return Ok(result),
+            Outcome::Write(records) => records,
+        };
+        drop(existing);
+        for (event, record) in prepared.into_iter().zip(&records) {
+            let index = state.events.len();
+            let event = Arc::new(recorded(stream, event, record, recorded_at));
+            state.ids.insert((stream.clone(), event.event_id), index);
+            state.streams.entry(stream.clone()).or_default().push(index);
+            state.events.push(event.clone());
+            // No receiver is not an error: nobody is subscribed.
+            let _ = self.inner.live.send(event);
         }
+        Ok(written(&records))
     }
 
     async fn read_stream(

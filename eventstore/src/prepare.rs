@@ -5,6 +5,8 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
+use crate::append::Existing;
+use crate::chain::canonical_json;
 use crate::{NewEvent, StoreError, StreamId, MAX_EVENT_TYPE_LEN};
 
 /// Size limits an append must respect; beyond them the append is
@@ -25,11 +27,15 @@ impl Default for Limits {
     }
 }
 
-/// A validated event with its metadata already turned into the stored document.
+/// A validated event, with payload and metadata already in the canonical
+/// form that is hashed and sent to the database (jsonb accepts it as is).
 #[derive(Debug, Clone)]
 pub(crate) struct PreparedEvent {
     pub event: NewEvent,
+    /// The metadata as the stored JSON document.
     pub metadata: Value,
+    pub payload_json: Vec<u8>,
+    pub metadata_json: Vec<u8>,
 }
 
 /// Checks an append's events against `limits` and the encoding rules.
@@ -66,10 +72,10 @@ pub(crate) fn prepare(
             if !event.payload.is_object() {
                 return Err(StoreError::BadInput(format!("payload of {} must be a JSON object", event.event_type)));
             }
-            check_document("payload", &event.payload, limits.max_payload_bytes)?;
+            let payload_json = check_document("payload", &event.payload, limits.max_payload_bytes)?;
             let metadata = serde_json::to_value(&event.metadata).expect("metadata serialises to JSON");
-            check_document("metadata", &metadata, limits.max_metadata_bytes)?;
-            Ok(PreparedEvent { event, metadata })
+            let metadata_json = check_document("metadata", &metadata, limits.max_metadata_bytes)?;
+            Ok(PreparedEvent { event, metadata, payload_json, metadata_json })
         })
         .collect()
 }
@@ -85,15 +91,16 @@ fn check_event_type(event_type: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn check_document(what: &str, value: &Value, max_bytes: usize) -> Result<(), StoreError> {
+/// Checks a document and returns its canonical form.
+fn check_document(what: &str, value: &Value, max_bytes: usize) -> Result<Vec<u8>, StoreError> {
     if contains_nul(value) {
         return Err(StoreError::BadInput(format!("{what} contains a NUL character (\\u0000), which cannot be stored")));
     }
-    let size = serde_json::to_vec(value).expect("a JSON value serialises").len();
-    if size > max_bytes {
-        return Err(StoreError::BadInput(format!("{what} is {size} bytes; the limit is {max_bytes}")));
+    let canonical = canonical_json(value);
+    if canonical.len() > max_bytes {
+        return Err(StoreError::BadInput(format!("{what} is {} bytes; the limit is {max_bytes}", canonical.len())));
     }
-    Ok(())
+    Ok(canonical)
 }
 
 fn contains_nul(value: &Value) -> bool {
@@ -105,22 +112,22 @@ fn contains_nul(value: &Value) -> bool {
     }
 }
 
-/// True when two events are the same write: type, schema, payload and metadata
-/// (compared in canonical form, as stored values may have been through `jsonb`).
-pub(crate) fn same_content(
-    new: &PreparedEvent,
-    event_type: &str,
-    schema_version: u32,
-    payload: &Value,
-    metadata: &Value,
-) -> bool {
-    let canonical = |v: &Value| {
-        let mut out = Vec::new();
-        crate::chain::write_canonical(&mut out, v);
-        out
-    };
-    new.event.event_type == event_type
-        && new.event.schema_version == schema_version
-        && canonical(&new.event.payload) == canonical(payload)
-        && canonical(&new.metadata) == canonical(metadata)
+/// True when `new` is the same write as an event already recorded (or
+/// planned): type, schema version, payload and metadata, compared in
+/// canonical form because stored values have been through `jsonb`.
+pub(crate) fn same_content(new: &PreparedEvent, existing: &Existing<'_>) -> bool {
+    match existing {
+        Existing::Stored(old) => {
+            new.event.event_type == old.event_type
+                && new.event.schema_version == old.schema_version
+                && new.payload_json == canonical_json(&old.payload)
+                && new.metadata_json == canonical_json(&old.metadata)
+        }
+        Existing::Planned { event: old, .. } => {
+            new.event.event_type == old.event.event_type
+                && new.event.schema_version == old.event.schema_version
+                && new.payload_json == old.payload_json
+                && new.metadata_json == old.metadata_json
+        }
+    }
 }

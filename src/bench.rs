@@ -1,0 +1,262 @@
+//! `agentledger bench`: measures the service against the physical limits of
+//! the database it runs on, in the same run (design §7).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentledger_eventstore::{
+    migrate, Actor, ActorKind, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresEventStore, PostgresOptions,
+    StreamId,
+};
+use anyhow::Context;
+use serde_json::json;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// Append throughput against a raw INSERT of the same rows into a table of the same DDL.
+    ///
+    /// Needs DATABASE_URL to name a role that may CREATE DATABASE: each scenario
+    /// runs in a scratch database that is dropped afterwards.
+    Append(AppendArgs),
+}
+
+#[derive(clap::Args)]
+pub struct AppendArgs {
+    /// A database on the server to measure (used to create scratch databases).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent writers to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    writers: Vec<usize>,
+    /// Events per append (and rows per raw INSERT), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10")]
+    batch: Vec<usize>,
+}
+
+impl Bench {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Append(args) => append(args).await,
+        }
+    }
+}
+
+/// A payload that makes a ~500-byte row (payload ~350 bytes, metadata ~150).
+fn payload(i: usize) -> serde_json::Value {
+    json!({
+        "subtask": format!("st-{i}"),
+        "tool": "keyword_extract",
+        "output": "분기 보고서 요약: revenue grew 12% quarter over quarter; costs held flat; the board approved the plan. \
+                   Keywords: revenue, costs, board, plan, quarter, growth, approval, 요약, 보고서.",
+        "attempt": 1,
+        "duration_ms": 12.5,
+    })
+}
+
+fn metadata() -> Metadata {
+    let mut metadata = Metadata::new(Actor { kind: ActorKind::Agent, name: "gitcode".into(), version: "1.0.0".into() });
+    metadata.correlation_id = Some(uuid::Uuid::now_v7());
+    metadata.causation_id = Some(uuid::Uuid::now_v7());
+    metadata
+}
+
+async fn append(args: AppendArgs) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.seconds);
+    println!("append throughput, {} s per measurement, ~500-byte events", args.seconds);
+    println!("{:>8} {:>6} {:>14} {:>14} {:>7}", "writers", "batch", "raw rows/s", "append ev/s", "ratio");
+    for &batch in &args.batch {
+        for &writers in &args.writers {
+            let scratch = Scratch::create(&args.database_url).await?;
+            let raw = raw_insert(&scratch.url, writers, batch, duration).await?;
+            let store = store_append(&scratch.url, writers, batch, duration).await?;
+            println!(
+                "{writers:>8} {batch:>6} {raw:>14.0} {store:>14.0} {:>6.0}%",
+                100.0 * store / raw.max(f64::MIN_POSITIVE)
+            );
+            scratch.drop_database().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `writers` loops of `step` for `duration`; returns rows per second.
+async fn measure<F, Fut>(writers: usize, duration: Duration, step: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<usize>> + Send,
+{
+    let step = Arc::new(step);
+    let (rows, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (step, rows, stop) = (step.clone(), rows.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    rows.fetch_add(step(w, i).await? as u64, Ordering::Relaxed);
+                    i += 1;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(rows.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The physical baseline: the same rows inserted into a table with the same
+/// DDL (indexes, constraints and triggers), without any of the store's logic.
+async fn raw_insert(url: &str, writers: usize, batch: usize, duration: Duration) -> anyhow::Result<f64> {
+    let setup = connect(url).await?;
+    setup
+        .batch_execute(
+            "CREATE TABLE bench_raw (LIKE events INCLUDING ALL);
+             CREATE SEQUENCE bench_raw_position;
+             CREATE TRIGGER raw_no_update_or_delete BEFORE UPDATE OR DELETE ON bench_raw
+                 FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
+             CREATE TRIGGER raw_no_truncate BEFORE TRUNCATE ON bench_raw
+                 FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();",
+        )
+        .await?;
+    let values: Vec<String> = (0..batch)
+        .map(|r| {
+            let p = |k: usize| format!("${}", r * 8 + k);
+            format!(
+                "(nextval('bench_raw_position'), {}, {}, {}, 'SubtaskSucceeded', 1, {}, {}, {}, 1, {}, {})",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7),
+                p(8)
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO bench_raw (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
+         payload, metadata, recorded_at, hash_version, prev_hash, hash) VALUES {}",
+        values.join(", ")
+    );
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        let client = connect(url).await?;
+        let statement = client.prepare(&sql).await?;
+        clients.push(Arc::new((client, statement)));
+    }
+    let metadata = serde_json::to_value(metadata())?;
+    measure(writers, duration, move |w, i| {
+        let (client, metadata) = (clients[w].clone(), metadata.clone());
+        async move {
+            let (client, statement) = &*client;
+            let rows: Vec<(String, i64, uuid::Uuid, serde_json::Value, chrono::DateTime<chrono::Utc>, Vec<u8>)> = (0
+                ..batch)
+                .map(|r| {
+                    let n = i * batch + r;
+                    (
+                        format!("bench-{w}-{}", n / 20),
+                        (n % 20) as i64,
+                        uuid::Uuid::now_v7(),
+                        payload(n),
+                        chrono::Utc::now(),
+                        uuid::Uuid::new_v4().as_bytes().repeat(2),
+                    )
+                })
+                .collect();
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(batch * 8);
+            for row in &rows {
+                params.extend([&row.0 as &(dyn ToSql + Sync), &row.1, &row.2, &row.3, &metadata, &row.4, &row.5, &row.5]);
+            }
+            client.execute(statement, &params).await?;
+            Ok(batch)
+        }
+    })
+    .await
+}
+
+/// The store: one process, `writers` tasks appending to their own streams
+/// (a new stream every 20 events, like a workflow) with exact versions.
+async fn store_append(url: &str, writers: usize, batch: usize, duration: Duration) -> anyhow::Result<f64> {
+    let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
+    measure(writers, duration, move |w, i| {
+        let store = store.clone();
+        async move {
+            let per_stream = (20 / batch).max(1);
+            let stream = StreamId::new(format!("bench-{w}-{}", i / per_stream))?;
+            let expected = match i % per_stream {
+                0 => ExpectedVersion::NoStream,
+                k => ExpectedVersion::Exact((k * batch - 1) as u64),
+            };
+            let events = (0..batch).map(|r| NewEvent::new("SubtaskSucceeded", payload(i * batch + r), metadata())).collect();
+            store.append(&stream, expected, events).await?;
+            Ok(batch)
+        }
+    })
+    .await
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.with_context(|| "connecting to DATABASE_URL")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A migrated database that exists for one measurement.
+struct Scratch {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl Scratch {
+    async fn create(server: &str) -> anyhow::Result<Self> {
+        let name = format!("agentledger_bench_{}", uuid::Uuid::new_v4().simple());
+        connect(server).await?.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        let config: tokio_postgres::Config = server.parse()?;
+        let url = with_dbname(&config, &name);
+        migrate::run(&url).await?;
+        Ok(Self { server: server.to_string(), name, url })
+    }
+
+    async fn drop_database(self) -> anyhow::Result<()> {
+        connect(&self.server).await?.batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name)).await?;
+        Ok(())
+    }
+}
+
+fn with_dbname(config: &tokio_postgres::Config, name: &str) -> String {
+    let mut config = config.clone();
+    config.dbname(name);
+    let mut parts = Vec::new();
+    for host in config.get_hosts() {
+        match host {
+            tokio_postgres::config::Host::Tcp(h) => parts.push(format!("host={h}")),
+            tokio_postgres::config::Host::Unix(p) => parts.push(format!("host={}", p.display())),
+        }
+    }
+    if let Some(port) = config.get_ports().first() {
+        parts.push(format!("port={port}"));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={user}"));
+    }
+    if let Some(password) = config.get_password() {
+        parts.push(format!("password={}", String::from_utf8_lossy(password)));
+    }
+    parts.push(format!("dbname={name}"));
+    parts.join(" ")
+}
