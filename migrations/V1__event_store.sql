@@ -1,8 +1,8 @@
 -- The event store: one append-only table, hash-chained per stream.
 --
--- Positions are assigned by the store's writer under a transaction-scoped
--- advisory lock (see ARCHITECTURE.md, "Global order"), so they are gap-free
--- and commit in position order; no sequence is involved.
+-- Positions are assigned under a transaction-scoped advisory lock (see
+-- ARCHITECTURE.md, "Global order"), so they are gap-free and commit in
+-- position order; no sequence is involved.
 
 CREATE TABLE events (
     global_position bigint      NOT NULL PRIMARY KEY CHECK (global_position > 0),
@@ -42,6 +42,19 @@ CREATE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
 
+-- Takes the append lock for the rest of the transaction, then returns the
+-- head position. VOLATILE and PL/pgSQL, so the SELECT runs with a snapshot
+-- taken after the lock was granted: every earlier holder has committed and
+-- is visible (in READ COMMITTED, which the writer sets). An INSERT numbers
+-- its rows from this value in the same statement.
+CREATE FUNCTION events_lock_head(lock_key bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    RETURN (SELECT coalesce(max(global_position), 0) FROM events);
+END;
+$$;
+
 -- The service's least-privileged role: it may add and read events, nothing
 -- else. Roles are cluster-wide and several databases may be migrated at once
 -- (tests do), so creation tolerates a concurrent creator.
@@ -58,3 +71,4 @@ END;
 $$;
 
 GRANT SELECT, INSERT ON events TO agentledger_service;
+GRANT EXECUTE ON FUNCTION events_lock_head(bigint) TO agentledger_service;

@@ -37,6 +37,9 @@ pub struct AppendArgs {
     /// Events per append (and rows per raw INSERT), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,10")]
     batch: Vec<usize>,
+    /// The store's writer lanes (see PostgresOptions::writer_lanes).
+    #[arg(long, default_value_t = PostgresOptions::default().writer_lanes)]
+    lanes: usize,
 }
 
 impl Bench {
@@ -68,13 +71,13 @@ fn metadata() -> Metadata {
 
 async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
-    println!("append throughput, {} s per measurement, ~500-byte events", args.seconds);
+    println!("append throughput, {} s per measurement, ~500-byte events, {} writer lane(s)", args.seconds, args.lanes);
     println!("{:>8} {:>6} {:>14} {:>14} {:>7}", "writers", "batch", "raw rows/s", "append ev/s", "ratio");
     for &batch in &args.batch {
         for &writers in &args.writers {
             let scratch = Scratch::create(&args.database_url).await?;
             let raw = raw_insert(&scratch.url, writers, batch, duration).await?;
-            let store = store_append(&scratch.url, writers, batch, duration).await?;
+            let store = store_append(&scratch.url, writers, batch, args.lanes, duration).await?;
             println!(
                 "{writers:>8} {batch:>6} {raw:>14.0} {store:>14.0} {:>6.0}%",
                 100.0 * store / raw.max(f64::MIN_POSITIVE)
@@ -188,10 +191,13 @@ async fn raw_insert(url: &str, writers: usize, batch: usize, duration: Duration)
 
 /// The store: one process, `writers` tasks appending to their own streams
 /// (a new stream every 20 events, like a workflow) with exact versions.
-async fn store_append(url: &str, writers: usize, batch: usize, duration: Duration) -> anyhow::Result<f64> {
-    let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
+async fn store_append(url: &str, writers: usize, batch: usize, lanes: usize, duration: Duration) -> anyhow::Result<f64> {
+    let options = PostgresOptions { writer_lanes: lanes, ..Default::default() };
+    let store = PostgresEventStore::connect(url, options).await?;
+    // Built once, as the raw baseline does; only the payload and ids vary per event.
+    let metadata = metadata();
     measure(writers, duration, move |w, i| {
-        let store = store.clone();
+        let (store, metadata) = (store.clone(), metadata.clone());
         async move {
             let per_stream = (20 / batch).max(1);
             let stream = StreamId::new(format!("bench-{w}-{}", i / per_stream))?;
@@ -199,7 +205,8 @@ async fn store_append(url: &str, writers: usize, batch: usize, duration: Duratio
                 0 => ExpectedVersion::NoStream,
                 k => ExpectedVersion::Exact((k * batch - 1) as u64),
             };
-            let events = (0..batch).map(|r| NewEvent::new("SubtaskSucceeded", payload(i * batch + r), metadata())).collect();
+            let events =
+                (0..batch).map(|r| NewEvent::new("SubtaskSucceeded", payload(i * batch + r), metadata.clone())).collect();
             store.append(&stream, expected, events).await?;
             Ok(batch)
         }

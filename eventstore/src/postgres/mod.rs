@@ -46,6 +46,10 @@ pub struct PostgresOptions {
     pub limits: Limits,
     /// Most events one group commit takes (a single larger append still goes alone).
     pub max_group_events: usize,
+    /// Writer tasks, each with its own connection; a stream always goes to
+    /// the same one. Several let the server parse one group while another
+    /// commits; commits themselves stay one at a time (the append lock).
+    pub writer_lanes: usize,
     /// How often the tailer looks for new events when no wake-up came.
     pub safety_poll: Duration,
     /// Least time between two NOTIFYs this process sends.
@@ -64,6 +68,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             limits: Limits::default(),
             max_group_events: 2_000,
+            writer_lanes: 1,
             safety_poll: Duration::from_secs(1),
             notify_interval: Duration::from_millis(2),
             before_commit: None,
@@ -79,7 +84,8 @@ pub struct PostgresEventStore {
 
 struct Inner {
     pool: Pool,
-    appends: mpsc::Sender<writer::AppendRequest>,
+    /// One queue per writer lane.
+    appends: Vec<mpsc::Sender<writer::AppendRequest>>,
     live: broadcast::Sender<Arc<RecordedEvent>>,
     limits: Limits,
     stop: CancellationToken,
@@ -112,10 +118,19 @@ impl PostgresEventStore {
         let stop = CancellationToken::new();
         let committed = Arc::new(Notify::new());
         let (live, _) = broadcast::channel(crate::LIVE_BUFFER);
-        let (appends, requests) = mpsc::channel(1_024);
-
-        let writer = writer::Writer::new(config.clone(), options.max_group_events, committed.clone(), options.before_commit);
-        tokio::spawn(writer.run(requests));
+        let appends = (0..options.writer_lanes.max(1))
+            .map(|_| {
+                let (appends, requests) = mpsc::channel(1_024);
+                let writer = writer::Writer::new(
+                    config.clone(),
+                    options.max_group_events,
+                    committed.clone(),
+                    options.before_commit.clone(),
+                );
+                tokio::spawn(writer.run(requests));
+                appends
+            })
+            .collect();
         let tailer = tailer::Tailer {
             config,
             pool: pool.clone(),
@@ -136,6 +151,14 @@ impl PostgresEventStore {
     }
 }
 
+/// Picks a stream's writer lane; any stable hash does.
+fn stream_hash(stream: &StreamId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    stream.hash(&mut hasher);
+    hasher.finish()
+}
+
 #[async_trait]
 impl EventStore for PostgresEventStore {
     async fn append(
@@ -146,8 +169,10 @@ impl EventStore for PostgresEventStore {
     ) -> Result<AppendResult, StoreError> {
         let events = prepare(stream, events, &self.inner.limits)?;
         let (reply, answer) = oneshot::channel();
+        let lanes = &self.inner.appends;
+        let lane = &lanes[(stream_hash(stream) % lanes.len() as u64) as usize];
         let request = writer::AppendRequest { stream: stream.clone(), expected, events, reply };
-        self.inner.appends.send(request).await.map_err(|_| StoreError::Closed)?;
+        lane.send(request).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 

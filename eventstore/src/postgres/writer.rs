@@ -1,20 +1,24 @@
-//! The writer task: group commit under a transaction-scoped advisory lock.
+//! The writer task: group commit, with positions assigned under a
+//! transaction-scoped advisory lock.
 //!
-//! Every append waiting when the writer is free goes into one transaction.
-//! The transaction takes the append lock before it reads or writes anything,
-//! so transactions of all processes commit one at a time: positions are
-//! assigned as head + 1, + 2, … — gap-free and committed in position order.
+//! Every append waiting when the writer is free goes into one transaction,
+//! sent as one pipelined round trip: `BEGIN`, take the append lock, insert
+//! every row, read the new head, `COMMIT`. The insert numbers its rows from
+//! the head position it reads, and it reads it *after* the lock was granted
+//! (READ COMMITTED: a fresh snapshot per statement), so every earlier holder
+//! has committed and is visible. Transactions of all processes therefore
+//! commit one at a time, in position order, and positions have no holes: what
+//! makes `$all` safe to tail by position. The lock is held only while the
+//! server inserts and commits, never across a round trip to this process.
 //!
-//! Two ways to commit a group:
-//! - **fast** (one round trip, pipelined: `BEGIN`, lock, insert, `COMMIT`):
-//!   when this writer made the store's last commit, it knows the head
-//!   position and the heads of the streams it wrote, and builds the rows from
-//!   that. The insert is conditional on the head position still being what
-//!   it remembers, and the unique keys refuse anything its memory got wrong
-//!   (a stream it believed new, a resent event id); then it falls back.
-//! - **checked** (two round trips): read the head position, the heads of the
-//!   streams involved and any stored event ids under the lock, decide each
-//!   append (conflict, idempotent resend, or write), insert, commit.
+//! The rows' versions and hash links come from the stream heads: from the
+//! writer's memory of its own commits when it has them (or when the append
+//! expects a new stream), else read in a first round trip — the **checked**
+//! path, which also looks for resent event ids and decides conflicts. A
+//! belief from memory that turns out wrong (another process wrote the
+//! stream, an id was resent) is refused by the unique keys, nothing is
+//! written, and the group goes down the checked path, which reads under the
+//! lock and so always makes progress.
 //!
 //! Each append in a group is decided on its own: one conflict fails alone.
 
@@ -59,25 +63,21 @@ pub(crate) struct Writer {
     memory: Memory,
 }
 
-/// What the writer knows of the store right after its own last commit.
+/// The heads of streams as this writer left them after its own commits.
 #[derive(Default)]
 struct Memory {
-    /// The head position then; `None` when unknown.
-    head: Option<Position>,
     streams: HashMap<StreamId, StreamHead>,
 }
 
 impl Memory {
     fn forget(&mut self) {
-        self.head = None;
         self.streams.clear();
     }
 
-    fn remember(&mut self, head: Position, streams: HashMap<StreamId, StreamHead>) {
+    fn remember(&mut self, streams: HashMap<StreamId, StreamHead>) {
         if self.streams.len() + streams.len() > MAX_CACHED_STREAMS {
             self.streams.clear();
         }
-        self.head = Some(head);
         self.streams.extend(streams);
     }
 }
@@ -163,79 +163,110 @@ impl Writer {
         let hook = self.before_commit.as_ref();
 
         if let Some(plan) = plan_from_memory(&self.memory, requests) {
-            match commit_fast(connection, &plan, hook).await {
-                Ok(true) => {
-                    let Plan { results, head_after, heads, .. } = plan;
-                    self.memory.remember(head_after, heads);
+            let r = write(connection, &plan.rows, hook).await;
+            match r {
+                Ok(head_after) => {
+                    let (results, heads) = plan.finish(head_after);
+                    self.memory.remember(heads);
                     return Ok(results);
                 }
-                // Another process wrote, or memory was wrong: nothing was written.
-                Ok(false) => self.memory.forget(),
+                // Memory was wrong (another process wrote one of these streams,
+                // or an id was resent): nothing was written; check instead.
                 Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => self.memory.forget(),
                 Err(e) => return Err(e.into()),
             }
         }
-        let (results, head, heads) = commit_checked(connection, requests, hook).await?;
-        self.memory.remember(head, heads);
+        let (results, heads) = commit_checked(connection, requests, hook).await?;
+        self.memory.remember(heads);
         Ok(results)
     }
 }
 
-/// A group, decided: the rows to insert and what to answer.
+/// A group, decided: the rows to insert and what to answer. Positions of
+/// new rows are relative (1, 2, …) until the commit tells the real ones.
 struct Plan<'a> {
-    results: Results,
+    results: Vec<Result<Decided, StoreError>>,
     rows: InsertRows<'a>,
-    /// Head position before and after the group.
-    head_before: Position,
-    head_after: Position,
     /// Heads of the streams involved, after the group.
     heads: HashMap<StreamId, StreamHead>,
+}
+
+/// One append's answer, with relative positions when it writes in this group.
+enum Decided {
+    Stored(AppendResult),
+    Planned(AppendResult),
+}
+
+impl Plan<'_> {
+    /// The answers, given the head position after the commit.
+    fn finish(self, head_after: Position) -> (Results, HashMap<StreamId, StreamHead>) {
+        let offset = head_after - self.rows.len() as Position;
+        let results = self
+            .results
+            .into_iter()
+            .map(|r| {
+                r.map(|decided| match decided {
+                    Decided::Stored(result) => result,
+                    Decided::Planned(mut result) => {
+                        result.first_position += offset;
+                        result.last_position += offset;
+                        result
+                    }
+                })
+            })
+            .collect();
+        (results, self.heads)
+    }
 }
 
 /// Decides every append of a group against the given heads and stored events.
 fn plan<'a>(
     requests: &'a [Request],
-    head_before: Position,
     mut heads: HashMap<StreamId, StreamHead>,
     mut existing: HashMap<(&'a str, Uuid), Existing<'a>>,
     recorded_at: DateTime<Utc>,
 ) -> Plan<'a> {
-    let mut next_position = head_before + 1;
+    let mut next_position = 1;
     let mut rows = InsertRows::default();
     let results = requests
         .iter()
         .map(|(stream, expected, events)| {
             let found: Vec<Option<Existing<'_>>> =
                 events.iter().map(|e| existing.get(&(stream.as_str(), e.event.event_id)).copied()).collect();
-            let head = heads.get(stream).copied();
-            match decide(stream, *expected, events, &found, head, next_position, recorded_at)? {
-                Outcome::AlreadyStored(result) => Ok(result),
-                Outcome::Write(records) => {
-                    let last = records.last().expect("non-empty");
-                    heads.insert(stream.clone(), StreamHead { version: last.stream_version, hash: last.hash });
-                    next_position = last.global_position + 1;
-                    for (event, record) in events.iter().zip(&records) {
-                        rows.push(stream, event, record, recorded_at);
-                        // A later append in this group may resend this id.
-                        let planned = Existing::Planned {
-                            event,
-                            position: record.global_position,
-                            version: record.stream_version,
-                        };
-                        existing.insert((stream.as_str(), event.event.event_id), planned);
-                    }
-                    Ok(written(&records))
-                }
+            if found.iter().any(|f| matches!(f, Some(Existing::Stored(_))))
+                && found.iter().any(|f| matches!(f, Some(Existing::Planned { .. })))
+            {
+                // Ids split between the ledger and this very group: not a resend of one append.
+                let event_id = events[0].event.event_id;
+                return Err(StoreError::IdempotencyMismatch { stream: stream.clone(), event_id });
             }
+            let head = heads.get(stream).copied();
+            let records = match decide(stream, *expected, events, &found, head, next_position, recorded_at)? {
+                Outcome::AlreadyStored(result) if found.iter().all(|f| matches!(f, Some(Existing::Stored(_)))) => {
+                    return Ok(Decided::Stored(result));
+                }
+                Outcome::AlreadyStored(result) => return Ok(Decided::Planned(result)),
+                Outcome::Write(records) => records,
+            };
+            let last = records.last().expect("non-empty");
+            heads.insert(stream.clone(), StreamHead { version: last.stream_version, hash: last.hash });
+            next_position = last.global_position + 1;
+            for (event, record) in events.iter().zip(&records) {
+                rows.push(stream, event, record, recorded_at);
+                // A later append in this group may resend this id.
+                let planned =
+                    Existing::Planned { event, position: record.global_position, version: record.stream_version };
+                existing.insert((stream.as_str(), event.event.event_id), planned);
+            }
+            Ok(Decided::Planned(written(&records)))
         })
         .collect();
-    Plan { results, rows, head_before, head_after: next_position - 1, heads }
+    Plan { results, rows, heads }
 }
 
 /// A plan built from memory alone, when memory is enough to decide every
 /// append as a write; `None` sends the group down the checked path.
 fn plan_from_memory<'a>(memory: &Memory, requests: &'a [Request]) -> Option<Plan<'a>> {
-    let head = memory.head?;
     let mut heads = HashMap::new();
     for (stream, expected, _) in requests {
         match memory.streams.get(stream) {
@@ -247,51 +278,45 @@ fn plan_from_memory<'a>(memory: &Memory, requests: &'a [Request]) -> Option<Plan
             None => return None,
         }
     }
-    let plan = plan(requests, head, heads, HashMap::new(), now_micros());
+    let plan = plan(requests, heads, HashMap::new(), now_micros());
     // A conflict decided from memory is confirmed by the checked path.
     plan.results.iter().all(Result::is_ok).then_some(plan)
 }
 
-/// One statement, its own transaction: it takes the append lock, then
-/// inserts only if the head position is still the remembered one.
-/// `Ok(false)` when the head moved and nothing was written; a unique
-/// violation when memory was wrong in another way (nothing written either).
-///
-/// The head is read before the lock is granted, so it may be stale; that is
-/// safe because positions are the primary key: rows at positions another
-/// process committed meanwhile are refused, never written twice.
-async fn commit_fast(
+/// Inserts `rows` in one statement that is its own transaction (see the
+/// module docs); returns the head position after the commit.
+async fn write(
     connection: &Connection,
-    plan: &Plan<'_>,
+    rows: &InsertRows<'_>,
     hook: Option<&CommitHook>,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Position, tokio_postgres::Error> {
     let Connection { client, statements: s } = connection;
-    let head = to_i64(plan.head_before);
-    let mut params = plan.rows.params();
-    params.push(&head);
+    let mut params = rows.params();
     params.push(&APPEND_LOCK);
-    let inserted = match hook {
-        None => client.execute(&s.insert_fast, &params).await?,
-        Some(hook) => {
-            client.execute(&s.begin, &[]).await?;
-            let inserted = client.execute(&s.insert_fast, &params).await;
-            if inserted.is_ok() {
-                hook().await;
-            }
-            // After a failed insert the server turns the COMMIT into a rollback.
-            client.execute(&s.commit, &[]).await?;
-            inserted?
-        }
+    let Some(hook) = hook else {
+        return Ok(last_position(&client.query(&s.insert, &params).await?));
     };
-    Ok(inserted == plan.rows.len() as u64)
+    client.execute(&s.begin, &[]).await?;
+    let inserted = client.query(&s.insert, &params).await;
+    if inserted.is_ok() {
+        hook().await;
+    }
+    // After a failed insert the server turns the COMMIT into a rollback.
+    client.execute(&s.commit, &[]).await?;
+    Ok(last_position(&inserted?))
 }
 
-/// Two round trips: read under the lock, then insert and commit.
-async fn commit_checked<'a>(
+fn last_position(inserted: &[tokio_postgres::Row]) -> Position {
+    inserted.iter().map(|row| row.get::<_, i64>(0)).max().unwrap_or(0) as Position
+}
+
+/// Reads the streams' heads and any stored ids under the lock, then writes:
+/// two round trips, the lock held in between.
+async fn commit_checked(
     connection: &Connection,
-    requests: &'a [Request],
+    requests: &[Request],
     hook: Option<&CommitHook>,
-) -> Result<(Results, Position, HashMap<StreamId, StreamHead>), StoreError> {
+) -> Result<(Results, HashMap<StreamId, StreamHead>), StoreError> {
     let Connection { client, statements: s } = connection;
     let mut streams: Vec<&str> = requests.iter().map(|(stream, ..)| stream.as_str()).collect();
     streams.sort_unstable();
@@ -303,23 +328,20 @@ async fn commit_checked<'a>(
     let lock: [&(dyn ToSql + Sync); 1] = [&APPEND_LOCK];
     let heads_params: [&(dyn ToSql + Sync); 1] = [&streams];
     let stored_params: [&(dyn ToSql + Sync); 2] = [&id_streams, &ids];
-    // Pipelined; each statement runs after the previous one, so after the lock is held.
-    let (begin, lock, head, heads, stored) = tokio::join!(
+    let (begin, lock, heads, stored) = tokio::join!(
         client.execute(&s.begin, &[]),
         client.execute(&s.lock, &lock),
-        client.query_one(&s.head, &[]),
         client.query(&s.stream_heads, &heads_params),
         client.query(&s.stored, &stored_params),
     );
-    let reads = (|| Ok::<_, tokio_postgres::Error>((begin?, lock?, head?, heads?, stored?)))();
-    let (_, _, head, heads, stored) = match reads {
+    let reads = (|| Ok::<_, tokio_postgres::Error>((begin?, lock?, heads?, stored?)))();
+    let (_, _, heads, stored) = match reads {
         Ok(reads) => reads,
         Err(e) => {
             rollback(client).await;
             return Err(e.into());
         }
     };
-    let head = head.get::<_, i64>(0) as Position;
     let mut stream_heads = HashMap::with_capacity(heads.len());
     for row in &heads {
         let hash: &[u8] = row.get(2);
@@ -330,24 +352,26 @@ async fn commit_checked<'a>(
     let stored: Vec<RecordedEvent> = stored.iter().map(decode).collect::<Result<_, _>>()?;
     let existing = stored.iter().map(|e| ((e.stream_id.as_str(), e.event_id), Existing::Stored(e))).collect();
 
-    let plan = plan(requests, head, stream_heads, existing, now_micros());
-    let done = |plan: Plan<'_>| (plan.results, plan.head_after, plan.heads);
+    let plan = plan(requests, stream_heads, existing, now_micros());
     if plan.rows.is_empty() {
         rollback(client).await;
-        return Ok(done(plan));
+        return Ok(plan.finish(0));
     }
-    let params = plan.rows.params();
+    // Still inside the transaction, which holds the lock already.
+    let mut params = plan.rows.params();
+    params.push(&APPEND_LOCK);
+    let head = match client.query(&s.insert, &params).await {
+        Ok(inserted) => last_position(&inserted),
+        Err(e) => {
+            rollback(client).await;
+            return Err(e.into());
+        }
+    };
     if let Some(hook) = hook {
-        client.execute(&s.insert, &params).await?;
         hook().await;
-        client.execute(&s.commit, &[]).await?;
-        return Ok(done(plan));
     }
-    let (insert, commit) = tokio::join!(client.execute(&s.insert, &params), client.execute(&s.commit, &[]));
-    // A failed INSERT turns the COMMIT into a rollback: nothing was written.
-    insert?;
-    commit?;
-    Ok(done(plan))
+    client.execute(&s.commit, &[]).await?;
+    Ok(plan.finish(head))
 }
 
 async fn rollback(client: &Client) {
@@ -359,11 +383,9 @@ async fn rollback(client: &Client) {
 struct Statements {
     begin: Statement,
     lock: Statement,
-    head: Statement,
     stream_heads: Statement,
     stored: Statement,
     insert: Statement,
-    insert_fast: Statement,
     commit: Statement,
 }
 
@@ -372,11 +394,20 @@ struct Connection {
     statements: Statements,
 }
 
-const INSERT_INTO: &str = "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, \
-     schema_version, payload, metadata, recorded_at, hash_version, prev_hash, hash)";
-
-const UNNEST_ROWS: &str = "unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::integer[], \
-     $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::smallint[], $11::bytea[], $12::bytea[])";
+/// Takes the append lock and inserts the rows, numbering them from the head
+/// position read after the lock was granted (`events_lock_head`, see the
+/// migration); returns the positions written.
+const INSERT: &str = "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, \
+         schema_version, payload, metadata, recorded_at, hash_version, prev_hash, hash) \
+     SELECT head.position + r.n, \
+         r.stream_id, r.stream_version, r.event_id, r.event_type, r.schema_version, r.payload, r.metadata, \
+         r.recorded_at, r.hash_version, r.prev_hash, r.hash \
+     FROM events_lock_head($12) AS head(position), \
+         unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::integer[], $6::jsonb[], $7::jsonb[], \
+             $8::timestamptz[], $9::smallint[], $10::bytea[], $11::bytea[]) WITH ORDINALITY \
+         AS r(stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
+              recorded_at, hash_version, prev_hash, hash, n) \
+     RETURNING global_position";
 
 async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
     let (client, connection) = config.connect(NoTls).await?;
@@ -386,9 +417,9 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreErr
         }
     });
     let statements = Statements {
-        begin: client.prepare("BEGIN").await?,
+        // Positions rely on a fresh snapshot per statement, whatever the server default.
+        begin: client.prepare("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
         lock: client.prepare("SELECT pg_advisory_xact_lock($1)").await?,
-        head: client.prepare("SELECT coalesce(max(global_position), 0) FROM events").await?,
         // One backward index probe per stream.
         stream_heads: client
             .prepare(
@@ -406,16 +437,7 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreErr
                      WHERE events.stream_id = k.stream_id AND events.event_id = k.event_id) e"
             ))
             .await?,
-        insert: client.prepare(&format!("{INSERT_INTO} SELECT * FROM {UNNEST_ROWS}")).await?,
-        // The lock is taken before the first row is produced; the head is read
-        // once (an InitPlan), and a moved head inserts nothing.
-        insert_fast: client
-            .prepare(&format!(
-                "WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($14)) \
-                 {INSERT_INTO} SELECT rows.* FROM lock, {UNNEST_ROWS} AS rows \
-                 WHERE (SELECT coalesce(max(global_position), 0) FROM events) = $13"
-            ))
-            .await?,
+        insert: client.prepare(INSERT).await?,
         commit: client.prepare("COMMIT").await?,
     };
     Ok(Connection { client, statements })
@@ -424,7 +446,6 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreErr
 /// Column arrays for the `unnest` insert, borrowing from the requests.
 #[derive(Default)]
 struct InsertRows<'a> {
-    position: Vec<i64>,
     stream_id: Vec<&'a str>,
     stream_version: Vec<i64>,
     event_id: Vec<Uuid>,
@@ -440,7 +461,6 @@ struct InsertRows<'a> {
 
 impl<'a> InsertRows<'a> {
     fn push(&mut self, stream: &'a StreamId, event: &'a PreparedEvent, record: &NewRecord, at: DateTime<Utc>) {
-        self.position.push(to_i64(record.global_position));
         self.stream_id.push(stream.as_str());
         self.stream_version.push(to_i64(record.stream_version));
         self.event_id.push(event.event.event_id);
@@ -455,17 +475,16 @@ impl<'a> InsertRows<'a> {
     }
 
     fn len(&self) -> usize {
-        self.position.len()
+        self.event_id.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.position.is_empty()
+        self.event_id.is_empty()
     }
 
-    /// The twelve array parameters of [`UNNEST_ROWS`].
+    /// The eleven array parameters of [`INSERT`] (the lock key is the twelfth).
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
-            &self.position,
             &self.stream_id,
             &self.stream_version,
             &self.event_id,
