@@ -1,8 +1,13 @@
 -- The event store: one append-only table, hash-chained per stream.
 --
--- Positions are assigned under a transaction-scoped advisory lock (see
--- ARCHITECTURE.md, "Global order"), so they are gap-free and commit in
--- position order; no sequence is involved.
+-- Global order (see ARCHITECTURE.md, "Global order without skipped events"):
+-- appends run in parallel and take positions from a sequence, so positions
+-- are strictly increasing but may commit out of order (and an aborted
+-- append leaves a hole). Readers of $all therefore read only up to a
+-- low-water mark below which every position is settled (committed or
+-- aborted): events_safe_position() below.
+
+CREATE SEQUENCE events_position_seq AS bigint START 1 NO CYCLE;
 
 CREATE TABLE events (
     global_position bigint      NOT NULL PRIMARY KEY CHECK (global_position > 0),
@@ -17,7 +22,7 @@ CREATE TABLE events (
     hash_version    smallint    NOT NULL,
     prev_hash       bytea       NOT NULL CHECK (octet_length(prev_hash) = 32),
     hash            bytea       NOT NULL CHECK (octet_length(hash) = 32),
-    -- Reading a stream in order and finding its head.
+    -- Reading a stream in order, finding its head, and optimistic concurrency.
     CONSTRAINT events_stream_version_key UNIQUE (stream_id, stream_version),
     -- Idempotent appends: an event id is unique within its stream.
     CONSTRAINT events_stream_event_id_key UNIQUE (stream_id, event_id)
@@ -42,16 +47,93 @@ CREATE TRIGGER events_no_truncate
     BEFORE TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
 
--- Takes the append lock for the rest of the transaction, then returns the
--- head position. VOLATILE and PL/pgSQL, so the SELECT runs with a snapshot
--- taken after the lock was granted: every earlier holder has committed and
--- is visible (in READ COMMITTED, which the writer sets). An INSERT numbers
--- its rows from this value in the same statement.
-CREATE FUNCTION events_lock_head(lock_key bigint) RETURNS bigint
+-- The low-water mark uses two kinds of advisory lock (keys are per database):
+-- * the gate, key 7018697727012175875 (0x6167_6c65_6467_0003), a mutex held
+--   for microseconds: by an appender while it takes a block of positions and
+--   marks it, by a reader while it computes the mark; so no appender is ever
+--   between "has positions" and "has marked them" when a mark is computed;
+-- * a transaction-level shared lock keyed by the first position of an
+--   appending transaction (keys below 2^62 are positions), held until it
+--   commits or aborts: the in-flight marker that readers find in pg_locks.
+
+-- Takes `n` consecutive positions for the calling transaction, marks them in
+-- flight and returns the first. The gate makes nextval + setval a block no
+-- other appender can interleave with. Session locks survive errors, so the
+-- gate is released on every path.
+CREATE FUNCTION events_reserve(n integer) RETURNS bigint
 LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    first bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock(lock_key);
-    RETURN (SELECT coalesce(max(global_position), 0) FROM events);
+    PERFORM pg_advisory_lock(7018697727012175875);
+    BEGIN
+        first := nextval('events_position_seq');
+        IF n > 1 THEN
+            PERFORM setval('events_position_seq', first + n - 1);
+        END IF;
+        PERFORM pg_advisory_xact_lock_shared(first);
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM pg_advisory_unlock(7018697727012175875);
+        RAISE;
+    END;
+    PERFORM pg_advisory_unlock(7018697727012175875);
+    RETURN first;
+END;
+$$;
+
+-- The low-water mark: the largest position P such that no event with a
+-- position <= P can still commit. Every position up to it belongs to a
+-- transaction that has finished, so a snapshot taken afterwards sees all of
+-- them that committed.
+CREATE FUNCTION events_safe_position() RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    in_flight bigint;
+    allocated bigint;
+BEGIN
+    PERFORM pg_advisory_lock(7018697727012175875);
+    SELECT min((l.classid::bigint << 32) | l.objid::bigint) INTO in_flight
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted AND l.mode = 'ShareLock'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid::bigint < 1073741824;  -- keys below 2^62 are positions
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO allocated FROM events_position_seq;
+    PERFORM pg_advisory_unlock(7018697727012175875);
+    RETURN coalesce(in_flight - 1, allocated);
+END;
+$$;
+
+-- The position of the last event at or below the low-water mark (0 if none):
+-- the head a reader can rely on. Positions taken by aborted appends are not
+-- events, so they never count as a head that readers lag behind.
+CREATE FUNCTION events_head_position() RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    safe bigint;
+BEGIN
+    safe := events_safe_position();
+    RETURN (SELECT coalesce(max(global_position), 0) FROM events WHERE global_position <= safe);
+END;
+$$;
+
+-- Up to `max_events` events from position `from_position` on, never past the
+-- low-water mark. PL/pgSQL runs each statement with a fresh snapshot in READ
+-- COMMITTED, so the read sees everything settled when the mark was taken;
+-- under a stricter isolation the snapshot would be older, hence the check.
+CREATE FUNCTION events_read_all(from_position bigint, max_events integer) RETURNS SETOF events
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    safe bigint;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'events_read_all needs READ COMMITTED, not %', current_setting('transaction_isolation');
+    END IF;
+    safe := events_safe_position();
+    RETURN QUERY
+        SELECT * FROM events
+        WHERE global_position >= from_position AND global_position <= safe
+        ORDER BY global_position
+        LIMIT max_events;
 END;
 $$;
 
@@ -71,4 +153,9 @@ END;
 $$;
 
 GRANT SELECT, INSERT ON events TO agentledger_service;
-GRANT EXECUTE ON FUNCTION events_lock_head(bigint) TO agentledger_service;
+-- setval in events_reserve needs UPDATE on the sequence. The worst the role
+-- can do with it is make its own inserts fail; stored events stay untouchable.
+GRANT USAGE, SELECT, UPDATE ON SEQUENCE events_position_seq TO agentledger_service;
+GRANT EXECUTE ON FUNCTION events_reserve(integer), events_safe_position(), events_head_position(),
+    events_read_all(bigint, integer)
+    TO agentledger_service;

@@ -32,6 +32,14 @@ pub enum StoreError {
         event_id: Uuid,
     },
 
+    /// Concurrent appends changed the streams of this append under every
+    /// attempt; nothing was written. Retry later (`CONFLICT`).
+    #[error("the streams kept changing under {attempts} attempts; nothing was written")]
+    Contended {
+        /// Attempts made.
+        attempts: u32,
+    },
+
     /// The input breaks a documented rule (stream id, event type, payload shape
     /// or size, NUL characters); nothing was written. Fix the input (`BAD_INPUT`).
     #[error("bad input: {0}")]

@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::StoreError;
 
-/// A global position in `$all`: strictly increasing, starting at 1, without holes.
+/// A global position in `$all`: strictly increasing from 1 (an aborted append
+/// may leave one unused).
 pub type Position = u64;
 
 /// Longest stream id accepted, in bytes.

@@ -85,10 +85,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// Up to `limit` events of `$all` with position ≥ `from_position`, in position order.
     ///
     /// Gap-safe: once an event at position `p` has been read, no event with a
-    /// position below `p` can appear later.
+    /// position below `p` can appear later, so a reader resumes from `p + 1`.
+    /// Positions are strictly increasing; an aborted append may leave a
+    /// position unused.
     async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
 
-    /// The position of the last committed event (0 when the store is empty).
+    /// The position of the last event readers can see (0 when there is none):
+    /// every event up to it is readable, none below it can still appear.
     async fn head_position(&self) -> Result<Position, StoreError>;
 
     /// Every event with position ≥ `from_position`, then live; see [`Subscription`].

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentledger_eventstore::postgres::APPEND_LOCK;
 use agentledger_eventstore::testing::{connect, TestDatabase};
 use agentledger_eventstore::*;
 use futures::FutureExt;
@@ -151,12 +150,34 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     assert!(a.unwrap().is_empty() && b.unwrap().is_empty(), "already applied");
 }
 
+/// Waits until some session of `db` is queued for an advisory lock:
+/// observable state, polled because PostgreSQL offers no event for it.
+async fn until_a_session_waits_for_an_advisory_lock(db: &TestDatabase) {
+    let admin = db.admin_client().await;
+    for _ in 0..2_000 {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("no session ever queued for an advisory lock");
+}
+
 /// The scripted interleaving behind the gap-safe order: process A holds an
-/// uncommitted append (rows inserted, lock held); process B's later append
-/// must wait and may not commit first; a reader sees neither until A commits,
-/// then both, in position order.
+/// uncommitted append; process B appends later, takes a higher position and
+/// commits first. A reader must not see B's event while A's lower position
+/// can still commit, then must see both, in position order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_later_append_cannot_overtake_an_uncommitted_one() {
+async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
     let db = TestDatabase::create().await;
     let (inserted, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let hook: postgres::CommitHook = {
@@ -176,41 +197,20 @@ async fn a_later_append_cannot_overtake_an_uncommitted_one() {
     let mut sub = reader.subscribe_all(1);
 
     let a_append = tokio::spawn(async move { a.append(&stream("stream-a"), ExpectedVersion::Any, events(2)).await });
-    inserted.notified().await; // A's rows are in, uncommitted, the lock held.
+    inserted.notified().await; // A's rows are in, uncommitted.
 
-    let b_store = b.clone();
-    let b_append = tokio::spawn(async move { b_store.append(&stream("stream-b"), ExpectedVersion::Any, events(1)).await });
-    // Wait until B is observably blocked on the append lock.
-    let admin = db.admin_client().await;
-    let mut waited = Duration::ZERO;
-    loop {
-        let waiting: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND objid = ($1::bigint & x'ffffffff'::bigint)",
-                &[&APPEND_LOCK],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting == 1 {
-            break;
-        }
-        assert!(waited < Duration::from_secs(10), "B never queued behind A");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        waited += Duration::from_millis(5);
-    }
-    assert!(!b_append.is_finished(), "B committed while A held the lock");
-    assert_eq!(reader.head_position().await.unwrap(), 0, "nothing is visible yet");
+    let b_result = b.append(&stream("stream-b"), ExpectedVersion::Any, events(1)).await.unwrap();
+    assert!(!a_append.is_finished());
+    assert!(b_result.first_position > 2, "B took a position after A's two");
+    let raw: i64 = db.admin_client().await.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    assert_eq!(raw, 1, "B's event is committed");
+    assert_eq!(reader.head_position().await.unwrap(), 0, "but nothing is readable while A can still commit");
     assert!(reader.read_all(1, 10).await.unwrap().is_empty());
-    assert!(sub.next().now_or_never().is_none(), "the subscriber saw an uncommitted or later event");
+    assert!(sub.next().now_or_never().is_none(), "the subscriber saw an event past an unsettled position");
 
     release.notify_one();
     let a_result = a_append.await.unwrap().unwrap();
-    let b_result = b_append.await.unwrap().unwrap();
     assert_eq!((a_result.first_position, a_result.last_position), (1, 2));
-    assert_eq!(b_result.first_position, 3, "B's event comes after A's");
     let mut seen = Vec::new();
     for _ in 0..3 {
         let e = sub.next().await.unwrap().unwrap();
@@ -218,6 +218,72 @@ async fn a_later_append_cannot_overtake_an_uncommitted_one() {
     }
     assert_eq!(
         seen,
-        vec![(1, "stream-a".to_string()), (2, "stream-a".to_string()), (3, "stream-b".to_string())]
+        vec![(1, "stream-a".to_string()), (2, "stream-a".to_string()), (b_result.first_position, "stream-b".to_string())]
     );
+    assert_eq!(reader.head_position().await.unwrap(), b_result.first_position);
+}
+
+/// The window between taking a position and marking it in flight: while a
+/// writer is inside it (gate held, position taken, not yet marked), a reader
+/// must wait at the gate instead of computing a mark that covers the
+/// position, and then must see it as in flight until it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mark_never_covers_a_position_taken_but_not_yet_marked() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    store.append(&stream("stream-before"), ExpectedVersion::Any, events(1)).await.unwrap();
+    let safe_position = |url: String| async move {
+        let reader = connect(&url).await;
+        reader.query_one("SELECT events_safe_position()", &[]).await.unwrap().get::<_, i64>(0)
+    };
+    assert_eq!(safe_position(db.service_url()).await, 1);
+
+    // A writer stopped inside the window, as events_reserve would be.
+    let slow = db.admin_client().await;
+    slow.batch_execute("BEGIN").await.unwrap();
+    slow.execute("SELECT pg_advisory_lock($1)", &[&postgres::GATE_LOCK]).await.unwrap();
+    let taken: i64 = slow.query_one("SELECT nextval('events_position_seq')", &[]).await.unwrap().get(0);
+    assert_eq!(taken, 2);
+
+    let mark = tokio::spawn(safe_position(db.service_url()));
+    until_a_session_waits_for_an_advisory_lock(&db).await;
+    assert!(!mark.is_finished(), "the mark was computed while a writer was inside the window");
+
+    slow.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&taken]).await.unwrap();
+    slow.execute("SELECT pg_advisory_unlock($1)", &[&postgres::GATE_LOCK]).await.unwrap();
+    assert_eq!(mark.await.unwrap(), taken - 1, "position {taken} can still commit");
+
+    slow.execute(
+        "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
+             payload, metadata, recorded_at, hash_version, prev_hash, hash) \
+         VALUES ($1, 'stream-slow', 0, gen_random_uuid(), 'Slow', 1, '{}', '{}', now(), 1, $2, $2)",
+        &[&taken, &vec![0u8; 32]],
+    )
+    .await
+    .unwrap();
+    assert_eq!(safe_position(db.service_url()).await, taken - 1, "still in flight until it commits");
+    slow.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(safe_position(db.service_url()).await, taken);
+    let positions: Vec<u64> = store.read_all(1, 10).await.unwrap().iter().map(|e| e.global_position).collect();
+    assert_eq!(positions, vec![1, 2]);
+}
+
+/// Positions taken by an append that failed are skipped by readers instead
+/// of holding them up forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_append_leaves_a_hole_that_readers_pass() {
+    let db = TestDatabase::create().await;
+    let (a, b) = (db.store().await, db.store().await);
+    let s = stream("workflow-hole");
+    a.append(&s, ExpectedVersion::NoStream, events(1)).await.unwrap();
+    // B believes the stream is new: its insert fails on the version key and
+    // burns a position before the checked path reports the conflict.
+    let conflict = b.append(&s, ExpectedVersion::NoStream, events(1)).await;
+    assert!(matches!(conflict, Err(StoreError::Conflict { actual: Some(0), .. })), "{conflict:?}");
+    let after = a.append(&s, ExpectedVersion::Exact(0), events(1)).await.unwrap();
+    assert!(after.first_position > 2, "a position was burned: {after:?}");
+    let positions: Vec<u64> = b.read_all(1, 10).await.unwrap().iter().map(|e| e.global_position).collect();
+    assert_eq!(positions, vec![1, after.first_position]);
+    assert_eq!(b.head_position().await.unwrap(), after.first_position);
+    assert!(b.verify_stream(&s).await.unwrap().ok);
 }

@@ -1,10 +1,11 @@
 //! The PostgreSQL event store.
 //!
-//! - **Writes** go through one writer task per process ([`writer`]) that
-//!   group-commits every append waiting at that moment in one transaction
-//!   under a transaction-scoped advisory lock. The lock makes appends from all
-//!   processes commit one transaction at a time, in position order, which is
-//!   what makes `$all` gap-safe for readers that resume by position alone.
+//! - **Writes** go through writer tasks ([`writer`]) that group-commit every
+//!   append waiting at that moment in one statement. Appends of all
+//!   processes run in parallel and take positions from a sequence, marked in
+//!   flight until they commit; readers of `$all` read only up to the
+//!   low-water mark below which nothing can still commit (`events_read_all`
+//!   in the migration), which is what makes `$all` safe to resume by position.
 //! - **Live events** come from one tailer task per process ([`tailer`]) that
 //!   reads new rows from the table and broadcasts them to every subscriber.
 //!   It wakes up on this process's own commits, on `NOTIFY` from other
@@ -34,8 +35,10 @@ pub use rows::EVENT_COLUMNS;
 /// The channel other processes' commits are announced on.
 pub const NOTIFY_CHANNEL: &str = "agentledger_events";
 
-/// Advisory lock key under which appends commit (transaction-scoped).
-pub const APPEND_LOCK: i64 = 0x6167_6c65_6467_0002;
+
+/// The advisory lock key of the gate between taking positions and computing
+/// the low-water mark (the value used by the migration's functions).
+pub const GATE_LOCK: i64 = 0x6167_6c65_6467_0003;
 
 /// Tuning for [`PostgresEventStore`].
 #[derive(Clone)]
@@ -47,8 +50,8 @@ pub struct PostgresOptions {
     /// Most events one group commit takes (a single larger append still goes alone).
     pub max_group_events: usize,
     /// Writer tasks, each with its own connection; a stream always goes to
-    /// the same one. Several let the server parse one group while another
-    /// commits; commits themselves stay one at a time (the append lock).
+    /// the same one. More lanes commit more groups in parallel; fewer make
+    /// bigger groups.
     pub writer_lanes: usize,
     /// How often the tailer looks for new events when no wake-up came.
     pub safety_poll: Duration,
@@ -68,7 +71,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             limits: Limits::default(),
             max_group_events: 2_000,
-            writer_lanes: 1,
+            writer_lanes: 2,
             safety_poll: Duration::from_secs(1),
             notify_interval: Duration::from_millis(2),
             before_commit: None,

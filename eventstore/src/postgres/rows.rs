@@ -14,9 +14,11 @@ pub(crate) async fn read_all(
     from_position: Position,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE global_position >= $1 ORDER BY global_position LIMIT $2");
+    // Never past the low-water mark: see the migration.
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM events_read_all($1, $2)");
     let statement = client.prepare_cached(&sql).await?;
-    let rows = client.query(&statement, &[&to_i64(from_position), &to_i64(limit as u64)]).await?;
+    let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+    let rows = client.query(&statement, &[&to_i64(from_position), &limit]).await?;
     rows.iter().map(decode).collect()
 }
 
@@ -35,8 +37,9 @@ pub(crate) async fn read_stream(
     rows.iter().map(decode).collect()
 }
 
+/// The last event at or below the low-water mark.
 pub(crate) async fn head_position(client: &Client) -> Result<Position, StoreError> {
-    let statement = client.prepare_cached("SELECT coalesce(max(global_position), 0) FROM events").await?;
+    let statement = client.prepare_cached("SELECT events_head_position()").await?;
     let row = client.query_one(&statement, &[]).await?;
     Ok(row.get::<_, i64>(0) as Position)
 }

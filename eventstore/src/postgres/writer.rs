@@ -1,26 +1,23 @@
-//! The writer task: group commit, with positions assigned under a
-//! transaction-scoped advisory lock.
+//! The writer task: group commit with optimistic concurrency.
 //!
-//! Every append waiting when the writer is free goes into one transaction,
-//! sent as one pipelined round trip: `BEGIN`, take the append lock, insert
-//! every row, read the new head, `COMMIT`. The insert numbers its rows from
-//! the head position it reads, and it reads it *after* the lock was granted
-//! (READ COMMITTED: a fresh snapshot per statement), so every earlier holder
-//! has committed and is visible. Transactions of all processes therefore
-//! commit one at a time, in position order, and positions have no holes: what
-//! makes `$all` safe to tail by position. The lock is held only while the
-//! server inserts and commits, never across a round trip to this process.
+//! Every append waiting when the writer is free goes into one statement,
+//! which is its own transaction: it takes positions for its rows from
+//! `events_reserve` (a sequence, marked in flight for readers: see the
+//! migration and ARCHITECTURE.md) and inserts them. Appenders never wait for
+//! each other; the unique keys `(stream_id, stream_version)` and
+//! `(stream_id, event_id)` are what make a stale belief fail.
 //!
 //! The rows' versions and hash links come from the stream heads: from the
 //! writer's memory of its own commits when it has them (or when the append
-//! expects a new stream), else read in a first round trip — the **checked**
-//! path, which also looks for resent event ids and decides conflicts. A
-//! belief from memory that turns out wrong (another process wrote the
-//! stream, an id was resent) is refused by the unique keys, nothing is
-//! written, and the group goes down the checked path, which reads under the
-//! lock and so always makes progress.
+//! expects a new stream), else read in a first round trip (the **checked**
+//! path, which also finds resent event ids and decides conflicts). When a
+//! belief turns out wrong (another process wrote the stream meanwhile, an id
+//! was resent), the insert fails as a whole and the group is read and
+//! decided again, a bounded number of times.
 //!
 //! Each append in a group is decided on its own: one conflict fails alone.
+//! A stream always goes to the same writer (lane), so one process never
+//! races itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +31,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
 use super::rows::{decode, to_i64, EVENT_COLUMNS};
-use super::{CommitHook, APPEND_LOCK};
+use super::CommitHook;
 use crate::append::{decide, now_micros, written, Existing, NewRecord, Outcome, StreamHead};
 use crate::chain::HASH_VERSION;
 use crate::prepare::PreparedEvent;
@@ -43,6 +40,10 @@ use crate::{AppendResult, ExpectedVersion, Position, RecordedEvent, StoreError, 
 /// Streams whose heads the writer remembers; beyond this it forgets them all
 /// (workflow streams go quiet once finished, so a rare reset costs little).
 const MAX_CACHED_STREAMS: usize = 100_000;
+
+/// How often the checked path reads and tries again when concurrent appends
+/// keep changing the group's streams.
+const MAX_CHECKED_ATTEMPTS: u32 = 16;
 
 pub(crate) struct AppendRequest {
     pub stream: StreamId,
@@ -70,8 +71,8 @@ struct Memory {
 }
 
 impl Memory {
-    fn forget(&mut self) {
-        self.streams.clear();
+    fn forget(&mut self, stream: &StreamId) {
+        self.streams.remove(stream);
     }
 
     fn remember(&mut self, streams: HashMap<StreamId, StreamHead>) {
@@ -140,7 +141,7 @@ impl Writer {
                 // afresh and tell every caller; resending is idempotent.
                 tracing::warn!(error = %e, appends = replies.len(), "group commit failed");
                 self.connection = None;
-                self.memory.forget();
+                self.memory = Memory::default();
                 let message = e.to_string();
                 let mut error = Some(e);
                 for reply in replies {
@@ -163,27 +164,44 @@ impl Writer {
         let hook = self.before_commit.as_ref();
 
         if let Some(plan) = plan_from_memory(&self.memory, requests) {
-            let r = write(connection, &plan.rows, hook).await;
-            match r {
-                Ok(head_after) => {
-                    let (results, heads) = plan.finish(head_after);
+            match write(connection, &plan.rows, hook).await {
+                Ok(positions) => {
+                    let (results, heads) = plan.finish(&positions);
                     self.memory.remember(heads);
                     return Ok(results);
                 }
                 // Memory was wrong (another process wrote one of these streams,
                 // or an id was resent): nothing was written; check instead.
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => self.memory.forget(),
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    requests.iter().for_each(|(stream, ..)| self.memory.forget(stream));
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        let (results, heads) = commit_checked(connection, requests, hook).await?;
-        self.memory.remember(heads);
-        Ok(results)
+        for _ in 0..MAX_CHECKED_ATTEMPTS {
+            let (heads, stored) = read_heads(connection, requests).await?;
+            let existing = stored.iter().map(|e| ((e.stream_id.as_str(), e.event_id), Existing::Stored(e))).collect();
+            let plan = plan(requests, heads, existing, now_micros());
+            if plan.rows.is_empty() {
+                return Ok(plan.finish(&[]).0);
+            }
+            match write(connection, &plan.rows, hook).await {
+                Ok(positions) => {
+                    let (results, heads) = plan.finish(&positions);
+                    self.memory.remember(heads);
+                    return Ok(results);
+                }
+                // A concurrent append got there first: read again.
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Contended { attempts: MAX_CHECKED_ATTEMPTS })
     }
 }
 
 /// A group, decided: the rows to insert and what to answer. Positions of
-/// new rows are relative (1, 2, …) until the commit tells the real ones.
+/// new rows are row numbers (1, 2, …) until the commit tells the real ones.
 struct Plan<'a> {
     results: Vec<Result<Decided, StoreError>>,
     rows: InsertRows<'a>,
@@ -198,9 +216,9 @@ enum Decided {
 }
 
 impl Plan<'_> {
-    /// The answers, given the head position after the commit.
-    fn finish(self, head_after: Position) -> (Results, HashMap<StreamId, StreamHead>) {
-        let offset = head_after - self.rows.len() as Position;
+    /// The answers, given the positions the rows got (in row order).
+    fn finish(self, positions: &[Position]) -> (Results, HashMap<StreamId, StreamHead>) {
+        let real = |row: Position| positions[row as usize - 1];
         let results = self
             .results
             .into_iter()
@@ -208,8 +226,8 @@ impl Plan<'_> {
                 r.map(|decided| match decided {
                     Decided::Stored(result) => result,
                     Decided::Planned(mut result) => {
-                        result.first_position += offset;
-                        result.last_position += offset;
+                        result.first_position = real(result.first_position);
+                        result.last_position = real(result.last_position);
                         result
                     }
                 })
@@ -283,40 +301,42 @@ fn plan_from_memory<'a>(memory: &Memory, requests: &'a [Request]) -> Option<Plan
     plan.results.iter().all(Result::is_ok).then_some(plan)
 }
 
-/// Inserts `rows` in one statement that is its own transaction (see the
-/// module docs); returns the head position after the commit.
+/// Inserts `rows` in one statement that is its own transaction; returns the
+/// positions they got, in row order.
 async fn write(
     connection: &Connection,
     rows: &InsertRows<'_>,
     hook: Option<&CommitHook>,
-) -> Result<Position, tokio_postgres::Error> {
+) -> Result<Vec<Position>, tokio_postgres::Error> {
     let Connection { client, statements: s } = connection;
+    let count = rows.len() as i32;
     let mut params = rows.params();
-    params.push(&APPEND_LOCK);
-    let Some(hook) = hook else {
-        return Ok(last_position(&client.query(&s.insert, &params).await?));
+    params.push(&count);
+    let inserted = match hook {
+        None => client.query(&s.insert, &params).await?,
+        Some(hook) => {
+            client.execute(&s.begin, &[]).await?;
+            let inserted = client.query(&s.insert, &params).await;
+            if inserted.is_ok() {
+                hook().await;
+            }
+            // After a failed insert the server turns the COMMIT into a rollback.
+            client.execute(&s.commit, &[]).await?;
+            inserted?
+        }
     };
-    client.execute(&s.begin, &[]).await?;
-    let inserted = client.query(&s.insert, &params).await;
-    if inserted.is_ok() {
-        hook().await;
-    }
-    // After a failed insert the server turns the COMMIT into a rollback.
-    client.execute(&s.commit, &[]).await?;
-    Ok(last_position(&inserted?))
+    // Row n got the block's n-th position.
+    let mut positions: Vec<Position> = inserted.iter().map(|row| row.get::<_, i64>(0) as Position).collect();
+    positions.sort_unstable();
+    Ok(positions)
 }
 
-fn last_position(inserted: &[tokio_postgres::Row]) -> Position {
-    inserted.iter().map(|row| row.get::<_, i64>(0)).max().unwrap_or(0) as Position
-}
-
-/// Reads the streams' heads and any stored ids under the lock, then writes:
-/// two round trips, the lock held in between.
-async fn commit_checked(
+/// Reads the heads of the group's streams and any already stored ids, in
+/// one round trip.
+async fn read_heads(
     connection: &Connection,
     requests: &[Request],
-    hook: Option<&CommitHook>,
-) -> Result<(Results, HashMap<StreamId, StreamHead>), StoreError> {
+) -> Result<(HashMap<StreamId, StreamHead>, Vec<RecordedEvent>), StoreError> {
     let Connection { client, statements: s } = connection;
     let mut streams: Vec<&str> = requests.iter().map(|(stream, ..)| stream.as_str()).collect();
     streams.sort_unstable();
@@ -325,64 +345,23 @@ async fn commit_checked(
         .iter()
         .flat_map(|(stream, _, events)| events.iter().map(move |e| (stream.as_str(), e.event.event_id)))
         .unzip();
-    let lock: [&(dyn ToSql + Sync); 1] = [&APPEND_LOCK];
     let heads_params: [&(dyn ToSql + Sync); 1] = [&streams];
     let stored_params: [&(dyn ToSql + Sync); 2] = [&id_streams, &ids];
-    let (begin, lock, heads, stored) = tokio::join!(
-        client.execute(&s.begin, &[]),
-        client.execute(&s.lock, &lock),
-        client.query(&s.stream_heads, &heads_params),
-        client.query(&s.stored, &stored_params),
-    );
-    let reads = (|| Ok::<_, tokio_postgres::Error>((begin?, lock?, heads?, stored?)))();
-    let (_, _, heads, stored) = match reads {
-        Ok(reads) => reads,
-        Err(e) => {
-            rollback(client).await;
-            return Err(e.into());
-        }
-    };
-    let mut stream_heads = HashMap::with_capacity(heads.len());
-    for row in &heads {
+    let (heads, stored) =
+        tokio::join!(client.query(&s.stream_heads, &heads_params), client.query(&s.stored, &stored_params));
+    let mut stream_heads = HashMap::new();
+    for row in &heads? {
         let hash: &[u8] = row.get(2);
         let stream = StreamId::new(row.get::<_, String>(0))?;
         let version = row.get::<_, i64>(1) as u64;
         stream_heads.insert(stream, StreamHead { version, hash: hash.try_into().expect("hash is CHECKed to 32 bytes") });
     }
-    let stored: Vec<RecordedEvent> = stored.iter().map(decode).collect::<Result<_, _>>()?;
-    let existing = stored.iter().map(|e| ((e.stream_id.as_str(), e.event_id), Existing::Stored(e))).collect();
-
-    let plan = plan(requests, stream_heads, existing, now_micros());
-    if plan.rows.is_empty() {
-        rollback(client).await;
-        return Ok(plan.finish(0));
-    }
-    // Still inside the transaction, which holds the lock already.
-    let mut params = plan.rows.params();
-    params.push(&APPEND_LOCK);
-    let head = match client.query(&s.insert, &params).await {
-        Ok(inserted) => last_position(&inserted),
-        Err(e) => {
-            rollback(client).await;
-            return Err(e.into());
-        }
-    };
-    if let Some(hook) = hook {
-        hook().await;
-    }
-    client.execute(&s.commit, &[]).await?;
-    Ok(plan.finish(head))
-}
-
-async fn rollback(client: &Client) {
-    if let Err(e) = client.batch_execute("ROLLBACK").await {
-        tracing::debug!(error = %e, "rollback failed; the connection will be replaced");
-    }
+    let stored = stored?.iter().map(decode).collect::<Result<_, _>>()?;
+    Ok((stream_heads, stored))
 }
 
 struct Statements {
     begin: Statement,
-    lock: Statement,
     stream_heads: Statement,
     stored: Statement,
     insert: Statement,
@@ -394,15 +373,15 @@ struct Connection {
     statements: Statements,
 }
 
-/// Takes the append lock and inserts the rows, numbering them from the head
-/// position read after the lock was granted (`events_lock_head`, see the
-/// migration); returns the positions written.
-const INSERT: &str = "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, \
+/// Takes a block of positions for the rows (`events_reserve`, once: a
+/// materialised CTE) and inserts the rows; returns the positions written.
+const INSERT: &str = "WITH reserved AS MATERIALIZED (SELECT events_reserve($12) AS first) \
+     INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, \
          schema_version, payload, metadata, recorded_at, hash_version, prev_hash, hash) \
-     SELECT head.position + r.n, \
+     SELECT reserved.first + r.n - 1, \
          r.stream_id, r.stream_version, r.event_id, r.event_type, r.schema_version, r.payload, r.metadata, \
          r.recorded_at, r.hash_version, r.prev_hash, r.hash \
-     FROM events_lock_head($12) AS head(position), \
+     FROM reserved, \
          unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::integer[], $6::jsonb[], $7::jsonb[], \
              $8::timestamptz[], $9::smallint[], $10::bytea[], $11::bytea[]) WITH ORDINALITY \
          AS r(stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
@@ -419,7 +398,6 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreErr
     let statements = Statements {
         // Positions rely on a fresh snapshot per statement, whatever the server default.
         begin: client.prepare("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
-        lock: client.prepare("SELECT pg_advisory_xact_lock($1)").await?,
         // One backward index probe per stream.
         stream_heads: client
             .prepare(
@@ -482,7 +460,7 @@ impl<'a> InsertRows<'a> {
         self.event_id.is_empty()
     }
 
-    /// The eleven array parameters of [`INSERT`] (the lock key is the twelfth).
+    /// The eleven array parameters of [`INSERT`] (the row count is the twelfth).
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         vec![
             &self.stream_id,
