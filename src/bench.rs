@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentledger_eventstore::{
-    migrate, Actor, ActorKind, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresEventStore, PostgresOptions,
-    StreamId,
+    migrate, Actor, ActorKind, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresEventStore,
+    PostgresOptions, StreamId,
 };
 use anyhow::Context;
 use serde_json::json;
@@ -63,7 +63,11 @@ fn payload(i: usize) -> serde_json::Value {
 }
 
 fn metadata() -> Metadata {
-    let mut metadata = Metadata::new(Actor { kind: ActorKind::Agent, name: "gitcode".into(), version: "1.0.0".into() });
+    let mut metadata = Metadata::new(Actor {
+        kind: ActorKind::Agent,
+        name: "gitcode".into(),
+        version: "1.0.0".into(),
+    });
     metadata.correlation_id = Some(uuid::Uuid::now_v7());
     metadata.causation_id = Some(uuid::Uuid::now_v7());
     metadata
@@ -71,8 +75,14 @@ fn metadata() -> Metadata {
 
 async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
-    println!("append throughput, {} s per measurement, ~500-byte events, {} writer lane(s)", args.seconds, args.lanes);
-    println!("{:>8} {:>6} {:>14} {:>14} {:>7}", "writers", "batch", "raw rows/s", "append ev/s", "ratio");
+    println!(
+        "append throughput, {} s per measurement, ~500-byte events, {} writer lane(s)",
+        args.seconds, args.lanes
+    );
+    println!(
+        "{:>8} {:>6} {:>14} {:>14} {:>7}",
+        "writers", "batch", "raw rows/s", "append ev/s", "ratio"
+    );
     for &batch in &args.batch {
         for &writers in &args.writers {
             let scratch = Scratch::create(&args.database_url).await?;
@@ -95,7 +105,10 @@ where
     Fut: std::future::Future<Output = anyhow::Result<usize>> + Send,
 {
     let step = Arc::new(step);
-    let (rows, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let (rows, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
@@ -118,9 +131,24 @@ where
     Ok(rows.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Stream, version, event id, payload, recorded at, a 32-byte hash.
+type RawRow = (
+    String,
+    i64,
+    uuid::Uuid,
+    serde_json::Value,
+    chrono::DateTime<chrono::Utc>,
+    Vec<u8>,
+);
+
 /// The physical baseline: the same rows inserted into a table with the same
 /// DDL (indexes, constraints and triggers), without any of the store's logic.
-async fn raw_insert(url: &str, writers: usize, batch: usize, duration: Duration) -> anyhow::Result<f64> {
+async fn raw_insert(
+    url: &str,
+    writers: usize,
+    batch: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let setup = connect(url).await?;
     setup
         .batch_execute(
@@ -164,8 +192,7 @@ async fn raw_insert(url: &str, writers: usize, batch: usize, duration: Duration)
         let (client, metadata) = (clients[w].clone(), metadata.clone());
         async move {
             let (client, statement) = &*client;
-            let rows: Vec<(String, i64, uuid::Uuid, serde_json::Value, chrono::DateTime<chrono::Utc>, Vec<u8>)> = (0
-                ..batch)
+            let rows: Vec<RawRow> = (0..batch)
                 .map(|r| {
                     let n = i * batch + r;
                     (
@@ -180,7 +207,16 @@ async fn raw_insert(url: &str, writers: usize, batch: usize, duration: Duration)
                 .collect();
             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(batch * 8);
             for row in &rows {
-                params.extend([&row.0 as &(dyn ToSql + Sync), &row.1, &row.2, &row.3, &metadata, &row.4, &row.5, &row.5]);
+                params.extend([
+                    &row.0 as &(dyn ToSql + Sync),
+                    &row.1,
+                    &row.2,
+                    &row.3,
+                    &metadata,
+                    &row.4,
+                    &row.5,
+                    &row.5,
+                ]);
             }
             client.execute(statement, &params).await?;
             Ok(batch)
@@ -191,8 +227,17 @@ async fn raw_insert(url: &str, writers: usize, batch: usize, duration: Duration)
 
 /// The store: one process, `writers` tasks appending to their own streams
 /// (a new stream every 20 events, like a workflow) with exact versions.
-async fn store_append(url: &str, writers: usize, batch: usize, lanes: usize, duration: Duration) -> anyhow::Result<f64> {
-    let options = PostgresOptions { writer_lanes: lanes, ..Default::default() };
+async fn store_append(
+    url: &str,
+    writers: usize,
+    batch: usize,
+    lanes: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let options = PostgresOptions {
+        writer_lanes: lanes,
+        ..Default::default()
+    };
     let store = PostgresEventStore::connect(url, options).await?;
     // Built once, as the raw baseline does; only the payload and ids vary per event.
     let metadata = metadata();
@@ -205,8 +250,11 @@ async fn store_append(url: &str, writers: usize, batch: usize, lanes: usize, dur
                 0 => ExpectedVersion::NoStream,
                 k => ExpectedVersion::Exact((k * batch - 1) as u64),
             };
-            let events =
-                (0..batch).map(|r| NewEvent::new("SubtaskSucceeded", payload(i * batch + r), metadata.clone())).collect();
+            let events = (0..batch)
+                .map(|r| {
+                    NewEvent::new("SubtaskSucceeded", payload(i * batch + r), metadata.clone())
+                })
+                .collect();
             store.append(&stream, expected, events).await?;
             Ok(batch)
         }
@@ -215,7 +263,9 @@ async fn store_append(url: &str, writers: usize, batch: usize, lanes: usize, dur
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.with_context(|| "connecting to DATABASE_URL")?;
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| "connecting to DATABASE_URL")?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -232,38 +282,24 @@ struct Scratch {
 impl Scratch {
     async fn create(server: &str) -> anyhow::Result<Self> {
         let name = format!("agentledger_bench_{}", uuid::Uuid::new_v4().simple());
-        connect(server).await?.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-        let config: tokio_postgres::Config = server.parse()?;
-        let url = with_dbname(&config, &name);
+        connect(server)
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let url = agentledger_eventstore::postgres::connection_string(server, &name, None)?;
         migrate::run(&url).await?;
-        Ok(Self { server: server.to_string(), name, url })
+        Ok(Self {
+            server: server.to_string(),
+            name,
+            url,
+        })
     }
 
     async fn drop_database(self) -> anyhow::Result<()> {
-        connect(&self.server).await?.batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name)).await?;
+        connect(&self.server)
+            .await?
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await?;
         Ok(())
     }
-}
-
-fn with_dbname(config: &tokio_postgres::Config, name: &str) -> String {
-    let mut config = config.clone();
-    config.dbname(name);
-    let mut parts = Vec::new();
-    for host in config.get_hosts() {
-        match host {
-            tokio_postgres::config::Host::Tcp(h) => parts.push(format!("host={h}")),
-            tokio_postgres::config::Host::Unix(p) => parts.push(format!("host={}", p.display())),
-        }
-    }
-    if let Some(port) = config.get_ports().first() {
-        parts.push(format!("port={port}"));
-    }
-    if let Some(user) = config.get_user() {
-        parts.push(format!("user={user}"));
-    }
-    if let Some(password) = config.get_password() {
-        parts.push(format!("password={}", String::from_utf8_lossy(password)));
-    }
-    parts.push(format!("dbname={name}"));
-    parts.join(" ")
 }

@@ -4,13 +4,18 @@ mod bench;
 
 use std::net::SocketAddr;
 
-use agentledger_eventstore::{migrate, EventStore, InMemoryEventStore, PostgresEventStore, PostgresOptions};
+use agentledger_eventstore::{
+    migrate, EventStore, InMemoryEventStore, PostgresEventStore, PostgresOptions,
+};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(version, about = "Multi-agent workflows where every decision is an immutable, hash-chained event")]
+#[command(
+    version,
+    about = "Multi-agent workflows where every decision is an immutable, hash-chained event"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +44,9 @@ struct DatabaseArgs {
 
 impl DatabaseArgs {
     fn admin_url(&self) -> Option<&str> {
-        self.admin_database_url.as_deref().or(self.database_url.as_deref())
+        self.admin_database_url
+            .as_deref()
+            .or(self.database_url.as_deref())
     }
 }
 
@@ -73,9 +80,15 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => {
-            let url = args.admin_url().context("DATABASE_URL (or AGENTLEDGER_ADMIN_DATABASE_URL) is not set")?;
+            let url = args
+                .admin_url()
+                .context("DATABASE_URL (or AGENTLEDGER_ADMIN_DATABASE_URL) is not set")?;
             let applied = migrate::run(url).await?;
-            println!("{} migration(s) applied{}", applied.len(), if applied.is_empty() { "" } else { ":" });
+            println!(
+                "{} migration(s) applied{}",
+                applied.len(),
+                if applied.is_empty() { "" } else { ":" }
+            );
             applied.iter().for_each(|m| println!("  {m}"));
             Ok(())
         }
@@ -86,7 +99,9 @@ async fn main() -> anyhow::Result<()> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("AGENTLEDGER_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -95,7 +110,12 @@ fn init_logging() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let profile = args.profile.to_possible_value().expect("no skipped variants").get_name().to_string();
+    let profile = args
+        .profile
+        .to_possible_value()
+        .expect("no skipped variants")
+        .get_name()
+        .to_string();
     if args.profile == Profile::Dev && !args.listen.ip().is_loopback() {
         if !args.allow_non_loopback_dev {
             bail!(
@@ -106,7 +126,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::warn!(listen = %args.listen, "dev profile listening on a non-loopback address WITHOUT authentication");
     }
-    let (store, store_kind): (std::sync::Arc<dyn EventStore>, _) = match &args.database.database_url {
+    let (store, store_kind): (std::sync::Arc<dyn EventStore>, _) = match &args.database.database_url
+    {
         Some(url) => {
             let admin = args.database.admin_url().expect("DATABASE_URL is set");
             let applied = migrate::run(admin).await.context("applying migrations")?;
@@ -119,17 +140,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "DATABASE_URL is not set: running on the IN-MEMORY event store (dev mode). \
                  Nothing is kept when this process stops."
             );
-            (std::sync::Arc::new(InMemoryEventStore::default()), "in-memory")
+            (
+                std::sync::Arc::new(InMemoryEventStore::default()),
+                "in-memory",
+            )
         }
     };
     tracing::info!(head = store.head_position().await?, "event store ready");
 
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     // Tests and scripts that pass port 0 read the chosen address from this line.
     println!("listening on http://{local}");
     tracing::info!(%local, store = store_kind, profile = %profile, "agentledger serving");
-    let router = agentledger_api::router(agentledger_api::ServiceInfo { store: store_kind, profile });
+    let router = agentledger_api::router(agentledger_api::ServiceInfo {
+        store: store_kind,
+        profile,
+    });
     agentledger_api::serve(listener, router, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -20,14 +20,20 @@ pub(crate) struct StreamHead {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Existing<'a> {
     Stored(&'a RecordedEvent),
-    Planned { event: &'a PreparedEvent, position: Position, version: u64 },
+    Planned {
+        event: &'a PreparedEvent,
+        position: Position,
+        version: u64,
+    },
 }
 
 impl Existing<'_> {
     fn position_and_version(&self) -> (Position, u64) {
         match self {
             Self::Stored(e) => (e.global_position, e.stream_version),
-            Self::Planned { position, version, .. } => (*position, *version),
+            Self::Planned {
+                position, version, ..
+            } => (*position, *version),
         }
     }
 }
@@ -74,7 +80,11 @@ pub(crate) fn decide(
         ExpectedVersion::Exact(v) => actual == Some(v),
     };
     if !matches {
-        return Err(StoreError::Conflict { stream: stream.clone(), expected, actual });
+        return Err(StoreError::Conflict {
+            stream: stream.clone(),
+            expected,
+            actual,
+        });
     }
     let first_version = actual.map_or(0, |v| v + 1);
     let mut prev_hash = head.map_or(GENESIS_HASH, |h| h.hash);
@@ -94,7 +104,12 @@ pub(crate) fn decide(
                 recorded_at,
             }
             .hash(&prev_hash);
-            let record = NewRecord { global_position: next_position + i, stream_version, prev_hash, hash };
+            let record = NewRecord {
+                global_position: next_position + i,
+                stream_version,
+                prev_hash,
+                hash,
+            };
             prev_hash = hash;
             record
         })
@@ -111,7 +126,12 @@ fn already_stored(
     for (new, old) in events.iter().zip(existing) {
         match old {
             Some(old) if same_content(new, old) => found.push(old.position_and_version()),
-            _ => return Err(StoreError::IdempotencyMismatch { stream: stream.clone(), event_id: new.event.event_id }),
+            _ => {
+                return Err(StoreError::IdempotencyMismatch {
+                    stream: stream.clone(),
+                    event_id: new.event.event_id,
+                })
+            }
         }
     }
     let (first, last) = (found[0], found[found.len() - 1]);
@@ -125,7 +145,10 @@ fn already_stored(
 
 /// The result of writing `records`.
 pub(crate) fn written(records: &[NewRecord]) -> AppendResult {
-    let (first, last) = (records.first().expect("non-empty"), records.last().expect("non-empty"));
+    let (first, last) = (
+        records.first().expect("non-empty"),
+        records.last().expect("non-empty"),
+    );
     AppendResult {
         first_position: first.global_position,
         last_position: last.global_position,

@@ -45,7 +45,12 @@ impl HashedFields<'_> {
         // Keys in sorted order, written by hand so that no serde_json feature
         // (such as `preserve_order`, enabled by another crate) can change them.
         out.extend_from_slice(b"{\"event_id\":\"");
-        out.extend_from_slice(self.event_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+        out.extend_from_slice(
+            self.event_id
+                .hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer())
+                .as_bytes(),
+        );
         out.extend_from_slice(b"\",\"event_type\":");
         write_string(&mut out, self.event_type);
         out.extend_from_slice(b",\"metadata\":");
@@ -137,20 +142,28 @@ fn write_number(out: &mut Vec<u8>, n: &serde_json::Number) {
     } else if let Some(u) = n.as_u64() {
         out.extend_from_slice(u.to_string().as_bytes());
     } else {
-        let f = n.as_f64().expect("a JSON number without arbitrary precision is i64, u64 or f64");
+        let f = n
+            .as_f64()
+            .expect("a JSON number without arbitrary precision is i64, u64 or f64");
         if f.fract() == 0.0 && f.abs() < EXACT_INT_LIMIT {
             // -0.0 and 0.0 both become 0, like 100.0 and 1e2 become 100.
             out.extend_from_slice((f as i64).to_string().as_bytes());
         } else {
             // serde_json writes the shortest representation that round-trips.
-            out.extend_from_slice(serde_json::Number::from_f64(f).expect("finite").to_string().as_bytes());
+            out.extend_from_slice(
+                serde_json::Number::from_f64(f)
+                    .expect("finite")
+                    .to_string()
+                    .as_bytes(),
+            );
         }
     }
 }
 
 fn write_string(out: &mut Vec<u8>, s: &str) {
     let mut ser = serde_json::Serializer::new(&mut *out);
-    s.serialize(&mut ser).expect("writing a string to a Vec cannot fail");
+    s.serialize(&mut ser)
+        .expect("writing a string to a Vec cannot fail");
 }
 
 /// The result of recomputing a hash chain.
@@ -177,7 +190,12 @@ pub struct ChainVerifier {
 
 impl Default for ChainVerifier {
     fn default() -> Self {
-        Self { expected_version: 0, prev_hash: GENESIS_HASH, checked: 0, broken: None }
+        Self {
+            expected_version: 0,
+            prev_hash: GENESIS_HASH,
+            checked: 0,
+            broken: None,
+        }
     }
 }
 
@@ -194,7 +212,10 @@ impl ChainVerifier {
         }
         self.checked += 1;
         let problem = if event.stream_version != self.expected_version {
-            Some(format!("stream version {} where {} was expected", event.stream_version, self.expected_version))
+            Some(format!(
+                "stream version {} where {} was expected",
+                event.stream_version, self.expected_version
+            ))
         } else if event.hash_version != HASH_VERSION {
             Some(format!("unknown hash version {}", event.hash_version))
         } else if event.prev_hash != self.prev_hash {
@@ -219,7 +240,12 @@ impl ChainVerifier {
             Some((p, r)) => (Some(p), Some(r)),
             None => (None, None),
         };
-        Verification { ok: first_broken_position.is_none(), checked_events: self.checked, first_broken_position, reason }
+        Verification {
+            ok: first_broken_position.is_none(),
+            checked_events: self.checked,
+            first_broken_position,
+            reason,
+        }
     }
 }
 
@@ -242,13 +268,22 @@ mod tests {
 
     #[test]
     fn canonical_sorts_keys_and_normalises_numbers() {
-        let v: Value = serde_json::from_str(r#"{"b":1e2,"a":{"z":-0.0,"y":[1.50,"é"]},"c":12345678901234567890}"#).unwrap();
-        assert_eq!(canonical(&v), r#"{"a":{"y":[1.5,"é"],"z":0},"b":100,"c":12345678901234567890}"#);
+        let v: Value = serde_json::from_str(
+            r#"{"b":1e2,"a":{"z":-0.0,"y":[1.50,"é"]},"c":12345678901234567890}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            canonical(&v),
+            r#"{"a":{"y":[1.5,"é"],"z":0},"b":100,"c":12345678901234567890}"#
+        );
     }
 
     #[test]
     fn canonical_escapes_control_characters_and_keeps_korean() {
-        assert_eq!(canonical(&json!({"텍스트": "줄\n바꿈\""})), "{\"텍스트\":\"줄\\n바꿈\\\"\"}");
+        assert_eq!(
+            canonical(&json!({"텍스트": "줄\n바꿈\""})),
+            "{\"텍스트\":\"줄\\n바꿈\\\"\"}"
+        );
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {
@@ -257,7 +292,9 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|i| json!(i)),
             any::<u64>().prop_map(|u| json!(u)),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
             "[^\u{0}]{0,12}".prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 64, 8, |inner| {

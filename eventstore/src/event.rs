@@ -114,7 +114,11 @@ pub struct Actor {
 impl Actor {
     /// The service itself.
     pub fn system() -> Self {
-        Self { kind: ActorKind::System, name: "agentledger".into(), version: env!("CARGO_PKG_VERSION").into() }
+        Self {
+            kind: ActorKind::System,
+            name: "agentledger".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
     }
 }
 
@@ -188,7 +192,13 @@ pub struct NewEvent {
 impl NewEvent {
     /// A new event with a fresh UUIDv7 id and schema version 1.
     pub fn new(event_type: impl Into<String>, payload: Value, metadata: Metadata) -> Self {
-        Self { event_id: Uuid::now_v7(), event_type: event_type.into(), schema_version: 1, payload, metadata }
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.into(),
+            schema_version: 1,
+            payload,
+            metadata,
+        }
     }
 }
 

@@ -42,8 +42,8 @@ use async_trait::async_trait;
 pub use chain::{verify_events, ChainVerifier, Verification};
 pub use error::StoreError;
 pub use event::{
-    Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position, RecordedEvent,
-    StreamId, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+    Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,
+    RecordedEvent, StreamId, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 pub use memory::InMemoryEventStore;
 pub use postgres::{PostgresEventStore, PostgresOptions};
@@ -88,7 +88,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// position below `p` can appear later, so a reader resumes from `p + 1`.
     /// Positions are strictly increasing; an aborted append may leave a
     /// position unused.
-    async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+    async fn read_all(
+        &self,
+        from_position: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// The position of the last event readers can see (0 when there is none):
     /// every event up to it is readable, none below it can still appear.

@@ -11,7 +11,10 @@ use uuid::Uuid;
 use crate::append::{decide, now_micros, recorded, written, Existing, Outcome, StreamHead};
 use crate::prepare::{prepare, Limits};
 use crate::subscription::Subscription;
-use crate::{AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId};
+use crate::{
+    AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId,
+};
 
 /// An event store held in process memory. Cheap to clone: clones share the data.
 #[derive(Clone)]
@@ -44,13 +47,22 @@ impl InMemoryEventStore {
     /// An empty store enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
         let (live, _) = broadcast::channel(crate::LIVE_BUFFER);
-        Self { inner: Arc::new(Inner { state: Mutex::new(State::default()), live, limits }) }
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                live,
+                limits,
+            }),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave State half-updated
         // (appends push after every check), so a poisoned lock is still usable.
-        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -66,15 +78,32 @@ impl EventStore for InMemoryEventStore {
         let mut state = self.state();
         let existing: Vec<Option<Existing<'_>>> = prepared
             .iter()
-            .map(|p| state.ids.get(&(stream.clone(), p.event.event_id)).map(|&i| Existing::Stored(&state.events[i])))
+            .map(|p| {
+                state
+                    .ids
+                    .get(&(stream.clone(), p.event.event_id))
+                    .map(|&i| Existing::Stored(&state.events[i]))
+            })
             .collect();
-        let head = state.streams.get(stream).and_then(|indexes| indexes.last()).map(|&i| StreamHead {
-            version: state.events[i].stream_version,
-            hash: state.events[i].hash,
-        });
+        let head = state
+            .streams
+            .get(stream)
+            .and_then(|indexes| indexes.last())
+            .map(|&i| StreamHead {
+                version: state.events[i].stream_version,
+                hash: state.events[i].hash,
+            });
         let next_position = state.events.len() as Position + 1;
         let recorded_at = now_micros();
-        let records = match decide(stream, expected, &prepared, &existing, head, next_position, recorded_at)? {
+        let records = match decide(
+            stream,
+            expected,
+            &prepared,
+            &existing,
+            head,
+            next_position,
+            recorded_at,
+        )? {
             Outcome::AlreadyStored(result) => return Ok(result),
             Outcome::Write(records) => records,
         };
@@ -98,15 +127,33 @@ impl EventStore for InMemoryEventStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let state = self.state();
-        let Some(indexes) = state.streams.get(stream) else { return Ok(Vec::new()) };
-        let from = usize::try_from(from_version).unwrap_or(usize::MAX).min(indexes.len());
-        Ok(indexes[from..].iter().take(limit).map(|&i| state.events[i].as_ref().clone()).collect())
+        let Some(indexes) = state.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let from = usize::try_from(from_version)
+            .unwrap_or(usize::MAX)
+            .min(indexes.len());
+        Ok(indexes[from..]
+            .iter()
+            .take(limit)
+            .map(|&i| state.events[i].as_ref().clone())
+            .collect())
     }
 
-    async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_all(
+        &self,
+        from_position: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let state = self.state();
-        let from = usize::try_from(from_position.max(1) - 1).unwrap_or(usize::MAX).min(state.events.len());
-        Ok(state.events[from..].iter().take(limit).map(|e| e.as_ref().clone()).collect())
+        let from = usize::try_from(from_position.max(1) - 1)
+            .unwrap_or(usize::MAX)
+            .min(state.events.len());
+        Ok(state.events[from..]
+            .iter()
+            .take(limit)
+            .map(|e| e.as_ref().clone())
+            .collect())
     }
 
     async fn head_position(&self) -> Result<Position, StoreError> {
@@ -114,10 +161,19 @@ impl EventStore for InMemoryEventStore {
     }
 
     fn subscribe_all(&self, from_position: Position) -> Subscription {
-        Subscription::all(Arc::new(self.clone()), self.inner.live.subscribe(), from_position)
+        Subscription::all(
+            Arc::new(self.clone()),
+            self.inner.live.subscribe(),
+            from_position,
+        )
     }
 
     fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
-        Subscription::stream(Arc::new(self.clone()), self.inner.live.subscribe(), stream, from_version)
+        Subscription::stream(
+            Arc::new(self.clone()),
+            self.inner.live.subscribe(),
+            stream,
+            from_version,
+        )
     }
 }

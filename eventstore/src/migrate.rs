@@ -32,11 +32,19 @@ pub async fn run(database_url: &str) -> Result<Vec<String>, MigrateError> {
             tracing::warn!(error = %e, "migration connection closed with an error");
         }
     });
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     let report = embedded::migrations::runner().run_async(&mut client).await;
     // The lock goes with the session anyway; unlocking early lets a waiting process proceed.
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
     drop(client);
     let _ = driver.await;
-    Ok(report?.applied_migrations().iter().map(|m| m.to_string()).collect())
+    Ok(report?
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect())
 }

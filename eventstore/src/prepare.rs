@@ -23,7 +23,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_payload_bytes: 1 << 20, max_metadata_bytes: 64 << 10, max_events_per_append: 1_000 }
+        Self {
+            max_payload_bytes: 1 << 20,
+            max_metadata_bytes: 64 << 10,
+            max_events_per_append: 1_000,
+        }
     }
 }
 
@@ -45,7 +49,9 @@ pub(crate) fn prepare(
     limits: &Limits,
 ) -> Result<Vec<PreparedEvent>, StoreError> {
     if events.is_empty() {
-        return Err(StoreError::BadInput(format!("append to {stream} has no events")));
+        return Err(StoreError::BadInput(format!(
+            "append to {stream} has no events"
+        )));
     }
     if events.len() > limits.max_events_per_append {
         return Err(StoreError::BadInput(format!(
@@ -59,7 +65,10 @@ pub(crate) fn prepare(
         .into_iter()
         .map(|event| {
             if !ids.insert(event.event_id) {
-                return Err(StoreError::BadInput(format!("event id {} appears twice in one append", event.event_id)));
+                return Err(StoreError::BadInput(format!(
+                    "event id {} appears twice in one append",
+                    event.event_id
+                )));
             }
             check_event_type(&event.event_type)?;
             if event.schema_version == 0 || event.schema_version > i32::MAX as u32 {
@@ -70,19 +79,31 @@ pub(crate) fn prepare(
                 )));
             }
             if !event.payload.is_object() {
-                return Err(StoreError::BadInput(format!("payload of {} must be a JSON object", event.event_type)));
+                return Err(StoreError::BadInput(format!(
+                    "payload of {} must be a JSON object",
+                    event.event_type
+                )));
             }
             let payload_json = check_document("payload", &event.payload, limits.max_payload_bytes)?;
-            let metadata = serde_json::to_value(&event.metadata).expect("metadata serialises to JSON");
+            let metadata =
+                serde_json::to_value(&event.metadata).expect("metadata serialises to JSON");
             let metadata_json = check_document("metadata", &metadata, limits.max_metadata_bytes)?;
-            Ok(PreparedEvent { event, metadata, payload_json, metadata_json })
+            Ok(PreparedEvent {
+                event,
+                metadata,
+                payload_json,
+                metadata_json,
+            })
         })
         .collect()
 }
 
 fn check_event_type(event_type: &str) -> Result<(), StoreError> {
     let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
-    if event_type.is_empty() || event_type.len() > MAX_EVENT_TYPE_LEN || !event_type.chars().all(valid_char) {
+    if event_type.is_empty()
+        || event_type.len() > MAX_EVENT_TYPE_LEN
+        || !event_type.chars().all(valid_char)
+    {
         return Err(StoreError::BadInput(format!(
             "invalid event type {:?}: use 1 to {MAX_EVENT_TYPE_LEN} characters of A-Z a-z 0-9 - _ . :",
             crate::event::truncate(event_type, 60)
@@ -94,11 +115,16 @@ fn check_event_type(event_type: &str) -> Result<(), StoreError> {
 /// Checks a document and returns its canonical form.
 fn check_document(what: &str, value: &Value, max_bytes: usize) -> Result<Vec<u8>, StoreError> {
     if contains_nul(value) {
-        return Err(StoreError::BadInput(format!("{what} contains a NUL character (\\u0000), which cannot be stored")));
+        return Err(StoreError::BadInput(format!(
+            "{what} contains a NUL character (\\u0000), which cannot be stored"
+        )));
     }
     let canonical = canonical_json(value);
     if canonical.len() > max_bytes {
-        return Err(StoreError::BadInput(format!("{what} is {} bytes; the limit is {max_bytes}", canonical.len())));
+        return Err(StoreError::BadInput(format!(
+            "{what} is {} bytes; the limit is {max_bytes}",
+            canonical.len()
+        )));
     }
     Ok(canonical)
 }

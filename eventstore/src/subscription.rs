@@ -34,7 +34,9 @@ impl Cursor {
     fn compare(&self, event: &RecordedEvent) -> Option<std::cmp::Ordering> {
         match self {
             Self::All { next } => Some(event.global_position.cmp(next)),
-            Self::Stream { stream, next } => (event.stream_id == *stream).then(|| event.stream_version.cmp(next)),
+            Self::Stream { stream, next } => {
+                (event.stream_id == *stream).then(|| event.stream_version.cmp(next))
+            }
         }
     }
 
@@ -57,7 +59,11 @@ pub struct Subscription {
 
 impl Subscription {
     /// Every event with position ≥ `from` (positions start at 1), then live.
-    pub fn all(store: Arc<dyn EventStore>, live: broadcast::Receiver<Arc<RecordedEvent>>, from: Position) -> Self {
+    pub fn all(
+        store: Arc<dyn EventStore>,
+        live: broadcast::Receiver<Arc<RecordedEvent>>,
+        from: Position,
+    ) -> Self {
         Self::new(store, live, Cursor::All { next: from.max(1) })
     }
 
@@ -68,11 +74,28 @@ impl Subscription {
         stream: StreamId,
         from_version: u64,
     ) -> Self {
-        Self::new(store, live, Cursor::Stream { stream, next: from_version })
+        Self::new(
+            store,
+            live,
+            Cursor::Stream {
+                stream,
+                next: from_version,
+            },
+        )
     }
 
-    fn new(store: Arc<dyn EventStore>, live: broadcast::Receiver<Arc<RecordedEvent>>, cursor: Cursor) -> Self {
-        Self { store, live, cursor, buffer: VecDeque::new(), catching_up: true }
+    fn new(
+        store: Arc<dyn EventStore>,
+        live: broadcast::Receiver<Arc<RecordedEvent>>,
+        cursor: Cursor,
+    ) -> Self {
+        Self {
+            store,
+            live,
+            cursor,
+            buffer: VecDeque::new(),
+            catching_up: true,
+        }
     }
 
     /// The next event, waiting for one to be committed if need be.
@@ -87,7 +110,9 @@ impl Subscription {
             if self.catching_up {
                 let page = match &self.cursor {
                     Cursor::All { next } => self.store.read_all(*next, CATCH_UP_PAGE).await,
-                    Cursor::Stream { stream, next } => self.store.read_stream(stream, *next, CATCH_UP_PAGE).await,
+                    Cursor::Stream { stream, next } => {
+                        self.store.read_stream(stream, *next, CATCH_UP_PAGE).await
+                    }
                 };
                 let page = match page {
                     Ok(page) => page,
@@ -112,6 +137,8 @@ impl Subscription {
 
     /// The subscription as a [`Stream`].
     pub fn into_stream(self) -> impl Stream<Item = Result<Arc<RecordedEvent>, StoreError>> + Send {
-        futures::stream::unfold(self, |mut sub| async move { sub.next().await.map(|item| (item, sub)) })
+        futures::stream::unfold(self, |mut sub| async move {
+            sub.next().await.map(|item| (item, sub))
+        })
     }
 }

@@ -5,7 +5,6 @@
 //! a superuser). Each [`TestDatabase`] is a fresh, migrated database that is
 //! dropped when the value is dropped, so tests run in parallel.
 
-use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
 use crate::{PostgresEventStore, PostgresOptions};
@@ -23,20 +22,31 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Creates and migrates a database named `agentledger_t_<random>`.
+    /// Creates and migrates a database named `agentledger_t_[<run>_]<random>`,
+    /// where `<run>` is `AGENTLEDGER_TEST_RUN` when set.
     ///
     /// # Panics
     /// When the server cannot be reached: tests that need PostgreSQL fail loudly.
     pub async fn create() -> Self {
-        let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
-        let name = format!("agentledger_t_{}", uuid::Uuid::new_v4().simple());
+        let server =
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
+        // ops/test.sh sets a run id so that it can drop what a killed test left behind.
+        let run = std::env::var("AGENTLEDGER_TEST_RUN")
+            .map(|r| format!("{r}_"))
+            .unwrap_or_default();
+        let name = format!("agentledger_t_{run}{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&server).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
-        let db = Self { admin_url: with_database(&server, &name, None), name };
-        crate::migrate::run(&db.admin_url).await.expect("migrations apply to a fresh database");
+        let db = Self {
+            admin_url: with_database(&server, &name, None),
+            name,
+        };
+        crate::migrate::run(&db.admin_url)
+            .await
+            .expect("migrations apply to a fresh database");
         db
     }
 
@@ -67,7 +77,9 @@ impl TestDatabase {
 
     /// A store connected as the service role.
     pub async fn store_with(&self, options: PostgresOptions) -> PostgresEventStore {
-        PostgresEventStore::connect(&self.service_url(), options).await.expect("connect to the test database")
+        PostgresEventStore::connect(&self.service_url(), options)
+            .await
+            .expect("connect to the test database")
     }
 }
 
@@ -77,10 +89,16 @@ impl Drop for TestDatabase {
         // Drop runs inside the test's runtime, which cannot be blocked on; a
         // short-lived thread with its own runtime does the clean-up.
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async {
                 let admin = connect(&with_database(&server, "postgres", None)).await;
-                if let Err(e) = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+                if let Err(e) = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                {
                     eprintln!("could not drop test database {name}: {e}");
                 }
             });
@@ -91,33 +109,20 @@ impl Drop for TestDatabase {
 
 /// Connects and drives the connection in the background.
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) =
-        tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
     tokio::spawn(async move {
         let _ = connection.await;
     });
     client
 }
 
-/// `url` with another database (and optionally user), as a key=value string.
+/// `url` with another database (and optionally user).
+///
+/// # Panics
+/// When `url` is not a valid connection string.
 pub fn with_database(url: &str, database: &str, user: Option<&str>) -> String {
-    let config: tokio_postgres::Config = url.parse().unwrap_or_else(|e| panic!("DATABASE_URL {url:?}: {e}"));
-    let mut parts = Vec::new();
-    if let Some(host) = config.get_hosts().first() {
-        match host {
-            Host::Tcp(h) => parts.push(format!("host={h}")),
-            Host::Unix(path) => parts.push(format!("host={}", path.display())),
-        }
-    }
-    if let Some(port) = config.get_ports().first() {
-        parts.push(format!("port={port}"));
-    }
-    if let Some(user) = user.or(config.get_user()) {
-        parts.push(format!("user={user}"));
-    }
-    if let (None, Some(password)) = (user, config.get_password()) {
-        parts.push(format!("password={}", String::from_utf8_lossy(password)));
-    }
-    parts.push(format!("dbname={database}"));
-    parts.join(" ")
+    crate::postgres::connection_string(url, database, user)
+        .unwrap_or_else(|e| panic!("DATABASE_URL {url:?}: {e}"))
 }

@@ -69,55 +69,136 @@ fn event(kind: &str, payload: Value) -> NewEvent {
 }
 
 fn events(n: usize, tag: &str) -> Vec<NewEvent> {
-    (0..n).map(|i| event("Tested", json!({"tag": tag, "i": i}))).collect()
+    (0..n)
+        .map(|i| event("Tested", json!({"tag": tag, "i": i})))
+        .collect()
 }
 
 async fn appended_events_read_back_in_order_with_a_verifying_chain(backend: Backend) {
     let store = backend.open().await;
     let s = stream("workflow-a");
-    let mut metadata = Metadata::new(Actor { kind: ActorKind::Agent, name: "sena".into(), version: "1.0.0".into() });
+    let mut metadata = Metadata::new(Actor {
+        kind: ActorKind::Agent,
+        name: "sena".into(),
+        version: "1.0.0".into(),
+    });
     metadata.correlation_id = Some(uuid::Uuid::now_v7());
     let batch = vec![
-        NewEvent::new("WorkflowSubmitted", json!({"request": "보고서를 요약해 주세요. 그다음 단어 수를 세세요.", "n": 1e2, "f": 0.1}), metadata.clone()),
-        NewEvent::new("AnalysisProduced", json!({"nested": {"b": [1, 2.5, null], "a": "é\"\n"}}), metadata),
+        NewEvent::new(
+            "WorkflowSubmitted",
+            json!({"request": "보고서를 요약해 주세요. 그다음 단어 수를 세세요.", "n": 1e2, "f": 0.1}),
+            metadata.clone(),
+        ),
+        NewEvent::new(
+            "AnalysisProduced",
+            json!({"nested": {"b": [1, 2.5, null], "a": "é\"\n"}}),
+            metadata,
+        ),
     ];
-    let first = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
-    assert_eq!((first.stream_version, first.first_position, first.last_position), (1, 1, 2));
+    let first = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            first.stream_version,
+            first.first_position,
+            first.last_position
+        ),
+        (1, 1, 2)
+    );
     assert!(!first.deduplicated);
-    let second = store.append(&s, ExpectedVersion::Exact(1), events(1, "third")).await.unwrap();
+    let second = store
+        .append(&s, ExpectedVersion::Exact(1), events(1, "third"))
+        .await
+        .unwrap();
     assert_eq!((second.stream_version, second.first_position), (2, 3));
 
     let read = store.read_stream(&s, 0, 100).await.unwrap();
-    assert_eq!(read.iter().map(|e| e.stream_version).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        read.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     assert_eq!(read[0].event_id, batch[0].event_id);
     assert_eq!(read[0].payload["request"], batch[0].payload["request"]);
     assert_eq!(read[0].metadata().unwrap(), batch[0].metadata);
     assert_eq!(read[0].prev_hash, chain::GENESIS_HASH);
     assert_eq!(read[1].prev_hash, read[0].hash);
     assert_eq!(read[2].prev_hash, read[1].hash);
-    assert_eq!(read[0].recorded_at.timestamp_subsec_nanos() % 1_000, 0, "microsecond precision");
+    assert_eq!(
+        read[0].recorded_at.timestamp_subsec_nanos() % 1_000,
+        0,
+        "microsecond precision"
+    );
     let verification = store.verify_stream(&s).await.unwrap();
-    assert_eq!(verification, Verification { ok: true, checked_events: 3, first_broken_position: None, reason: None });
+    assert_eq!(
+        verification,
+        Verification {
+            ok: true,
+            checked_events: 3,
+            first_broken_position: None,
+            reason: None
+        }
+    );
     assert_eq!(store.read_stream(&s, 2, 100).await.unwrap().len(), 1);
-    assert!(store.read_stream(&stream("nothing-here"), 0, 10).await.unwrap().is_empty());
+    assert!(store
+        .read_stream(&stream("nothing-here"), 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn append_with_stale_version_conflicts_and_writes_nothing(backend: Backend) {
     let store = backend.open().await;
     let s = stream("workflow-stale");
-    store.append(&s, ExpectedVersion::NoStream, events(2, "a")).await.unwrap();
-    let stale = store.append(&s, ExpectedVersion::Exact(0), events(1, "b")).await;
+    store
+        .append(&s, ExpectedVersion::NoStream, events(2, "a"))
+        .await
+        .unwrap();
+    let stale = store
+        .append(&s, ExpectedVersion::Exact(0), events(1, "b"))
+        .await;
     assert!(
-        matches!(&stale, Err(StoreError::Conflict { expected: ExpectedVersion::Exact(0), actual: Some(1), .. })),
+        matches!(
+            &stale,
+            Err(StoreError::Conflict {
+                expected: ExpectedVersion::Exact(0),
+                actual: Some(1),
+                ..
+            })
+        ),
         "{stale:?}"
     );
-    let exists = store.append(&s, ExpectedVersion::NoStream, events(1, "c")).await;
-    assert!(matches!(exists, Err(StoreError::Conflict { actual: Some(1), .. })), "{exists:?}");
-    let missing = store.append(&stream("workflow-missing"), ExpectedVersion::Exact(0), events(1, "d")).await;
-    assert!(matches!(missing, Err(StoreError::Conflict { actual: None, .. })), "{missing:?}");
+    let exists = store
+        .append(&s, ExpectedVersion::NoStream, events(1, "c"))
+        .await;
+    assert!(
+        matches!(
+            exists,
+            Err(StoreError::Conflict {
+                actual: Some(1),
+                ..
+            })
+        ),
+        "{exists:?}"
+    );
+    let missing = store
+        .append(
+            &stream("workflow-missing"),
+            ExpectedVersion::Exact(0),
+            events(1, "d"),
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::Conflict { actual: None, .. })),
+        "{missing:?}"
+    );
     assert_eq!(store.head_position().await.unwrap(), 2);
     assert_eq!(store.read_all(1, 100).await.unwrap().len(), 2);
-    let any = store.append(&s, ExpectedVersion::Any, events(1, "e")).await.unwrap();
+    let any = store
+        .append(&s, ExpectedVersion::Any, events(1, "e"))
+        .await
+        .unwrap();
     assert_eq!((any.stream_version, any.last_position), (2, 3));
 }
 
@@ -134,11 +215,20 @@ async fn racing_exact_appenders_one_wins_and_the_stream_has_no_hole(backend: Bac
             b.append(&s, expected, events(1, "b"))
         );
         let outcomes = [first, second];
-        assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 1, "round {round}: {outcomes:?}");
-        assert!(outcomes.iter().any(|r| matches!(r, Err(StoreError::Conflict { .. }))));
+        assert_eq!(
+            outcomes.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "round {round}: {outcomes:?}"
+        );
+        assert!(outcomes
+            .iter()
+            .any(|r| matches!(r, Err(StoreError::Conflict { .. }))));
     }
     let read = a.read_stream(&s, 0, 100).await.unwrap();
-    assert_eq!(read.iter().map(|e| e.stream_version).collect::<Vec<_>>(), (0..20).collect::<Vec<_>>());
+    assert_eq!(
+        read.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        (0..20).collect::<Vec<_>>()
+    );
     assert!(a.verify_stream(&s).await.unwrap().ok);
 }
 
@@ -146,13 +236,27 @@ async fn resent_batch_is_stored_once(backend: Backend) {
     let store = backend.open().await;
     let s = stream("workflow-idem");
     let batch = events(3, "once");
-    let first = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    let first = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
     // Same ids, same content, and an expected version that no longer holds.
-    let again = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    let again = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
     assert!(again.deduplicated);
     assert_eq!(
-        (again.first_position, again.last_position, again.stream_version),
-        (first.first_position, first.last_position, first.stream_version)
+        (
+            again.first_position,
+            again.last_position,
+            again.stream_version
+        ),
+        (
+            first.first_position,
+            first.last_position,
+            first.stream_version
+        )
     );
     // Concurrent resends from two handles also leave one copy.
     let other = backend.open().await;
@@ -169,23 +273,41 @@ async fn same_event_id_with_other_content_is_refused(backend: Backend) {
     let store = backend.open().await;
     let s = stream("workflow-mismatch");
     let original = events(1, "original");
-    store.append(&s, ExpectedVersion::Any, original.clone()).await.unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, original.clone())
+        .await
+        .unwrap();
     let mut changed = original.clone();
     changed[0].payload = json!({"tag": "changed"});
     let refused = store.append(&s, ExpectedVersion::Any, changed).await;
-    assert!(matches!(refused, Err(StoreError::IdempotencyMismatch { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::IdempotencyMismatch { .. })),
+        "{refused:?}"
+    );
     // A batch mixing a stored id with a new one is refused as a whole.
     let mut mixed = original.clone();
     mixed.extend(events(1, "new"));
     let refused = store.append(&s, ExpectedVersion::Any, mixed).await;
-    assert!(matches!(refused, Err(StoreError::IdempotencyMismatch { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::IdempotencyMismatch { .. })),
+        "{refused:?}"
+    );
     assert_eq!(store.head_position().await.unwrap(), 1);
 }
 
 async fn bad_input_is_refused_and_writes_nothing(backend: Backend) {
     let store = backend.open().await;
-    for bad in ["", "$all", "has space", "슬래시/없음", &"x".repeat(MAX_STREAM_ID_LEN + 1)] {
-        assert!(matches!(StreamId::new(bad), Err(StoreError::BadInput(_))), "{bad:?} accepted");
+    for bad in [
+        "",
+        "$all",
+        "has space",
+        "슬래시/없음",
+        &"x".repeat(MAX_STREAM_ID_LEN + 1),
+    ] {
+        assert!(
+            matches!(StreamId::new(bad), Err(StoreError::BadInput(_))),
+            "{bad:?} accepted"
+        );
     }
     let s = stream("workflow-bad");
     let huge = "가".repeat(Limits::default().max_payload_bytes / 3 + 1);
@@ -194,26 +316,41 @@ async fn bad_input_is_refused_and_writes_nothing(backend: Backend) {
     let mut zero_schema = events(1, "schema");
     zero_schema[0].schema_version = 0;
     let cases: Vec<(&str, Vec<NewEvent>)> = vec![
-        ("oversized payload", vec![event("Big", json!({ "text": huge }))]),
+        (
+            "oversized payload",
+            vec![event("Big", json!({ "text": huge }))],
+        ),
         ("array payload", vec![event("Arr", json!([1, 2]))]),
         ("string payload", vec![event("Str", json!("text"))]),
-        ("NUL in payload", vec![event("Nul", json!({"text": "a\u{0}b"}))]),
+        (
+            "NUL in payload",
+            vec![event("Nul", json!({"text": "a\u{0}b"}))],
+        ),
         ("NUL in a key", vec![event("Nul", json!({"a\u{0}": 1}))]),
         ("empty event type", vec![event("", json!({}))]),
         ("event type with space", vec![event("Two words", json!({}))]),
         ("no events", vec![]),
         ("duplicate ids", duplicate),
         ("schema version 0", zero_schema),
-        ("too many events", events(Limits::default().max_events_per_append + 1, "many")),
+        (
+            "too many events",
+            events(Limits::default().max_events_per_append + 1, "many"),
+        ),
     ];
     for (what, batch) in cases {
         let outcome = store.append(&s, ExpectedVersion::Any, batch).await;
-        assert!(matches!(outcome, Err(StoreError::BadInput(_))), "{what}: {outcome:?}");
+        assert!(
+            matches!(outcome, Err(StoreError::BadInput(_))),
+            "{what}: {outcome:?}"
+        );
     }
     // A valid event in a batch with a bad one does not get written either.
     let mut mixed = events(1, "good");
     mixed.push(event("Bad", json!(null)));
-    assert!(matches!(store.append(&s, ExpectedVersion::Any, mixed).await, Err(StoreError::BadInput(_))));
+    assert!(matches!(
+        store.append(&s, ExpectedVersion::Any, mixed).await,
+        Err(StoreError::BadInput(_))
+    ));
     assert_eq!(store.head_position().await.unwrap(), 0);
     assert!(store.read_all(1, 10).await.unwrap().is_empty());
 }
@@ -222,11 +359,22 @@ async fn read_all_is_inclusive_and_head_tracks_the_last_position(backend: Backen
     let store = backend.open().await;
     assert_eq!(store.head_position().await.unwrap(), 0);
     for (i, name) in ["s-1", "s-2", "s-1"].iter().enumerate() {
-        store.append(&stream(name), ExpectedVersion::Any, events(2, &i.to_string())).await.unwrap();
+        store
+            .append(
+                &stream(name),
+                ExpectedVersion::Any,
+                events(2, &i.to_string()),
+            )
+            .await
+            .unwrap();
     }
     assert_eq!(store.head_position().await.unwrap(), 6);
-    let positions = |events: Vec<RecordedEvent>| events.iter().map(|e| e.global_position).collect::<Vec<_>>();
-    assert_eq!(positions(store.read_all(0, 100).await.unwrap()), vec![1, 2, 3, 4, 5, 6]);
+    let positions =
+        |events: Vec<RecordedEvent>| events.iter().map(|e| e.global_position).collect::<Vec<_>>();
+    assert_eq!(
+        positions(store.read_all(0, 100).await.unwrap()),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     assert_eq!(positions(store.read_all(4, 2).await.unwrap()), vec![4, 5]);
     assert!(store.read_all(7, 10).await.unwrap().is_empty());
 }
@@ -238,7 +386,10 @@ async fn subscribe_all_delivers_events_appended_during_catch_up_once(backend: Ba
     let before = subscription::CATCH_UP_PAGE * 2 + 17;
     for chunk in 0..before.div_ceil(100) {
         let n = 100.min(before - chunk * 100);
-        writer.append(&stream("seam-a"), ExpectedVersion::Any, events(n, "before")).await.unwrap();
+        writer
+            .append(&stream("seam-a"), ExpectedVersion::Any, events(n, "before"))
+            .await
+            .unwrap();
     }
     let mut sub = store.subscribe_all(1);
     // Take part of the catch-up, then append while the rest is still being read.
@@ -248,7 +399,14 @@ async fn subscribe_all_delivers_events_appended_during_catch_up_once(backend: Ba
     }
     let during = 300;
     for _ in 0..3 {
-        writer.append(&stream("seam-b"), ExpectedVersion::Any, events(during / 3, "during")).await.unwrap();
+        writer
+            .append(
+                &stream("seam-b"),
+                ExpectedVersion::Any,
+                events(during / 3, "during"),
+            )
+            .await
+            .unwrap();
     }
     let total = (before + during) as u64;
     while seen.len() < total as usize {
@@ -256,21 +414,45 @@ async fn subscribe_all_delivers_events_appended_during_catch_up_once(backend: Ba
     }
     assert_eq!(seen, (1..=total).collect::<Vec<_>>());
     // And live after the seam.
-    writer.append(&stream("seam-c"), ExpectedVersion::Any, events(1, "after")).await.unwrap();
-    assert_eq!(sub.next().await.unwrap().unwrap().global_position, total + 1);
-    assert!(sub.next().now_or_never().is_none(), "nothing more was appended");
+    writer
+        .append(&stream("seam-c"), ExpectedVersion::Any, events(1, "after"))
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.next().await.unwrap().unwrap().global_position,
+        total + 1
+    );
+    assert!(
+        sub.next().now_or_never().is_none(),
+        "nothing more was appended"
+    );
 }
 
 async fn subscribe_stream_delivers_only_its_stream_across_the_seam(backend: Backend) {
     let store = backend.open().await;
     let (mine, other) = (stream("workflow-mine"), stream("workflow-other"));
-    store.append(&mine, ExpectedVersion::Any, events(3, "mine")).await.unwrap();
-    store.append(&other, ExpectedVersion::Any, events(3, "other")).await.unwrap();
+    store
+        .append(&mine, ExpectedVersion::Any, events(3, "mine"))
+        .await
+        .unwrap();
+    store
+        .append(&other, ExpectedVersion::Any, events(3, "other"))
+        .await
+        .unwrap();
     let mut sub = store.subscribe_stream(mine.clone(), 1);
     let first = sub.next().await.unwrap().unwrap();
-    assert_eq!((first.stream_id.as_str(), first.stream_version), ("workflow-mine", 1));
-    store.append(&other, ExpectedVersion::Any, events(2, "other")).await.unwrap();
-    store.append(&mine, ExpectedVersion::Any, events(2, "mine")).await.unwrap();
+    assert_eq!(
+        (first.stream_id.as_str(), first.stream_version),
+        ("workflow-mine", 1)
+    );
+    store
+        .append(&other, ExpectedVersion::Any, events(2, "other"))
+        .await
+        .unwrap();
+    store
+        .append(&mine, ExpectedVersion::Any, events(2, "mine"))
+        .await
+        .unwrap();
     let mut versions = vec![first.stream_version];
     while versions.len() < 4 {
         let e = sub.next().await.unwrap().unwrap();
@@ -284,15 +466,29 @@ async fn subscribe_stream_delivers_only_its_stream_across_the_seam(backend: Back
 async fn subscriber_that_fell_behind_the_live_buffer_still_sees_everything_once(backend: Backend) {
     let store = backend.open().await;
     let mut sub = store.subscribe_all(1);
-    let first = store.append(&stream("lag"), ExpectedVersion::Any, events(1, "first")).await.unwrap();
-    assert_eq!(sub.next().await.unwrap().unwrap().global_position, first.last_position);
+    let first = store
+        .append(&stream("lag"), ExpectedVersion::Any, events(1, "first"))
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.next().await.unwrap().unwrap().global_position,
+        first.last_position
+    );
     // Now stop consuming while far more than the live buffer is appended.
     let total = LIVE_BUFFER + 600;
     for _ in 0..total / 200 {
-        store.append(&stream("lag"), ExpectedVersion::Any, events(200, "burst")).await.unwrap();
+        store
+            .append(&stream("lag"), ExpectedVersion::Any, events(200, "burst"))
+            .await
+            .unwrap();
     }
-    let expected: Vec<u64> =
-        store.read_all(first.last_position + 1, usize::MAX).await.unwrap().iter().map(|e| e.global_position).collect();
+    let expected: Vec<u64> = store
+        .read_all(first.last_position + 1, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect();
     assert_eq!(expected.len(), total / 200 * 200);
     for position in expected {
         assert_eq!(sub.next().await.unwrap().unwrap().global_position, position);
@@ -341,7 +537,10 @@ async fn concurrent_writers_and_a_tailing_reader_agree_on_one_gap_free_order(bac
                         (0, None) => ExpectedVersion::NoStream,
                         _ => ExpectedVersion::Any,
                     };
-                    match store.append(&s, expected, events(n, &format!("w{w}-{i}"))).await {
+                    match store
+                        .append(&s, expected, events(n, &format!("w{w}-{i}")))
+                        .await
+                    {
                         Ok(result) => {
                             written += n;
                             known[k] = Some(result.stream_version);
@@ -360,23 +559,45 @@ async fn concurrent_writers_and_a_tailing_reader_agree_on_one_gap_free_order(bac
     }
     let (seen, mut sub) = tail.await.unwrap();
 
-    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "positions strictly increase");
-    assert!(sub.next().now_or_never().is_none(), "nothing beyond what was written");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "positions strictly increase"
+    );
+    assert!(
+        sub.next().now_or_never().is_none(),
+        "nothing beyond what was written"
+    );
     let store = backend.open().await;
     let read_back = store.read_all(1, usize::MAX).await.unwrap();
     assert_eq!(
-        read_back.iter().map(|e| (e.global_position, e.event_id)).collect::<Vec<_>>(),
+        read_back
+            .iter()
+            .map(|e| (e.global_position, e.event_id))
+            .collect::<Vec<_>>(),
         seen,
         "the tailing reader saw exactly what $all reads back, in the same order"
     );
-    assert_eq!(seen.iter().map(|(_, id)| *id).collect::<HashSet<_>>().len(), total as usize);
+    assert_eq!(
+        seen.iter().map(|(_, id)| *id).collect::<HashSet<_>>().len(),
+        total as usize
+    );
 
     let mut per_stream: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for e in &read_back {
-        per_stream.entry(e.stream_id.as_str()).or_default().push(e.stream_version);
+        per_stream
+            .entry(e.stream_id.as_str())
+            .or_default()
+            .push(e.stream_version);
     }
     for (name, versions) in per_stream {
-        assert_eq!(versions, (0..versions.len() as u64).collect::<Vec<_>>(), "{name} has a hole");
-        assert!(store.verify_stream(&stream(name)).await.unwrap().ok, "{name} verifies");
+        assert_eq!(
+            versions,
+            (0..versions.len() as u64).collect::<Vec<_>>(),
+            "{name} has a hole"
+        );
+        assert!(
+            store.verify_stream(&stream(name)).await.unwrap().ok,
+            "{name} verifies"
+        );
     }
 }

@@ -18,9 +18,17 @@ fn stream(name: &str) -> StreamId {
 fn events(n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|i| {
-            let mut metadata = Metadata::new(Actor { kind: ActorKind::Agent, name: "lubit".into(), version: "1".into() });
+            let mut metadata = Metadata::new(Actor {
+                kind: ActorKind::Agent,
+                name: "lubit".into(),
+                version: "1".into(),
+            });
             metadata.correlation_id = Some(uuid::Uuid::now_v7());
-            NewEvent::new(format!("Step{i}"), json!({"i": i, "text": "검토 완료", "score": 0.75}), metadata)
+            NewEvent::new(
+                format!("Step{i}"),
+                json!({"i": i, "text": "검토 완료", "score": 0.75}),
+                metadata,
+            )
         })
         .collect()
 }
@@ -30,10 +38,25 @@ async fn seeded() -> (TestDatabase, PostgresEventStore, StreamId, Vec<u64>) {
     let db = TestDatabase::create().await;
     let store = db.store().await;
     let s = stream("workflow-tamper");
-    store.append(&stream("workflow-other"), ExpectedVersion::Any, events(2)).await.unwrap();
-    store.append(&s, ExpectedVersion::NoStream, events(5)).await.unwrap();
-    let positions = store.read_stream(&s, 0, 10).await.unwrap().iter().map(|e| e.global_position).collect();
-    assert!(store.verify_stream(&s).await.unwrap().ok, "the untouched stream verifies after the jsonb round trip");
+    store
+        .append(&stream("workflow-other"), ExpectedVersion::Any, events(2))
+        .await
+        .unwrap();
+    store
+        .append(&s, ExpectedVersion::NoStream, events(5))
+        .await
+        .unwrap();
+    let positions = store
+        .read_stream(&s, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect();
+    assert!(
+        store.verify_stream(&s).await.unwrap().ok,
+        "the untouched stream verifies after the jsonb round trip"
+    );
     (db, store, s, positions)
 }
 
@@ -51,7 +74,11 @@ async fn tamper(db: &TestDatabase, sql: &str) {
 async fn assert_broken_at(store: &PostgresEventStore, s: &StreamId, position: u64) {
     let verification = store.verify_stream(s).await.unwrap();
     assert!(!verification.ok, "tampering went unnoticed");
-    assert_eq!(verification.first_broken_position, Some(position), "{verification:?}");
+    assert_eq!(
+        verification.first_broken_position,
+        Some(position),
+        "{verification:?}"
+    );
     assert!(verification.reason.is_some());
 }
 
@@ -73,7 +100,14 @@ async fn a_changed_metadata_field_is_found_at_its_position() {
 #[tokio::test]
 async fn a_changed_event_type_is_found_at_its_position() {
     let (db, store, s, positions) = seeded().await;
-    tamper(&db, &format!("UPDATE events SET event_type = 'Step9' WHERE global_position = {}", positions[1])).await;
+    tamper(
+        &db,
+        &format!(
+            "UPDATE events SET event_type = 'Step9' WHERE global_position = {}",
+            positions[1]
+        ),
+    )
+    .await;
     assert_broken_at(&store, &s, positions[1]).await;
 }
 
@@ -97,7 +131,14 @@ async fn two_swapped_events_are_found_at_the_first_of_them() {
 #[tokio::test]
 async fn a_deleted_event_in_the_middle_is_found() {
     let (db, store, s, positions) = seeded().await;
-    tamper(&db, &format!("DELETE FROM events WHERE global_position = {}", positions[2])).await;
+    tamper(
+        &db,
+        &format!(
+            "DELETE FROM events WHERE global_position = {}",
+            positions[2]
+        ),
+    )
+    .await;
     // The next event now stands where version 2 was expected.
     assert_broken_at(&store, &s, positions[3]).await;
 }
@@ -107,12 +148,22 @@ async fn the_triggers_refuse_update_delete_and_truncate_even_for_the_owner() {
     let (db, store, s, positions) = seeded().await;
     let admin = db.admin_client().await;
     for sql in [
-        format!("UPDATE events SET event_type = 'X' WHERE global_position = {}", positions[0]),
-        format!("DELETE FROM events WHERE global_position = {}", positions[0]),
+        format!(
+            "UPDATE events SET event_type = 'X' WHERE global_position = {}",
+            positions[0]
+        ),
+        format!(
+            "DELETE FROM events WHERE global_position = {}",
+            positions[0]
+        ),
         "TRUNCATE events".to_string(),
     ] {
         let error = admin.batch_execute(&sql).await.expect_err(&sql);
-        assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {error}");
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {error}"
+        );
     }
     assert_eq!(store.read_stream(&s, 0, 10).await.unwrap().len(), 5);
 }
@@ -121,9 +172,16 @@ async fn the_triggers_refuse_update_delete_and_truncate_even_for_the_owner() {
 async fn the_service_role_can_append_and_read_but_not_change_or_delete() {
     let db = TestDatabase::create().await;
     let store = db.store().await; // connected as the service role
-    store.append(&stream("workflow-role"), ExpectedVersion::Any, events(1)).await.unwrap();
+    store
+        .append(&stream("workflow-role"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
     let service = connect(&db.service_url()).await;
-    let who: String = service.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let who: String = service
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(who, testing::SERVICE_ROLE);
     for sql in [
         "UPDATE events SET event_type = 'X'",
@@ -147,7 +205,10 @@ async fn the_service_role_can_append_and_read_but_not_change_or_delete() {
 async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     let db = TestDatabase::create().await;
     let (a, b) = tokio::join!(migrate::run(db.admin_url()), migrate::run(db.admin_url()));
-    assert!(a.unwrap().is_empty() && b.unwrap().is_empty(), "already applied");
+    assert!(
+        a.unwrap().is_empty() && b.unwrap().is_empty(),
+        "already applied"
+    );
 }
 
 /// Waits until some session of `db` is queued for an advisory lock:
@@ -191,22 +252,49 @@ async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
             .boxed()
         })
     };
-    let a = db.store_with(PostgresOptions { before_commit: Some(hook), ..Default::default() }).await;
+    let a = db
+        .store_with(PostgresOptions {
+            before_commit: Some(hook),
+            ..Default::default()
+        })
+        .await;
     let b = db.store().await;
     let reader = db.store().await;
     let mut sub = reader.subscribe_all(1);
 
-    let a_append = tokio::spawn(async move { a.append(&stream("stream-a"), ExpectedVersion::Any, events(2)).await });
+    let a_append = tokio::spawn(async move {
+        a.append(&stream("stream-a"), ExpectedVersion::Any, events(2))
+            .await
+    });
     inserted.notified().await; // A's rows are in, uncommitted.
 
-    let b_result = b.append(&stream("stream-b"), ExpectedVersion::Any, events(1)).await.unwrap();
+    let b_result = b
+        .append(&stream("stream-b"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
     assert!(!a_append.is_finished());
-    assert!(b_result.first_position > 2, "B took a position after A's two");
-    let raw: i64 = db.admin_client().await.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+    assert!(
+        b_result.first_position > 2,
+        "B took a position after A's two"
+    );
+    let raw: i64 = db
+        .admin_client()
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(raw, 1, "B's event is committed");
-    assert_eq!(reader.head_position().await.unwrap(), 0, "but nothing is readable while A can still commit");
+    assert_eq!(
+        reader.head_position().await.unwrap(),
+        0,
+        "but nothing is readable while A can still commit"
+    );
     assert!(reader.read_all(1, 10).await.unwrap().is_empty());
-    assert!(sub.next().now_or_never().is_none(), "the subscriber saw an event past an unsettled position");
+    assert!(
+        sub.next().now_or_never().is_none(),
+        "the subscriber saw an event past an unsettled position"
+    );
 
     release.notify_one();
     let a_result = a_append.await.unwrap().unwrap();
@@ -218,9 +306,16 @@ async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
     }
     assert_eq!(
         seen,
-        vec![(1, "stream-a".to_string()), (2, "stream-a".to_string()), (b_result.first_position, "stream-b".to_string())]
+        vec![
+            (1, "stream-a".to_string()),
+            (2, "stream-a".to_string()),
+            (b_result.first_position, "stream-b".to_string())
+        ]
     );
-    assert_eq!(reader.head_position().await.unwrap(), b_result.first_position);
+    assert_eq!(
+        reader.head_position().await.unwrap(),
+        b_result.first_position
+    );
 }
 
 /// The window between taking a position and marking it in flight: while a
@@ -231,27 +326,51 @@ async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
 async fn the_mark_never_covers_a_position_taken_but_not_yet_marked() {
     let db = TestDatabase::create().await;
     let store = db.store().await;
-    store.append(&stream("stream-before"), ExpectedVersion::Any, events(1)).await.unwrap();
+    store
+        .append(&stream("stream-before"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
     let safe_position = |url: String| async move {
         let reader = connect(&url).await;
-        reader.query_one("SELECT events_safe_position()", &[]).await.unwrap().get::<_, i64>(0)
+        reader
+            .query_one("SELECT events_safe_position()", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
     };
     assert_eq!(safe_position(db.service_url()).await, 1);
 
     // A writer stopped inside the window, as events_reserve would be.
     let slow = db.admin_client().await;
     slow.batch_execute("BEGIN").await.unwrap();
-    slow.execute("SELECT pg_advisory_lock($1)", &[&postgres::GATE_LOCK]).await.unwrap();
-    let taken: i64 = slow.query_one("SELECT nextval('events_position_seq')", &[]).await.unwrap().get(0);
+    slow.execute("SELECT pg_advisory_lock($1)", &[&postgres::GATE_LOCK])
+        .await
+        .unwrap();
+    let taken: i64 = slow
+        .query_one("SELECT nextval('events_position_seq')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(taken, 2);
 
     let mark = tokio::spawn(safe_position(db.service_url()));
     until_a_session_waits_for_an_advisory_lock(&db).await;
-    assert!(!mark.is_finished(), "the mark was computed while a writer was inside the window");
+    assert!(
+        !mark.is_finished(),
+        "the mark was computed while a writer was inside the window"
+    );
 
-    slow.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&taken]).await.unwrap();
-    slow.execute("SELECT pg_advisory_unlock($1)", &[&postgres::GATE_LOCK]).await.unwrap();
-    assert_eq!(mark.await.unwrap(), taken - 1, "position {taken} can still commit");
+    slow.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&taken])
+        .await
+        .unwrap();
+    slow.execute("SELECT pg_advisory_unlock($1)", &[&postgres::GATE_LOCK])
+        .await
+        .unwrap();
+    assert_eq!(
+        mark.await.unwrap(),
+        taken - 1,
+        "position {taken} can still commit"
+    );
 
     slow.execute(
         "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
@@ -261,10 +380,20 @@ async fn the_mark_never_covers_a_position_taken_but_not_yet_marked() {
     )
     .await
     .unwrap();
-    assert_eq!(safe_position(db.service_url()).await, taken - 1, "still in flight until it commits");
+    assert_eq!(
+        safe_position(db.service_url()).await,
+        taken - 1,
+        "still in flight until it commits"
+    );
     slow.batch_execute("COMMIT").await.unwrap();
     assert_eq!(safe_position(db.service_url()).await, taken);
-    let positions: Vec<u64> = store.read_all(1, 10).await.unwrap().iter().map(|e| e.global_position).collect();
+    let positions: Vec<u64> = store
+        .read_all(1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect();
     assert_eq!(positions, vec![1, 2]);
 }
 
@@ -275,14 +404,34 @@ async fn an_aborted_append_leaves_a_hole_that_readers_pass() {
     let db = TestDatabase::create().await;
     let (a, b) = (db.store().await, db.store().await);
     let s = stream("workflow-hole");
-    a.append(&s, ExpectedVersion::NoStream, events(1)).await.unwrap();
+    a.append(&s, ExpectedVersion::NoStream, events(1))
+        .await
+        .unwrap();
     // B believes the stream is new: its insert fails on the version key and
     // burns a position before the checked path reports the conflict.
     let conflict = b.append(&s, ExpectedVersion::NoStream, events(1)).await;
-    assert!(matches!(conflict, Err(StoreError::Conflict { actual: Some(0), .. })), "{conflict:?}");
-    let after = a.append(&s, ExpectedVersion::Exact(0), events(1)).await.unwrap();
+    assert!(
+        matches!(
+            conflict,
+            Err(StoreError::Conflict {
+                actual: Some(0),
+                ..
+            })
+        ),
+        "{conflict:?}"
+    );
+    let after = a
+        .append(&s, ExpectedVersion::Exact(0), events(1))
+        .await
+        .unwrap();
     assert!(after.first_position > 2, "a position was burned: {after:?}");
-    let positions: Vec<u64> = b.read_all(1, 10).await.unwrap().iter().map(|e| e.global_position).collect();
+    let positions: Vec<u64> = b
+        .read_all(1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect();
     assert_eq!(positions, vec![1, after.first_position]);
     assert_eq!(b.head_position().await.unwrap(), after.first_position);
     assert!(b.verify_stream(&s).await.unwrap().ok);

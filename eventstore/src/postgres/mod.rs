@@ -20,21 +20,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::future::BoxFuture;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::prepare::{prepare, Limits};
 use crate::subscription::Subscription;
-use crate::{AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId};
+use crate::{
+    AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId,
+};
 
 pub use rows::EVENT_COLUMNS;
 
 /// The channel other processes' commits are announced on.
 pub const NOTIFY_CHANNEL: &str = "agentledger_events";
-
 
 /// The advisory lock key of the gate between taking positions and computing
 /// the low-water mark (the value used by the migration's functions).
@@ -104,13 +106,16 @@ impl PostgresEventStore {
     /// Connects to `database_url` (the service's role is enough) and starts
     /// the writer and tailer tasks. The schema must be migrated already.
     pub async fn connect(database_url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = database_url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::BadInput(format!("DATABASE_URL: {e}")))?;
+        let config: tokio_postgres::Config =
+            database_url.parse().map_err(|e: tokio_postgres::Error| {
+                StoreError::BadInput(format!("DATABASE_URL: {e}"))
+            })?;
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
@@ -145,13 +150,57 @@ impl PostgresEventStore {
         };
         tokio::spawn(tailer.run(stop.clone()));
 
-        Ok(Self { inner: Arc::new(Inner { pool, appends, live, limits: options.limits, stop }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                appends,
+                live,
+                limits: options.limits,
+                stop,
+            }),
+        })
     }
 
     /// The read pool (for tools and tests that need plain SQL).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }
+}
+
+/// `url` (a URL or key=value connection string) pointed at another database
+/// and, optionally, another user, as a key=value string. Used by tools that
+/// create scratch databases (tests, `agentledger bench`).
+pub fn connection_string(
+    url: &str,
+    database: &str,
+    user: Option<&str>,
+) -> Result<String, StoreError> {
+    use tokio_postgres::config::Host;
+    let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        StoreError::BadInput(format!("connection string: {e}"))
+    })?;
+    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut parts = Vec::new();
+    if let Some(host) = config.get_hosts().first() {
+        match host {
+            Host::Tcp(h) => parts.push(format!("host={}", quote(h))),
+            Host::Unix(path) => parts.push(format!("host={}", quote(&path.display().to_string()))),
+        }
+    }
+    if let Some(port) = config.get_ports().first() {
+        parts.push(format!("port={port}"));
+    }
+    if let Some(user) = user.or(config.get_user()) {
+        parts.push(format!("user={}", quote(user)));
+    }
+    if let (None, Some(password)) = (user, config.get_password()) {
+        parts.push(format!(
+            "password={}",
+            quote(&String::from_utf8_lossy(password))
+        ));
+    }
+    parts.push(format!("dbname={}", quote(database)));
+    Ok(parts.join(" "))
 }
 
 /// Picks a stream's writer lane; any stable hash does.
@@ -174,7 +223,12 @@ impl EventStore for PostgresEventStore {
         let (reply, answer) = oneshot::channel();
         let lanes = &self.inner.appends;
         let lane = &lanes[(stream_hash(stream) % lanes.len() as u64) as usize];
-        let request = writer::AppendRequest { stream: stream.clone(), expected, events, reply };
+        let request = writer::AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
         lane.send(request).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -189,7 +243,11 @@ impl EventStore for PostgresEventStore {
         rows::read_stream(&client, stream, from_version, limit).await
     }
 
-    async fn read_all(&self, from_position: Position, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_all(
+        &self,
+        from_position: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let client = self.inner.pool.get().await?;
         rows::read_all(&client, from_position, limit).await
     }
@@ -200,10 +258,19 @@ impl EventStore for PostgresEventStore {
     }
 
     fn subscribe_all(&self, from_position: Position) -> Subscription {
-        Subscription::all(Arc::new(self.clone()), self.inner.live.subscribe(), from_position)
+        Subscription::all(
+            Arc::new(self.clone()),
+            self.inner.live.subscribe(),
+            from_position,
+        )
     }
 
     fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
-        Subscription::stream(Arc::new(self.clone()), self.inner.live.subscribe(), stream, from_version)
+        Subscription::stream(
+            Arc::new(self.clone()),
+            self.inner.live.subscribe(),
+            stream,
+            from_version,
+        )
     }
 }

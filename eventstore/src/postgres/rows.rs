@@ -6,7 +6,8 @@ use tokio_postgres::Row;
 use crate::{Position, RecordedEvent, StoreError, StreamId};
 
 /// The columns of an event row, in the order [`decode`] expects.
-pub const EVENT_COLUMNS: &str = "global_position, stream_id, stream_version, event_id, event_type, schema_version, \
+pub const EVENT_COLUMNS: &str =
+    "global_position, stream_id, stream_version, event_id, event_type, schema_version, \
      payload, metadata, recorded_at, hash_version, prev_hash, hash";
 
 pub(crate) async fn read_all(
@@ -18,7 +19,9 @@ pub(crate) async fn read_all(
     let sql = format!("SELECT {EVENT_COLUMNS} FROM events_read_all($1, $2)");
     let statement = client.prepare_cached(&sql).await?;
     let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-    let rows = client.query(&statement, &[&to_i64(from_position), &limit]).await?;
+    let rows = client
+        .query(&statement, &[&to_i64(from_position), &limit])
+        .await?;
     rows.iter().map(decode).collect()
 }
 
@@ -33,13 +36,24 @@ pub(crate) async fn read_stream(
          ORDER BY stream_version LIMIT $3"
     );
     let statement = client.prepare_cached(&sql).await?;
-    let rows = client.query(&statement, &[&stream.as_str(), &to_i64(from_version), &to_i64(limit as u64)]).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &stream.as_str(),
+                &to_i64(from_version),
+                &to_i64(limit as u64),
+            ],
+        )
+        .await?;
     rows.iter().map(decode).collect()
 }
 
 /// The last event at or below the low-water mark.
 pub(crate) async fn head_position(client: &Client) -> Result<Position, StoreError> {
-    let statement = client.prepare_cached("SELECT events_head_position()").await?;
+    let statement = client
+        .prepare_cached("SELECT events_head_position()")
+        .await?;
     let row = client.query_one(&statement, &[]).await?;
     Ok(row.get::<_, i64>(0) as Position)
 }
@@ -52,14 +66,20 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 /// Decodes a row selected with [`EVENT_COLUMNS`].
 pub fn decode(row: &Row) -> Result<RecordedEvent, StoreError> {
     let position: i64 = row.try_get(0)?;
-    let corrupt = |reason: String| StoreError::Corrupt { position: position as u64, reason };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        position: position as u64,
+        reason,
+    };
     let hash_of = |i: usize| -> Result<[u8; 32], StoreError> {
         let bytes: &[u8] = row.try_get(i)?;
-        bytes.try_into().map_err(|_| corrupt(format!("hash of {} bytes", bytes.len())))
+        bytes
+            .try_into()
+            .map_err(|_| corrupt(format!("hash of {} bytes", bytes.len())))
     };
     Ok(RecordedEvent {
         global_position: position as Position,
-        stream_id: StreamId::new(row.try_get::<_, String>(1)?).map_err(|e| corrupt(e.to_string()))?,
+        stream_id: StreamId::new(row.try_get::<_, String>(1)?)
+            .map_err(|e| corrupt(e.to_string()))?,
         stream_version: row.try_get::<_, i64>(2)? as u64,
         event_id: row.try_get(3)?,
         event_type: row.try_get(4)?,

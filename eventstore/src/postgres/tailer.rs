@@ -40,7 +40,12 @@ impl Tailer {
     pub async fn run(mut self, stop: CancellationToken) {
         let remote = Arc::new(Notify::new());
         let announce = Arc::new(Notify::new());
-        tokio::spawn(announce_commits(self.pool.clone(), announce.clone(), self.notify_interval, stop.clone()));
+        tokio::spawn(announce_commits(
+            self.pool.clone(),
+            announce.clone(),
+            self.notify_interval,
+            stop.clone(),
+        ));
         let mut listener: Option<Client> = None;
         loop {
             if listener.as_ref().is_none_or(Client::is_closed) {
@@ -55,7 +60,11 @@ impl Tailer {
             if let Err(e) = self.catch_up().await {
                 tracing::warn!(error = %e, "tailer could not read new events; retrying");
             }
-            let wait = if listener.is_some() { self.safety_poll } else { RECONNECT_DELAY };
+            let wait = if listener.is_some() {
+                self.safety_poll
+            } else {
+                RECONNECT_DELAY
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.committed.notified() => announce.notify_one(),
@@ -67,9 +76,9 @@ impl Tailer {
 
     async fn catch_up(&mut self) -> Result<(), StoreError> {
         if self.live.receiver_count() == 0 {
-            // Nobody listens: a subscriber that comes later reads the table
-            // itself first, and what it may miss between that read and this
-            // tailer's next page it finds again as a gap (see `Subscription`).
+            // Nobody listens (a bench, a process without projections): skip
+            // the reads. When a subscriber comes, the tailer reads on from
+            // where it stopped; the subscriber skips what it already read.
             return Ok(());
         }
         let client = self.pool.get().await?;
@@ -89,7 +98,10 @@ impl Tailer {
 }
 
 /// Opens the `LISTEN` connection; each notification signals `remote`.
-async fn listen(config: &tokio_postgres::Config, remote: Arc<Notify>) -> Result<Client, tokio_postgres::Error> {
+async fn listen(
+    config: &tokio_postgres::Config,
+    remote: Arc<Notify>,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let notifications = remote.clone();
     tokio::spawn(async move {
@@ -107,12 +119,19 @@ async fn listen(config: &tokio_postgres::Config, remote: Arc<Notify>) -> Result<
         // Wake the tailer so that it notices the closed client and reconnects.
         notifications.notify_one();
     });
-    client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")).await?;
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await?;
     Ok(client)
 }
 
 /// Sends `NOTIFY` after local commits, at most once per `interval`.
-async fn announce_commits(pool: Pool, announce: Arc<Notify>, interval: Duration, stop: CancellationToken) {
+async fn announce_commits(
+    pool: Pool,
+    announce: Arc<Notify>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -120,7 +139,10 @@ async fn announce_commits(pool: Pool, announce: Arc<Notify>, interval: Duration,
         }
         match pool.get().await {
             Ok(client) => {
-                if let Err(e) = client.batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}")).await {
+                if let Err(e) = client
+                    .batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}"))
+                    .await
+                {
                     tracing::warn!(error = %e, "NOTIFY failed; other processes will find the events by polling");
                 }
             }

@@ -22,10 +22,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::error::SqlState;
-use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
@@ -90,7 +90,14 @@ impl Writer {
         committed: Arc<Notify>,
         before_commit: Option<CommitHook>,
     ) -> Self {
-        Self { config, max_group_events, committed, before_commit, connection: None, memory: Memory::default() }
+        Self {
+            config,
+            max_group_events,
+            committed,
+            before_commit,
+            connection: None,
+            memory: Memory::default(),
+        }
     }
 
     /// Runs until every sender is gone (the store was dropped).
@@ -124,11 +131,16 @@ impl Writer {
     }
 
     async fn commit_group(&mut self, group: Vec<AppendRequest>) {
-        let (requests, replies): (Vec<Request>, Vec<_>) =
-            group.into_iter().map(|r| ((r.stream, r.expected, r.events), r.reply)).unzip();
+        let (requests, replies): (Vec<Request>, Vec<_>) = group
+            .into_iter()
+            .map(|r| ((r.stream, r.expected, r.events), r.reply))
+            .unzip();
         match self.commit(&requests).await {
             Ok(results) => {
-                if results.iter().any(|r| matches!(r, Ok(result) if !result.deduplicated)) {
+                if results
+                    .iter()
+                    .any(|r| matches!(r, Ok(result) if !result.deduplicated))
+                {
                     self.committed.notify_one();
                 }
                 for (reply, result) in replies.into_iter().zip(results) {
@@ -145,7 +157,9 @@ impl Writer {
                 let message = e.to_string();
                 let mut error = Some(e);
                 for reply in replies {
-                    let e = error.take().unwrap_or_else(|| StoreError::Pool(format!("group commit failed: {message}")));
+                    let e = error.take().unwrap_or_else(|| {
+                        StoreError::Pool(format!("group commit failed: {message}"))
+                    });
                     let _ = reply.send(Err(e));
                 }
             }
@@ -154,7 +168,11 @@ impl Writer {
 
     /// Commits a group; the error means the transaction failed as a whole.
     async fn commit(&mut self, requests: &[Request]) -> Result<Results, StoreError> {
-        if self.connection.as_ref().is_some_and(|c| c.client.is_closed()) {
+        if self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.client.is_closed())
+        {
             self.connection = None;
         }
         if self.connection.is_none() {
@@ -165,29 +183,34 @@ impl Writer {
 
         if let Some(plan) = plan_from_memory(&self.memory, requests) {
             match write(connection, &plan.rows, hook).await {
-                Ok(positions) => {
-                    let (results, heads) = plan.finish(&positions);
+                Ok(first) => {
+                    let (results, heads) = plan.finish(first);
                     self.memory.remember(heads);
                     return Ok(results);
                 }
                 // Memory was wrong (another process wrote one of these streams,
                 // or an id was resent): nothing was written; check instead.
                 Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    requests.iter().for_each(|(stream, ..)| self.memory.forget(stream));
+                    requests
+                        .iter()
+                        .for_each(|(stream, ..)| self.memory.forget(stream));
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         for _ in 0..MAX_CHECKED_ATTEMPTS {
             let (heads, stored) = read_heads(connection, requests).await?;
-            let existing = stored.iter().map(|e| ((e.stream_id.as_str(), e.event_id), Existing::Stored(e))).collect();
+            let existing = stored
+                .iter()
+                .map(|e| ((e.stream_id.as_str(), e.event_id), Existing::Stored(e)))
+                .collect();
             let plan = plan(requests, heads, existing, now_micros());
             if plan.rows.is_empty() {
-                return Ok(plan.finish(&[]).0);
+                return Ok(plan.finish(0).0);
             }
             match write(connection, &plan.rows, hook).await {
-                Ok(positions) => {
-                    let (results, heads) = plan.finish(&positions);
+                Ok(first) => {
+                    let (results, heads) = plan.finish(first);
                     self.memory.remember(heads);
                     return Ok(results);
                 }
@@ -196,7 +219,9 @@ impl Writer {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::Contended { attempts: MAX_CHECKED_ATTEMPTS })
+        Err(StoreError::Contended {
+            attempts: MAX_CHECKED_ATTEMPTS,
+        })
     }
 }
 
@@ -216,9 +241,9 @@ enum Decided {
 }
 
 impl Plan<'_> {
-    /// The answers, given the positions the rows got (in row order).
-    fn finish(self, positions: &[Position]) -> (Results, HashMap<StreamId, StreamHead>) {
-        let real = |row: Position| positions[row as usize - 1];
+    /// The answers, given the position the first row got.
+    fn finish(self, first: Position) -> (Results, HashMap<StreamId, StreamHead>) {
+        let real = |row: Position| first + row - 1;
         let results = self
             .results
             .into_iter()
@@ -249,37 +274,67 @@ fn plan<'a>(
     let results = requests
         .iter()
         .map(|(stream, expected, events)| {
-            let found: Vec<Option<Existing<'_>>> =
-                events.iter().map(|e| existing.get(&(stream.as_str(), e.event.event_id)).copied()).collect();
+            let found: Vec<Option<Existing<'_>>> = events
+                .iter()
+                .map(|e| existing.get(&(stream.as_str(), e.event.event_id)).copied())
+                .collect();
             if found.iter().any(|f| matches!(f, Some(Existing::Stored(_))))
-                && found.iter().any(|f| matches!(f, Some(Existing::Planned { .. })))
+                && found
+                    .iter()
+                    .any(|f| matches!(f, Some(Existing::Planned { .. })))
             {
                 // Ids split between the ledger and this very group: not a resend of one append.
                 let event_id = events[0].event.event_id;
-                return Err(StoreError::IdempotencyMismatch { stream: stream.clone(), event_id });
+                return Err(StoreError::IdempotencyMismatch {
+                    stream: stream.clone(),
+                    event_id,
+                });
             }
             let head = heads.get(stream).copied();
-            let records = match decide(stream, *expected, events, &found, head, next_position, recorded_at)? {
-                Outcome::AlreadyStored(result) if found.iter().all(|f| matches!(f, Some(Existing::Stored(_)))) => {
+            let records = match decide(
+                stream,
+                *expected,
+                events,
+                &found,
+                head,
+                next_position,
+                recorded_at,
+            )? {
+                Outcome::AlreadyStored(result)
+                    if found.iter().all(|f| matches!(f, Some(Existing::Stored(_)))) =>
+                {
                     return Ok(Decided::Stored(result));
                 }
                 Outcome::AlreadyStored(result) => return Ok(Decided::Planned(result)),
                 Outcome::Write(records) => records,
             };
             let last = records.last().expect("non-empty");
-            heads.insert(stream.clone(), StreamHead { version: last.stream_version, hash: last.hash });
+            heads.insert(
+                stream.clone(),
+                StreamHead {
+                    version: last.stream_version,
+                    hash: last.hash,
+                },
+            );
             next_position = last.global_position + 1;
             for (event, record) in events.iter().zip(&records) {
                 rows.push(stream, event, record, recorded_at);
                 // A later append in this group may resend this id.
-                let planned =
-                    Existing::Planned { event, position: record.global_position, version: record.stream_version };
+                let planned = Existing::Planned {
+                    event,
+                    position: record.global_position,
+                    version: record.stream_version,
+                };
                 existing.insert((stream.as_str(), event.event.event_id), planned);
             }
             Ok(Decided::Planned(written(&records)))
         })
         .collect();
-    Plan { results, rows, heads }
+    Plan {
+        results,
+        rows,
+        heads,
+    }
 }
 
 /// A plan built from memory alone, when memory is enough to decide every
@@ -302,21 +357,24 @@ fn plan_from_memory<'a>(memory: &Memory, requests: &'a [Request]) -> Option<Plan
 }
 
 /// Inserts `rows` in one statement that is its own transaction; returns the
-/// positions they got, in row order.
+/// position of the first (row n got `first + n - 1`).
 async fn write(
     connection: &Connection,
     rows: &InsertRows<'_>,
     hook: Option<&CommitHook>,
-) -> Result<Vec<Position>, tokio_postgres::Error> {
-    let Connection { client, statements: s } = connection;
+) -> Result<Position, tokio_postgres::Error> {
+    let Connection {
+        client,
+        statements: s,
+    } = connection;
     let count = rows.len() as i32;
     let mut params = rows.params();
     params.push(&count);
     let inserted = match hook {
-        None => client.query(&s.insert, &params).await?,
+        None => client.query_one(&s.insert, &params).await?,
         Some(hook) => {
             client.execute(&s.begin, &[]).await?;
-            let inserted = client.query(&s.insert, &params).await;
+            let inserted = client.query_one(&s.insert, &params).await;
             if inserted.is_ok() {
                 hook().await;
             }
@@ -325,10 +383,7 @@ async fn write(
             inserted?
         }
     };
-    // Row n got the block's n-th position.
-    let mut positions: Vec<Position> = inserted.iter().map(|row| row.get::<_, i64>(0) as Position).collect();
-    positions.sort_unstable();
-    Ok(positions)
+    Ok(inserted.get::<_, i64>(0) as Position)
 }
 
 /// Reads the heads of the group's streams and any already stored ids, in
@@ -337,24 +392,42 @@ async fn read_heads(
     connection: &Connection,
     requests: &[Request],
 ) -> Result<(HashMap<StreamId, StreamHead>, Vec<RecordedEvent>), StoreError> {
-    let Connection { client, statements: s } = connection;
-    let mut streams: Vec<&str> = requests.iter().map(|(stream, ..)| stream.as_str()).collect();
+    let Connection {
+        client,
+        statements: s,
+    } = connection;
+    let mut streams: Vec<&str> = requests
+        .iter()
+        .map(|(stream, ..)| stream.as_str())
+        .collect();
     streams.sort_unstable();
     streams.dedup();
     let (id_streams, ids): (Vec<&str>, Vec<Uuid>) = requests
         .iter()
-        .flat_map(|(stream, _, events)| events.iter().map(move |e| (stream.as_str(), e.event.event_id)))
+        .flat_map(|(stream, _, events)| {
+            events
+                .iter()
+                .map(move |e| (stream.as_str(), e.event.event_id))
+        })
         .unzip();
     let heads_params: [&(dyn ToSql + Sync); 1] = [&streams];
     let stored_params: [&(dyn ToSql + Sync); 2] = [&id_streams, &ids];
-    let (heads, stored) =
-        tokio::join!(client.query(&s.stream_heads, &heads_params), client.query(&s.stored, &stored_params));
+    let (heads, stored) = tokio::join!(
+        client.query(&s.stream_heads, &heads_params),
+        client.query(&s.stored, &stored_params)
+    );
     let mut stream_heads = HashMap::new();
     for row in &heads? {
         let hash: &[u8] = row.get(2);
         let stream = StreamId::new(row.get::<_, String>(0))?;
         let version = row.get::<_, i64>(1) as u64;
-        stream_heads.insert(stream, StreamHead { version, hash: hash.try_into().expect("hash is CHECKed to 32 bytes") });
+        stream_heads.insert(
+            stream,
+            StreamHead {
+                version,
+                hash: hash.try_into().expect("hash is CHECKed to 32 bytes"),
+            },
+        );
     }
     let stored = stored?.iter().map(decode).collect::<Result<_, _>>()?;
     Ok((stream_heads, stored))
@@ -374,8 +447,9 @@ struct Connection {
 }
 
 /// Takes a block of positions for the rows (`events_reserve`, once: a
-/// materialised CTE) and inserts the rows; returns the positions written.
-const INSERT: &str = "WITH reserved AS MATERIALIZED (SELECT events_reserve($12) AS first) \
+/// materialised CTE) and inserts the rows; returns the block's first
+/// position. (A data-modifying CTE always runs to completion.)
+const INSERT: &str = "WITH reserved AS MATERIALIZED (SELECT events_reserve($12) AS first), inserted AS ( \
      INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, \
          schema_version, payload, metadata, recorded_at, hash_version, prev_hash, hash) \
      SELECT reserved.first + r.n - 1, \
@@ -385,8 +459,8 @@ const INSERT: &str = "WITH reserved AS MATERIALIZED (SELECT events_reserve($12) 
          unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::integer[], $6::jsonb[], $7::jsonb[], \
              $8::timestamptz[], $9::smallint[], $10::bytea[], $11::bytea[]) WITH ORDINALITY \
          AS r(stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
-              recorded_at, hash_version, prev_hash, hash, n) \
-     RETURNING global_position";
+              recorded_at, hash_version, prev_hash, hash, n)) \
+     SELECT first FROM reserved";
 
 async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
     let (client, connection) = config.connect(NoTls).await?;
@@ -397,7 +471,9 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreErr
     });
     let statements = Statements {
         // Positions rely on a fresh snapshot per statement, whatever the server default.
-        begin: client.prepare("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
+        begin: client
+            .prepare("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?,
         // One backward index probe per stream.
         stream_heads: client
             .prepare(
@@ -438,7 +514,13 @@ struct InsertRows<'a> {
 }
 
 impl<'a> InsertRows<'a> {
-    fn push(&mut self, stream: &'a StreamId, event: &'a PreparedEvent, record: &NewRecord, at: DateTime<Utc>) {
+    fn push(
+        &mut self,
+        stream: &'a StreamId,
+        event: &'a PreparedEvent,
+        record: &NewRecord,
+        at: DateTime<Utc>,
+    ) {
         self.stream_id.push(stream.as_str());
         self.stream_version.push(to_i64(record.stream_version));
         self.event_id.push(event.event.event_id);
@@ -484,7 +566,11 @@ impl<'a> InsertRows<'a> {
 struct Jsonb<'a>(&'a [u8]);
 
 impl ToSql for Jsonb<'_> {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         if *ty == Type::JSONB {
             out.put_u8(1); // jsonb binary format version
         }

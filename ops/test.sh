@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's one test command: formatting, lints and every test, against a
+# real PostgreSQL. Starts PostgreSQL when it is down, runs the tests in a
+# throwaway database (each test makes its own from it) and drops it after.
+#
+#   ops/test.sh                 # everything
+#   ops/test.sh -E 'test(seam)' # extra arguments go to cargo nextest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+server="${AGENTLEDGER_TEST_SERVER:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+if ! pg_isready -q -d "$server"; then
+    echo "PostgreSQL is down; starting it"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+    for _ in $(seq 1 30); do pg_isready -q -d "$server" && break; sleep 1; done
+    pg_isready -d "$server"
+fi
+
+run="r$$"
+db="agentledger_test_${run}"
+cleanup() {
+    psql "$server" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'agentledger\_t\_${run}\_%'" \
+        | while read -r leftover; do psql "$server" -qc "DROP DATABASE IF EXISTS \"$leftover\" WITH (FORCE)"; done
+    psql "$server" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+}
+trap cleanup EXIT
+psql "$server" -qc "CREATE DATABASE $db"
+export DATABASE_URL="postgres://postgres@127.0.0.1:5432/${db}"
+export AGENTLEDGER_TEST_RUN="$run"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast "$@"
+else
+    cargo test --workspace --no-fail-fast
+fi
+# nextest does not run doc tests.
+cargo test --workspace --doc
