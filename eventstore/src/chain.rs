@@ -5,9 +5,9 @@
 //! `{event_id, event_type, metadata, payload, recorded_at, schema_version, stream_id, stream_version}`
 //! where `recorded_at` is microseconds since the Unix epoch, object keys are
 //! sorted by their UTF-8 bytes at every depth, and numbers have one form: an
-//! integral value that fits 64 bits (or an integral float below 2^53) is
-//! written as an integer, any other number in the shortest form that
-//! round-trips. The encoding survives PostgreSQL's `jsonb`, which reorders and
+//! integral value in the 64-bit integer range (-2^63 to 2^64) is written as
+//! an integer, whatever its notation; any other number in the shortest form
+//! that round-trips. The encoding survives PostgreSQL's `jsonb`, which reorders and
 //! de-duplicates keys and rewrites numbers (`1e2` → `100`).
 
 use chrono::{DateTime, Utc};
@@ -136,7 +136,9 @@ pub fn write_canonical(out: &mut Vec<u8>, value: &Value) {
 }
 
 fn write_number(out: &mut Vec<u8>, n: &serde_json::Number) {
-    const EXACT_INT_LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
+    // The 64-bit integer range, as floats: [-2^63, 2^64).
+    const LOW: f64 = -9_223_372_036_854_775_808.0;
+    const HIGH: f64 = 18_446_744_073_709_551_616.0;
     if let Some(i) = n.as_i64() {
         out.extend_from_slice(i.to_string().as_bytes());
     } else if let Some(u) = n.as_u64() {
@@ -145,17 +147,16 @@ fn write_number(out: &mut Vec<u8>, n: &serde_json::Number) {
         let f = n
             .as_f64()
             .expect("a JSON number without arbitrary precision is i64, u64 or f64");
-        if f.fract() == 0.0 && f.abs() < EXACT_INT_LIMIT {
-            // -0.0 and 0.0 both become 0, like 100.0 and 1e2 become 100.
-            out.extend_from_slice((f as i64).to_string().as_bytes());
+        if f.fract() == 0.0 && (LOW..HIGH).contains(&f) {
+            // An integral float is written as the integer it is exactly: jsonb
+            // prints 1e16 as 10000000000000000, which reads back as an
+            // integer. -0.0 becomes 0, 100.0 and 1e2 become 100.
+            out.extend_from_slice((f as i128).to_string().as_bytes());
         } else {
-            // serde_json writes the shortest representation that round-trips.
-            out.extend_from_slice(
-                serde_json::Number::from_f64(f)
-                    .expect("finite")
-                    .to_string()
-                    .as_bytes(),
-            );
+            // Outside that range a number reads back as a float whatever its
+            // notation; serde_json writes the shortest form that round-trips.
+            let f = serde_json::Number::from_f64(f).expect("finite");
+            out.extend_from_slice(f.to_string().as_bytes());
         }
     }
 }
@@ -276,6 +277,26 @@ mod tests {
             canonical(&v),
             r#"{"a":{"y":[1.5,"é"],"z":0},"b":100,"c":12345678901234567890}"#
         );
+    }
+
+    /// jsonb prints numbers without exponents; the canonical form of what it
+    /// prints must equal the canonical form of what was sent.
+    #[test]
+    fn canonical_numbers_survive_exponent_expansion() {
+        let huge = format!("1{}", "0".repeat(300));
+        for (sent, printed_by_jsonb) in [
+            ("1e16", "10000000000000000"),
+            ("1.5e17", "150000000000000000"),
+            ("-9.2e18", "-9200000000000000000"),
+            ("1.8e19", "18000000000000000000"),
+            ("1e300", huge.as_str()),
+            ("1.5e-7", "0.00000015"),
+            ("-0.0", "0"),
+        ] {
+            let a: Value = serde_json::from_str(sent).unwrap();
+            let b: Value = serde_json::from_str(printed_by_jsonb).unwrap();
+            assert_eq!(canonical(&a), canonical(&b), "{sent}");
+        }
     }
 
     #[test]

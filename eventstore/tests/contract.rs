@@ -48,6 +48,7 @@ macro_rules! contract {
 
 contract!(
     appended_events_read_back_in_order_with_a_verifying_chain,
+    numbers_in_any_notation_verify_after_storage_and_resends_are_recognised,
     append_with_stale_version_conflicts_and_writes_nothing,
     racing_exact_appenders_one_wins_and_the_stream_has_no_hole,
     resent_batch_is_stored_once,
@@ -146,6 +147,28 @@ async fn appended_events_read_back_in_order_with_a_verifying_chain(backend: Back
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn numbers_in_any_notation_verify_after_storage_and_resends_are_recognised(backend: Backend) {
+    let store = backend.open().await;
+    let s = stream("workflow-numbers");
+    // Numbers that jsonb prints in another notation than serde_json does.
+    let payload = json!({
+        "big": 1e16, "bigger": 1.5e17, "negative": -9.2e18, "near_u64_max": 1.8e19, "huge": 1e300,
+        "tiny": 1.5e-7, "negative_zero": -0.0, "u64": 12345678901234567890u64, "i64": i64::MIN,
+        "fraction": 0.1, "hundred": 1e2,
+    });
+    let batch = vec![event("Numbers", payload)];
+    store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    assert!(store.verify_stream(&s).await.unwrap().ok);
+    let resent = store.append(&s, ExpectedVersion::Any, batch).await.unwrap();
+    assert!(
+        resent.deduplicated,
+        "the stored numbers compare equal to the sent ones"
+    );
 }
 
 async fn append_with_stale_version_conflicts_and_writes_nothing(backend: Backend) {
