@@ -65,14 +65,15 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     first bigint;
 BEGIN
-    PERFORM pg_advisory_lock(7018697727012175875);
     BEGIN
+        PERFORM pg_advisory_lock(7018697727012175875);
         first := nextval('events_position_seq');
         IF n > 1 THEN
             PERFORM setval('events_position_seq', first + n - 1);
         END IF;
         PERFORM pg_advisory_xact_lock_shared(first);
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        -- Harmless (a warning) when the lock was never granted.
         PERFORM pg_advisory_unlock(7018697727012175875);
         RAISE;
     END;
@@ -91,13 +92,19 @@ DECLARE
     in_flight bigint;
     allocated bigint;
 BEGIN
-    PERFORM pg_advisory_lock(7018697727012175875);
-    SELECT min((l.classid::bigint << 32) | l.objid::bigint) INTO in_flight
-    FROM pg_locks l
-    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted AND l.mode = 'ShareLock'
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.classid::bigint < 1073741824;  -- keys below 2^62 are positions
-    SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO allocated FROM events_position_seq;
+    BEGIN
+        PERFORM pg_advisory_lock(7018697727012175875);
+        SELECT min((l.classid::bigint << 32) | l.objid::bigint) INTO in_flight
+        FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted AND l.mode = 'ShareLock'
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid::bigint < 1073741824;  -- keys below 2^62 are positions
+        SELECT CASE WHEN is_called THEN last_value ELSE 0 END INTO allocated FROM events_position_seq;
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        -- A gate left held by a pooled connection would stop every append.
+        PERFORM pg_advisory_unlock(7018697727012175875);
+        RAISE;
+    END;
     PERFORM pg_advisory_unlock(7018697727012175875);
     RETURN coalesce(in_flight - 1, allocated);
 END;
@@ -153,8 +160,12 @@ END;
 $$;
 
 GRANT SELECT, INSERT ON events TO agentledger_service;
--- setval in events_reserve needs UPDATE on the sequence. The worst the role
--- can do with it is make its own inserts fail; stored events stay untouchable.
+-- setval in events_reserve needs UPDATE on the sequence. Stored events stay
+-- untouchable, but a role that bypasses events_reserve (setval backwards, or
+-- an INSERT at a position it did not reserve) could place an event where
+-- readers of $all have already passed: the service must append only through
+-- the store. SECURITY DEFINER functions would take this away from the role;
+-- measured at ~5 % of append throughput, not done yet (see ARCHITECTURE.md).
 GRANT USAGE, SELECT, UPDATE ON SEQUENCE events_position_seq TO agentledger_service;
 GRANT EXECUTE ON FUNCTION events_reserve(integer), events_safe_position(), events_head_position(),
     events_read_all(bigint, integer)

@@ -126,6 +126,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // Rows go in stream order (stable: one stream's appends keep their
+            // order), so that concurrent groups take index entries in the same
+            // order and do not deadlock each other.
+            group.sort_by(|a, b| a.stream.cmp(&b.stream));
             self.commit_group(group).await;
         }
     }
@@ -135,14 +139,12 @@ impl Writer {
             .into_iter()
             .map(|r| ((r.stream, r.expected, r.events), r.reply))
             .unzip();
-        match self.commit(&requests).await {
+        let outcome = self.commit(&requests).await;
+        // Even a failed group may have moved the low-water mark (its
+        // positions are settled now): let the tailer and other processes look.
+        self.committed.notify_one();
+        match outcome {
             Ok(results) => {
-                if results
-                    .iter()
-                    .any(|r| matches!(r, Ok(result) if !result.deduplicated))
-                {
-                    self.committed.notify_one();
-                }
                 for (reply, result) in replies.into_iter().zip(results) {
                     // The caller may have gone away; its append stands regardless.
                     let _ = reply.send(result);
@@ -176,6 +178,9 @@ impl Writer {
             self.connection = None;
         }
         if self.connection.is_none() {
+            // What memory holds was learnt on the old connection: if the
+            // server lost acknowledged commits (failover, restore), it is ahead.
+            self.memory = Memory::default();
             self.connection = Some(connect(&self.config).await?);
         }
         let connection = self.connection.as_ref().expect("just connected");
@@ -215,7 +220,7 @@ impl Writer {
                     return Ok(results);
                 }
                 // A concurrent append got there first: read again.
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                Err(e) if stale_belief(&e) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -223,6 +228,20 @@ impl Writer {
             attempts: MAX_CHECKED_ATTEMPTS,
         })
     }
+}
+
+/// True when a write failed because concurrent appends touched the same
+/// keys: nothing was written, and reading again decides the group anew. Rows
+/// go in stream order, so a deadlock needs two groups whose beliefs crossed;
+/// PostgreSQL resolves it by failing one, which then reads again.
+fn stale_belief(e: &tokio_postgres::Error) -> bool {
+    [
+        SqlState::UNIQUE_VIOLATION,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+    ]
+    .iter()
+    .any(|code| e.code() == Some(code))
 }
 
 /// A group, decided: the rows to insert and what to answer. Positions of
