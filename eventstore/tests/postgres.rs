@@ -436,3 +436,80 @@ async fn an_aborted_append_leaves_a_hole_that_readers_pass() {
     assert_eq!(b.head_position().await.unwrap(), after.first_position);
     assert!(b.verify_stream(&s).await.unwrap().ok);
 }
+
+/// The gate is a session lock: a reader that fails while waiting for it or
+/// while holding it must not leave it held by its (pooled) connection, or
+/// every later append would wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reader_leaves_no_gate_behind() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let admin = db.admin_client().await;
+    let reader = connect(&db.service_url()).await;
+    let held_by_reader = || async {
+        let sql =
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'";
+        reader.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+
+    // Cancelled while waiting for the gate.
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&postgres::GATE_LOCK])
+        .await
+        .unwrap();
+    reader
+        .batch_execute("SET statement_timeout = '100ms'")
+        .await
+        .unwrap();
+    let error = reader
+        .query_one("SELECT events_safe_position()", &[])
+        .await
+        .expect_err("times out at the gate");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error}"
+    );
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&postgres::GATE_LOCK])
+        .await
+        .unwrap();
+    reader
+        .batch_execute("RESET statement_timeout")
+        .await
+        .unwrap();
+    assert_eq!(held_by_reader().await, 0);
+
+    // Failing while holding the gate: the sequence read is refused after the lock.
+    admin
+        .batch_execute("REVOKE SELECT ON SEQUENCE events_position_seq FROM agentledger_service")
+        .await
+        .unwrap();
+    let error = reader
+        .query_one("SELECT events_safe_position()", &[])
+        .await
+        .expect_err("permission denied");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{error}"
+    );
+    assert_eq!(held_by_reader().await, 0, "the failed reader kept the gate");
+    admin
+        .batch_execute("GRANT SELECT ON SEQUENCE events_position_seq TO agentledger_service")
+        .await
+        .unwrap();
+
+    store
+        .append(&stream("after-failures"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        reader
+            .query_one("SELECT events_safe_position()", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        1
+    );
+}
