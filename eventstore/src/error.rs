@@ -50,9 +50,12 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] tokio_postgres::Error),
 
-    /// No connection could be taken from the pool (`INTERNAL`, retry later).
-    #[error("connection pool: {0}")]
-    Pool(String),
+    /// The database could not be used: no pooled connection, or a group
+    /// commit this append shared failed (its first caller gets the database
+    /// error itself). The append may or may not have committed: resending
+    /// the same event ids is safe (`INTERNAL`).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 
     /// A stored row could not be decoded (corruption or a newer schema) (`INTERNAL`).
     #[error("corrupt stored event at position {position}: {reason}")]
@@ -72,7 +75,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => Self::Database(e),
-            other => Self::Pool(other.to_string()),
+            other => Self::Unavailable(other.to_string()),
         }
     }
 }

@@ -120,7 +120,7 @@ impl PostgresEventStore {
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
             .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let start = rows::head_position(&pool.get().await?).await?;
 
         let stop = CancellationToken::new();

@@ -160,7 +160,7 @@ impl Writer {
                 let mut error = Some(e);
                 for reply in replies {
                     let e = error.take().unwrap_or_else(|| {
-                        StoreError::Pool(format!("group commit failed: {message}"))
+                        StoreError::Unavailable(format!("group commit failed: {message}"))
                     });
                     let _ = reply.send(Err(e));
                 }
