@@ -1,0 +1,340 @@
+//! Commands, checked against the folded state: each yields the events to
+//! append, or a typed error and nothing.
+
+use thiserror::Error;
+
+use super::{
+    EthicsScores, Priority, SubtaskPlan, SubtaskState, Text, Verdict, Workflow, WorkflowEvent,
+    WorkflowState,
+};
+
+/// Revision rounds Lubit may ask for; after them it must decide.
+pub const MAX_REVISIONS: u8 = 2;
+/// Attempts GitCode makes at a subtask.
+pub const MAX_ATTEMPTS: u8 = 3;
+/// Longest request, in bytes of UTF-8.
+pub const MAX_REQUEST_BYTES: usize = 32 * 1024;
+/// Longest input document, in bytes of UTF-8.
+pub const MAX_INPUT_BYTES: usize = 1024 * 1024;
+
+/// What agents and people ask of a workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Submit {
+        request: Text,
+        input: Option<Text>,
+        priority: Priority,
+    },
+    RecordAnalysis {
+        subtasks: Vec<SubtaskPlan>,
+        confidence: f64,
+        rationale: Text,
+    },
+    RecordGate {
+        verdict: Verdict,
+        priority: Priority,
+        risk: f64,
+        reasons: Vec<String>,
+        rationale: Text,
+    },
+    RecordHumanDecision {
+        approve: bool,
+        comment: Text,
+    },
+    StartSubtask {
+        subtask: String,
+        attempt: u8,
+    },
+    CompleteSubtask {
+        subtask: String,
+        attempt: u8,
+        output: Text,
+    },
+    FailSubtask {
+        subtask: String,
+        attempt: u8,
+        error: String,
+    },
+    SkipSubtask {
+        subtask: String,
+        reason: String,
+    },
+    FinishExecution,
+    RecordEthics {
+        scores: EthicsScores,
+        passed: bool,
+        findings: Vec<String>,
+    },
+    Cancel {
+        reason: Option<Text>,
+    },
+}
+
+impl Command {
+    /// The command's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Submit { .. } => "submit",
+            Self::RecordAnalysis { .. } => "record analysis",
+            Self::RecordGate { .. } => "record gate decision",
+            Self::RecordHumanDecision { .. } => "record human decision",
+            Self::StartSubtask { .. } => "start subtask",
+            Self::CompleteSubtask { .. } => "complete subtask",
+            Self::FailSubtask { .. } => "fail subtask",
+            Self::SkipSubtask { .. } => "skip subtask",
+            Self::FinishExecution => "finish execution",
+            Self::RecordEthics { .. } => "record ethics review",
+            Self::Cancel { .. } => "cancel",
+        }
+    }
+}
+
+/// Why a command was refused; nothing is written.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum DomainError {
+    /// Not allowed in the workflow's state (`CONFLICT`).
+    #[error("cannot {command} a workflow that is {state:?}")]
+    InvalidTransition {
+        command: &'static str,
+        state: WorkflowState,
+    },
+    /// The workflow does not exist (`NOT_FOUND`).
+    #[error("no such workflow")]
+    NotFound,
+    /// The command's content breaks a rule (`BAD_INPUT`).
+    #[error("bad input: {0}")]
+    BadInput(String),
+}
+
+/// Decides `command` against `workflow`: the events to append, or why not.
+pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent>, DomainError> {
+    use Command as C;
+    use WorkflowEvent as E;
+    use WorkflowState as S;
+    let state = workflow.state;
+    let refuse = |command: &Command| DomainError::InvalidTransition {
+        command: command.name(),
+        state,
+    };
+    if state == S::New && !matches!(command, C::Submit { .. }) {
+        return Err(DomainError::NotFound);
+    }
+    match command {
+        C::Submit {
+            request,
+            input,
+            priority,
+        } if state == S::New => {
+            if request.as_str().trim().is_empty() {
+                return Err(DomainError::BadInput("the request is empty".into()));
+            }
+            check_size("request", &request, MAX_REQUEST_BYTES)?;
+            if let Some(input) = &input {
+                check_size("input document", input, MAX_INPUT_BYTES)?;
+            }
+            Ok(vec![E::WorkflowSubmitted {
+                request,
+                input,
+                priority,
+            }])
+        }
+        C::RecordAnalysis {
+            subtasks,
+            confidence,
+            rationale,
+        } if matches!(state, S::Submitted | S::Analysing) => {
+            check_unit("confidence", confidence)?;
+            Ok(vec![E::AnalysisProduced {
+                round: workflow.round,
+                subtasks,
+                confidence,
+                rationale,
+            }])
+        }
+        C::RecordGate {
+            verdict,
+            priority,
+            risk,
+            reasons,
+            rationale,
+        } if state == S::Gating => {
+            check_unit("risk", risk)?;
+            if verdict == Verdict::Revise && workflow.round >= MAX_REVISIONS {
+                return Err(DomainError::BadInput(format!(
+                    "after {MAX_REVISIONS} revision rounds the gate must approve, reject or escalate"
+                )));
+            }
+            let round = workflow.round;
+            let mut events = vec![E::GateDecided {
+                round,
+                verdict,
+                priority,
+                risk,
+                reasons: reasons.clone(),
+                rationale,
+            }];
+            if verdict == Verdict::Reject {
+                events.push(E::WorkflowRejected { reasons });
+            }
+            Ok(events)
+        }
+        C::RecordHumanDecision { approve, comment } if state == S::AwaitingHuman => {
+            let mut events = vec![E::HumanDecisionRecorded { approve, comment }];
+            if !approve {
+                events.push(E::WorkflowRejected {
+                    reasons: vec!["rejected by a person".into()],
+                });
+            }
+            Ok(events)
+        }
+        C::StartSubtask { subtask, attempt } if state == S::Executing => {
+            let current = find(workflow, &subtask)?;
+            let next = match current.state {
+                SubtaskState::Pending => 1,
+                SubtaskState::Retrying => current.attempts + 1,
+                _ => {
+                    return Err(DomainError::BadInput(format!(
+                        "subtask {subtask} is {:?}",
+                        current.state
+                    )))
+                }
+            };
+            if attempt != next || attempt > MAX_ATTEMPTS {
+                return Err(DomainError::BadInput(format!(
+                    "subtask {subtask}: attempt {attempt}, expected {next}"
+                )));
+            }
+            Ok(vec![E::SubtaskStarted { subtask, attempt }])
+        }
+        C::CompleteSubtask {
+            subtask,
+            attempt,
+            output,
+        } if state == S::Executing => {
+            running(workflow, &subtask, attempt)?;
+            Ok(vec![E::SubtaskSucceeded {
+                subtask,
+                attempt,
+                output,
+            }])
+        }
+        C::FailSubtask {
+            subtask,
+            attempt,
+            error,
+        } if state == S::Executing => {
+            running(workflow, &subtask, attempt)?;
+            Ok(vec![E::SubtaskFailed {
+                subtask,
+                attempt,
+                error,
+                will_retry: attempt < MAX_ATTEMPTS,
+            }])
+        }
+        C::SkipSubtask { subtask, reason } if state == S::Executing => {
+            if find(workflow, &subtask)?.state != SubtaskState::Pending {
+                return Err(DomainError::BadInput(format!(
+                    "subtask {subtask} has already run"
+                )));
+            }
+            Ok(vec![E::SubtaskSkipped { subtask, reason }])
+        }
+        C::FinishExecution if state == S::Executing => {
+            let count = |wanted: SubtaskState| {
+                workflow
+                    .subtasks
+                    .iter()
+                    .filter(|s| s.state == wanted)
+                    .count() as u32
+            };
+            if let Some(open) = workflow.subtasks.iter().find(|s| !s.state.is_final()) {
+                let id = open.plan.as_ref().map_or("?", |p| p.id.as_str());
+                return Err(DomainError::BadInput(format!(
+                    "subtask {id} has not finished"
+                )));
+            }
+            let (succeeded, failed, skipped) = (
+                count(SubtaskState::Succeeded),
+                count(SubtaskState::Failed),
+                count(SubtaskState::Skipped),
+            );
+            let mut events = vec![E::ExecutionFinished {
+                succeeded,
+                failed,
+                skipped,
+            }];
+            if failed > 0 {
+                events.push(E::WorkflowFailed {
+                    reason: format!("{failed} subtask(s) failed after {MAX_ATTEMPTS} attempts"),
+                });
+            }
+            Ok(events)
+        }
+        C::RecordEthics {
+            scores,
+            passed,
+            findings,
+        } if state == S::Reviewing => {
+            for (name, score) in [
+                ("transparency", scores.transparency),
+                ("collaboration", scores.collaboration),
+                ("autonomy", scores.autonomy),
+                ("fairness", scores.fairness),
+            ] {
+                check_unit(name, score)?;
+            }
+            let outcome = if passed {
+                E::WorkflowCompleted {}
+            } else {
+                E::WorkflowFlagged {
+                    findings: findings.clone(),
+                }
+            };
+            Ok(vec![
+                E::EthicsReviewed {
+                    scores,
+                    passed,
+                    findings,
+                },
+                outcome,
+            ])
+        }
+        C::Cancel { reason } if !state.is_final() => Ok(vec![E::WorkflowCancelled { reason }]),
+        other => Err(refuse(&other)),
+    }
+}
+
+fn find<'a>(workflow: &'a Workflow, id: &str) -> Result<&'a super::Subtask, DomainError> {
+    workflow
+        .subtask(id)
+        .ok_or_else(|| DomainError::BadInput(format!("no subtask {id} in the plan")))
+}
+
+fn running(workflow: &Workflow, id: &str, attempt: u8) -> Result<(), DomainError> {
+    let subtask = find(workflow, id)?;
+    if subtask.state != SubtaskState::Running || subtask.attempts != attempt {
+        return Err(DomainError::BadInput(format!(
+            "subtask {id} is not running attempt {attempt}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_size(what: &str, text: &Text, max: usize) -> Result<(), DomainError> {
+    let size = text.as_str().len();
+    if size > max {
+        return Err(DomainError::BadInput(format!(
+            "the {what} is {size} bytes; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_unit(what: &str, value: f64) -> Result<(), DomainError> {
+    if !(0.0..=1.0).contains(&value) {
+        return Err(DomainError::BadInput(format!(
+            "{what} must be between 0 and 1, not {value}"
+        )));
+    }
+    Ok(())
+}

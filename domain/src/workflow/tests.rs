@@ -1,0 +1,359 @@
+//! Given events, when a command, then events or an error; and the fold's
+//! properties.
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn plan(id: &str, depends_on: &[&str]) -> SubtaskPlan {
+    SubtaskPlan {
+        id: id.into(),
+        title: Text::new(format!("do {id}")),
+        tool: "text_stats".into(),
+        depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+fn submit() -> Command {
+    Command::Submit {
+        request: Text::new("보고서를 요약해 주세요. 그다음 단어 수를 세어 주세요."),
+        input: None,
+        priority: Priority::Normal,
+    }
+}
+
+fn analysis() -> Command {
+    Command::RecordAnalysis {
+        subtasks: vec![plan("st-1", &[]), plan("st-2", &["st-1"])],
+        confidence: 0.8,
+        rationale: Text::new("two sentences"),
+    }
+}
+
+fn gate(verdict: Verdict) -> Command {
+    Command::RecordGate {
+        verdict,
+        priority: Priority::High,
+        risk: 0.2,
+        reasons: vec![],
+        rationale: Text::new("ok"),
+    }
+}
+
+/// Runs commands from the empty state, applying what each yields.
+fn given(commands: Vec<Command>) -> (Workflow, Vec<WorkflowEvent>) {
+    let mut workflow = Workflow::default();
+    let mut history = Vec::new();
+    for command in commands {
+        let name = command.name();
+        let events = handle(&workflow, command).unwrap_or_else(|e| panic!("{name}: {e}"));
+        workflow = events.iter().fold(workflow, Workflow::apply);
+        history.extend(events);
+    }
+    (workflow, history)
+}
+
+fn executed_and_reviewed() -> Vec<Command> {
+    let mut commands = vec![submit(), analysis(), gate(Verdict::Approve)];
+    for id in ["st-1", "st-2"] {
+        commands.push(Command::StartSubtask {
+            subtask: id.into(),
+            attempt: 1,
+        });
+        commands.push(Command::CompleteSubtask {
+            subtask: id.into(),
+            attempt: 1,
+            output: Text::new("42"),
+        });
+    }
+    commands.push(Command::FinishExecution);
+    commands
+}
+
+fn ethics(passed: bool) -> Command {
+    let scores = EthicsScores {
+        transparency: 1.0,
+        collaboration: 1.0,
+        autonomy: 1.0,
+        fairness: if passed { 1.0 } else { 0.2 },
+    };
+    Command::RecordEthics {
+        scores,
+        passed,
+        findings: if passed {
+            vec![]
+        } else {
+            vec!["age filter".into()]
+        },
+    }
+}
+
+#[test]
+fn a_workflow_runs_from_submission_to_completion() {
+    let mut commands = executed_and_reviewed();
+    commands.push(ethics(true));
+    let (workflow, history) = given(commands);
+    assert_eq!(workflow.state, WorkflowState::Completed);
+    assert_eq!(
+        workflow.priority,
+        Priority::High,
+        "the gate set the priority"
+    );
+    assert_eq!(workflow.progress(), (2, 2));
+    assert_eq!(
+        workflow.subtask("st-2").unwrap().output,
+        Some(Text::new("42"))
+    );
+    assert_eq!(history.last().unwrap().event_type(), "WorkflowCompleted");
+    assert_eq!(Workflow::from_events(&history), workflow);
+}
+
+#[test]
+fn a_reject_verdict_is_recorded_with_its_outcome() {
+    let (workflow, _) = given(vec![submit(), analysis()]);
+    let events = handle(&workflow, gate(Verdict::Reject)).unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(WorkflowEvent::event_type)
+            .collect::<Vec<_>>(),
+        ["GateDecided", "WorkflowRejected"]
+    );
+    assert_eq!(
+        events.iter().fold(workflow, Workflow::apply).state,
+        WorkflowState::Rejected
+    );
+}
+
+#[test]
+fn revisions_are_limited_to_two_rounds() {
+    let (workflow, _) = given(vec![
+        submit(),
+        analysis(),
+        gate(Verdict::Revise),
+        analysis(),
+        gate(Verdict::Revise),
+        analysis(),
+    ]);
+    assert_eq!((workflow.state, workflow.round), (WorkflowState::Gating, 2));
+    assert!(matches!(
+        handle(&workflow, gate(Verdict::Revise)),
+        Err(DomainError::BadInput(_))
+    ));
+    assert!(handle(&workflow, gate(Verdict::Escalate)).is_ok());
+}
+
+#[test]
+fn an_escalation_waits_for_a_person() {
+    let (workflow, _) = given(vec![submit(), analysis(), gate(Verdict::Escalate)]);
+    assert_eq!(workflow.state, WorkflowState::AwaitingHuman);
+    assert!(matches!(
+        handle(&workflow, Command::FinishExecution),
+        Err(DomainError::InvalidTransition { .. })
+    ));
+    let approve = Command::RecordHumanDecision {
+        approve: true,
+        comment: Text::new("looks fine"),
+    };
+    let (approved, _) = given(vec![submit(), analysis(), gate(Verdict::Escalate), approve]);
+    assert_eq!(approved.state, WorkflowState::Executing);
+    let reject = Command::RecordHumanDecision {
+        approve: false,
+        comment: Text::new("no"),
+    };
+    let events = handle(&workflow, reject).unwrap();
+    assert_eq!(
+        events.iter().fold(workflow, Workflow::apply).state,
+        WorkflowState::Rejected
+    );
+}
+
+#[test]
+fn a_subtask_out_of_attempts_fails_the_workflow() {
+    let mut commands = vec![submit(), analysis(), gate(Verdict::Approve)];
+    for attempt in 1..=MAX_ATTEMPTS {
+        commands.push(Command::StartSubtask {
+            subtask: "st-1".into(),
+            attempt,
+        });
+        commands.push(Command::FailSubtask {
+            subtask: "st-1".into(),
+            attempt,
+            error: "timeout".into(),
+        });
+    }
+    commands.push(Command::SkipSubtask {
+        subtask: "st-2".into(),
+        reason: "st-1 failed".into(),
+    });
+    let (workflow, history) = given(commands);
+    assert_eq!(
+        workflow.subtask("st-1").unwrap().state,
+        SubtaskState::Failed
+    );
+    assert!(history.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskFailed {
+            attempt: 2,
+            will_retry: true,
+            ..
+        }
+    )));
+    let start_again = Command::StartSubtask {
+        subtask: "st-1".into(),
+        attempt: 4,
+    };
+    assert!(matches!(
+        handle(&workflow, start_again),
+        Err(DomainError::BadInput(_))
+    ));
+    let events = handle(&workflow, Command::FinishExecution).unwrap();
+    assert_eq!(events.last().unwrap().event_type(), "WorkflowFailed");
+}
+
+#[test]
+fn a_flagged_review_needs_a_person() {
+    let mut commands = executed_and_reviewed();
+    commands.push(ethics(false));
+    assert_eq!(given(commands).0.state, WorkflowState::Flagged);
+}
+
+#[test]
+fn bad_input_and_wrong_states_are_refused() {
+    let empty = Command::Submit {
+        request: Text::new("   "),
+        input: None,
+        priority: Priority::Low,
+    };
+    assert!(matches!(
+        handle(&Workflow::default(), empty),
+        Err(DomainError::BadInput(_))
+    ));
+    let huge = Command::Submit {
+        request: Text::new("가".repeat(MAX_REQUEST_BYTES)),
+        input: None,
+        priority: Priority::Low,
+    };
+    assert!(matches!(
+        handle(&Workflow::default(), huge),
+        Err(DomainError::BadInput(_))
+    ));
+    assert_eq!(
+        handle(&Workflow::default(), analysis()),
+        Err(DomainError::NotFound)
+    );
+    let (submitted, _) = given(vec![submit()]);
+    assert!(matches!(
+        handle(&submitted, submit()),
+        Err(DomainError::InvalidTransition { .. })
+    ));
+    let (done, _) = given(vec![submit(), Command::Cancel { reason: None }]);
+    assert_eq!(done.state, WorkflowState::Cancelled);
+    assert!(matches!(
+        handle(&done, Command::Cancel { reason: None }),
+        Err(DomainError::InvalidTransition { .. })
+    ));
+}
+
+#[test]
+fn events_round_trip_through_json_under_their_type_names() {
+    let (_, history) = given(executed_and_reviewed());
+    for event in history {
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], event.event_type());
+        assert_eq!(
+            serde_json::from_value::<WorkflowEvent>(json).unwrap(),
+            event
+        );
+    }
+}
+
+#[test]
+fn text_debug_output_hides_the_text() {
+    assert_eq!(format!("{:?}", Text::new("김민수(34)")), "Text(7 chars)");
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    let id = prop_oneof![
+        Just("st-1".to_string()),
+        Just("st-2".to_string()),
+        Just("st-9".to_string())
+    ];
+    let verdict = prop_oneof![
+        Just(Verdict::Approve),
+        Just(Verdict::Revise),
+        Just(Verdict::Reject),
+        Just(Verdict::Escalate)
+    ];
+    prop_oneof![
+        Just(submit()),
+        Just(analysis()),
+        verdict.prop_map(gate),
+        any::<bool>().prop_map(|approve| Command::RecordHumanDecision {
+            approve,
+            comment: Text::new("c")
+        }),
+        (id.clone(), 0u8..5)
+            .prop_map(|(subtask, attempt)| Command::StartSubtask { subtask, attempt }),
+        (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::CompleteSubtask {
+            subtask,
+            attempt,
+            output: Text::new("o")
+        }),
+        (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::FailSubtask {
+            subtask,
+            attempt,
+            error: "e".into()
+        }),
+        id.prop_map(|subtask| Command::SkipSubtask {
+            subtask,
+            reason: "r".into()
+        }),
+        Just(Command::FinishExecution),
+        any::<bool>().prop_map(ethics),
+        Just(Command::Cancel { reason: None }),
+    ]
+}
+
+proptest! {
+    /// Whatever commands arrive, the state kept by applying each accepted
+    /// command's events equals folding the whole recorded history, and a
+    /// refused command changes nothing.
+    #[test]
+    fn handled_state_equals_the_fold_of_its_events(commands in prop::collection::vec(arb_command(), 0..40)) {
+        let mut workflow = Workflow::default();
+        let mut history = Vec::new();
+        for command in commands {
+            if let Ok(events) = handle(&workflow, command) {
+                prop_assert!(!events.is_empty());
+                workflow = events.iter().fold(workflow, Workflow::apply);
+                history.extend(events);
+            }
+            prop_assert_eq!(&Workflow::from_events(&history), &workflow);
+        }
+        if workflow.state.is_final() {
+            let cancelled = handle(&workflow, Command::Cancel { reason: None });
+            prop_assert!(cancelled.is_err(), "a final workflow was cancelled");
+        }
+    }
+
+    /// The fold accepts any sequence of events, even ones no command would produce.
+    #[test]
+    fn the_fold_never_panics(events in prop::collection::vec(arb_command(), 0..40)) {
+        // Events produced from arbitrary states, applied to a fresh workflow in any order.
+        let mut all = Vec::new();
+        let mut workflow = Workflow::default();
+        for command in events {
+            for state in [WorkflowState::New, WorkflowState::Submitted, WorkflowState::Gating, WorkflowState::Executing,
+                          WorkflowState::Reviewing, WorkflowState::AwaitingHuman] {
+                let probe = Workflow { state, ..workflow.clone() };
+                if let Ok(produced) = handle(&probe, command.clone()) {
+                    all.extend(produced);
+                }
+            }
+            workflow = all.iter().fold(Workflow::default(), Workflow::apply);
+        }
+        let reversed: Vec<_> = all.iter().rev().cloned().collect();
+        let _ = Workflow::from_events(&reversed);
+    }
+}
