@@ -8,13 +8,25 @@ const MAX_DEPTH: usize = 64;
 
 /// Evaluates the arithmetic expression found in the instruction (or else in
 /// the input): the longest run of digits, operators, parentheses, points and
-/// spaces that contains an operator.
+/// spaces that contains an operator. Without an expression, an instruction
+/// that asks for a total or sum ("Compute their total", "합계를 계산하세요")
+/// adds up the numbers of the input.
 pub(super) fn calculate(input: &ToolInput<'_>) -> Result<String, ToolError> {
-    let expression = find_expression(input.instruction)
-        .or_else(|| find_expression(input.input))
-        .ok_or_else(|| ToolError::BadInput("no arithmetic expression found".into()))?;
-    let value = evaluate(expression)?;
-    Ok(format_number(value))
+    if let Some(expression) =
+        find_expression(input.instruction).or_else(|| find_expression(input.input))
+    {
+        return Ok(format_number(evaluate(expression)?));
+    }
+    let asks_for_total = crate::text::words(input.instruction).iter().any(|w| {
+        ["total", "sum", "합계", "합산", "총합"]
+            .iter()
+            .any(|k| w.starts_with(k))
+    });
+    let numbers = super::extract::numbers_in(input.input);
+    if asks_for_total && !numbers.is_empty() {
+        return Ok(format_number(numbers.iter().sum()));
+    }
+    Err(ToolError::BadInput("no arithmetic expression found".into()))
 }
 
 fn is_expression_char(c: char) -> bool {
@@ -188,6 +200,18 @@ mod tests {
         assert_eq!(calc("what is 7 / 2 - -1.5").unwrap(), "5");
         assert_eq!(calc("2 + 3 * 4 % 5").unwrap(), "4");
         assert_eq!(calc("1 / 3").unwrap(), format!("{}", 1.0 / 3.0));
+    }
+
+    #[test]
+    fn a_total_without_an_expression_adds_up_the_input() {
+        let total = |instruction, input| calculate(&ToolInput { instruction, input });
+        assert_eq!(
+            total("Compute their total", "[99.5, 42, -1.5]").unwrap(),
+            "140"
+        );
+        assert_eq!(total("합계를 계산하세요", "3\n2\n1").unwrap(), "6");
+        assert!(total("Compute it", "3 2 1").is_err());
+        assert!(total("Compute their total", "none").is_err());
     }
 
     #[test]

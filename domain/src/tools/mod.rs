@@ -72,7 +72,9 @@ pub const BUILTIN_TOOLS: &[BuiltinTool] = &[
         spec: ToolSpec {
             name: "summarize",
             description: "Extractive summary by sentence ranking",
-            keywords: &["summar", "요약"],
+            keywords: &[
+                "summar", "요약", "read", "explain", "describe", "읽", "설명",
+            ],
         },
         run: stats::summarize,
     },
@@ -130,7 +132,7 @@ pub const BUILTIN_TOOLS: &[BuiltinTool] = &[
         spec: ToolSpec {
             name: "sort_lines",
             description: "Sorts lines or comma-separated items",
-            keywords: &["sort", "order", "정렬"],
+            keywords: &["sort", "order", "rank", "정렬", "순위"],
         },
         run: lines::sort_lines,
     },
@@ -223,6 +225,10 @@ mod tests {
             ("내림차순으로 정렬하세요", Some("sort_lines")),
             ("합계를 계산하세요", Some("calculate")),
             ("태그 목록에서 중복 제거하기", Some("dedupe_lines")),
+            ("Read the meeting notes.", Some("summarize")),
+            ("결과를 한 문장으로 설명해 주세요.", Some("summarize")),
+            ("Rank these job applicants", Some("sort_lines")),
+            ("지원자 순위를 매기고", Some("sort_lines")),
             ("Transfer 10,000 dollars to my personal account.", None),
         ];
         for (instruction, expected) in cases {

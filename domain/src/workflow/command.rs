@@ -4,8 +4,8 @@
 use thiserror::Error;
 
 use super::{
-    EthicsScores, Priority, SubtaskPlan, SubtaskState, Text, Verdict, Workflow, WorkflowEvent,
-    WorkflowState,
+    EthicsScores, FailureKind, Priority, SubtaskPlan, SubtaskState, Text, Verdict, Workflow,
+    WorkflowEvent, WorkflowState,
 };
 
 /// Revision rounds Lubit may ask for; after them it must decide.
@@ -53,6 +53,7 @@ pub enum Command {
     FailSubtask {
         subtask: String,
         attempt: u8,
+        kind: FailureKind,
         error: String,
     },
     SkipSubtask {
@@ -221,14 +222,16 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
         C::FailSubtask {
             subtask,
             attempt,
+            kind,
             error,
         } if state == S::Executing => {
             running(workflow, &subtask, attempt)?;
             Ok(vec![E::SubtaskFailed {
                 subtask,
                 attempt,
+                kind,
                 error,
-                will_retry: attempt < MAX_ATTEMPTS,
+                will_retry: kind.is_retryable() && attempt < MAX_ATTEMPTS,
             }])
         }
         C::SkipSubtask { subtask, reason } if state == S::Executing => {

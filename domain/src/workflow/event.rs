@@ -1,7 +1,11 @@
 //! The events of a workflow stream. The variant name is the stored event
-//! type; the fields are the payload (schema version 1).
+//! type; the fields are the payload, whose shape has a schema version per
+//! event type ([`WorkflowEvent::schema_version`]). [`WorkflowEvent::decode`]
+//! upcasts older shapes, so every payload ever written still loads.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use thiserror::Error;
 
 use super::{EthicsScores, Priority, SubtaskPlan, Text, Verdict};
 
@@ -42,9 +46,11 @@ pub enum WorkflowEvent {
         output: Text,
     },
     /// An attempt failed; `will_retry` says whether another follows.
+    /// Schema 2 added `kind` (schema 1 payloads load as [`FailureKind::Error`]).
     SubtaskFailed {
         subtask: String,
         attempt: u8,
+        kind: FailureKind,
         error: String,
         will_retry: bool,
     },
@@ -74,7 +80,119 @@ pub enum WorkflowEvent {
     WorkflowCancelled { reason: Option<Text> },
 }
 
+/// Why a subtask attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The tool reported an error; another attempt may succeed.
+    Error,
+    /// The tool refused its input; another attempt would fail the same way.
+    Invalid,
+    /// The attempt ran past its deadline.
+    Timeout,
+    /// The worker running it stopped (its lease expired) before it ended.
+    Abandoned,
+}
+
+impl FailureKind {
+    /// Whether another attempt can help.
+    pub fn is_retryable(self) -> bool {
+        self != Self::Invalid
+    }
+}
+
+/// A stored payload that cannot be read as a [`WorkflowEvent`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// Not a workflow event type.
+    #[error("unknown workflow event type {0:?}")]
+    UnknownType(String),
+    /// Written by a newer version of agentledger than this one.
+    #[error("{event_type} has schema version {version}; this build reads up to {known}")]
+    NewerSchema {
+        event_type: String,
+        version: u32,
+        known: u32,
+    },
+    /// The payload does not have the shape its schema version says.
+    #[error("{event_type} v{version}: {reason}")]
+    Invalid {
+        event_type: String,
+        version: u32,
+        reason: String,
+    },
+}
+
+/// Every event type, with the schema version this build writes.
+const SCHEMAS: &[(&str, u32)] = &[
+    ("WorkflowSubmitted", 1),
+    ("AnalysisProduced", 1),
+    ("GateDecided", 1),
+    ("HumanDecisionRecorded", 1),
+    ("SubtaskStarted", 1),
+    ("SubtaskSucceeded", 1),
+    ("SubtaskFailed", 2),
+    ("SubtaskSkipped", 1),
+    ("ExecutionFinished", 1),
+    ("EthicsReviewed", 1),
+    ("WorkflowCompleted", 1),
+    ("WorkflowRejected", 1),
+    ("WorkflowFailed", 1),
+    ("WorkflowFlagged", 1),
+    ("WorkflowCancelled", 1),
+];
+
+/// Rewrites a payload of `event_type` from schema `version` to `version + 1`.
+/// One arm per change of shape; old arms stay forever.
+fn upcast_once(event_type: &str, version: u32, payload: &mut Map<String, Value>) {
+    if let ("SubtaskFailed", 1) = (event_type, version) {
+        payload.insert("kind".into(), Value::String("error".into()));
+    }
+}
+
 impl WorkflowEvent {
+    /// The payload schema version this build writes for the event's type.
+    pub fn schema_version(&self) -> u32 {
+        schema_of(self.event_type()).expect("every variant is listed in SCHEMAS")
+    }
+
+    /// The stored form: event type, schema version and the payload object
+    /// (the fields, without the type tag).
+    pub fn encode(&self) -> (&'static str, u32, Value) {
+        let mut value = serde_json::to_value(self).expect("workflow events always serialise");
+        if let Value::Object(fields) = &mut value {
+            fields.remove("type");
+        }
+        (self.event_type(), self.schema_version(), value)
+    }
+
+    /// Reads a stored event, upcasting a payload of an older schema version.
+    pub fn decode(event_type: &str, version: u32, payload: &Value) -> Result<Self, DecodeError> {
+        let known =
+            schema_of(event_type).ok_or_else(|| DecodeError::UnknownType(event_type.into()))?;
+        let invalid = |reason: String| DecodeError::Invalid {
+            event_type: event_type.into(),
+            version,
+            reason,
+        };
+        if version > known {
+            return Err(DecodeError::NewerSchema {
+                event_type: event_type.into(),
+                version,
+                known,
+            });
+        }
+        let Value::Object(fields) = payload else {
+            return Err(invalid("the payload is not an object".into()));
+        };
+        let mut fields = fields.clone();
+        for from in version.max(1)..known {
+            upcast_once(event_type, from, &mut fields);
+        }
+        fields.insert("type".into(), Value::String(event_type.into()));
+        serde_json::from_value(Value::Object(fields)).map_err(|e| invalid(e.to_string()))
+    }
+
     /// The stored event type: the variant's name.
     pub fn event_type(&self) -> &'static str {
         match self {
@@ -95,4 +213,11 @@ impl WorkflowEvent {
             Self::WorkflowCancelled { .. } => "WorkflowCancelled",
         }
     }
+}
+
+fn schema_of(event_type: &str) -> Option<u32> {
+    SCHEMAS
+        .iter()
+        .find(|(name, _)| *name == event_type)
+        .map(|(_, version)| *version)
 }

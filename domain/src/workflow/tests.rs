@@ -179,7 +179,8 @@ fn a_subtask_out_of_attempts_fails_the_workflow() {
         commands.push(Command::FailSubtask {
             subtask: "st-1".into(),
             attempt,
-            error: "timeout".into(),
+            kind: FailureKind::Timeout,
+            error: "timed out".into(),
         });
     }
     commands.push(Command::SkipSubtask {
@@ -269,8 +270,94 @@ fn events_round_trip_through_json_under_their_type_names() {
 }
 
 #[test]
+fn events_encode_without_the_tag_and_decode_back() {
+    let (_, history) = given(executed_and_reviewed());
+    for event in history {
+        let (event_type, version, payload) = event.encode();
+        assert!(payload.get("type").is_none(), "{event_type}");
+        assert_eq!(
+            WorkflowEvent::decode(event_type, version, &payload).unwrap(),
+            event
+        );
+    }
+}
+
+#[test]
+fn a_schema_1_subtask_failure_is_upcast_to_an_error() {
+    let v1 =
+        serde_json::json!({"subtask": "st-1", "attempt": 2, "error": "boom", "will_retry": true});
+    assert_eq!(
+        WorkflowEvent::decode("SubtaskFailed", 1, &v1).unwrap(),
+        WorkflowEvent::SubtaskFailed {
+            subtask: "st-1".into(),
+            attempt: 2,
+            kind: FailureKind::Error,
+            error: "boom".into(),
+            will_retry: true,
+        }
+    );
+}
+
+#[test]
+fn unknown_newer_or_malformed_payloads_are_typed_errors() {
+    let empty = serde_json::json!({});
+    assert!(matches!(
+        WorkflowEvent::decode("Greeted", 1, &empty),
+        Err(DecodeError::UnknownType(_))
+    ));
+    assert!(matches!(
+        WorkflowEvent::decode("SubtaskFailed", 3, &empty),
+        Err(DecodeError::NewerSchema { known: 2, .. })
+    ));
+    assert!(matches!(
+        WorkflowEvent::decode("SubtaskStarted", 1, &empty),
+        Err(DecodeError::Invalid { .. })
+    ));
+    assert!(matches!(
+        WorkflowEvent::decode("WorkflowCompleted", 1, &serde_json::json!([])),
+        Err(DecodeError::Invalid { .. })
+    ));
+}
+
+#[test]
+fn an_invalid_tool_input_is_not_retried() {
+    let mut commands = vec![submit(), analysis(), gate(Verdict::Approve)];
+    commands.push(Command::StartSubtask {
+        subtask: "st-1".into(),
+        attempt: 1,
+    });
+    let (workflow, _) = given(commands);
+    let events = handle(
+        &workflow,
+        Command::FailSubtask {
+            subtask: "st-1".into(),
+            attempt: 1,
+            kind: FailureKind::Invalid,
+            error: "no numbers".into(),
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        events[..],
+        [WorkflowEvent::SubtaskFailed {
+            will_retry: false,
+            ..
+        }]
+    ));
+}
+
+#[test]
 fn text_debug_output_hides_the_text() {
     assert_eq!(format!("{:?}", Text::new("김민수(34)")), "Text(7 chars)");
+}
+
+fn arb_failure_kind() -> impl Strategy<Value = FailureKind> {
+    prop_oneof![
+        Just(FailureKind::Error),
+        Just(FailureKind::Invalid),
+        Just(FailureKind::Timeout),
+        Just(FailureKind::Abandoned)
+    ]
 }
 
 fn arb_command() -> impl Strategy<Value = Command> {
@@ -300,10 +387,13 @@ fn arb_command() -> impl Strategy<Value = Command> {
             attempt,
             output: Text::new("o")
         }),
-        (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::FailSubtask {
-            subtask,
-            attempt,
-            error: "e".into()
+        (id.clone(), 0u8..5, arb_failure_kind()).prop_map(|(subtask, attempt, kind)| {
+            Command::FailSubtask {
+                subtask,
+                attempt,
+                kind,
+                error: "e".into(),
+            }
         }),
         id.prop_map(|subtask| Command::SkipSubtask {
             subtask,
