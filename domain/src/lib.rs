@@ -5,9 +5,13 @@
 //! Must never: do I/O, be async, read a clock (time is passed in), or know
 //! how events are stored.
 //!
-//! Built so far (issue #3 in progress): [`tools`] (the built-in tools) and
-//! [`workflow`] (events, the fold and commands); the policies are to come.
+//! - [`workflow`]: events, the fold, commands;
+//! - [`policy`]: Sena, Lubit, GitCode (as a plan) and RUNE, each described
+//!   in a paragraph in its module docs;
+//! - [`tools`]: the built-in tools;
+//! - [`text`]: sentence and word splitting for English and Korean.
 
+pub mod policy;
 pub mod text;
 pub mod tools;
 pub mod workflow;

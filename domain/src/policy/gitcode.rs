@@ -1,0 +1,365 @@
+//! GitCode, the executor, as a plan: which subtasks to start, skip or write
+//! off next, and how long to back off before a retry. The runtime in
+//! `agentledger-agents` runs the tools, keeps the deadlines and sleeps.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::workflow::{SubtaskState, Workflow, WorkflowState};
+
+/// GitCode's configuration (part of its policy fingerprint).
+#[derive(Debug, Clone, Serialize)]
+pub struct GitCodeConfig {
+    /// Subtasks of one workflow running at once.
+    pub max_parallel: usize,
+    /// Deadline of one attempt, in milliseconds.
+    pub attempt_timeout_ms: u64,
+    /// Wait before the second attempt; doubles for each further one.
+    pub backoff_initial_ms: u64,
+    /// Longest wait between attempts.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for GitCodeConfig {
+    fn default() -> Self {
+        Self {
+            max_parallel: 4,
+            attempt_timeout_ms: 10_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 2_000,
+        }
+    }
+}
+
+impl GitCodeConfig {
+    /// The deadline of one attempt.
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+
+    /// How long to wait before `attempt` (1-based): nothing before the
+    /// first, then `backoff_initial_ms × 2^(attempt − 2)`, capped.
+    pub fn backoff(&self, attempt: u8) -> Duration {
+        if attempt <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 1u64 << u32::from(attempt - 2).min(20);
+        Duration::from_millis(
+            self.backoff_initial_ms
+                .saturating_mul(factor)
+                .min(self.backoff_max_ms),
+        )
+    }
+}
+
+/// One thing for the executor to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The subtask is recorded as running but nobody runs it (its worker
+    /// stopped): record the attempt as abandoned.
+    Abandon { subtask: String, attempt: u8 },
+    /// A dependency failed or was skipped: record the subtask as skipped.
+    Skip { subtask: String, reason: String },
+    /// Wait `delay`, then record the start of `attempt` and run the tool.
+    Start {
+        subtask: String,
+        attempt: u8,
+        delay: Duration,
+    },
+    /// Every subtask has ended: record the end of execution.
+    Finish,
+}
+
+/// The next actions for `workflow`, given the subtasks this executor has in
+/// flight (started or waiting out a backoff). Empty when there is nothing to
+/// do but wait for those, or when the workflow is not executing.
+///
+/// Starts are limited to `max_parallel` minus those in flight, in plan order.
+pub fn next_actions(
+    config: &GitCodeConfig,
+    workflow: &Workflow,
+    in_flight: &HashSet<String>,
+) -> Vec<Action> {
+    if workflow.state != WorkflowState::Executing {
+        return Vec::new();
+    }
+    let mut actions = Vec::new();
+    let mut free = config.max_parallel.max(1).saturating_sub(in_flight.len());
+    for subtask in &workflow.subtasks {
+        let Some(plan) = &subtask.plan else { continue };
+        if in_flight.contains(&plan.id) {
+            continue;
+        }
+        match subtask.state {
+            SubtaskState::Running => actions.push(Action::Abandon {
+                subtask: plan.id.clone(),
+                attempt: subtask.attempts,
+            }),
+            SubtaskState::Pending => {
+                let blocked = plan.depends_on.iter().find(|dep| {
+                    workflow.subtask(dep).is_none_or(|d| {
+                        matches!(d.state, SubtaskState::Failed | SubtaskState::Skipped)
+                    })
+                });
+                if let Some(dep) = blocked {
+                    let why = match workflow.subtask(dep).map(|d| d.state) {
+                        Some(SubtaskState::Skipped) => "was skipped",
+                        Some(_) => "failed",
+                        None => "is not in the plan",
+                    };
+                    actions.push(Action::Skip {
+                        subtask: plan.id.clone(),
+                        reason: format!("dependency {dep} {why}"),
+                    });
+                    continue;
+                }
+                let ready = plan.depends_on.iter().all(|dep| {
+                    workflow
+                        .subtask(dep)
+                        .is_some_and(|d| d.state == SubtaskState::Succeeded)
+                });
+                if ready && free > 0 {
+                    free -= 1;
+                    actions.push(Action::Start {
+                        subtask: plan.id.clone(),
+                        attempt: 1,
+                        delay: Duration::ZERO,
+                    });
+                }
+            }
+            SubtaskState::Retrying if free > 0 => {
+                free -= 1;
+                let attempt = subtask.attempts + 1;
+                actions.push(Action::Start {
+                    subtask: plan.id.clone(),
+                    attempt,
+                    delay: config.backoff(attempt),
+                });
+            }
+            _ => {}
+        }
+    }
+    let all_ended = workflow.subtasks.iter().all(|s| s.state.is_final());
+    if actions.is_empty() && in_flight.is_empty() && all_ended {
+        actions.push(Action::Finish);
+    }
+    actions
+}
+
+/// The document a subtask's tool works on: the outputs of its dependencies
+/// (one per paragraph, in plan order), else the workflow's input document,
+/// else the request.
+pub fn tool_input(workflow: &Workflow, subtask: &str) -> String {
+    let deps = workflow
+        .subtask(subtask)
+        .and_then(|s| s.plan.as_ref())
+        .map(|p| p.depends_on.as_slice())
+        .unwrap_or_default();
+    if deps.is_empty() {
+        return workflow
+            .input
+            .as_ref()
+            .unwrap_or(&workflow.request)
+            .as_str()
+            .to_string();
+    }
+    deps.iter()
+        .filter_map(|d| workflow.subtask(d)?.output.as_ref())
+        .map(|o| o.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::{handle, Command, FailureKind, Priority, SubtaskPlan, Text, Verdict};
+
+    /// A workflow approved for execution with `plan` ((id, deps) pairs).
+    fn approved(plan: &[(&str, &[&str])]) -> Workflow {
+        let subtasks = plan
+            .iter()
+            .map(|(id, deps)| SubtaskPlan {
+                id: id.to_string(),
+                title: Text::new(*id),
+                tool: "text_stats".into(),
+                depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            })
+            .collect();
+        run(
+            Workflow::default(),
+            vec![
+                Command::Submit {
+                    request: Text::new("요청"),
+                    input: None,
+                    priority: Priority::Normal,
+                },
+                Command::RecordAnalysis {
+                    subtasks,
+                    confidence: 1.0,
+                    rationale: Text::new("r"),
+                },
+                Command::RecordGate {
+                    verdict: Verdict::Approve,
+                    priority: Priority::Normal,
+                    risk: 0.1,
+                    reasons: vec![],
+                    rationale: Text::new("ok"),
+                },
+            ],
+        )
+    }
+
+    fn run(workflow: Workflow, commands: Vec<Command>) -> Workflow {
+        commands.into_iter().fold(workflow, |w, c| {
+            let events = handle(&w, c).expect("valid command");
+            events.iter().fold(w, Workflow::apply)
+        })
+    }
+
+    fn start(id: &str, attempt: u8) -> Command {
+        Command::StartSubtask {
+            subtask: id.into(),
+            attempt,
+        }
+    }
+
+    fn none() -> HashSet<String> {
+        HashSet::new()
+    }
+
+    fn starts(actions: &[Action]) -> Vec<&str> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { subtask, .. } => Some(subtask.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn independent_subtasks_start_together_up_to_the_bound() {
+        let w = approved(&[("a", &[]), ("b", &[]), ("c", &[]), ("d", &["a"])]);
+        let config = GitCodeConfig {
+            max_parallel: 2,
+            ..GitCodeConfig::default()
+        };
+        assert_eq!(starts(&next_actions(&config, &w, &none())), ["a", "b"]);
+        let busy: HashSet<String> = ["a".to_string()].into();
+        assert_eq!(starts(&next_actions(&config, &w, &busy)), ["b"]);
+    }
+
+    #[test]
+    fn a_dependent_starts_after_its_dependency_succeeds() {
+        let w = approved(&[("a", &[]), ("b", &["a"])]);
+        let config = GitCodeConfig::default();
+        let w = run(w, vec![start("a", 1)]);
+        let running: HashSet<String> = ["a".to_string()].into();
+        assert!(next_actions(&config, &w, &running).is_empty());
+        let w = run(
+            w,
+            vec![Command::CompleteSubtask {
+                subtask: "a".into(),
+                attempt: 1,
+                output: Text::new("42 words"),
+            }],
+        );
+        assert_eq!(starts(&next_actions(&config, &w, &none())), ["b"]);
+        assert_eq!(tool_input(&w, "b"), "42 words");
+        assert_eq!(tool_input(&w, "a"), "요청");
+    }
+
+    #[test]
+    fn a_retry_backs_off_exponentially_and_a_failure_skips_dependents() {
+        let config = GitCodeConfig::default();
+        let mut w = approved(&[("a", &[]), ("b", &["a"]), ("c", &["b"])]);
+        for attempt in 1..=3 {
+            let actions = next_actions(&config, &w, &none());
+            assert_eq!(
+                actions,
+                [Action::Start {
+                    subtask: "a".into(),
+                    attempt,
+                    delay: config.backoff(attempt)
+                }]
+            );
+            w = run(
+                w,
+                vec![
+                    start("a", attempt),
+                    Command::FailSubtask {
+                        subtask: "a".into(),
+                        attempt,
+                        kind: FailureKind::Error,
+                        error: "boom".into(),
+                    },
+                ],
+            );
+        }
+        assert_eq!(
+            next_actions(&config, &w, &none()),
+            [Action::Skip {
+                subtask: "b".into(),
+                reason: "dependency a failed".into()
+            }]
+        );
+        w = run(
+            w,
+            vec![Command::SkipSubtask {
+                subtask: "b".into(),
+                reason: "dependency a failed".into(),
+            }],
+        );
+        assert_eq!(
+            next_actions(&config, &w, &none()),
+            [Action::Skip {
+                subtask: "c".into(),
+                reason: "dependency b was skipped".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let config = GitCodeConfig::default();
+        let ms = |a| config.backoff(a).as_millis();
+        assert_eq!([ms(1), ms(2), ms(3), ms(4)], [0, 100, 200, 400]);
+        assert_eq!(ms(200), 2_000);
+    }
+
+    #[test]
+    fn a_running_subtask_nobody_runs_is_abandoned() {
+        let w = run(approved(&[("a", &[])]), vec![start("a", 1)]);
+        assert_eq!(
+            next_actions(&GitCodeConfig::default(), &w, &none()),
+            [Action::Abandon {
+                subtask: "a".into(),
+                attempt: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn finish_comes_when_every_subtask_ended_and_nothing_is_in_flight() {
+        let w = run(
+            approved(&[("a", &[])]),
+            vec![
+                start("a", 1),
+                Command::CompleteSubtask {
+                    subtask: "a".into(),
+                    attempt: 1,
+                    output: Text::new("x"),
+                },
+            ],
+        );
+        assert_eq!(
+            next_actions(&GitCodeConfig::default(), &w, &none()),
+            [Action::Finish]
+        );
+        let busy: HashSet<String> = ["a".to_string()].into();
+        assert!(next_actions(&GitCodeConfig::default(), &w, &busy).is_empty());
+    }
+}
