@@ -1,6 +1,25 @@
-//! The agent runtime of agentledger (to be filled by issue #3): async tool and
-//! agent traits with deadlines and cancellation, the executor, and workers
-//! that claim work and append decisions with the expected version they read.
+//! The agentledger agent runtime: it makes workflows run. Workers claim
+//! workflows from a task queue (PostgreSQL with `FOR UPDATE SKIP LOCKED`, or
+//! in memory), fold each one's stream, run the agent whose turn it is (the
+//! reference policies of `agentledger-domain`, tools through the async
+//! [`Tool`] trait with deadlines and cancellation), and append the decision
+//! with the version they read.
 //!
-//! Depends on `agentledger-domain` and `agentledger-eventstore`; must never
-//! know about GraphQL or HTTP.
+//! Depends on `agentledger-domain` and `agentledger-eventstore`. Must never:
+//! decide anything itself (decisions are the policies'), record a decision
+//! without the expected version it read, or read the wall clock directly
+//! (time comes from the injected [`Clock`]).
+
+pub mod clock;
+pub mod faults;
+pub mod queue;
+pub mod runtime;
+pub mod tool;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use faults::{FaultPlan, FaultPoint};
+pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
+pub use runtime::{
+    fingerprint, stream_of, History, Runtime, RuntimeConfig, RuntimeError, Submission,
+};
+pub use tool::{Tool, ToolCall, ToolFailure, ToolRegistry};

@@ -156,6 +156,10 @@ pub struct Metadata {
     /// The policy behind an agent decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRef>,
+    /// The positions of the events a decision was based on (what its
+    /// maker saw), so that an auditor can trace its inputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<Position>,
 }
 
 impl Metadata {
@@ -169,6 +173,7 @@ impl Metadata {
             tenant: "default".into(),
             owner: "anonymous".into(),
             policy: None,
+            inputs: Vec::new(),
         }
     }
 }

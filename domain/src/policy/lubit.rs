@@ -35,7 +35,6 @@ impl Default for LubitConfig {
             allowed_tools: None,
             high_risk_terms: words(&[
                 "delete",
-                "drop",
                 "erase",
                 "wipe",
                 "destroy",

@@ -22,7 +22,7 @@
 //! **Lubit (gatekeeper, [`lubit`]).** Lubit rejects outright a request over
 //! the size limit (32 KiB), an empty analysis, and one with more than 20
 //! subtasks. It then scores risk: 0.1, plus 0.6 when the request or a
-//! subtask uses a high-risk term (delete, drop, wipe, password, 삭제, …;
+//! subtask uses a high-risk term (delete, erase, wipe, password, 삭제, …;
 //! word beginnings), plus 0.2 when Sena's confidence is below 0.5, plus 0.1
 //! above 10 subtasks, at most 1. At risk 0.7 or more it escalates to a
 //! person. Otherwise it checks the plan: duplicate ids, unknown or self

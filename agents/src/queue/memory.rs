@@ -1,0 +1,165 @@
+//! The in-memory task queue: one map under a mutex, the same semantics as
+//! the PostgreSQL one.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use agentledger_domain::workflow::Priority;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{lease_end, Claim, QueueError, WorkQueue};
+
+#[derive(Debug, Clone)]
+struct Row {
+    priority: Priority,
+    available_at: DateTime<Utc>,
+    enqueued_at: DateTime<Utc>,
+    seq: i64,
+    claims: i32,
+    lease: Option<(String, DateTime<Utc>)>,
+}
+
+/// A task queue in memory.
+#[derive(Debug, Default)]
+pub struct InMemoryWorkQueue {
+    rows: Mutex<HashMap<Uuid, Row>>,
+}
+
+impl InMemoryWorkQueue {
+    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Row>> {
+        self.rows.lock().expect("queue lock")
+    }
+}
+
+fn held_by(row: &Row, owner: &str) -> bool {
+    row.lease.as_ref().is_some_and(|(o, _)| o == owner)
+}
+
+#[async_trait]
+impl WorkQueue for InMemoryWorkQueue {
+    async fn enqueue(
+        &self,
+        workflow: Uuid,
+        priority: Priority,
+        available_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let mut rows = self.rows();
+        let row = rows.entry(workflow).or_insert(Row {
+            priority,
+            available_at,
+            enqueued_at: now,
+            seq: -1,
+            claims: 0,
+            lease: None,
+        });
+        row.priority = priority;
+        row.available_at = available_at;
+        row.seq += 1;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        max: usize,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, QueueError> {
+        let mut rows = self.rows();
+        let mut ready: Vec<(&Uuid, &mut Row)> = rows
+            .iter_mut()
+            .filter(|(_, r)| {
+                r.available_at <= now && r.lease.as_ref().is_none_or(|(_, t)| *t < now)
+            })
+            .collect();
+        ready.sort_by(|(a_id, a), (b_id, b)| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.available_at.cmp(&b.available_at))
+                .then(a_id.cmp(b_id))
+        });
+        Ok(ready
+            .into_iter()
+            .take(max)
+            .map(|(id, row)| {
+                row.lease = Some((owner.to_string(), lease_end(now, lease)));
+                row.claims += 1;
+                Claim {
+                    workflow: *id,
+                    priority: row.priority,
+                    seq: row.seq,
+                    claims: row.claims,
+                    enqueued_at: row.enqueued_at,
+                }
+            })
+            .collect())
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        workflows: &[Uuid],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, QueueError> {
+        let mut rows = self.rows();
+        let mut held = Vec::new();
+        for id in workflows {
+            if let Some(row) = rows.get_mut(id).filter(|r| held_by(r, owner)) {
+                row.lease = Some((owner.to_string(), until));
+                held.push(*id);
+            }
+        }
+        Ok(held)
+    }
+
+    async fn release(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        priority: Option<Priority>,
+        available_at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        if let Some(row) = self.rows().get_mut(&workflow).filter(|r| held_by(r, owner)) {
+            row.lease = None;
+            row.available_at = available_at;
+            if let Some(p) = priority {
+                row.priority = p;
+            }
+        }
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let mut rows = self.rows();
+        match rows.get_mut(&workflow) {
+            Some(row) if held_by(row, owner) && row.seq == seq => {
+                rows.remove(&workflow);
+            }
+            Some(row) if held_by(row, owner) => {
+                row.lease = None;
+                row.available_at = row.available_at.min(now);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, workflow: Uuid) -> Result<(), QueueError> {
+        self.rows().remove(&workflow);
+        Ok(())
+    }
+
+    async fn waiting(&self) -> Result<usize, QueueError> {
+        Ok(self.rows().len())
+    }
+}

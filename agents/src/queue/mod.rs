@@ -1,0 +1,125 @@
+//! The queue of workflows waiting for an agent: claimed under a lease,
+//! highest priority first (design §6). [`PostgresWorkQueue`] shares work
+//! between processes with `FOR UPDATE SKIP LOCKED`; [`InMemoryWorkQueue`]
+//! serves the embedded dev mode and unit tests with the same semantics.
+//!
+//! A row means "some agent may have work on this workflow"; the claimer
+//! folds the stream to find out what. The expected-version append stays the
+//! final guard, so a stale claim can cost work but never a duplicate decision.
+
+mod memory;
+mod postgres;
+
+use std::time::Duration;
+
+use agentledger_domain::workflow::Priority;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+pub use memory::InMemoryWorkQueue;
+pub use postgres::PostgresWorkQueue;
+
+/// A claimed workflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub workflow: Uuid,
+    pub priority: Priority,
+    /// The row's enqueue counter when claimed; see [`WorkQueue::complete`].
+    pub seq: i64,
+    /// How many times the row has been claimed, this claim included.
+    pub claims: i32,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// Why the queue could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database is unreachable or refused; retry later.
+    #[error("task queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The queue of waiting work. Every time is passed in (the runtime's clock).
+#[async_trait]
+pub trait WorkQueue: Send + Sync + 'static {
+    /// Queues `workflow`, or updates its row: priority and availability are
+    /// replaced, a lease held on it stays, and the enqueue counter moves on.
+    async fn enqueue(
+        &self,
+        workflow: Uuid,
+        priority: Priority,
+        available_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError>;
+
+    /// Claims up to `max` available, unleased (or lease-expired) rows for
+    /// `owner` until `now + lease`, highest priority first, then oldest
+    /// availability. Rows another claimer holds are skipped, not waited for.
+    async fn claim(
+        &self,
+        owner: &str,
+        max: usize,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, QueueError>;
+
+    /// Extends `owner`'s leases on `workflows` to `until`; returns the ones
+    /// it still held.
+    async fn renew(
+        &self,
+        owner: &str,
+        workflows: &[Uuid],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, QueueError>;
+
+    /// Gives a claim back: the row stays, unleased, with `priority` (when
+    /// given) and claimable from `available_at`. Nothing when `owner` no
+    /// longer holds it.
+    async fn release(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        priority: Option<Priority>,
+        available_at: DateTime<Utc>,
+    ) -> Result<(), QueueError>;
+
+    /// Removes the row when `owner` still holds it and nothing was enqueued
+    /// since the claim (`seq` unchanged); otherwise releases it, so that the
+    /// newer work is claimed again.
+    async fn complete(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError>;
+
+    /// Removes the row whoever holds it (a submission whose append failed).
+    async fn remove(&self, workflow: Uuid) -> Result<(), QueueError>;
+
+    /// Rows in the queue (for readiness and metrics).
+    async fn waiting(&self) -> Result<usize, QueueError>;
+}
+
+pub(crate) fn priority_code(priority: Priority) -> i16 {
+    match priority {
+        Priority::Low => 0,
+        Priority::Normal => 1,
+        Priority::High => 2,
+        Priority::Critical => 3,
+    }
+}
+
+pub(crate) fn priority_from_code(code: i16) -> Priority {
+    match code {
+        i16::MIN..=0 => Priority::Low,
+        1 => Priority::Normal,
+        2 => Priority::High,
+        _ => Priority::Critical,
+    }
+}
+
+pub(crate) fn lease_end(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)
+}

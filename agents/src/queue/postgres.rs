@@ -1,0 +1,212 @@
+//! The task queue in PostgreSQL (`agent_tasks`, migration V2): claims with
+//! `FOR UPDATE SKIP LOCKED` so that concurrent claimers never wait on or
+//! take the same row.
+
+use std::time::Duration;
+
+use agentledger_domain::workflow::Priority;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use super::{lease_end, priority_code, priority_from_code, Claim, QueueError, WorkQueue};
+
+/// A task queue in PostgreSQL, over a pool with the service role.
+#[derive(Clone)]
+pub struct PostgresWorkQueue {
+    pool: Pool,
+}
+
+impl PostgresWorkQueue {
+    /// A queue on `pool` (e.g. the event store's read pool).
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+}
+
+fn unavailable(e: tokio_postgres::Error) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+const ENQUEUE: &str = "
+    INSERT INTO agent_tasks (workflow_id, priority, available_at, enqueued_at)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (workflow_id) DO UPDATE
+       SET priority = EXCLUDED.priority,
+           available_at = EXCLUDED.available_at,
+           seq = agent_tasks.seq + 1";
+
+// The inner SELECT picks and locks the rows (skipping rows other claimers
+// hold locked this instant); the UPDATE takes the lease on them.
+const CLAIM: &str = "
+    WITH ready AS (
+        SELECT workflow_id FROM agent_tasks
+         WHERE available_at <= $2 AND (lease_until IS NULL OR lease_until < $2)
+         ORDER BY priority DESC, available_at, workflow_id
+         LIMIT $4
+         FOR UPDATE SKIP LOCKED)
+    UPDATE agent_tasks t
+       SET lease_owner = $1, lease_until = $3, claims = t.claims + 1
+      FROM ready
+     WHERE t.workflow_id = ready.workflow_id
+    RETURNING t.workflow_id, t.priority, t.seq, t.claims, t.enqueued_at, t.available_at";
+
+const RENEW: &str = "
+    UPDATE agent_tasks SET lease_until = $3
+     WHERE lease_owner = $1 AND workflow_id = ANY($2)
+    RETURNING workflow_id";
+
+const RELEASE: &str = "
+    UPDATE agent_tasks
+       SET lease_owner = NULL, lease_until = NULL,
+           priority = COALESCE($3, priority), available_at = $4
+     WHERE workflow_id = $2 AND lease_owner = $1";
+
+// Deletes when nothing was enqueued since the claim, else releases.
+const COMPLETE: &str = "
+    WITH gone AS (
+        DELETE FROM agent_tasks
+         WHERE workflow_id = $2 AND lease_owner = $1 AND seq = $3
+        RETURNING workflow_id)
+    UPDATE agent_tasks
+       SET lease_owner = NULL, lease_until = NULL, available_at = LEAST(available_at, $4)
+     WHERE workflow_id = $2 AND lease_owner = $1 AND seq <> $3
+       AND NOT EXISTS (SELECT 1 FROM gone)";
+
+#[async_trait]
+impl WorkQueue for PostgresWorkQueue {
+    async fn enqueue(
+        &self,
+        workflow: Uuid,
+        priority: Priority,
+        available_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(ENQUEUE).await.map_err(unavailable)?;
+        client
+            .execute(
+                &statement,
+                &[&workflow, &priority_code(priority), &available_at, &now],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        max: usize,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(CLAIM).await.map_err(unavailable)?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&statement, &[&owner, &now, &lease_end(now, lease), &limit])
+            .await
+            .map_err(unavailable)?;
+        let mut claims: Vec<(Claim, DateTime<Utc>)> = rows
+            .iter()
+            .map(|row| {
+                (
+                    Claim {
+                        workflow: row.get(0),
+                        priority: priority_from_code(row.get(1)),
+                        seq: row.get(2),
+                        claims: row.get(3),
+                        enqueued_at: row.get(4),
+                    },
+                    row.get(5),
+                )
+            })
+            .collect();
+        // RETURNING does not keep the claim order.
+        claims.sort_by(|(a, a_at), (b, b_at)| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a_at.cmp(b_at))
+                .then(a.workflow.cmp(&b.workflow))
+        });
+        Ok(claims.into_iter().map(|(c, _)| c).collect())
+    }
+
+    async fn renew(
+        &self,
+        owner: &str,
+        workflows: &[Uuid],
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(RENEW).await.map_err(unavailable)?;
+        let rows = client
+            .query(&statement, &[&owner, &workflows, &until])
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn release(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        priority: Option<Priority>,
+        available_at: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(RELEASE).await.map_err(unavailable)?;
+        let priority = priority.map(priority_code);
+        client
+            .execute(&statement, &[&owner, &workflow, &priority, &available_at])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn complete(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(COMPLETE).await.map_err(unavailable)?;
+        client
+            .execute(&statement, &[&owner, &workflow, &seq, &now])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn remove(&self, workflow: Uuid) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM agent_tasks WHERE workflow_id = $1",
+                &[&workflow],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn waiting(&self) -> Result<usize, QueueError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM agent_tasks", &[])
+            .await
+            .map_err(unavailable)?;
+        Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+}

@@ -1,0 +1,497 @@
+//! Driving one claimed workflow: fold it, let the agent whose turn it is
+//! decide, record the decision, repeat until a hand-off.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use agentledger_domain::policy::{gitcode, lubit, rune, sena};
+use agentledger_domain::workflow::{
+    Command, FailureKind, Priority, Text, Verdict, WorkflowEvent, WorkflowState,
+};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::{positions, History, Inner, RuntimeError};
+use crate::clock;
+use crate::faults::FaultPoint;
+use crate::queue::Claim;
+use crate::tool::{ToolCall, ToolFailure};
+
+/// How a claim ended, and so what happens to its queue row.
+#[derive(Debug)]
+enum Outcome {
+    /// Final or waiting for a person: the row goes (unless new work came).
+    Settled,
+    /// Approved: back in the queue, ordered by the gate's priority.
+    Requeue(Priority),
+    /// Someone else recorded first; let the row go for a fresh look.
+    Superseded,
+    /// The stream does not exist (yet).
+    NoStream,
+    /// Nothing can move (a plan the executor cannot schedule); look again later.
+    Stuck,
+    /// The runtime died or stopped: leave everything as it is.
+    Dead,
+}
+
+pub(super) async fn drive(inner: &Inner, claim: Claim) {
+    let id = claim.workflow;
+    let outcome = match drive_claim(inner, &claim).await {
+        Ok(outcome) => outcome,
+        Err(RuntimeError::Rejected(e)) => {
+            // The fold and the policies disagree: a bug, not bad input.
+            tracing::error!(workflow = %id, error = %e, "a policy produced a command the domain refused");
+            Outcome::Stuck
+        }
+        Err(e) => {
+            tracing::warn!(workflow = %id, error = %e, "driving the workflow failed; it will be retried");
+            Outcome::Stuck
+        }
+    };
+    if matches!(outcome, Outcome::Dead) || inner.dead.is_cancelled() {
+        return;
+    }
+    let queue = &inner.queue;
+    let owner = &inner.config.owner;
+    let now = inner.clock.now();
+    let later = |d: Duration| now + chrono::Duration::from_std(d).unwrap_or_default();
+    let result = match outcome {
+        Outcome::Settled => queue.complete(owner, id, claim.seq, now).await,
+        Outcome::Requeue(priority) => queue.release(owner, id, Some(priority), now).await,
+        Outcome::Superseded => queue.release(owner, id, None, now).await,
+        Outcome::NoStream
+            if now - claim.enqueued_at
+                > chrono::Duration::from_std(inner.config.orphan_grace).unwrap_or_default() =>
+        {
+            tracing::warn!(workflow = %id, "queued workflow has no events; dropping its row");
+            queue.complete(owner, id, claim.seq, now).await
+        }
+        // Its submission may not have committed yet.
+        Outcome::NoStream => {
+            queue
+                .release(
+                    owner,
+                    id,
+                    None,
+                    later(inner.config.poll_interval.min(Duration::from_millis(200))),
+                )
+                .await
+        }
+        Outcome::Stuck => {
+            queue
+                .release(owner, id, None, later(inner.config.lease))
+                .await
+        }
+        Outcome::Dead => unreachable!("handled above"),
+    };
+    if let Err(e) = result {
+        tracing::warn!(workflow = %id, error = %e, "updating the queue failed; the lease will expire");
+    }
+    inner.forget(id);
+}
+
+async fn drive_claim(inner: &Inner, claim: &Claim) -> Result<Outcome, RuntimeError> {
+    if inner.crash_at(FaultPoint::AfterClaim) {
+        return Ok(Outcome::Dead);
+    }
+    let Some(mut history) = History::load(&*inner.store, claim.workflow).await? else {
+        return Ok(Outcome::NoStream);
+    };
+    loop {
+        if inner.dead.is_cancelled() {
+            return Ok(Outcome::Dead);
+        }
+        let step = match history.workflow.state {
+            WorkflowState::Submitted | WorkflowState::Analysing => {
+                analyse(inner, &mut history).await?
+            }
+            WorkflowState::Gating => gate(inner, &mut history).await?,
+            WorkflowState::Executing => execute(inner, &mut history).await?,
+            WorkflowState::Reviewing => review(inner, &mut history).await?,
+            _ => Some(Outcome::Settled),
+        };
+        if let Some(outcome) = step {
+            return Ok(outcome);
+        }
+    }
+}
+
+/// `None` to go on with the next stage, or how the claim ends.
+type Step = Option<Outcome>;
+
+fn recorded(written: bool, inner: &Inner, point: FaultPoint) -> Step {
+    if !written {
+        Some(Outcome::Superseded)
+    } else if inner.crash_at(point) {
+        Some(Outcome::Dead)
+    } else {
+        None
+    }
+}
+
+async fn analyse(inner: &Inner, history: &mut History) -> Result<Step, RuntimeError> {
+    let workflow = &history.workflow;
+    let analysis = sena::analyse(
+        &inner.config.sena,
+        workflow.request.as_str(),
+        workflow.round,
+        &inner.tools.specs(),
+    );
+    let mut seen = vec![&history.events[0]];
+    seen.extend(history.last_where(|e| {
+        matches!(
+            e,
+            WorkflowEvent::GateDecided {
+                verdict: Verdict::Revise,
+                ..
+            }
+        )
+    }));
+    let inputs = positions(seen);
+    let causation = history.last().map(|r| r.event_id);
+    let command = Command::RecordAnalysis {
+        subtasks: analysis.subtasks,
+        confidence: analysis.confidence,
+        rationale: analysis.rationale,
+    };
+    let written = history
+        .record(
+            &*inner.store,
+            &inner.agents.sena,
+            vec![command],
+            causation,
+            inputs,
+        )
+        .await?;
+    Ok(recorded(written, inner, FaultPoint::AfterAnalysis))
+}
+
+async fn gate(inner: &Inner, history: &mut History) -> Result<Step, RuntimeError> {
+    let Some(analysis) =
+        history.last_where(|e| matches!(e, WorkflowEvent::AnalysisProduced { .. }))
+    else {
+        return Err(RuntimeError::Corrupt("gating without an analysis".into()));
+    };
+    let WorkflowEvent::AnalysisProduced {
+        subtasks,
+        confidence,
+        ..
+    } = &analysis.event
+    else {
+        unreachable!("matched above");
+    };
+    let registered = inner.tools.names();
+    let workflow = &history.workflow;
+    let decision = lubit::decide(
+        &inner.config.lubit,
+        &lubit::GateInput {
+            request: workflow.request.as_str(),
+            round: workflow.round,
+            subtasks,
+            confidence: *confidence,
+            priority: workflow.priority,
+            registered: &registered,
+        },
+    );
+    let inputs = positions([&history.events[0], analysis]);
+    let causation = Some(analysis.event_id);
+    let (verdict, priority) = (decision.verdict, decision.priority);
+    let command = Command::RecordGate {
+        verdict,
+        priority,
+        risk: decision.risk,
+        reasons: decision.reasons,
+        rationale: decision.rationale,
+    };
+    let written = history
+        .record(
+            &*inner.store,
+            &inner.agents.lubit,
+            vec![command],
+            causation,
+            inputs,
+        )
+        .await?;
+    Ok(
+        recorded(written, inner, FaultPoint::AfterGate).or(match verdict {
+            Verdict::Approve => Some(Outcome::Requeue(priority)),
+            _ => None,
+        }),
+    )
+}
+
+async fn review(inner: &Inner, history: &mut History) -> Result<Step, RuntimeError> {
+    let events: Vec<WorkflowEvent> = history.events.iter().map(|r| r.event.clone()).collect();
+    let review = rune::review(&inner.config.rune, &events);
+    let inputs = positions(&history.events);
+    let causation = history.last().map(|r| r.event_id);
+    let command = Command::RecordEthics {
+        scores: review.scores,
+        passed: review.passed,
+        findings: review.findings,
+    };
+    let written = history
+        .record(
+            &*inner.store,
+            &inner.agents.rune,
+            vec![command],
+            causation,
+            inputs,
+        )
+        .await?;
+    Ok(recorded(written, inner, FaultPoint::AfterReview))
+}
+
+/// What a subtask in flight reports.
+enum Progress {
+    /// Its backoff is over: record the start and run it.
+    Due { subtask: String, attempt: u8 },
+    /// Its tool returned (or timed out).
+    Done {
+        subtask: String,
+        attempt: u8,
+        result: Result<String, (FailureKind, String)>,
+    },
+}
+
+async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeError> {
+    let config = &inner.config.gitcode;
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let mut running: FuturesUnordered<BoxFuture<'_, Progress>> = FuturesUnordered::new();
+    loop {
+        if inner.dead.is_cancelled() {
+            return Ok(Some(Outcome::Dead));
+        }
+        let mut commands = Vec::new();
+        let mut starts = Vec::new();
+        let mut finishing = false;
+        for action in gitcode::next_actions(config, &history.workflow, &in_flight) {
+            match action {
+                gitcode::Action::Abandon { subtask, attempt } => {
+                    commands.push(Command::FailSubtask {
+                        subtask,
+                        attempt,
+                        kind: FailureKind::Abandoned,
+                        error: "its worker stopped before it ended (lease expired)".into(),
+                    })
+                }
+                gitcode::Action::Skip { subtask, reason } => {
+                    commands.push(Command::SkipSubtask { subtask, reason })
+                }
+                gitcode::Action::Start {
+                    subtask,
+                    attempt,
+                    delay,
+                } if delay.is_zero() => {
+                    commands.push(Command::StartSubtask {
+                        subtask: subtask.clone(),
+                        attempt,
+                    });
+                    starts.push((subtask, attempt));
+                }
+                gitcode::Action::Start {
+                    subtask,
+                    attempt,
+                    delay,
+                } => {
+                    in_flight.insert(subtask.clone());
+                    let sleep = inner.clock.sleep(delay);
+                    running.push(
+                        async move {
+                            sleep.await;
+                            Progress::Due { subtask, attempt }
+                        }
+                        .boxed(),
+                    );
+                }
+                gitcode::Action::Finish => {
+                    commands.push(Command::FinishExecution);
+                    finishing = true;
+                }
+            }
+        }
+        if !commands.is_empty() {
+            let approval = history.last_where(|e| {
+                matches!(
+                    e,
+                    WorkflowEvent::GateDecided {
+                        verdict: Verdict::Approve,
+                        ..
+                    } | WorkflowEvent::HumanDecisionRecorded { approve: true, .. }
+                )
+            });
+            let mut inputs = positions(approval);
+            inputs.extend(
+                history
+                    .last()
+                    .map(|r| r.position)
+                    .filter(|p| !inputs.contains(p)),
+            );
+            let causation = history.last().map(|r| r.event_id);
+            let written = history
+                .record(
+                    &*inner.store,
+                    &inner.agents.gitcode,
+                    commands,
+                    causation,
+                    inputs,
+                )
+                .await?;
+            if !written {
+                return Ok(Some(Outcome::Superseded));
+            }
+            let started = !starts.is_empty();
+            for (subtask, attempt) in starts {
+                in_flight.insert(subtask.clone());
+                running.push(run_tool(inner, history, subtask, attempt));
+            }
+            if started && inner.crash_at(FaultPoint::AfterSubtaskStarted) {
+                return Ok(Some(Outcome::Dead));
+            }
+            if finishing {
+                return Ok(recorded(true, inner, FaultPoint::AfterExecution));
+            }
+            continue;
+        }
+        let progress = tokio::select! {
+            progress = running.next() => progress,
+            () = inner.dead.cancelled() => return Ok(Some(Outcome::Dead)),
+        };
+        let Some(progress) = progress else {
+            tracing::error!(workflow = %history.id, "execution cannot move: no subtask is ready or running");
+            return Ok(Some(Outcome::Stuck));
+        };
+        match progress {
+            Progress::Due { subtask, attempt } => {
+                let causation = history.last().map(|r| r.event_id);
+                let inputs = positions(history.last());
+                let command = Command::StartSubtask {
+                    subtask: subtask.clone(),
+                    attempt,
+                };
+                if !history
+                    .record(
+                        &*inner.store,
+                        &inner.agents.gitcode,
+                        vec![command],
+                        causation,
+                        inputs,
+                    )
+                    .await?
+                {
+                    return Ok(Some(Outcome::Superseded));
+                }
+                running.push(run_tool(inner, history, subtask, attempt));
+                if inner.crash_at(FaultPoint::AfterSubtaskStarted) {
+                    return Ok(Some(Outcome::Dead));
+                }
+            }
+            Progress::Done {
+                subtask,
+                attempt,
+                result,
+            } => {
+                if inner.crash_at(FaultPoint::BeforeSubtaskResult) {
+                    return Ok(Some(Outcome::Dead));
+                }
+                in_flight.remove(&subtask);
+                let start = history.last_where(|e| {
+                    matches!(e, WorkflowEvent::SubtaskStarted { subtask: s, attempt: a } if *s == subtask && *a == attempt)
+                });
+                let causation = start.map(|r| r.event_id);
+                let inputs = positions(start);
+                let command = match result {
+                    Ok(output) => Command::CompleteSubtask {
+                        subtask,
+                        attempt,
+                        output: Text::new(output),
+                    },
+                    Err((kind, error)) => Command::FailSubtask {
+                        subtask,
+                        attempt,
+                        kind,
+                        error,
+                    },
+                };
+                if !history
+                    .record(
+                        &*inner.store,
+                        &inner.agents.gitcode,
+                        vec![command],
+                        causation,
+                        inputs,
+                    )
+                    .await?
+                {
+                    return Ok(Some(Outcome::Superseded));
+                }
+            }
+        }
+    }
+}
+
+/// One attempt of `subtask`'s tool, under the attempt deadline.
+fn run_tool<'a>(
+    inner: &'a Inner,
+    history: &History,
+    subtask: String,
+    attempt: u8,
+) -> BoxFuture<'a, Progress> {
+    let plan = history
+        .workflow
+        .subtask(&subtask)
+        .and_then(|s| s.plan.clone());
+    let input = gitcode::tool_input(&history.workflow, &subtask);
+    let workflow = history.id;
+    async move {
+        let Some(plan) = plan else {
+            return Progress::Done {
+                subtask,
+                attempt,
+                result: Err((FailureKind::Invalid, "not in the plan".into())),
+            };
+        };
+        let Some(tool) = inner.tools.get(&plan.tool).cloned() else {
+            let error = if plan.tool.is_empty() {
+                "no tool was chosen for it".to_string()
+            } else {
+                format!("no tool named {:?} is registered", plan.tool)
+            };
+            return Progress::Done {
+                subtask,
+                attempt,
+                result: Err((FailureKind::Invalid, error)),
+            };
+        };
+        let cancel = CancellationToken::new();
+        let call = ToolCall {
+            workflow,
+            subtask: subtask.clone(),
+            attempt,
+            instruction: plan.title.as_str().to_string(),
+            input,
+            cancel: cancel.clone(),
+        };
+        let limit = inner.config.gitcode.attempt_timeout();
+        let result = match clock::timeout(&*inner.clock, limit, tool.run(call)).await {
+            Some(Ok(output)) => Ok(output),
+            Some(Err(ToolFailure::Error(e))) => Err((FailureKind::Error, e)),
+            Some(Err(ToolFailure::Invalid(e))) => Err((FailureKind::Invalid, e)),
+            None => {
+                cancel.cancel();
+                Err((
+                    FailureKind::Timeout,
+                    format!("no result within {} ms", limit.as_millis()),
+                ))
+            }
+        };
+        Progress::Done {
+            subtask,
+            attempt,
+            result,
+        }
+    }
+    .boxed()
+}

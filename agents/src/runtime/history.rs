@@ -1,0 +1,185 @@
+//! A workflow as the runtime sees it: its folded state plus where each event
+//! sits in the store, and the one way decisions are appended (expected
+//! version, causation, inputs, actor and policy in the metadata).
+
+use agentledger_domain::workflow::{handle, Command, Workflow, WorkflowEvent};
+use agentledger_eventstore::{
+    Actor, EventStore, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position, StoreError,
+    StreamId,
+};
+use uuid::Uuid;
+
+use super::RuntimeError;
+
+/// The prefix of every workflow stream id.
+pub const STREAM_PREFIX: &str = "workflow-";
+
+/// The stream of workflow `id`.
+pub fn stream_of(id: Uuid) -> StreamId {
+    StreamId::new(format!("{STREAM_PREFIX}{id}")).expect("a workflow stream id is valid")
+}
+
+/// Who records an event: the actor and, for agents, the policy.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    pub actor: Actor,
+    pub policy: Option<PolicyRef>,
+}
+
+/// One recorded event of the workflow.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub position: Position,
+    pub event_id: Uuid,
+    pub event: WorkflowEvent,
+}
+
+/// A loaded workflow.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub id: Uuid,
+    pub stream: StreamId,
+    pub workflow: Workflow,
+    pub events: Vec<Recorded>,
+    /// Tenant and owner of the submission, carried onto every event.
+    pub tenant: String,
+    pub owner: String,
+}
+
+impl History {
+    /// Reads and folds workflow `id`; `None` when it has no events.
+    pub async fn load(store: &dyn EventStore, id: Uuid) -> Result<Option<Self>, RuntimeError> {
+        const PAGE: usize = 1_000;
+        let stream = stream_of(id);
+        let mut history = Self {
+            id,
+            stream: stream.clone(),
+            workflow: Workflow::default(),
+            events: Vec::new(),
+            tenant: String::new(),
+            owner: String::new(),
+        };
+        loop {
+            let page = store
+                .read_stream(&stream, history.events.len() as u64, PAGE)
+                .await?;
+            for recorded in &page {
+                if history.events.is_empty() {
+                    let metadata = recorded
+                        .metadata()
+                        .map_err(|e| RuntimeError::Corrupt(format!("{stream}: metadata: {e}")))?;
+                    history.tenant = metadata.tenant;
+                    history.owner = metadata.owner;
+                }
+                let event = WorkflowEvent::decode(
+                    &recorded.event_type,
+                    recorded.schema_version,
+                    &recorded.payload,
+                )
+                .map_err(|e| RuntimeError::Corrupt(format!("{stream}: {e}")))?;
+                history.push(recorded.global_position, recorded.event_id, event);
+            }
+            if page.len() < PAGE {
+                break;
+            }
+        }
+        Ok((!history.events.is_empty()).then_some(history))
+    }
+
+    fn push(&mut self, position: Position, event_id: Uuid, event: WorkflowEvent) {
+        self.workflow = std::mem::take(&mut self.workflow).apply(&event);
+        self.events.push(Recorded {
+            position,
+            event_id,
+            event,
+        });
+    }
+
+    /// The last event, which is what any decision now is caused by.
+    pub fn last(&self) -> Option<&Recorded> {
+        self.events.last()
+    }
+
+    /// The last event matching `wanted`.
+    pub fn last_where(&self, wanted: impl Fn(&WorkflowEvent) -> bool) -> Option<&Recorded> {
+        self.events.iter().rev().find(|r| wanted(&r.event))
+    }
+
+    /// Handles `commands` in order against the current state and appends all
+    /// their events in one append, expecting the version this history read.
+    /// `Ok(false)`: another writer appended first (the decision is theirs).
+    pub async fn record(
+        &mut self,
+        store: &dyn EventStore,
+        recorder: &Recorder,
+        commands: Vec<Command>,
+        causation: Option<Uuid>,
+        inputs: Vec<Position>,
+    ) -> Result<bool, RuntimeError> {
+        self.record_keyed(store, recorder, commands, causation, inputs, None)
+            .await
+    }
+
+    /// [`History::record`] with the idempotency key of the command.
+    pub async fn record_keyed(
+        &mut self,
+        store: &dyn EventStore,
+        recorder: &Recorder,
+        commands: Vec<Command>,
+        causation: Option<Uuid>,
+        inputs: Vec<Position>,
+        idempotency_key: Option<String>,
+    ) -> Result<bool, RuntimeError> {
+        let mut scratch = self.workflow.clone();
+        let mut events = Vec::new();
+        for command in commands {
+            let produced = handle(&scratch, command)?;
+            scratch = produced.iter().fold(scratch, Workflow::apply);
+            events.extend(produced);
+        }
+        if events.is_empty() {
+            return Ok(true);
+        }
+        let mut metadata = Metadata::new(recorder.actor.clone());
+        metadata.correlation_id = Some(self.id);
+        metadata.causation_id = causation;
+        metadata.tenant = self.tenant.clone();
+        metadata.owner = self.owner.clone();
+        metadata.policy = recorder.policy.clone();
+        metadata.inputs = inputs;
+        metadata.idempotency_key = idempotency_key;
+        let new: Vec<NewEvent> = events
+            .iter()
+            .map(|event| {
+                let (event_type, schema_version, payload) = event.encode();
+                let mut new = NewEvent::new(event_type, payload, metadata.clone());
+                new.schema_version = schema_version;
+                new
+            })
+            .collect();
+        let ids: Vec<Uuid> = new.iter().map(|e| e.event_id).collect();
+        let expected = match self.events.len() {
+            0 => ExpectedVersion::NoStream,
+            n => ExpectedVersion::Exact(n as u64 - 1),
+        };
+        let appended = match store.append(&self.stream, expected, new).await {
+            Ok(appended) => appended,
+            Err(StoreError::Conflict { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let contiguous =
+            appended.last_position - appended.first_position + 1 == events.len() as u64;
+        if contiguous {
+            for ((event, id), i) in events.into_iter().zip(ids).zip(0..) {
+                self.push(appended.first_position + i, id, event);
+            }
+        } else {
+            // Positions of one append are taken as a block; should that ever
+            // change, read them back rather than guess.
+            *self = Self::load(store, self.id)
+                .await?
+                .ok_or_else(|| RuntimeError::Corrupt(format!("{} vanished", self.stream)))?;
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,528 @@
+//! The runtime: claims workflows from the [`WorkQueue`], folds each one's
+//! stream, runs the agent whose turn it is, and records the decision with
+//! the version it read. Commands from people and applications (submit,
+//! decide an escalation, cancel) come in through [`Runtime`] too.
+//!
+//! A claim drives a workflow through its automatic stages until a hand-off:
+//! after an approval it goes back to the queue, where Lubit's priority now
+//! orders it; it leaves the queue when it waits for a person or has ended.
+//! If the process dies, the lease runs out and another runtime picks the
+//! workflow up from what the stream says (an attempt left running is
+//! recorded as abandoned, then retried).
+
+mod drive;
+mod history;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentledger_domain::policy::{
+    gitcode::GitCodeConfig, lubit::LubitConfig, rune::RuneConfig, sena::SenaConfig,
+};
+use agentledger_domain::workflow::{Command, DomainError, Priority, Text, Workflow};
+use agentledger_eventstore::{Actor, ActorKind, EventStore, PolicyRef, Position, StoreError};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use history::{stream_of, History, Recorded, Recorder, STREAM_PREFIX};
+
+use crate::clock::Clock;
+use crate::faults::{FaultPlan, FaultPoint};
+use crate::queue::{QueueError, WorkQueue};
+use crate::tool::ToolRegistry;
+
+/// Why a command or the runtime failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The domain refused the command; nothing was written
+    /// (`BAD_INPUT`, `NOT_FOUND` or `CONFLICT`, by the inner error).
+    #[error(transparent)]
+    Rejected(#[from] DomainError),
+    /// The event store failed; see the inner error for how to handle it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The task queue failed; retry later (`UNAVAILABLE`).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Another writer changed the workflow between read and write; read it
+    /// again and retry if the command still applies (`CONFLICT`).
+    #[error("the workflow changed meanwhile; read it again")]
+    Superseded,
+    /// A stored event cannot be read (`INTERNAL`): a bug or a newer writer.
+    #[error("corrupt workflow: {0}")]
+    Corrupt(String),
+}
+
+/// How the runtime behaves; every policy configuration is recorded (as a
+/// fingerprint) with the decisions made under it.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// This runtime's name in leases (unique per process).
+    pub owner: String,
+    /// Workflows driven at once.
+    pub max_workflows: usize,
+    /// Most rows one claim takes.
+    pub claim_batch: usize,
+    /// How long a claim lasts without renewal; a dead runtime's work waits
+    /// this long before another picks it up.
+    pub lease: Duration,
+    /// How often the queue is polled when nothing woke the runtime (new
+    /// work from other processes wakes it through the event store; expired
+    /// leases are only found by polling).
+    pub poll_interval: Duration,
+    /// How long a submission whose stream never appeared stays queued.
+    pub orphan_grace: Duration,
+    pub sena: SenaConfig,
+    pub lubit: LubitConfig,
+    pub gitcode: GitCodeConfig,
+    pub rune: RuneConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("{}-{}", std::process::id(), Uuid::now_v7().simple()),
+            max_workflows: 64,
+            claim_batch: 32,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            orphan_grace: Duration::from_secs(30),
+            sena: SenaConfig::default(),
+            lubit: LubitConfig::default(),
+            gitcode: GitCodeConfig::default(),
+            rune: RuneConfig::default(),
+        }
+    }
+}
+
+/// A request to start a workflow.
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    /// The workflow's id; a new UUIDv7 when `None`.
+    pub workflow_id: Option<Uuid>,
+    pub request: String,
+    pub input: Option<String>,
+    pub priority: Priority,
+    /// The submitting principal (`anonymous` in dev).
+    pub owner: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// The four agents' identities, with the fingerprints of their configurations.
+#[derive(Debug, Clone)]
+pub(crate) struct Agents {
+    pub sena: Recorder,
+    pub lubit: Recorder,
+    pub gitcode: Recorder,
+    pub rune: Recorder,
+}
+
+/// The hex SHA-256 of `config`'s canonical JSON: the same configuration
+/// always gives the same fingerprint, on any machine.
+pub fn fingerprint(config: &impl Serialize) -> String {
+    let value = serde_json::to_value(config).expect("policy configurations serialise");
+    hex::encode(Sha256::digest(
+        agentledger_eventstore::chain::canonical_json(&value),
+    ))
+}
+
+fn agent(name: &str, config: &impl Serialize) -> Recorder {
+    let version = agentledger_domain::policy::VERSION.to_string();
+    Recorder {
+        actor: Actor {
+            kind: ActorKind::Agent,
+            name: name.into(),
+            version: version.clone(),
+        },
+        policy: Some(PolicyRef {
+            name: format!("{name}-reference"),
+            version,
+            fingerprint: fingerprint(config),
+        }),
+    }
+}
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn EventStore>,
+    pub queue: Arc<dyn WorkQueue>,
+    pub tools: ToolRegistry,
+    pub clock: Arc<dyn Clock>,
+    pub config: RuntimeConfig,
+    pub agents: Agents,
+    pub faults: Option<FaultPlan>,
+    /// Something may be claimable.
+    wake: Notify,
+    /// Workflows this runtime holds a lease on.
+    held: Mutex<HashSet<Uuid>>,
+    /// Cancelled when the runtime is killed (a fault) or stopped: drives
+    /// end at their next step without touching the queue.
+    pub dead: CancellationToken,
+}
+
+/// The agent runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl Runtime {
+    /// A runtime over `store` and `queue` with `tools`, reading time from `clock`.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        queue: Arc<dyn WorkQueue>,
+        tools: ToolRegistry,
+        clock: Arc<dyn Clock>,
+        config: RuntimeConfig,
+    ) -> Self {
+        Self::with_faults(store, queue, tools, clock, config, None)
+    }
+
+    /// Like [`Runtime::new`], dying at the point `faults` names (crash tests).
+    pub fn with_faults(
+        store: Arc<dyn EventStore>,
+        queue: Arc<dyn WorkQueue>,
+        tools: ToolRegistry,
+        clock: Arc<dyn Clock>,
+        config: RuntimeConfig,
+        faults: Option<FaultPlan>,
+    ) -> Self {
+        let agents = Agents {
+            sena: agent("sena", &config.sena),
+            lubit: agent("lubit", &config.lubit),
+            gitcode: agent("gitcode", &config.gitcode),
+            rune: agent("rune", &config.rune),
+        };
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                queue,
+                tools,
+                clock,
+                config,
+                agents,
+                faults,
+                wake: Notify::new(),
+                held: Mutex::new(HashSet::new()),
+                dead: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The event store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    /// This runtime's lease owner name.
+    pub fn owner(&self) -> &str {
+        &self.inner.config.owner
+    }
+
+    /// True once a fault point has stopped this runtime.
+    pub fn is_dead(&self) -> bool {
+        self.inner.dead.is_cancelled()
+    }
+
+    /// Starts a workflow: checks the submission (nothing is written when it
+    /// is refused), queues it, records `WorkflowSubmitted`. Returns its id.
+    ///
+    /// The queue row is written first: should the process die before the
+    /// append, the claimer finds no stream and drops the row after
+    /// `orphan_grace`; the other order could lose the workflow.
+    pub async fn submit(&self, submission: Submission) -> Result<Uuid, RuntimeError> {
+        let inner = &self.inner;
+        let id = submission.workflow_id.unwrap_or_else(Uuid::now_v7);
+        let command = Command::Submit {
+            request: Text::new(submission.request),
+            input: submission.input.map(Text::new),
+            priority: submission.priority,
+        };
+        let mut history = History {
+            id,
+            stream: stream_of(id),
+            workflow: Workflow::default(),
+            events: Vec::new(),
+            tenant: "default".into(),
+            owner: submission.owner.unwrap_or_else(|| "anonymous".into()),
+        };
+        // Refuse bad input before anything is written.
+        agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
+        let now = inner.clock.now();
+        inner
+            .queue
+            .enqueue(id, submission.priority, now, now)
+            .await?;
+        let recorder = Recorder {
+            actor: Actor {
+                kind: ActorKind::Human,
+                name: history.owner.clone(),
+                version: String::new(),
+            },
+            policy: None,
+        };
+        let written = history
+            .record_keyed(
+                &*inner.store,
+                &recorder,
+                vec![command],
+                None,
+                vec![],
+                submission.idempotency_key,
+            )
+            .await;
+        match written {
+            Ok(true) => {
+                inner.wake.notify_one();
+                Ok(id)
+            }
+            Ok(false) => Err(RuntimeError::Superseded),
+            Err(e) => {
+                let _ = inner.queue.remove(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a person's decision on an escalated workflow and resumes it.
+    ///
+    /// The queue row is written twice: before the append, claimable only
+    /// after `orphan_grace` (so that a crash right after the append still
+    /// resumes the workflow, late), and after it, claimable at once.
+    pub async fn decide_escalation(
+        &self,
+        workflow: Uuid,
+        approve: bool,
+        comment: String,
+        person: &str,
+    ) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        let mut history = History::load(&*inner.store, workflow)
+            .await?
+            .ok_or(DomainError::NotFound)?;
+        let command = Command::RecordHumanDecision {
+            approve,
+            comment: Text::new(comment),
+        };
+        agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
+        let priority = history.workflow.priority;
+        let now = inner.clock.now();
+        let later = now + chrono::Duration::from_std(inner.config.orphan_grace).unwrap_or_default();
+        inner.queue.enqueue(workflow, priority, later, now).await?;
+        let recorder = human(person);
+        let causation = history.last().map(|r| r.event_id);
+        let inputs = history.last().map(|r| vec![r.position]).unwrap_or_default();
+        if !history
+            .record(&*inner.store, &recorder, vec![command], causation, inputs)
+            .await?
+        {
+            return Err(RuntimeError::Superseded);
+        }
+        inner.queue.enqueue(workflow, priority, now, now).await?;
+        inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Cancels a workflow that has not ended. A runtime driving it stops at
+    /// its next append (the version moved) and lets the row go.
+    pub async fn cancel(
+        &self,
+        workflow: Uuid,
+        reason: Option<String>,
+        person: &str,
+    ) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        let mut history = History::load(&*inner.store, workflow)
+            .await?
+            .ok_or(DomainError::NotFound)?;
+        let causation = history.last().map(|r| r.event_id);
+        let command = Command::Cancel {
+            reason: reason.map(Text::new),
+        };
+        if !history
+            .record(
+                &*inner.store,
+                &human(person),
+                vec![command],
+                causation,
+                vec![],
+            )
+            .await?
+        {
+            return Err(RuntimeError::Superseded);
+        }
+        Ok(())
+    }
+
+    /// Reads workflow `id` (its state and events); `None` when unknown.
+    pub async fn load(&self, id: Uuid) -> Result<Option<History>, RuntimeError> {
+        History::load(&*self.inner.store, id).await
+    }
+
+    /// Claims and drives workflows until `shutdown` completes or a fault
+    /// kills the runtime. On shutdown, drives in flight stop at their next
+    /// step and their claims are released for others.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let inner = self.inner.clone();
+        let slots = Arc::new(Semaphore::new(inner.config.max_workflows.max(1)));
+        let mut drives = JoinSet::new();
+        let renewer = tokio::spawn(renew_leases(inner.clone()));
+        let woken = wake_on_new_work(inner.clone());
+        tokio::pin!(shutdown);
+        loop {
+            while drives.try_join_next().is_some() {}
+            // Wait for a free slot, then claim as many rows as slots are free.
+            let first = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                () = &mut shutdown => break,
+                () = inner.dead.cancelled() => break,
+            };
+            let free = 1 + slots.available_permits();
+            let now = inner.clock.now();
+            let claims = match inner
+                .queue
+                .claim(
+                    &inner.config.owner,
+                    free.min(inner.config.claim_batch),
+                    now,
+                    inner.config.lease,
+                )
+                .await
+            {
+                Ok(claims) => claims,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming work failed; retrying after the poll interval");
+                    Vec::new()
+                }
+            };
+            let idle = claims.is_empty();
+            let mut first = Some(first);
+            for claim in claims {
+                let slot = match first.take() {
+                    Some(slot) => slot,
+                    None => slots
+                        .clone()
+                        .try_acquire_owned()
+                        .expect("claimed no more than free slots"),
+                };
+                inner.held.lock().expect("held lock").insert(claim.workflow);
+                let inner = inner.clone();
+                drives.spawn(async move {
+                    drive::drive(&inner, claim).await;
+                    drop(slot);
+                });
+            }
+            drop(first);
+            if idle {
+                tokio::select! {
+                    () = inner.wake.notified() => {}
+                    () = inner.clock.sleep(inner.config.poll_interval) => {}
+                    () = &mut shutdown => break,
+                    () = inner.dead.cancelled() => break,
+                }
+            }
+        }
+        let killed = inner.dead.is_cancelled();
+        inner.dead.cancel();
+        renewer.abort();
+        woken.abort();
+        // Drives see `dead` at their next step and end; a killed runtime
+        // leaves its leases to expire, a stopped one hands them back.
+        while drives.join_next().await.is_some() {}
+        if !killed {
+            let held: Vec<Uuid> = inner.held.lock().expect("held lock").drain().collect();
+            let now = inner.clock.now();
+            for workflow in held {
+                let _ = inner
+                    .queue
+                    .release(&inner.config.owner, workflow, None, now)
+                    .await;
+            }
+        }
+    }
+
+    /// Kills the runtime as a crash would: drives stop where they are, no
+    /// lease is released or renewed.
+    pub fn kill(&self) {
+        self.inner.dead.cancel();
+    }
+}
+
+fn human(person: &str) -> Recorder {
+    Recorder {
+        actor: Actor {
+            kind: ActorKind::Human,
+            name: person.into(),
+            version: String::new(),
+        },
+        policy: None,
+    }
+}
+
+impl Inner {
+    /// Counts a visit of `point`; when the fault plan strikes, kills the
+    /// runtime and returns true.
+    pub(crate) fn crash_at(&self, point: FaultPoint) -> bool {
+        let strikes = self.faults.as_ref().is_some_and(|f| f.strikes(point));
+        if strikes {
+            tracing::warn!(?point, owner = %self.config.owner, "fault point reached: the runtime dies here");
+            self.dead.cancel();
+        }
+        strikes || self.dead.is_cancelled()
+    }
+
+    pub(crate) fn forget(&self, workflow: Uuid) {
+        self.held.lock().expect("held lock").remove(&workflow);
+    }
+}
+
+/// Renews this runtime's leases every third of the lease time.
+async fn renew_leases(inner: Arc<Inner>) {
+    loop {
+        inner.clock.sleep(inner.config.lease / 3).await;
+        let held: Vec<Uuid> = inner
+            .held
+            .lock()
+            .expect("held lock")
+            .iter()
+            .copied()
+            .collect();
+        if held.is_empty() || inner.dead.is_cancelled() {
+            continue;
+        }
+        let until = crate::queue::lease_end(inner.clock.now(), inner.config.lease);
+        if let Err(e) = inner.queue.renew(&inner.config.owner, &held, until).await {
+            tracing::warn!(error = %e, "renewing leases failed");
+        }
+    }
+}
+
+/// Wakes the claim loop when another process records work: a submission,
+/// a gate verdict (an approval goes back to the queue) or a person's decision.
+fn wake_on_new_work(inner: Arc<Inner>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let from = match inner.store.head_position().await {
+            Ok(head) => head + 1,
+            Err(_) => return,
+        };
+        let mut events = inner.store.subscribe_all(from);
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { return };
+            if matches!(
+                event.event_type.as_str(),
+                "WorkflowSubmitted" | "GateDecided" | "HumanDecisionRecorded"
+            ) {
+                inner.wake.notify_one();
+            }
+        }
+    })
+}
+
+/// Positions helper for decisions: the positions of `events`.
+pub(crate) fn positions<'a>(events: impl IntoIterator<Item = &'a Recorded>) -> Vec<Position> {
+    events.into_iter().map(|r| r.position).collect()
+}
