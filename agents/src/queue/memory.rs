@@ -62,6 +62,37 @@ impl WorkQueue for InMemoryWorkQueue {
         Ok(())
     }
 
+    async fn enqueue_claimed(
+        &self,
+        workflow: Uuid,
+        priority: Priority,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Claim, QueueError> {
+        let mut rows = self.rows();
+        let row = rows.entry(workflow).or_insert(Row {
+            priority,
+            available_at: now,
+            enqueued_at: now,
+            seq: 0,
+            claims: 0,
+            lease: None,
+        });
+        if row.lease.as_ref().is_some_and(|(_, until)| *until >= now) {
+            return Err(QueueError::Held(workflow));
+        }
+        row.claims += 1;
+        row.lease = Some((owner.to_string(), lease_end(now, lease)));
+        Ok(Claim {
+            workflow,
+            priority: row.priority,
+            seq: row.seq,
+            claims: row.claims,
+            enqueued_at: row.enqueued_at,
+        })
+    }
+
     async fn claim(
         &self,
         owner: &str,

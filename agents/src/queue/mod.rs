@@ -38,6 +38,9 @@ pub enum QueueError {
     /// The database is unreachable or refused; retry later.
     #[error("task queue unavailable: {0}")]
     Unavailable(String),
+    /// Another runtime holds this workflow's row.
+    #[error("workflow {0} is claimed by another runtime")]
+    Held(Uuid),
 }
 
 /// The queue of waiting work. Every time is passed in (the runtime's clock).
@@ -52,6 +55,18 @@ pub trait WorkQueue: Send + Sync + 'static {
         available_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<(), QueueError>;
+
+    /// Queues a new `workflow` already claimed by `owner` until `now +
+    /// lease`: the submitter drives it (or releases it) without racing
+    /// other claimers to a row whose stream may not be written yet.
+    async fn enqueue_claimed(
+        &self,
+        workflow: Uuid,
+        priority: Priority,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Claim, QueueError>;
 
     /// Claims up to `max` available, unleased (or lease-expired) rows for
     /// `owner` until `now + lease`, highest priority first, then oldest

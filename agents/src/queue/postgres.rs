@@ -44,6 +44,17 @@ const ENQUEUE: &str = "
            available_at = EXCLUDED.available_at,
            seq = agent_tasks.seq + 1";
 
+// A new workflow's row, leased to its submitter. Should the id exist
+// already, the row is taken over only when its lease has run out.
+const ENQUEUE_CLAIMED: &str = "
+    INSERT INTO agent_tasks (workflow_id, priority, available_at, enqueued_at, claims, lease_owner, lease_until)
+    VALUES ($1, $2, $3, $3, 1, $4, $5)
+    ON CONFLICT (workflow_id) DO UPDATE
+       SET lease_owner = EXCLUDED.lease_owner, lease_until = EXCLUDED.lease_until,
+           claims = agent_tasks.claims + 1
+     WHERE agent_tasks.lease_until IS NULL OR agent_tasks.lease_until < $3
+    RETURNING seq, claims, enqueued_at, priority";
+
 // The inner SELECT picks and locks the rows (skipping rows other claimers
 // hold locked this instant); the UPDATE takes the lease on them.
 const CLAIM: &str = "
@@ -100,6 +111,42 @@ impl WorkQueue for PostgresWorkQueue {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn enqueue_claimed(
+        &self,
+        workflow: Uuid,
+        priority: Priority,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Claim, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(ENQUEUE_CLAIMED)
+            .await
+            .map_err(unavailable)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &workflow,
+                    &priority_code(priority),
+                    &now,
+                    &owner,
+                    &lease_end(now, lease),
+                ],
+            )
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| QueueError::Held(workflow))?;
+        Ok(Claim {
+            workflow,
+            priority: priority_from_code(row.get(3)),
+            seq: row.get(0),
+            claims: row.get(1),
+            enqueued_at: row.get(2),
+        })
     }
 
     async fn claim(

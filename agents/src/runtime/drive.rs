@@ -50,6 +50,7 @@ pub(super) async fn drive(inner: &Inner, claim: Claim) {
             Outcome::Stuck
         }
     };
+    tracing::debug!(workflow = %id, ?outcome, owner = %inner.config.owner, "claim ended");
     if matches!(outcome, Outcome::Dead) || inner.dead.is_cancelled() {
         return;
     }
@@ -57,6 +58,7 @@ pub(super) async fn drive(inner: &Inner, claim: Claim) {
     let owner = &inner.config.owner;
     let now = inner.clock.now();
     let later = |d: Duration| now + chrono::Duration::from_std(d).unwrap_or_default();
+    let requeued = matches!(outcome, Outcome::Requeue(_) | Outcome::Superseded);
     let result = match outcome {
         Outcome::Settled => queue.complete(owner, id, claim.seq, now).await,
         Outcome::Requeue(priority) => queue.release(owner, id, Some(priority), now).await,
@@ -90,6 +92,10 @@ pub(super) async fn drive(inner: &Inner, claim: Claim) {
         tracing::warn!(workflow = %id, error = %e, "updating the queue failed; the lease will expire");
     }
     inner.forget(id);
+    if requeued {
+        // The row is claimable now: don't leave it to the next poll.
+        inner.wake.notify_one();
+    }
 }
 
 async fn drive_claim(inner: &Inner, claim: &Claim) -> Result<Outcome, RuntimeError> {

@@ -24,7 +24,7 @@ use agentledger_domain::workflow::{Command, DomainError, Priority, Text, Workflo
 use agentledger_eventstore::{Actor, ActorKind, EventStore, PolicyRef, Position, StoreError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -33,7 +33,7 @@ pub use history::{stream_of, History, Recorded, Recorder, STREAM_PREFIX};
 
 use crate::clock::Clock;
 use crate::faults::{FaultPlan, FaultPoint};
-use crate::queue::{QueueError, WorkQueue};
+use crate::queue::{Claim, QueueError, WorkQueue};
 use crate::tool::ToolRegistry;
 
 /// Why a command or the runtime failed.
@@ -156,9 +156,14 @@ pub(crate) struct Inner {
     pub agents: Agents,
     pub faults: Option<FaultPlan>,
     /// Something may be claimable.
-    wake: Notify,
+    pub wake: Notify,
     /// Workflows this runtime holds a lease on.
     held: Mutex<HashSet<Uuid>>,
+    /// One permit per workflow driven at once.
+    slots: Arc<Semaphore>,
+    /// Claims handed from `submit` to the running claim loop (each with its
+    /// slot); `None` while [`Runtime::run`] is not running.
+    handoff: Mutex<Option<mpsc::UnboundedSender<(Claim, OwnedSemaphorePermit)>>>,
     /// Cancelled when the runtime is killed (a fault) or stopped: drives
     /// end at their next step without touching the queue.
     pub dead: CancellationToken,
@@ -191,6 +196,7 @@ impl Runtime {
         config: RuntimeConfig,
         faults: Option<FaultPlan>,
     ) -> Self {
+        let config_slots = config.max_workflows.max(1);
         let agents = Agents {
             sena: agent("sena", &config.sena),
             lubit: agent("lubit", &config.lubit),
@@ -208,6 +214,8 @@ impl Runtime {
                 faults,
                 wake: Notify::new(),
                 held: Mutex::new(HashSet::new()),
+                slots: Arc::new(Semaphore::new(config_slots)),
+                handoff: Mutex::new(None),
                 dead: CancellationToken::new(),
             }),
         }
@@ -231,9 +239,11 @@ impl Runtime {
     /// Starts a workflow: checks the submission (nothing is written when it
     /// is refused), queues it, records `WorkflowSubmitted`. Returns its id.
     ///
-    /// The queue row is written first: should the process die before the
-    /// append, the claimer finds no stream and drops the row after
-    /// `orphan_grace`; the other order could lose the workflow.
+    /// The queue row is written first, already claimed by this runtime, so
+    /// no other runtime can claim it before the stream exists; should this
+    /// process die before the append, the row's lease runs out and the
+    /// claimer that finds no stream drops the row after `orphan_grace`. The
+    /// other order (append, then queue) could lose the workflow.
     pub async fn submit(&self, submission: Submission) -> Result<Uuid, RuntimeError> {
         let inner = &self.inner;
         let id = submission.workflow_id.unwrap_or_else(Uuid::now_v7);
@@ -253,18 +263,13 @@ impl Runtime {
         // Refuse bad input before anything is written.
         agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
         let now = inner.clock.now();
-        inner
+        let owner = &inner.config.owner;
+        let claim = inner
             .queue
-            .enqueue(id, submission.priority, now, now)
+            .enqueue_claimed(id, submission.priority, owner, now, inner.config.lease)
             .await?;
-        let recorder = Recorder {
-            actor: Actor {
-                kind: ActorKind::Human,
-                name: history.owner.clone(),
-                version: String::new(),
-            },
-            policy: None,
-        };
+        inner.held.lock().expect("held lock").insert(id);
+        let recorder = human(&history.owner);
         let written = history
             .record_keyed(
                 &*inner.store,
@@ -275,17 +280,29 @@ impl Runtime {
                 submission.idempotency_key,
             )
             .await;
-        match written {
-            Ok(true) => {
-                inner.wake.notify_one();
-                Ok(id)
-            }
+        let outcome = match written {
+            Ok(true) => Ok(id),
             Ok(false) => Err(RuntimeError::Superseded),
-            Err(e) => {
-                let _ = inner.queue.remove(id).await;
-                Err(e)
-            }
+            Err(e) => Err(e),
+        };
+        if outcome.is_err() {
+            inner.forget(id);
+            let _ = inner.queue.remove(id).await;
+            return outcome;
         }
+        // Drive it here if a slot is free; else let any runtime claim it.
+        let handoff = inner.handoff.lock().expect("handoff lock").clone();
+        let slot = inner.slots.clone().try_acquire_owned().ok();
+        let handed_over = match (handoff, slot) {
+            (Some(handoff), Some(slot)) => handoff.send((claim, slot)).is_ok(),
+            _ => false,
+        };
+        if !handed_over {
+            inner.forget(id);
+            inner.queue.release(owner, id, None, now).await?;
+            inner.wake.notify_one();
+        }
+        outcome
     }
 
     /// Records a person's decision on an escalated workflow and resumes it.
@@ -368,8 +385,10 @@ impl Runtime {
     /// step and their claims are released for others.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         let inner = self.inner.clone();
-        let slots = Arc::new(Semaphore::new(inner.config.max_workflows.max(1)));
+        let slots = inner.slots.clone();
         let mut drives = JoinSet::new();
+        let (handoff, mut handed) = mpsc::unbounded_channel();
+        *inner.handoff.lock().expect("handoff lock") = Some(handoff);
         let renewer = tokio::spawn(renew_leases(inner.clone()));
         let woken = wake_on_new_work(inner.clone());
         tokio::pin!(shutdown);
@@ -378,19 +397,25 @@ impl Runtime {
             // Wait for a free slot, then claim as many rows as slots are free.
             let first = tokio::select! {
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                Some((claim, slot)) = handed.recv() => {
+                    spawn_drive(&mut drives, &inner, claim, slot);
+                    continue;
+                }
                 () = &mut shutdown => break,
                 () = inner.dead.cancelled() => break,
             };
-            let free = 1 + slots.available_permits();
+            // Take the slots before claiming: `submit` takes slots too.
+            let mut free = vec![first];
+            while free.len() < inner.config.claim_batch {
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => free.push(slot),
+                    Err(_) => break,
+                }
+            }
             let now = inner.clock.now();
             let claims = match inner
                 .queue
-                .claim(
-                    &inner.config.owner,
-                    free.min(inner.config.claim_batch),
-                    now,
-                    inner.config.lease,
-                )
+                .claim(&inner.config.owner, free.len(), now, inner.config.lease)
                 .await
             {
                 Ok(claims) => claims,
@@ -400,31 +425,26 @@ impl Runtime {
                 }
             };
             let idle = claims.is_empty();
-            let mut first = Some(first);
-            for claim in claims {
-                let slot = match first.take() {
-                    Some(slot) => slot,
-                    None => slots
-                        .clone()
-                        .try_acquire_owned()
-                        .expect("claimed no more than free slots"),
-                };
-                inner.held.lock().expect("held lock").insert(claim.workflow);
-                let inner = inner.clone();
-                drives.spawn(async move {
-                    drive::drive(&inner, claim).await;
-                    drop(slot);
-                });
+            tracing::debug!(claimed = claims.len(), owner = %inner.config.owner, "claimed");
+            for (claim, slot) in claims.into_iter().zip(free.drain(..)) {
+                spawn_drive(&mut drives, &inner, claim, slot);
             }
-            drop(first);
+            drop(free);
             if idle {
                 tokio::select! {
                     () = inner.wake.notified() => {}
+                    Some((claim, slot)) = handed.recv() => spawn_drive(&mut drives, &inner, claim, slot),
                     () = inner.clock.sleep(inner.config.poll_interval) => {}
                     () = &mut shutdown => break,
                     () = inner.dead.cancelled() => break,
                 }
             }
+        }
+        *inner.handoff.lock().expect("handoff lock") = None;
+        // Claims handed over but not started go back with the others.
+        handed.close();
+        while let Some((claim, _slot)) = handed.recv().await {
+            drop(claim);
         }
         let killed = inner.dead.is_cancelled();
         inner.dead.cancel();
@@ -450,6 +470,20 @@ impl Runtime {
     pub fn kill(&self) {
         self.inner.dead.cancel();
     }
+}
+
+fn spawn_drive(
+    drives: &mut JoinSet<()>,
+    inner: &Arc<Inner>,
+    claim: Claim,
+    slot: OwnedSemaphorePermit,
+) {
+    inner.held.lock().expect("held lock").insert(claim.workflow);
+    let inner = inner.clone();
+    drives.spawn(async move {
+        drive::drive(&inner, claim).await;
+        drop(slot);
+    });
 }
 
 fn human(person: &str) -> Recorder {

@@ -15,6 +15,14 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+/// Sends the runtime's logs to the test output when `RUST_LOG` is set.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// A runtime running in the background; `stop` ends it gracefully.
 pub struct Running {
     pub runtime: Runtime,
@@ -34,6 +42,7 @@ impl Running {
     }
 
     pub fn start_runtime(runtime: Runtime) -> Self {
+        logs();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = {
             let runtime = runtime.clone();

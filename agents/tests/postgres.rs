@@ -1,0 +1,289 @@
+//! The runtime on real PostgreSQL: many workflows at once, two runtimes on
+//! one database, a runtime that dies mid-execution, retries.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentledger_agents::{
+    Clock, FaultPlan, FaultPoint, ManualClock, PostgresWorkQueue, Runtime, RuntimeConfig,
+    Submission, SystemClock, Tool, ToolCall, ToolFailure, ToolRegistry, WorkQueue,
+};
+use agentledger_domain::policy::gitcode::GitCodeConfig;
+use agentledger_domain::tools::ToolSpec;
+use agentledger_domain::workflow::{FailureKind, WorkflowEvent, WorkflowState};
+use agentledger_eventstore::testing::TestDatabase;
+use agentledger_eventstore::EventStore;
+use async_trait::async_trait;
+use common::*;
+use uuid::Uuid;
+
+async fn postgres(db: &TestDatabase) -> (Arc<dyn EventStore>, Arc<dyn WorkQueue>) {
+    let store = db.store().await;
+    let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
+    (Arc::new(store) as Arc<dyn EventStore>, queue)
+}
+
+/// Submits `count` sample requests at once through `runtimes` in turn.
+async fn submit_concurrently(runtimes: &[Runtime], count: usize) -> Vec<(Uuid, WorkflowState)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let runtime = runtimes[i % runtimes.len()].clone();
+        let (request, expected) = REQUESTS[i % REQUESTS.len()];
+        tasks.spawn(async move {
+            let id = runtime
+                .submit(Submission {
+                    request: request.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("submitted");
+            (id, expected)
+        });
+    }
+    tasks.join_all().await
+}
+
+fn assert_all_as_expected(
+    submitted: &[(Uuid, WorkflowState)],
+    seen: &std::collections::HashMap<Uuid, Followed>,
+) {
+    for (id, expected) in submitted {
+        let followed = &seen[id];
+        assert_eq!(followed.workflow.state, *expected, "{id}");
+        assert_each_decision_once(*id, followed);
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_workflows_each_reach_their_final_state_once() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let running = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    let submitted = submit_concurrently(std::slice::from_ref(&running.runtime), 200).await;
+    let ids: Vec<Uuid> = submitted.iter().map(|(id, _)| *id).collect();
+    let seen = settle(&*store, &ids).await;
+    assert_all_as_expected(&submitted, &seen);
+    running.stop().await;
+    assert_eq!(
+        queue.waiting().await.unwrap(),
+        0,
+        "settled workflows leave the queue"
+    );
+}
+
+#[tokio::test]
+async fn two_runtimes_on_one_database_record_each_decision_once() {
+    let db = TestDatabase::create().await;
+    // Two stores: separate pools, writers and tailers, as two processes have.
+    let mut runtimes = Vec::new();
+    let mut stores = Vec::new();
+    for name in ["node-a", "node-b"] {
+        let (store, queue) = postgres(&db).await;
+        stores.push(store.clone());
+        runtimes.push(Running::start(
+            store,
+            queue,
+            ToolRegistry::default(),
+            Arc::new(SystemClock),
+            RuntimeConfig {
+                owner: name.into(),
+                // Small claims, so that both nodes get work.
+                claim_batch: 4,
+                ..RuntimeConfig::default()
+            },
+        ));
+    }
+    let handles: Vec<Runtime> = runtimes.iter().map(|r| r.runtime.clone()).collect();
+    let submitted = submit_concurrently(&handles, 200).await;
+    let ids: Vec<Uuid> = submitted.iter().map(|(id, _)| *id).collect();
+    let seen = settle(&*stores[0], &ids).await;
+    assert_all_as_expected(&submitted, &seen);
+    for running in runtimes {
+        running.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_runtime_killed_mid_execution_leaves_its_workflow_to_another() {
+    let db = TestDatabase::create().await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let config = |owner: &str| RuntimeConfig {
+        owner: owner.into(),
+        gitcode: GitCodeConfig {
+            backoff_initial_ms: 0,
+            ..GitCodeConfig::default()
+        },
+        ..RuntimeConfig::default()
+    };
+    let (store, queue) = postgres(&db).await;
+    let doomed = Running::start_runtime(Runtime::with_faults(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("doomed"),
+        Some(FaultPlan::at(FaultPoint::AfterSubtaskStarted, 1)),
+    ));
+    let id = doomed
+        .runtime
+        .submit(Submission {
+            request: "Count the words of this sentence.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let runtime = doomed.runtime.clone();
+    doomed.ended().await;
+    assert!(runtime.is_dead());
+    let history = runtime.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        history.workflow.state,
+        WorkflowState::Executing,
+        "died with the subtask running"
+    );
+
+    // The survivor finds the row leased; once the lease has run out on the
+    // clock, it claims the workflow and finishes it.
+    let survivor = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("survivor"),
+    );
+    clock.sleepers_at_least(2).await; // its poll wait and its lease renewal
+    clock.advance(RuntimeConfig::default().lease + Duration::from_secs(1));
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state.is_final()
+    })
+    .await;
+    let followed = &seen[&id];
+    assert_eq!(followed.workflow.state, WorkflowState::Completed);
+    let attempts: Vec<_> = followed
+        .decoded
+        .iter()
+        .filter_map(|e| match e {
+            WorkflowEvent::SubtaskStarted { attempt, .. } => Some(format!("start {attempt}")),
+            WorkflowEvent::SubtaskFailed { attempt, kind, .. } => {
+                Some(format!("{kind:?} {attempt}"))
+            }
+            WorkflowEvent::SubtaskSucceeded { attempt, .. } => Some(format!("ok {attempt}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, ["start 1", "Abandoned 1", "start 2", "ok 2"]);
+    assert_each_decision_once(id, followed);
+    survivor.stop().await;
+    assert_eq!(queue.waiting().await.unwrap(), 0);
+}
+
+/// Fails its first `failures` attempts, then succeeds.
+struct Flaky {
+    failures: u8,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Tool for Flaky {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "flaky",
+            description: "fails, then works",
+            keywords: &["flaky"],
+        }
+    }
+
+    async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if call.attempt <= self.failures {
+            Err(ToolFailure::Error(format!(
+                "attempt {} failed",
+                call.attempt
+            )))
+        } else {
+            Ok("fine".into())
+        }
+    }
+}
+
+#[tokio::test]
+async fn retries_are_recorded_attempt_by_attempt_on_postgres() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let config = RuntimeConfig {
+        gitcode: GitCodeConfig {
+            backoff_initial_ms: 1,
+            ..GitCodeConfig::default()
+        },
+        ..RuntimeConfig::default()
+    };
+    let mut outcomes = Vec::new();
+    for (failures, expected) in [(2, WorkflowState::Completed), (3, WorkflowState::Failed)] {
+        let flaky = Arc::new(Flaky {
+            failures,
+            calls: AtomicU32::new(0),
+        });
+        let tools = ToolRegistry::default().register(SharedTool(flaky.clone()));
+        let running = Running::start(
+            store.clone(),
+            queue.clone(),
+            tools,
+            clock.clone(),
+            config.clone(),
+        );
+        let id = running
+            .runtime
+            .submit(Submission {
+                request: "Run the flaky step. Then count the words.".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let seen = settle(&*store, &[id]).await;
+        running.stop().await;
+        assert_eq!(seen[&id].workflow.state, expected);
+        assert_eq!(
+            flaky.calls.load(Ordering::SeqCst),
+            3,
+            "three attempts, each run once"
+        );
+        outcomes.push(seen[&id].decoded.clone());
+    }
+    let failed = &outcomes[1];
+    assert!(failed.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskFailed {
+            attempt: 3,
+            will_retry: false,
+            kind: FailureKind::Error,
+            ..
+        }
+    )));
+    assert!(failed
+        .iter()
+        .any(|e| matches!(e, WorkflowEvent::SubtaskSkipped { subtask, .. } if subtask == "st-2")));
+}
+
+/// A tool shared with the test, so that it can count calls.
+struct SharedTool(Arc<Flaky>);
+
+#[async_trait]
+impl Tool for SharedTool {
+    fn spec(&self) -> ToolSpec {
+        self.0.spec()
+    }
+
+    async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
+        self.0.run(call).await
+    }
+}
