@@ -139,7 +139,7 @@ impl WorkQueue for PostgresWorkQueue {
             )
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| QueueError::Held(workflow))?;
+            .ok_or(QueueError::Held(workflow))?;
         Ok(Claim {
             workflow,
             priority: priority_from_code(row.get(3)),

@@ -441,11 +441,10 @@ impl Runtime {
             }
         }
         *inner.handoff.lock().expect("handoff lock") = None;
-        // Claims handed over but not started go back with the others.
+        // Claims handed over but not started stay in `held`: they go back
+        // with the others below.
         handed.close();
-        while let Some((claim, _slot)) = handed.recv().await {
-            drop(claim);
-        }
+        while handed.recv().await.is_some() {}
         let killed = inner.dead.is_cancelled();
         inner.dead.cancel();
         renewer.abort();
