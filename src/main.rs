@@ -1,6 +1,7 @@
 //! The `agentledger` command: runs the service and the operational verbs.
 
 mod bench;
+mod demo;
 
 use std::net::SocketAddr;
 
@@ -27,6 +28,8 @@ enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Run a few varied requests end to end in memory and show each stage live.
+    Demo(demo::DemoArgs),
     /// Measure the service against the database (see docs/performance.md).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -92,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             applied.iter().for_each(|m| println!("  {m}"));
             Ok(())
         }
+        Command::Demo(args) => demo::run(args).await,
         Command::Bench(bench) => bench.run().await,
     }
 }

@@ -6,19 +6,47 @@ use super::calc::format_number;
 use super::{ToolError, ToolInput};
 
 /// Every number in the input (or, without input, the instruction), in order:
-/// digits with an optional sign, thousands commas and a decimal point.
+/// digits with an optional sign, thousands commas and a decimal point. The
+/// markers of a numbered list (`1.`, `2)` opening a line) are not figures.
+/// Whole numbers are written without a fraction (`12`, not `12.0`).
 pub(super) fn extract_numbers(input: &ToolInput<'_>) -> Result<String, ToolError> {
     let text = if input.input.trim().is_empty() {
         input.instruction
     } else {
         input.input
     };
-    let numbers = numbers_in(text);
+    let numbers: Vec<f64> = text
+        .lines()
+        .flat_map(|line| numbers_in(without_list_marker(line)))
+        .collect();
     if numbers.is_empty() {
         return Err(ToolError::BadInput("no numbers in the text".into()));
     }
-    let numbers: Vec<Value> = numbers.into_iter().map(|n| json!(n)).collect();
+    let numbers: Vec<Value> = numbers
+        .into_iter()
+        .map(|n| {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                json!(n as i64)
+            } else {
+                json!(n)
+            }
+        })
+        .collect();
     Ok(Value::Array(numbers).to_string())
+}
+
+/// `line` without a leading `12.` or `12)` list marker.
+fn without_list_marker(line: &str) -> &str {
+    let trimmed = line.trim_start();
+    let digits = trimmed.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 || digits > 3 {
+        return line;
+    }
+    let rest = &trimmed[digits..];
+    match rest.strip_prefix(". ").or_else(|| rest.strip_prefix(") ")) {
+        Some(rest) => rest,
+        None => line,
+    }
 }
 
 /// The numbers in `text`.
@@ -124,7 +152,13 @@ mod tests {
             input: "a 1 b 2.5",
         })
         .unwrap();
-        assert_eq!(out, "[1.0,2.5]");
+        assert_eq!(out, "[1,2.5]");
+        let listed = extract_numbers(&ToolInput {
+            instruction: "",
+            input: "1. Extract the figures from the text: 12, 7.5 and 30\n2) Sort them\n10 apples",
+        })
+        .unwrap();
+        assert_eq!(listed, "[12,7.5,30,10]", "list markers are not figures");
         assert!(extract_numbers(&ToolInput {
             instruction: "",
             input: "none"

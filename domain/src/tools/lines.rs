@@ -3,15 +3,40 @@
 
 use super::{ToolError, ToolInput};
 
-fn items<'a>(input: &ToolInput<'a>) -> Result<(Vec<&'a str>, &'static str), ToolError> {
+/// How a list was written, so that the result is written the same way.
+#[derive(Clone, Copy)]
+enum Shape {
+    Lines,
+    Commas,
+    /// A JSON array of plain values (`[30, 12, 7.5]`), as other tools write lists.
+    JsonArray,
+}
+
+impl Shape {
+    fn join(self, items: &[&str]) -> String {
+        match self {
+            Self::Lines => items.join("\n"),
+            Self::Commas => items.join(", "),
+            Self::JsonArray => format!("[{}]", items.join(", ")),
+        }
+    }
+}
+
+fn items<'a>(input: &ToolInput<'a>) -> Result<(Vec<&'a str>, Shape), ToolError> {
     let text = input.input.trim();
     if text.is_empty() {
         return Err(ToolError::BadInput("there is no list to work on".into()));
     }
-    let (items, separator): (Vec<&str>, _) = if text.contains('\n') {
-        (text.lines().collect(), "\n")
+    let array = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .filter(|inner| !inner.contains(['[', '{', '"']));
+    let (items, shape): (Vec<&str>, _) = if let Some(inner) = array {
+        (inner.split(',').collect(), Shape::JsonArray)
+    } else if text.contains('\n') {
+        (text.lines().collect(), Shape::Lines)
     } else {
-        (text.split(',').collect(), ", ")
+        (text.split(',').collect(), Shape::Commas)
     };
     Ok((
         items
@@ -19,14 +44,14 @@ fn items<'a>(input: &ToolInput<'a>) -> Result<(Vec<&'a str>, &'static str), Tool
             .map(str::trim)
             .filter(|i| !i.is_empty())
             .collect(),
-        separator,
+        shape,
     ))
 }
 
 /// Sorts the items: numerically when every item is a number, else by text;
 /// descending when the instruction asks for it ("descending", "내림차순").
 pub(super) fn sort_lines(input: &ToolInput<'_>) -> Result<String, ToolError> {
-    let (mut items, separator) = items(input)?;
+    let (mut items, shape) = items(input)?;
     let instruction = input.instruction.to_lowercase();
     let descending = ["descending", "reverse", "largest first", "내림차순"]
         .iter()
@@ -47,18 +72,18 @@ pub(super) fn sort_lines(input: &ToolInput<'_>) -> Result<String, ToolError> {
     if descending {
         items.reverse();
     }
-    Ok(items.join(separator))
+    Ok(shape.join(&items))
 }
 
 /// Removes repeated items (ignoring case and surrounding space), keeping the first.
 pub(super) fn dedupe_lines(input: &ToolInput<'_>) -> Result<String, ToolError> {
-    let (items, separator) = items(input)?;
+    let (items, shape) = items(input)?;
     let mut seen = std::collections::HashSet::new();
     let kept: Vec<&str> = items
         .into_iter()
         .filter(|i| seen.insert(i.to_lowercase()))
         .collect();
-    Ok(kept.join(separator))
+    Ok(shape.join(&kept))
 }
 
 #[cfg(test)]
@@ -92,6 +117,20 @@ mod tests {
             input: " "
         })
         .is_err());
+    }
+
+    #[test]
+    fn a_json_array_stays_a_json_array() {
+        assert_eq!(
+            run(sort_lines, "Sort them in descending order", "[12,7.5,30]"),
+            "[30, 12, 7.5]"
+        );
+        assert_eq!(run(dedupe_lines, "", "[1, 2, 1]"), "[1, 2]");
+        // Arrays of strings or objects are not split at their commas.
+        assert_eq!(
+            run(sort_lines, "sort", "[\"b, c\", \"a\"]\nz"),
+            "[\"b, c\", \"a\"]\nz"
+        );
     }
 
     #[test]
