@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agentledger_domain::policy::{gitcode, lubit, rune, sena};
 use agentledger_domain::workflow::{
-    Command, FailureKind, Priority, Text, Verdict, WorkflowEvent, WorkflowState,
+    handle, Command, FailureKind, Priority, Text, Verdict, Workflow, WorkflowEvent, WorkflowState,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -36,9 +36,9 @@ enum Outcome {
     Dead,
 }
 
-pub(super) async fn drive(inner: &Inner, claim: Claim) {
+pub(super) async fn drive(inner: &Inner, claim: Claim, history: Option<History>) {
     let id = claim.workflow;
-    let outcome = match drive_claim(inner, &claim).await {
+    let outcome = match drive_claim(inner, &claim, history).await {
         Ok(outcome) => outcome,
         Err(RuntimeError::Rejected(e)) => {
             // The fold and the policies disagree: a bug, not bad input.
@@ -98,11 +98,19 @@ pub(super) async fn drive(inner: &Inner, claim: Claim) {
     }
 }
 
-async fn drive_claim(inner: &Inner, claim: &Claim) -> Result<Outcome, RuntimeError> {
+async fn drive_claim(
+    inner: &Inner,
+    claim: &Claim,
+    known: Option<History>,
+) -> Result<Outcome, RuntimeError> {
     if inner.crash_at(FaultPoint::AfterClaim) {
         return Ok(Outcome::Dead);
     }
-    let Some(mut history) = History::load(&*inner.store, claim.workflow).await? else {
+    let history = match known {
+        Some(history) => Some(history),
+        None => History::load(&*inner.store, claim.workflow).await?,
+    };
+    let Some(mut history) = history else {
         return Ok(Outcome::NoStream);
     };
     loop {
@@ -113,7 +121,7 @@ async fn drive_claim(inner: &Inner, claim: &Claim) -> Result<Outcome, RuntimeErr
             WorkflowState::Submitted | WorkflowState::Analysing => {
                 analyse(inner, &mut history).await?
             }
-            WorkflowState::Gating => gate(inner, &mut history).await?,
+            WorkflowState::Gating => gate(inner, &mut history, claim.priority).await?,
             WorkflowState::Executing => execute(inner, &mut history).await?,
             WorkflowState::Reviewing => review(inner, &mut history).await?,
             _ => Some(Outcome::Settled),
@@ -174,7 +182,11 @@ async fn analyse(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
     Ok(recorded(written, inner, FaultPoint::AfterAnalysis))
 }
 
-async fn gate(inner: &Inner, history: &mut History) -> Result<Step, RuntimeError> {
+async fn gate(
+    inner: &Inner,
+    history: &mut History,
+    claimed: Priority,
+) -> Result<Step, RuntimeError> {
     let Some(analysis) =
         history.last_where(|e| matches!(e, WorkflowEvent::AnalysisProduced { .. }))
     else {
@@ -220,9 +232,12 @@ async fn gate(inner: &Inner, history: &mut History) -> Result<Step, RuntimeError
             inputs,
         )
         .await?;
+    // An approval whose priority differs from the one the claim was made
+    // under goes back to the queue, where the new priority orders it; with
+    // the same priority, the claim's place in the queue was already right.
     Ok(
         recorded(written, inner, FaultPoint::AfterGate).or(match verdict {
-            Verdict::Approve => Some(Outcome::Requeue(priority)),
+            Verdict::Approve if priority != claimed => Some(Outcome::Requeue(priority)),
             _ => None,
         }),
     )
@@ -266,14 +281,26 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
     let config = &inner.config.gitcode;
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut running: FuturesUnordered<BoxFuture<'_, Progress>> = FuturesUnordered::new();
+    // A tool result not yet recorded: it goes into one append with what it
+    // unblocks (the next starts, skips, the end of execution), so that a
+    // chain of subtasks costs one commit per step, not two.
+    let mut result: Option<(Command, String, u8)> = None;
     loop {
         if inner.dead.is_cancelled() {
             return Ok(Some(Outcome::Dead));
         }
-        let mut commands = Vec::new();
+        let mut commands: Vec<Command> = Vec::new();
+        let mut preview = history.workflow.clone();
+        let mut source = None;
+        if let Some((command, subtask, attempt)) = result.take() {
+            let events = handle(&preview, command.clone())?;
+            preview = events.iter().fold(preview, Workflow::apply);
+            commands.push(command);
+            source = Some((subtask, attempt));
+        }
         let mut starts = Vec::new();
         let mut finishing = false;
-        for action in gitcode::next_actions(config, &history.workflow, &in_flight) {
+        for action in gitcode::next_actions(config, &preview, &in_flight) {
             match action {
                 gitcode::Action::Abandon { subtask, attempt } => {
                     commands.push(Command::FailSubtask {
@@ -319,23 +346,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             }
         }
         if !commands.is_empty() {
-            let approval = history.last_where(|e| {
-                matches!(
-                    e,
-                    WorkflowEvent::GateDecided {
-                        verdict: Verdict::Approve,
-                        ..
-                    } | WorkflowEvent::HumanDecisionRecorded { approve: true, .. }
-                )
-            });
-            let mut inputs = positions(approval);
-            inputs.extend(
-                history
-                    .last()
-                    .map(|r| r.position)
-                    .filter(|p| !inputs.contains(p)),
-            );
-            let causation = history.last().map(|r| r.event_id);
+            let (causation, inputs) = gitcode_basis(history, source);
             let written = history
                 .record(
                     &*inner.store,
@@ -397,45 +408,56 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             Progress::Done {
                 subtask,
                 attempt,
-                result,
+                result: outcome,
             } => {
                 if inner.crash_at(FaultPoint::BeforeSubtaskResult) {
                     return Ok(Some(Outcome::Dead));
                 }
                 in_flight.remove(&subtask);
-                let start = history.last_where(|e| {
-                    matches!(e, WorkflowEvent::SubtaskStarted { subtask: s, attempt: a } if *s == subtask && *a == attempt)
-                });
-                let causation = start.map(|r| r.event_id);
-                let inputs = positions(start);
-                let command = match result {
+                let command = match outcome {
                     Ok(output) => Command::CompleteSubtask {
-                        subtask,
+                        subtask: subtask.clone(),
                         attempt,
                         output: Text::new(output),
                     },
                     Err((kind, error)) => Command::FailSubtask {
-                        subtask,
+                        subtask: subtask.clone(),
                         attempt,
                         kind,
                         error,
                     },
                 };
-                if !history
-                    .record(
-                        &*inner.store,
-                        &inner.agents.gitcode,
-                        vec![command],
-                        causation,
-                        inputs,
-                    )
-                    .await?
-                {
-                    return Ok(Some(Outcome::Superseded));
-                }
+                result = Some((command, subtask, attempt));
             }
         }
     }
+}
+
+/// Causation and inputs of an executor append: the start of the attempt
+/// whose result it records (when it records one), else the last event; and
+/// the approval the execution runs under.
+fn gitcode_basis(
+    history: &History,
+    result_of: Option<(String, u8)>,
+) -> (Option<uuid::Uuid>, Vec<agentledger_eventstore::Position>) {
+    let approval = history.last_where(|e| {
+        matches!(
+            e,
+            WorkflowEvent::GateDecided {
+                verdict: Verdict::Approve,
+                ..
+            } | WorkflowEvent::HumanDecisionRecorded { approve: true, .. }
+        )
+    });
+    let cause = match &result_of {
+        Some((subtask, attempt)) => history.last_where(|e| {
+            matches!(e, WorkflowEvent::SubtaskStarted { subtask: s, attempt: a } if s == subtask && a == attempt)
+        }),
+        None => history.last(),
+    };
+    let mut inputs = positions(approval);
+    inputs.extend(cause.map(|r| r.position).filter(|p| !inputs.contains(p)));
+    (cause.map(|r| r.event_id), inputs)
 }
 
 /// One attempt of `subtask`'s tool, under the attempt deadline.

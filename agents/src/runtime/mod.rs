@@ -161,9 +161,10 @@ pub(crate) struct Inner {
     held: Mutex<HashSet<Uuid>>,
     /// One permit per workflow driven at once.
     slots: Arc<Semaphore>,
-    /// Claims handed from `submit` to the running claim loop (each with its
-    /// slot); `None` while [`Runtime::run`] is not running.
-    handoff: Mutex<Option<mpsc::UnboundedSender<(Claim, OwnedSemaphorePermit)>>>,
+    /// Claims handed from `submit` to the running claim loop, each with its
+    /// slot and the history just written; `None` while [`Runtime::run`] is
+    /// not running.
+    handoff: Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
     /// Cancelled when the runtime is killed (a fault) or stopped: drives
     /// end at their next step without touching the queue.
     pub dead: CancellationToken,
@@ -294,7 +295,7 @@ impl Runtime {
         let handoff = inner.handoff.lock().expect("handoff lock").clone();
         let slot = inner.slots.clone().try_acquire_owned().ok();
         let handed_over = match (handoff, slot) {
-            (Some(handoff), Some(slot)) => handoff.send((claim, slot)).is_ok(),
+            (Some(handoff), Some(slot)) => handoff.send((claim, Some(history), slot)).is_ok(),
             _ => false,
         };
         if !handed_over {
@@ -397,8 +398,8 @@ impl Runtime {
             // Wait for a free slot, then claim as many rows as slots are free.
             let first = tokio::select! {
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                Some((claim, slot)) = handed.recv() => {
-                    spawn_drive(&mut drives, &inner, claim, slot);
+                Some((claim, history, slot)) = handed.recv() => {
+                    spawn_drive(&mut drives, &inner, claim, history, slot);
                     continue;
                 }
                 () = &mut shutdown => break,
@@ -427,13 +428,13 @@ impl Runtime {
             let idle = claims.is_empty();
             tracing::debug!(claimed = claims.len(), owner = %inner.config.owner, "claimed");
             for (claim, slot) in claims.into_iter().zip(free.drain(..)) {
-                spawn_drive(&mut drives, &inner, claim, slot);
+                spawn_drive(&mut drives, &inner, claim, None, slot);
             }
             drop(free);
             if idle {
                 tokio::select! {
                     () = inner.wake.notified() => {}
-                    Some((claim, slot)) = handed.recv() => spawn_drive(&mut drives, &inner, claim, slot),
+                    Some((claim, history, slot)) = handed.recv() => spawn_drive(&mut drives, &inner, claim, history, slot),
                     () = inner.clock.sleep(inner.config.poll_interval) => {}
                     () = &mut shutdown => break,
                     () = inner.dead.cancelled() => break,
@@ -471,16 +472,21 @@ impl Runtime {
     }
 }
 
+/// A claim handed from `submit` to the claim loop: the claim, the history
+/// just written (no need to read it back), the slot it will run in.
+type Handoff = (Claim, Option<History>, OwnedSemaphorePermit);
+
 fn spawn_drive(
     drives: &mut JoinSet<()>,
     inner: &Arc<Inner>,
     claim: Claim,
+    history: Option<History>,
     slot: OwnedSemaphorePermit,
 ) {
     inner.held.lock().expect("held lock").insert(claim.workflow);
     let inner = inner.clone();
     drives.spawn(async move {
-        drive::drive(&inner, claim).await;
+        drive::drive(&inner, claim, history).await;
         drop(slot);
     });
 }

@@ -14,6 +14,8 @@ use serde_json::json;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
+mod workflows;
+
 #[derive(clap::Subcommand)]
 pub enum Bench {
     /// Append throughput against a raw INSERT of the same rows into a table of the same DDL.
@@ -21,6 +23,11 @@ pub enum Bench {
     /// Needs DATABASE_URL to name a role that may CREATE DATABASE: each scenario
     /// runs in a scratch database that is dropped afterwards.
     Append(AppendArgs),
+    /// End-to-end workflows (four agents, three subtasks, built-in tools):
+    /// workflows/s at full load, then submit→final latency at a fixed rate.
+    ///
+    /// Needs DATABASE_URL to name a role that may CREATE DATABASE.
+    Workflows(workflows::WorkflowArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,6 +53,7 @@ impl Bench {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Self::Append(args) => append(args).await,
+            Self::Workflows(args) => workflows::run(args).await,
         }
     }
 }
@@ -262,7 +270,7 @@ async fn store_append(
     .await
 }
 
-async fn connect(url: &str) -> anyhow::Result<Client> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .with_context(|| "connecting to DATABASE_URL")?;
@@ -273,14 +281,14 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
 }
 
 /// A migrated database that exists for one measurement.
-struct Scratch {
+pub(crate) struct Scratch {
     server: String,
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Scratch {
-    async fn create(server: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn create(server: &str) -> anyhow::Result<Self> {
         let name = format!("agentledger_bench_{}", uuid::Uuid::new_v4().simple());
         connect(server)
             .await?
@@ -295,7 +303,7 @@ impl Scratch {
         })
     }
 
-    async fn drop_database(self) -> anyhow::Result<()> {
+    pub(crate) async fn drop_database(self) -> anyhow::Result<()> {
         connect(&self.server)
             .await?
             .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
