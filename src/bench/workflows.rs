@@ -272,6 +272,15 @@ async fn phase(
 struct Tracker {
     submitted: Arc<Mutex<HashMap<Uuid, Instant>>>,
     waiting: Arc<Mutex<Option<mpsc::UnboundedSender<Ended>>>>,
+    /// Follows the store; stopped on drop so that the store's connections
+    /// close before the scratch database is dropped.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A workflow that ended.
@@ -291,7 +300,7 @@ impl Tracker {
         let mut events = store
             .inner
             .subscribe_all(store.inner.head_position().await? + 1);
-        {
+        let task = {
             let (submitted, waiting) = (submitted.clone(), waiting.clone());
             tokio::spawn(async move {
                 let mut first_recorded: HashMap<Uuid, chrono::DateTime<chrono::Utc>> =
@@ -330,9 +339,13 @@ impl Tracker {
                         });
                     }
                 }
-            });
-        }
-        Ok(Self { submitted, waiting })
+            })
+        };
+        Ok(Self {
+            submitted,
+            waiting,
+            task,
+        })
     }
 
     /// A channel of the latencies of workflows that end from now on.
