@@ -162,7 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "{:<3} {:<8} {}",
                 tracked.label,
                 actor(&event),
-                describe(&decoded)
+                agentledger_projections::model::audit::summary(&decoded)
             );
         }
         let state = tracked.workflow.state;
@@ -253,111 +253,4 @@ fn is_stage(event: &WorkflowEvent) -> bool {
         event,
         WorkflowEvent::SubtaskStarted { .. } | WorkflowEvent::SubtaskSucceeded { .. }
     )
-}
-
-/// One line about an event, in a reviewer's words.
-fn describe(event: &WorkflowEvent) -> String {
-    use WorkflowEvent as E;
-    let short = |s: &str| -> String {
-        let one_line = s.replace('\n', " ");
-        let mut out: String = one_line.chars().take(70).collect();
-        if one_line.chars().count() > 70 {
-            out.push('…');
-        }
-        out
-    };
-    match event {
-        E::WorkflowSubmitted {
-            request, priority, ..
-        } => {
-            format!("submitted ({priority:?}): {}", short(request.as_str()))
-        }
-        E::AnalysisProduced {
-            round,
-            subtasks,
-            confidence,
-            ..
-        } => {
-            let tools: Vec<String> = subtasks
-                .iter()
-                .map(|s| format!("{}={}", s.id, if s.tool.is_empty() { "?" } else { &s.tool }))
-                .collect();
-            format!(
-                "analysis round {round}: {} (confidence {confidence:.2})",
-                tools.join(", ")
-            )
-        }
-        E::GateDecided {
-            verdict,
-            priority,
-            risk,
-            reasons,
-            ..
-        } => {
-            let why = if reasons.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", short(&reasons.join("; ")))
-            };
-            format!("verdict {verdict:?}, priority {priority:?}, risk {risk:.2}{why}")
-        }
-        E::HumanDecisionRecorded { approve, comment } => {
-            format!(
-                "person {}: {}",
-                if *approve { "approved" } else { "rejected" },
-                short(comment.as_str())
-            )
-        }
-        E::SubtaskStarted { subtask, attempt } => format!("{subtask} attempt {attempt} started"),
-        E::SubtaskSucceeded {
-            subtask,
-            attempt,
-            output,
-        } => {
-            format!(
-                "{subtask} attempt {attempt} succeeded: {}",
-                short(output.as_str())
-            )
-        }
-        E::SubtaskFailed {
-            subtask,
-            attempt,
-            kind,
-            error,
-            will_retry,
-        } => format!(
-            "{subtask} attempt {attempt} failed ({kind:?}): {error}{}",
-            if *will_retry { "; will retry" } else { "" }
-        ),
-        E::SubtaskSkipped { subtask, reason } => format!("{subtask} skipped: {reason}"),
-        E::ExecutionFinished {
-            succeeded,
-            failed,
-            skipped,
-        } => {
-            format!("execution finished: {succeeded} succeeded, {failed} failed, {skipped} skipped")
-        }
-        E::EthicsReviewed {
-            scores,
-            passed,
-            findings,
-        } => format!(
-            "ethics {}: transparency {:.2}, collaboration {:.2}, autonomy {:.2}, fairness {:.2}{}",
-            if *passed { "passed" } else { "FLAGGED" },
-            scores.transparency,
-            scores.collaboration,
-            scores.autonomy,
-            scores.fairness,
-            if findings.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", short(&findings.join("; ")))
-            }
-        ),
-        E::WorkflowCompleted {} => "COMPLETED".into(),
-        E::WorkflowRejected { reasons } => format!("REJECTED: {}", short(&reasons.join("; "))),
-        E::WorkflowFailed { reason } => format!("FAILED: {reason}"),
-        E::WorkflowFlagged { .. } => "FLAGGED for a person".into(),
-        E::WorkflowCancelled { .. } => "CANCELLED".into(),
-    }
 }

@@ -1,0 +1,361 @@
+//! The read models in PostgreSQL: the projections' writers ([`project`]),
+//! the runner that keeps each one live under a lease ([`runner`]), rebuilds
+//! into fresh tables ([`rebuild`]) and the queries ([`PostgresReadModels`]).
+
+pub mod project;
+pub mod rebuild;
+pub mod runner;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use agentledger_domain::workflow::WorkflowState;
+use agentledger_eventstore::StoreError;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio::sync::watch;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::model::audit::AuditEntry;
+use crate::model::metrics::AgentMetrics;
+use crate::model::status::{
+    parse_enum, parse_state, state_name, Ethics, SubtaskStatus, WorkflowStatus,
+};
+use crate::query::{wait_all, AuditFilter, ReadError, ReadModels, WorkflowCursor, PROJECTIONS};
+use crate::AgentRole;
+
+/// The channel on which runners announce their checkpoints (`name:position`).
+pub const CHECKPOINT_CHANNEL: &str = "agentledger_checkpoints";
+
+/// Why a projection could not apply a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The database failed; the batch was rolled back and will be retried.
+    #[error("database: {}", describe(.0))]
+    Database(#[from] tokio_postgres::Error),
+    /// Reading from the event store failed; retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An event cannot be read: a bug or a newer writer; the projection stops.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Another runner holds the lease (the checkpoint's token moved).
+    #[error("the lease moved to another runner")]
+    LeaseLost,
+    /// A named fault point stopped the runner (tests).
+    #[error("stopped at a fault point")]
+    Fault,
+    /// Unknown projection name.
+    #[error("no projection named {0:?}")]
+    Unknown(String),
+}
+
+/// The server's message and SQLSTATE when there is one (tokio-postgres's
+/// `Display` says only "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Queries over the PostgreSQL read models, with checkpoint watches fed by
+/// the runners' announcements (so a process not running a projection can
+/// still wait for it).
+#[derive(Clone)]
+pub struct PostgresReadModels {
+    pool: Pool,
+    watches: HashMap<&'static str, watch::Receiver<u64>>,
+}
+
+impl PostgresReadModels {
+    /// Queries on `pool`; `watches` are the checkpoint positions per
+    /// projection (from [`runner::Checkpoints`]).
+    pub fn new(pool: Pool, checkpoints: &runner::Checkpoints) -> Self {
+        Self {
+            pool,
+            watches: checkpoints.receivers(),
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| ReadError::Unavailable(e.to_string()))
+    }
+
+    async fn with_subtasks(&self, rows: Vec<Row>) -> Result<Vec<WorkflowStatus>, ReadError> {
+        let mut statuses: Vec<WorkflowStatus> =
+            rows.iter().map(status_of).collect::<Result<_, _>>()?;
+        if statuses.is_empty() {
+            return Ok(statuses);
+        }
+        let ids: Vec<Uuid> = statuses.iter().map(|s| s.id).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT workflow_id, subtask_id, ordinal, title, tool, depends_on, state, attempts,
+                        output, started_at, finished_at
+                   FROM workflow_subtasks WHERE workflow_id = ANY($1) ORDER BY workflow_id, ordinal",
+                &[&ids],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut by_workflow: HashMap<Uuid, Vec<SubtaskStatus>> = HashMap::new();
+        for row in rows {
+            let state: String = row.get(6);
+            by_workflow
+                .entry(row.get(0))
+                .or_default()
+                .push(SubtaskStatus {
+                    id: row.get(1),
+                    ordinal: row.get(2),
+                    title: row.get(3),
+                    tool: row.get(4),
+                    depends_on: row.get(5),
+                    state: parse_enum(&state).ok_or_else(|| corrupt("subtask state", &state))?,
+                    attempts: row.get(7),
+                    output: row.get(8),
+                    started_at: row.get(9),
+                    finished_at: row.get(10),
+                });
+        }
+        for status in &mut statuses {
+            status.subtasks = by_workflow.remove(&status.id).unwrap_or_default();
+        }
+        Ok(statuses)
+    }
+}
+
+fn unavailable(e: tokio_postgres::Error) -> ReadError {
+    ReadError::Unavailable(e.to_string())
+}
+
+fn corrupt(what: &str, value: &str) -> ReadError {
+    ReadError::Corrupt(format!("{what} {value:?}"))
+}
+
+const STATUS_COLUMNS: &str = "workflow_id, state, priority, request, round, progress_done,
+    progress_total, verdict, risk, ethics, owner, tenant, created_at, updated_at, completed_at,
+    last_position, version";
+
+fn status_of(row: &Row) -> Result<WorkflowStatus, ReadError> {
+    let state: String = row.get(1);
+    let priority: String = row.get(2);
+    let verdict: Option<String> = row.get(7);
+    let ethics: Option<tokio_postgres::types::Json<Ethics>> = row.get(9);
+    Ok(WorkflowStatus {
+        id: row.get(0),
+        state: parse_state(&state).ok_or_else(|| corrupt("state", &state))?,
+        priority: parse_enum(&priority).ok_or_else(|| corrupt("priority", &priority))?,
+        request: row.get(3),
+        round: row.get(4),
+        progress_done: row.get(5),
+        progress_total: row.get(6),
+        verdict: match verdict {
+            Some(v) => Some(parse_enum(&v).ok_or_else(|| corrupt("verdict", &v))?),
+            None => None,
+        },
+        risk: row.get(8),
+        ethics: ethics.map(|j| j.0),
+        owner: row.get(10),
+        tenant: row.get(11),
+        created_at: row.get(12),
+        updated_at: row.get(13),
+        completed_at: row.get(14),
+        last_position: row.get::<_, i64>(15) as u64,
+        version: row.get::<_, i64>(16) as u64,
+        subtasks: Vec::new(),
+    })
+}
+
+const AUDIT_COLUMNS: &str = "position, workflow_id, version, event_type, kind, actor_kind, actor,
+    actor_version, role, summary, rationale, policy_fingerprint, recorded_at, hash";
+
+fn audit_of(row: &Row) -> Result<AuditEntry, ReadError> {
+    let role: Option<String> = row.get(8);
+    Ok(AuditEntry {
+        position: row.get::<_, i64>(0) as u64,
+        workflow_id: row.get(1),
+        version: row.get::<_, i64>(2) as u64,
+        event_type: row.get(3),
+        kind: row.get(4),
+        actor_kind: row.get(5),
+        actor: row.get(6),
+        actor_version: row.get(7),
+        role: match role {
+            Some(r) => Some(AgentRole::parse(&r).ok_or_else(|| corrupt("role", &r))?),
+            None => None,
+        },
+        summary: row.get(9),
+        rationale: row.get(10),
+        policy_fingerprint: row.get(11),
+        recorded_at: row.get(12),
+        hash: row.get(13),
+    })
+}
+
+const METRICS_COLUMNS: &str = "agent, bucket, decisions, approvals, rejections, revisions,
+    escalations, retries, failures, flagged, latency_count, latency_sum_us, latency_max_us,
+    latency_buckets, ethics_count, transparency_sum, collaboration_sum, autonomy_sum, fairness_sum";
+
+fn metrics_of(row: &Row) -> AgentMetrics {
+    AgentMetrics {
+        agent: row.get(0),
+        bucket: row.get(1),
+        decisions: row.get(2),
+        approvals: row.get(3),
+        rejections: row.get(4),
+        revisions: row.get(5),
+        escalations: row.get(6),
+        retries: row.get(7),
+        failures: row.get(8),
+        flagged: row.get(9),
+        latency_count: row.get(10),
+        latency_sum_us: row.get(11),
+        latency_max_us: row.get(12),
+        latency_buckets: row.get(13),
+        ethics_count: row.get(14),
+        transparency_sum: row.get(15),
+        collaboration_sum: row.get(16),
+        autonomy_sum: row.get(17),
+        fairness_sum: row.get(18),
+    }
+}
+
+#[async_trait]
+impl ReadModels for PostgresReadModels {
+    async fn workflow(&self, id: Uuid) -> Result<Option<WorkflowStatus>, ReadError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {STATUS_COLUMNS} FROM workflow_status WHERE workflow_id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(unavailable)?;
+        drop(client);
+        Ok(self.with_subtasks(rows).await?.pop())
+    }
+
+    async fn workflows(
+        &self,
+        state: Option<WorkflowState>,
+        after: Option<WorkflowCursor>,
+        limit: usize,
+    ) -> Result<Vec<WorkflowStatus>, ReadError> {
+        let client = self.client().await?;
+        let state = state.map(state_name);
+        let (after_at, after_id): (Option<DateTime<Utc>>, Option<Uuid>) =
+            (after.map(|c| c.created_at), after.map(|c| c.id));
+        let limit = limit as i64;
+        // Two statements so that each uses its index (a state filter, or none).
+        let rows = match state {
+            Some(state) => client
+                .query(
+                    &format!(
+                        "SELECT {STATUS_COLUMNS} FROM workflow_status
+                          WHERE state = $1 AND ($2::timestamptz IS NULL OR (created_at, workflow_id) < ($2, $3))
+                          ORDER BY state, created_at DESC, workflow_id DESC LIMIT $4"
+                    ),
+                    &[&state, &after_at, &after_id, &limit],
+                )
+                .await,
+            None => client
+                .query(
+                    &format!(
+                        "SELECT {STATUS_COLUMNS} FROM workflow_status
+                          WHERE ($1::timestamptz IS NULL OR (created_at, workflow_id) < ($1, $2))
+                          ORDER BY created_at DESC, workflow_id DESC LIMIT $3"
+                    ),
+                    &[&after_at, &after_id, &limit],
+                )
+                .await,
+        }
+        .map_err(unavailable)?;
+        drop(client);
+        self.with_subtasks(rows).await
+    }
+
+    async fn audit_trail(
+        &self,
+        filter: &AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, ReadError> {
+        let client = self.client().await?;
+        let after = filter.after.map(|a| a as i64);
+        let role = filter.role.map(|r| r.as_str());
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit_trail
+                      WHERE ($1::uuid IS NULL OR workflow_id = $1)
+                        AND ($2::text IS NULL OR actor = $2)
+                        AND ($3::text IS NULL OR role = $3)
+                        AND ($4::text IS NULL OR kind = $4)
+                        AND ($5::timestamptz IS NULL OR recorded_at >= $5)
+                        AND ($6::timestamptz IS NULL OR recorded_at < $6)
+                        AND ($7::int8 IS NULL OR position > $7)
+                      ORDER BY position LIMIT $8"
+                ),
+                &[
+                    &filter.workflow,
+                    &filter.actor,
+                    &role,
+                    &filter.kind,
+                    &filter.from,
+                    &filter.to,
+                    &after,
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(audit_of).collect()
+    }
+
+    async fn agent_metrics(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<AgentMetrics>, ReadError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {METRICS_COLUMNS} FROM agent_metrics
+                      WHERE ($1::timestamptz IS NULL OR bucket >= $1)
+                        AND ($2::timestamptz IS NULL OR bucket < $2)
+                      ORDER BY agent, bucket"
+                ),
+                &[&from, &to],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(metrics_of).collect())
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<(String, u64)>, ReadError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT name, position FROM projection_checkpoints", &[])
+            .await
+            .map_err(unavailable)?;
+        let known: HashMap<String, u64> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .collect();
+        Ok(PROJECTIONS
+            .iter()
+            .map(|p| (p.to_string(), known.get(*p).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn wait_for(&self, position: u64, limit: Duration) -> Result<(), ReadError> {
+        let watches: Vec<_> = self.watches.values().cloned().collect();
+        wait_all(&watches, position, limit).await
+    }
+}
