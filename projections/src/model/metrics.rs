@@ -271,15 +271,18 @@ mod tests {
         for _ in 0..6 {
             m.observe_latency(150_000);
         }
-        assert_eq!(m.latency_p95_ms(), Some(200.0));
+        // The 95th falls in (100, 200]; no sample exceeded 150.
+        assert_eq!(m.latency_p95_ms(), Some(150.0));
         assert_eq!(
             m.latency_mean_ms(),
             Some((94.0 * 3.0 + 6.0 * 150.0) / 100.0)
         );
+        m.observe_latency(5_000_000);
+        assert_eq!(m.latency_p95_ms(), Some(200.0), "the bucket's bound");
         let mut other = AgentMetrics::empty("lubit", Utc::now());
         other.observe_latency(20_000_000);
         m.merge(&other);
-        assert_eq!(m.latency_count, 101);
+        assert_eq!(m.latency_count, 102);
         assert_eq!(m.latency_max_ms(), 20_000.0);
         assert_eq!(m.latency_buckets[LATENCY_BUCKETS - 1], 1);
     }

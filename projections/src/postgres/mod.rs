@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -172,6 +173,53 @@ fn status_of(row: &Row) -> Result<WorkflowStatus, ReadError> {
     })
 }
 
+/// The audit trail query for `filter`: only the given conditions, so that
+/// each combination is planned on its own index (workflow; actor, role or
+/// kind with a time range; time range alone).
+pub fn audit_query(
+    filter: &AuditFilter,
+    limit: usize,
+) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    let mut conditions = Vec::new();
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut add = |condition: &str, param: Box<dyn ToSql + Sync + Send>| {
+        params.push(param);
+        conditions.push(condition.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(workflow) = filter.workflow {
+        add("workflow_id = ?", Box::new(workflow));
+    }
+    if let Some(actor) = &filter.actor {
+        add("actor = ?", Box::new(actor.clone()));
+    }
+    if let Some(role) = filter.role {
+        add("role = ?", Box::new(role.as_str()));
+    }
+    if let Some(kind) = &filter.kind {
+        add("kind = ?", Box::new(kind.clone()));
+    }
+    if let Some(from) = filter.from {
+        add("recorded_at >= ?", Box::new(from));
+    }
+    if let Some(to) = filter.to {
+        add("recorded_at < ?", Box::new(to));
+    }
+    if let Some(after) = filter.after {
+        add("position > ?", Box::new(after as i64));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    params.push(Box::new(limit as i64));
+    let sql = format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit_trail {filter} ORDER BY position LIMIT ${}",
+        params.len()
+    );
+    (sql, params)
+}
+
 const AUDIT_COLUMNS: &str = "position, workflow_id, version, event_type, kind, actor_kind, actor,
     actor_version, role, summary, rationale, policy_fingerprint, recorded_at, hash";
 
@@ -286,34 +334,9 @@ impl ReadModels for PostgresReadModels {
         limit: usize,
     ) -> Result<Vec<AuditEntry>, ReadError> {
         let client = self.client().await?;
-        let after = filter.after.map(|a| a as i64);
-        let role = filter.role.map(|r| r.as_str());
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {AUDIT_COLUMNS} FROM audit_trail
-                      WHERE ($1::uuid IS NULL OR workflow_id = $1)
-                        AND ($2::text IS NULL OR actor = $2)
-                        AND ($3::text IS NULL OR role = $3)
-                        AND ($4::text IS NULL OR kind = $4)
-                        AND ($5::timestamptz IS NULL OR recorded_at >= $5)
-                        AND ($6::timestamptz IS NULL OR recorded_at < $6)
-                        AND ($7::int8 IS NULL OR position > $7)
-                      ORDER BY position LIMIT $8"
-                ),
-                &[
-                    &filter.workflow,
-                    &filter.actor,
-                    &role,
-                    &filter.kind,
-                    &filter.from,
-                    &filter.to,
-                    &after,
-                    &(limit as i64),
-                ],
-            )
-            .await
-            .map_err(unavailable)?;
+        let (sql, params) = audit_query(filter, limit);
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
+        let rows = client.query(&sql, &params).await.map_err(unavailable)?;
         rows.iter().map(audit_of).collect()
     }
 

@@ -1,0 +1,325 @@
+//! The PostgreSQL read models under crashes, rebuilds and failover: they
+//! always end equal, row for row, to a fresh rebuild from the events.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentledger_eventstore::testing::TestDatabase;
+use agentledger_eventstore::{EventStore, PostgresEventStore};
+use agentledger_projections::postgres::audit_query;
+use agentledger_projections::postgres::rebuild::{differences, rebuild};
+use agentledger_projections::postgres::runner::{
+    Checkpoints, ProjectionRunner, RunnerConfig, RunnerFaultPlan,
+};
+use agentledger_projections::{AuditFilter, PostgresReadModels, ReadModels, PROJECTIONS};
+use common::Agents;
+use tokio_postgres::types::ToSql;
+
+fn runner(
+    db: &TestDatabase,
+    store: &PostgresEventStore,
+    name: &str,
+    checkpoints: &Checkpoints,
+    fault: Option<RunnerFaultPlan>,
+) -> ProjectionRunner {
+    ProjectionRunner::spawn(
+        name,
+        db.service_url(),
+        Arc::new(store.clone()),
+        checkpoints.clone(),
+        RunnerConfig {
+            batch_size: 50,
+            retry: Duration::from_millis(100),
+            ..RunnerConfig::default()
+        },
+        fault,
+    )
+    .unwrap()
+}
+
+/// Rebuilds every projection into `_rebuild` tables and asserts they equal
+/// the live ones.
+async fn assert_live_equals_rebuild(db: &TestDatabase, store: &PostgresEventStore) {
+    let mut admin = db.admin_client().await;
+    for name in PROJECTIONS {
+        rebuild(&mut admin, Arc::new(store.clone()), name, false, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            differences(&admin, name).await.unwrap(),
+            0,
+            "{name}: live differs from a rebuild"
+        );
+    }
+}
+
+async fn wait_caught_up(store: &PostgresEventStore, checkpoints: &Checkpoints) {
+    let models = PostgresReadModels::new(store.pool().clone(), checkpoints);
+    let head = store.head_position().await.unwrap();
+    models
+        .wait_for(head, Duration::from_secs(60))
+        .await
+        .expect("projections catch up");
+}
+
+#[tokio::test]
+async fn runners_killed_at_seeded_points_still_apply_every_event_once() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let checkpoints = Checkpoints::default();
+    // Each projection's runner dies three times at seed-chosen points (a
+    // failing seed replays the same crashes), then runs without faults.
+    let mut supervisors = tokio::task::JoinSet::new();
+    let crashes = Arc::new(AtomicI64::new(0));
+    for (p, name) in PROJECTIONS.iter().enumerate() {
+        let (db_url, store, checkpoints, crashes) = (
+            db.service_url(),
+            store.clone(),
+            checkpoints.clone(),
+            crashes.clone(),
+        );
+        supervisors.spawn(async move {
+            for round in 0..3u64 {
+                let plan = RunnerFaultPlan::from_seed(1_000 * p as u64 + round, 8);
+                let doomed = ProjectionRunner::spawn(
+                    name,
+                    db_url.clone(),
+                    Arc::new(store.clone()),
+                    checkpoints.clone(),
+                    RunnerConfig {
+                        batch_size: 50,
+                        retry: Duration::from_millis(100),
+                        ..RunnerConfig::default()
+                    },
+                    Some(plan),
+                )
+                .unwrap();
+                doomed.ended().await;
+                crashes.fetch_add(1, Ordering::SeqCst);
+            }
+            ProjectionRunner::spawn(
+                name,
+                db_url,
+                Arc::new(store.clone()),
+                checkpoints,
+                RunnerConfig {
+                    batch_size: 50,
+                    retry: Duration::from_millis(100),
+                    ..RunnerConfig::default()
+                },
+                None,
+            )
+            .unwrap()
+        });
+    }
+    let agents = Agents::postgres(&store);
+    agents.run_workflows(500).await;
+    agents.stop().await;
+    let survivors = supervisors.join_all().await;
+    assert_eq!(
+        crashes.load(Ordering::SeqCst),
+        9,
+        "every doomed runner died at its fault point"
+    );
+    wait_caught_up(&store, &checkpoints).await;
+    assert_live_equals_rebuild(&db, &store).await;
+    for runner in survivors {
+        runner.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_swaps_in_while_queries_are_served_and_the_live_runner_goes_on() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let checkpoints = Checkpoints::default();
+    let runners: Vec<_> = PROJECTIONS
+        .iter()
+        .map(|name| runner(&db, &store, name, &checkpoints, None))
+        .collect();
+    let agents = Agents::postgres(&store);
+    agents.run_workflows(60).await;
+    wait_caught_up(&store, &checkpoints).await;
+
+    // A reader keeps counting rows through the service pool.
+    let stop = Arc::new(AtomicBool::new(false));
+    let least = Arc::new(AtomicI64::new(i64::MAX));
+    let reader = {
+        let (pool, stop, least) = (store.pool().clone(), stop.clone(), least.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let client = pool.get().await.unwrap();
+                for table in [
+                    "workflow_status",
+                    "workflow_subtasks",
+                    "audit_trail",
+                    "agent_metrics",
+                ] {
+                    let n: i64 = client
+                        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                        .await
+                        .unwrap_or_else(|e| panic!("{table} unreadable during a rebuild: {e:?}"))
+                        .get(0);
+                    least.fetch_min(n, Ordering::SeqCst);
+                }
+                reads += 1;
+                tokio::task::yield_now().await;
+            }
+            reads
+        })
+    };
+    // More work arrives while the rebuild runs.
+    let more = {
+        let runtime = agents.runtime.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                runtime
+                    .submit(agentledger_agents::Submission {
+                        request: common::REQUESTS[i % common::REQUESTS.len()].into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut admin = db.admin_client().await;
+    for name in PROJECTIONS {
+        let mut calls = 0;
+        let report = rebuild(&mut admin, Arc::new(store.clone()), name, true, |_, _| {
+            calls += 1
+        })
+        .await
+        .unwrap();
+        assert!(report.events > 0 && calls > 0, "{name}: progress reported");
+    }
+    more.await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let reads = reader.await.unwrap();
+    assert!(reads > 0);
+    assert!(least.load(Ordering::SeqCst) > 0, "a table was seen empty");
+
+    // The live runners carry on from the swapped tables.
+    agents.run_workflows(20).await;
+    agents.stop().await;
+    wait_caught_up(&store, &checkpoints).await;
+    assert_live_equals_rebuild(&db, &store).await;
+    for runner in runners {
+        runner.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn when_the_lease_holder_stops_another_runner_takes_over() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    // Two "processes": separate runners and checkpoint views.
+    let (first_view, second_view) = (Checkpoints::default(), Checkpoints::default());
+    let first = runner(&db, &store, "audit_trail", &first_view, None);
+    let agents = Agents::postgres(&store);
+    agents.run_workflows(30).await;
+    let head = store.head_position().await.unwrap();
+    let mut watch = first_view.receivers()["audit_trail"].clone();
+    tokio::time::timeout(Duration::from_secs(30), watch.wait_for(|p| *p >= head))
+        .await
+        .expect("the first runner leads")
+        .unwrap();
+    let second = runner(&db, &store, "audit_trail", &second_view, None);
+    first.stop().await;
+    agents.run_workflows(30).await;
+    agents.stop().await;
+    let head = store.head_position().await.unwrap();
+    let mut watch = second_view.receivers()["audit_trail"].clone();
+    tokio::time::timeout(Duration::from_secs(30), watch.wait_for(|p| *p >= head))
+        .await
+        .expect("the second runner took over")
+        .unwrap();
+    assert!(
+        first_view.get("audit_trail") < head,
+        "the stopped runner applied nothing after it stopped"
+    );
+    let mut admin = db.admin_client().await;
+    rebuild(
+        &mut admin,
+        Arc::new(store.clone()),
+        "audit_trail",
+        false,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(differences(&admin, "audit_trail").await.unwrap(), 0);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn audit_questions_are_answered_from_indexes() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let checkpoints = Checkpoints::default();
+    let runners: Vec<_> = PROJECTIONS
+        .iter()
+        .map(|name| runner(&db, &store, name, &checkpoints, None))
+        .collect();
+    let agents = Agents::postgres(&store);
+    let ids = agents.run_workflows(200).await;
+    agents.stop().await;
+    wait_caught_up(&store, &checkpoints).await;
+    let admin = db.admin_client().await;
+    admin
+        .batch_execute("ANALYZE; SET enable_seqscan = off;")
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let questions = [
+        (
+            "everything about workflow X in order",
+            AuditFilter {
+                workflow: Some(ids[7]),
+                ..Default::default()
+            },
+            "audit_trail_workflow",
+        ),
+        (
+            "all decisions by Lubit between T1 and T2",
+            AuditFilter {
+                actor: Some("lubit".into()),
+                from: Some(now - chrono::Duration::hours(1)),
+                to: Some(now),
+                ..Default::default()
+            },
+            "audit_trail",
+        ),
+        (
+            "every escalation in a time range",
+            AuditFilter {
+                kind: Some("gate.escalate".into()),
+                from: Some(now - chrono::Duration::hours(1)),
+                ..Default::default()
+            },
+            "audit_trail",
+        ),
+    ];
+    for (question, filter, index) in questions {
+        let (sql, params) = audit_query(&filter, 100);
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
+        let plan: Vec<String> = admin
+            .query(&format!("EXPLAIN {sql}"), &params)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index"), "{question}:\n{plan}");
+        assert!(plan.contains(index), "{question}:\n{plan}");
+        assert!(!plan.contains("Seq Scan"), "{question}:\n{plan}");
+    }
+    for runner in runners {
+        runner.stop().await;
+    }
+}
