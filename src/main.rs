@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod rebuild;
 
 use std::net::SocketAddr;
 
@@ -28,6 +29,8 @@ enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Replay projections from position 0 into fresh tables and swap them in.
+    Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
     Demo(demo::DemoArgs),
     /// Measure the service against the database (see docs/performance.md).
@@ -96,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Rebuild(args) => rebuild::run(args).await,
         Command::Bench(bench) => bench.run().await,
     }
 }

@@ -198,6 +198,36 @@ async fn a_rebuild_swaps_in_while_queries_are_served_and_the_live_runner_goes_on
         assert!(report.events > 0 && calls > 0, "{name}: progress reported");
     }
     more.await.unwrap();
+    // The swapped tables carry the migration's keys and indexes, by name.
+    let names: Vec<String> = admin
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()
+              AND tablename IN ('workflow_status', 'workflow_subtasks', 'audit_trail', 'agent_metrics')
+              ORDER BY indexname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "agent_metrics_bucket",
+            "agent_metrics_pkey",
+            "audit_trail_actor_time",
+            "audit_trail_kind_time",
+            "audit_trail_pkey",
+            "audit_trail_role_time",
+            "audit_trail_time",
+            "audit_trail_workflow",
+            "workflow_status_newest",
+            "workflow_status_pkey",
+            "workflow_status_state_newest",
+            "workflow_subtasks_pkey",
+        ]
+    );
     stop.store(true, Ordering::SeqCst);
     let reads = reader.await.unwrap();
     assert!(reads > 0);

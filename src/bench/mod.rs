@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
+mod rebuild;
 mod workflows;
 
 #[derive(clap::Subcommand)]
@@ -28,6 +29,9 @@ pub enum Bench {
     ///
     /// Needs DATABASE_URL to name a role that may CREATE DATABASE.
     Workflows(workflows::WorkflowArgs),
+    /// Projection rebuild speed over a ledger of real workflow events,
+    /// loaded with COPY into a scratch database.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +58,7 @@ impl Bench {
         match self {
             Self::Append(args) => append(args).await,
             Self::Workflows(args) => workflows::run(args).await,
+            Self::Rebuild(args) => rebuild::run(args).await,
         }
     }
 }

@@ -50,6 +50,9 @@ pub trait Projection: Send + 'static {
     fn name(&self) -> &'static str;
     /// Its tables, in the order they are created and swapped.
     fn tables(&self) -> &'static [&'static str];
+    /// Each table's primary key columns, and whether writing needs the key
+    /// (upserts do; insert-only tables get it after a rebuild's load).
+    fn key(&self, table: &str) -> (&'static str, bool);
     /// The advisory lock key of its lease.
     fn lock_key(&self) -> i64;
     /// Writes the rows for `facts` (in position order) into the tables named
@@ -115,6 +118,13 @@ impl Projection for StatusProjection {
 
     fn tables(&self) -> &'static [&'static str] {
         &["workflow_status", "workflow_subtasks"]
+    }
+
+    fn key(&self, table: &str) -> (&'static str, bool) {
+        match table {
+            "workflow_status" => ("workflow_id", true),
+            _ => ("workflow_id, subtask_id", false),
+        }
     }
 
     fn lock_key(&self) -> i64 {
@@ -336,6 +346,10 @@ impl Projection for AuditProjection {
         &["audit_trail"]
     }
 
+    fn key(&self, _: &str) -> (&'static str, bool) {
+        ("position", false)
+    }
+
     fn lock_key(&self) -> i64 {
         0x6167_6c65_6467_0102
     }
@@ -430,6 +444,10 @@ impl Projection for MetricsProjection {
 
     fn tables(&self) -> &'static [&'static str] {
         &["agent_metrics"]
+    }
+
+    fn key(&self, _: &str) -> (&'static str, bool) {
+        ("agent, bucket", true)
     }
 
     fn lock_key(&self) -> i64 {
