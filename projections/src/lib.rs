@@ -17,4 +17,4 @@ pub mod query;
 pub use memory::InMemoryReadModels;
 pub use model::{AgentRole, Fact};
 pub use postgres::PostgresReadModels;
-pub use query::{AuditFilter, ReadError, ReadModels, WorkflowCursor, PROJECTIONS};
+pub use query::{lag, AuditFilter, ReadError, ReadModels, WorkflowCursor, PROJECTIONS};

@@ -115,3 +115,21 @@ pub(crate) async fn wait_all(
         .await
         .map_err(|_| ReadError::Timeout(position))
 }
+
+/// Each projection's lag: the store's head position minus its checkpoint
+/// (events not yet applied), for readiness and metrics.
+pub async fn lag(
+    models: &dyn ReadModels,
+    store: &dyn agentledger_eventstore::EventStore,
+) -> Result<Vec<(String, u64)>, ReadError> {
+    let head = store
+        .head_position()
+        .await
+        .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+    Ok(models
+        .checkpoints()
+        .await?
+        .into_iter()
+        .map(|(name, position)| (name, head.saturating_sub(position)))
+        .collect())
+}

@@ -31,6 +31,9 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
         assert!(PROJECTIONS.contains(&name.as_str()));
         assert_eq!(position, head, "{name}");
     }
+    let lags = agentledger_projections::lag(models, store).await.unwrap();
+    assert_eq!(lags.len(), PROJECTIONS.len());
+    assert!(lags.iter().all(|(_, lag)| *lag == 0), "{lags:?}");
 
     // Every workflow's row matches the fold of its stream.
     let mut total_events = 0;

@@ -17,6 +17,8 @@ use agentledger_eventstore::{
     AppendResult, EventStore, ExpectedVersion, NewEvent, Position, PostgresEventStore,
     PostgresOptions, RecordedEvent, StoreError, StreamId, Subscription,
 };
+use agentledger_projections::postgres::runner::{Checkpoints, ProjectionRunner, RunnerConfig};
+use agentledger_projections::PROJECTIONS;
 use anyhow::Context;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, Semaphore};
@@ -45,6 +47,10 @@ pub struct WorkflowArgs {
     /// Submissions in flight at once in the full-load phase.
     #[arg(long, default_value_t = 64)]
     submitters: usize,
+    /// Run without the three projections (by default they run in the same
+    /// process, as in `serve`, and their lag is reported).
+    #[arg(long)]
+    no_projections: bool,
 }
 
 pub async fn run(args: WorkflowArgs) -> anyhow::Result<()> {
@@ -82,6 +88,25 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
     };
     let tracker = Tracker::start(counting.clone()).await?;
     let admin = connect(url).await?;
+    let checkpoints = Checkpoints::default();
+    let runners: Vec<ProjectionRunner> = if args.no_projections {
+        Vec::new()
+    } else {
+        PROJECTIONS
+            .iter()
+            .map(|name| {
+                ProjectionRunner::spawn(
+                    name,
+                    url.to_string(),
+                    counting.clone(),
+                    checkpoints.clone(),
+                    RunnerConfig::default(),
+                    None,
+                )
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let lag = LagRecorder::start(&counting.inner, &checkpoints).await?;
 
     println!(
         "end-to-end workflows on PostgreSQL: {} per phase, 3 subtasks each (extract, sort, total), \
@@ -122,6 +147,15 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
     )
     .await?;
     full.print("full load");
+    // The next phase starts with the projections caught up, so that its
+    // lag is its own, not the backlog of the full-load phase.
+    let head = counting.inner.head_position().await?;
+    for (_, mut watch) in checkpoints.receivers() {
+        if !runners.is_empty() {
+            watch.wait_for(|p| *p >= head).await?;
+        }
+    }
+    let full_lag = lag.take();
     let rate = args.rate.unwrap_or(full.rate / 2.0);
     let paced = phase(
         &runtime,
@@ -133,8 +167,38 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
     )
     .await?;
     paced.print(&format!("at {rate:.0} wf/s"));
+    let paced_lag = lag.take();
+    if !runners.is_empty() {
+        println!(
+            "\nprojection lag, event recorded → applied by the projection (ms):\n{:<22}{:<18}{:>9}{:>9}{:>9}",
+            "phase", "projection", "p50", "p99", "max"
+        );
+        for (phase, lags) in [
+            ("full load", full_lag),
+            (&*format!("at {rate:.0} wf/s"), paced_lag),
+        ] {
+            for (name, mut lags) in PROJECTIONS.iter().zip(lags) {
+                lags.sort();
+                if lags.is_empty() {
+                    continue;
+                }
+                let ms = |q: f64| {
+                    lags[((lags.len() as f64 * q) as usize).min(lags.len() - 1)].as_secs_f64() * 1e3
+                };
+                println!(
+                    "{phase:<22}{name:<18}{:>9.1}{:>9.1}{:>9.1}",
+                    ms(0.5),
+                    ms(0.99),
+                    ms(1.0)
+                );
+            }
+        }
+    }
     let _ = stop.send(());
     running.await?;
+    for runner in runners {
+        runner.stop().await;
+    }
     Ok(())
 }
 
@@ -425,5 +489,70 @@ impl EventStore for Counting {
 
     fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
         self.inner.subscribe_stream(stream, from_version)
+    }
+}
+
+/// Measures, for every event, the time from its `recorded_at` to the moment
+/// each projection's checkpoint passes it.
+struct LagRecorder {
+    lags: Arc<Mutex<Vec<Vec<Duration>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LagRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LagRecorder {
+    async fn start(store: &PostgresEventStore, checkpoints: &Checkpoints) -> anyhow::Result<Self> {
+        let lags: Arc<Mutex<Vec<Vec<Duration>>>> =
+            Arc::new(Mutex::new(vec![Vec::new(); PROJECTIONS.len()]));
+        let mut events = store.subscribe_all(store.head_position().await? + 1);
+        let receivers = checkpoints.receivers();
+        let mut watches: Vec<_> = PROJECTIONS.iter().map(|p| receivers[p].clone()).collect();
+        let task = {
+            let lags = lags.clone();
+            tokio::spawn(async move {
+                let mut pending: Vec<
+                    std::collections::VecDeque<(u64, chrono::DateTime<chrono::Utc>)>,
+                > = vec![Default::default(); PROJECTIONS.len()];
+                loop {
+                    let changed = futures::future::select_all(
+                        watches.iter_mut().map(|w| Box::pin(w.changed())),
+                    );
+                    tokio::select! {
+                        event = events.next() => {
+                            let Some(Ok(event)) = event else { return };
+                            for queue in &mut pending {
+                                queue.push_back((event.global_position, event.recorded_at));
+                            }
+                        }
+                        (result, _, _) = changed => {
+                            if result.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let now = chrono::Utc::now();
+                    let mut lags = lags.lock().expect("lock");
+                    for (i, watch) in watches.iter().enumerate() {
+                        let applied = *watch.borrow();
+                        while pending[i].front().is_some_and(|(p, _)| *p <= applied) {
+                            let (_, at) = pending[i].pop_front().expect("checked");
+                            lags[i].push((now - at).to_std().unwrap_or_default());
+                        }
+                    }
+                }
+            })
+        };
+        Ok(Self { lags, task })
+    }
+
+    /// The lags measured since the last call, per projection.
+    fn take(&self) -> Vec<Vec<Duration>> {
+        let mut lags = self.lags.lock().expect("lock");
+        lags.iter_mut().map(std::mem::take).collect()
     }
 }
