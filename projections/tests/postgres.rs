@@ -353,3 +353,34 @@ async fn audit_questions_are_answered_from_indexes() {
         runner.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_process_not_running_a_projection_waits_for_it_through_announcements() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let (running_view, other_view) = (Checkpoints::default(), Checkpoints::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::spawn(other_view.clone().follow(db.service_url(), stop.clone()));
+    let runners: Vec<_> = PROJECTIONS
+        .iter()
+        .map(|name| runner(&db, &store, name, &running_view, None))
+        .collect();
+    let agents = Agents::postgres(&store);
+    agents.run_workflows(20).await;
+    agents.stop().await;
+    let head = store.head_position().await.unwrap();
+    // The other process learns each checkpoint from NOTIFY, not by polling.
+    let models = PostgresReadModels::new(store.pool().clone(), &other_view);
+    models
+        .wait_for(head, Duration::from_secs(30))
+        .await
+        .expect("announced");
+    for name in PROJECTIONS {
+        assert!(other_view.get(name) >= head, "{name}");
+    }
+    stop.cancel();
+    listener.await.unwrap();
+    for runner in runners {
+        runner.stop().await;
+    }
+}

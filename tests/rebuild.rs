@@ -1,0 +1,108 @@
+//! End-to-end: `agentledger rebuild` on a real database fills the read
+//! models from the ledger and swaps them in; bad names are refused.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use agentledger_agents::{
+    PostgresWorkQueue, Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry,
+};
+use agentledger_eventstore::testing::TestDatabase;
+use agentledger_eventstore::EventStore;
+
+fn agentledger(args: &[&str], database_url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_agentledger"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("agentledger runs")
+}
+
+#[tokio::test]
+async fn rebuild_fills_every_read_model_from_the_ledger() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    // A few workflows, recorded while no projection runs.
+    let runtime = Runtime::new(
+        Arc::new(store.clone()),
+        Arc::new(PostgresWorkQueue::new(store.pool().clone())),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    let mut events = store.subscribe_all(1);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            runtime
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    for request in [
+        "Compute (17 * 23) + 4, then explain the result.",
+        "요약해 주세요. 그다음 단어 수를 세어 주세요.",
+    ] {
+        runtime
+            .submit(Submission {
+                request: request.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut ended = 0;
+    while ended < 2 {
+        let event = events.next().await.unwrap().unwrap();
+        if event.event_type == "WorkflowCompleted" {
+            ended += 1;
+        }
+    }
+    let _ = stop.send(());
+    running.await.unwrap();
+    let head = store.head_position().await.unwrap();
+
+    let output = agentledger(&["rebuild", "--all"], db.admin_url());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for name in ["workflow_status", "audit_trail", "agent_metrics"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}: {head} events up to position {head}"))),
+            "{stdout}"
+        );
+    }
+    let admin = db.admin_client().await;
+    let count = |sql: &'static str| {
+        let admin = &admin;
+        async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM workflow_status WHERE state = 'COMPLETED'").await,
+        2
+    );
+    assert_eq!(count("SELECT count(*) FROM audit_trail").await, head as i64);
+    assert!(count("SELECT count(*) FROM agent_metrics").await >= 4);
+    assert_eq!(
+        count("SELECT min(position) FROM projection_checkpoints").await,
+        head as i64
+    );
+
+    let refused = agentledger(&["rebuild", "workflow_stats"], db.admin_url());
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no projection named \"workflow_stats\"")
+    );
+    let nothing = agentledger(&["rebuild"], db.admin_url());
+    assert!(!nothing.status.success());
+}
