@@ -6,9 +6,16 @@ mod rebuild;
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
+use agentledger_agents::{
+    InMemoryWorkQueue, PostgresWorkQueue, Runtime, RuntimeConfig, SystemClock, ToolRegistry,
+};
 use agentledger_eventstore::{
     migrate, EventStore, InMemoryEventStore, PostgresEventStore, PostgresOptions,
 };
+use agentledger_projections::postgres::runner::{Checkpoints, ProjectionRunner, RunnerConfig};
+use agentledger_projections::{InMemoryReadModels, PostgresReadModels};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
@@ -29,6 +36,8 @@ enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Print the GraphQL schema (SDL).
+    Schema,
     /// Replay projections from position 0 into fresh tables and swap them in.
     Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
@@ -98,6 +107,10 @@ async fn main() -> anyhow::Result<()> {
             applied.iter().for_each(|m| println!("  {m}"));
             Ok(())
         }
+        Command::Schema => {
+            print!("{}", agentledger_api::sdl());
+            Ok(())
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Rebuild(args) => rebuild::run(args).await,
         Command::Bench(bench) => bench.run().await,
@@ -134,27 +147,79 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::warn!(listen = %args.listen, "dev profile listening on a non-loopback address WITHOUT authentication");
     }
-    let (store, store_kind): (std::sync::Arc<dyn EventStore>, _) = match &args.database.database_url
-    {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut background = Vec::new();
+    let Backend {
+        store,
+        queue,
+        read_models,
+        kind: store_kind,
+    } = match &args.database.database_url {
         Some(url) => {
             let admin = args.database.admin_url().expect("DATABASE_URL is set");
             let applied = migrate::run(admin).await.context("applying migrations")?;
             tracing::info!(applied = applied.len(), "database migrated");
             let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
-            (std::sync::Arc::new(store), "postgres")
+            let checkpoints = Checkpoints::default();
+            background.push(tokio::spawn(
+                checkpoints.clone().follow(url.clone(), stop.clone()),
+            ));
+            let mut runners = Vec::new();
+            for name in agentledger_projections::PROJECTIONS {
+                runners.push(ProjectionRunner::spawn(
+                    name,
+                    url.clone(),
+                    Arc::new(store.clone()),
+                    checkpoints.clone(),
+                    RunnerConfig::default(),
+                    None,
+                )?);
+            }
+            let stopping = stop.clone();
+            background.push(tokio::spawn(async move {
+                stopping.cancelled().await;
+                for runner in runners {
+                    runner.stop().await;
+                }
+            }));
+            let models = PostgresReadModels::new(store.pool().clone(), &checkpoints);
+            let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
+            Backend {
+                store: Arc::new(store),
+                queue,
+                read_models: Arc::new(models),
+                kind: "postgres",
+            }
         }
         None => {
             tracing::warn!(
                 "DATABASE_URL is not set: running on the IN-MEMORY event store (dev mode). \
                  Nothing is kept when this process stops."
             );
-            (
-                std::sync::Arc::new(InMemoryEventStore::default()),
-                "in-memory",
-            )
+            let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+            let models = InMemoryReadModels::start(store.clone());
+            Backend {
+                store,
+                queue: Arc::new(InMemoryWorkQueue::default()),
+                read_models: Arc::new(models),
+                kind: "in-memory",
+            }
         }
     };
     tracing::info!(head = store.head_position().await?, "event store ready");
+    let runtime = Runtime::new(
+        store.clone(),
+        queue,
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    {
+        let (runtime, stop) = (runtime.clone(), stop.clone());
+        background.push(tokio::spawn(async move {
+            runtime.run(stop.cancelled_owned()).await
+        }));
+    }
 
     let listener = TcpListener::bind(args.listen)
         .await
@@ -163,13 +228,40 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Tests and scripts that pass port 0 read the chosen address from this line.
     println!("listening on http://{local}");
     tracing::info!(%local, store = store_kind, profile = %profile, "agentledger serving");
-    let router = agentledger_api::router(agentledger_api::ServiceInfo {
-        store: store_kind,
-        profile,
-    });
-    agentledger_api::serve(listener, router, shutdown_signal()).await?;
+    let router = agentledger_api::router(
+        agentledger_api::ServiceInfo {
+            store: store_kind,
+            profile,
+        },
+        agentledger_api::Services {
+            runtime,
+            store,
+            read_models,
+            limits: agentledger_api::Limits::default(),
+        },
+        agentledger_api::HttpConfig::default(),
+    );
+    let stopping = stop.clone();
+    agentledger_api::serve(listener, router, async move {
+        shutdown_signal().await;
+        stopping.cancel();
+    })
+    .await?;
+    stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The store, queue and read models `serve` runs on.
+struct Backend {
+    store: Arc<dyn EventStore>,
+    queue: Arc<dyn agentledger_agents::WorkQueue>,
+    read_models: Arc<dyn agentledger_projections::ReadModels>,
+    /// `postgres` or `in-memory`.
+    kind: &'static str,
 }
 
 async fn shutdown_signal() {

@@ -1,61 +1,13 @@
 //! End-to-end: the real `agentledger` binary, on a random port, in memory and
 //! on a real PostgreSQL database.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use agentledger_eventstore::testing::TestDatabase;
 
-/// A running `agentledger serve`, stopped with SIGTERM on drop.
-struct Server {
-    child: Child,
-    base: String,
-}
+mod common;
 
-impl Server {
-    fn start(env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agentledger"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env_remove("DATABASE_URL")
-            .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = command.spawn().expect("agentledger starts");
-        // The server prints its address once it listens: the event to wait for.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("stdout");
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected: {line:?}"))
-            .to_string();
-        Self { child, base }
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        terminate(&self.child);
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn terminate(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
+use common::Server;
 
 async fn health(base: &str) -> serde_json::Value {
     let response = reqwest::get(format!("{base}/health"))

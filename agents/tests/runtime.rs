@@ -283,3 +283,52 @@ async fn a_cancelled_workflow_stops() {
     );
     running.stop().await;
 }
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_first_workflow_and_refuses_another_request() {
+    let (store, running) = in_memory(ToolRegistry::default(), RuntimeConfig::default());
+    let submission = |request: &str| agentledger_agents::Submission {
+        request: request.into(),
+        idempotency_key: Some("order-42".into()),
+        owner: Some("kim".into()),
+        ..Default::default()
+    };
+    let first = running
+        .runtime
+        .submit_recorded(submission("Sort the tags."))
+        .await
+        .unwrap();
+    assert!(!first.existing);
+    let head = store.head_position().await.unwrap();
+    let again = running
+        .runtime
+        .submit_recorded(submission("Sort the tags."))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.id, again.position, again.existing),
+        (first.id, first.position, true)
+    );
+    let other = running
+        .runtime
+        .submit_recorded(submission("Count the tags."))
+        .await;
+    assert!(matches!(
+        other,
+        Err(agentledger_agents::RuntimeError::KeyReused)
+    ));
+    // Another owner's key is another workflow.
+    let mut theirs = submission("Sort the tags.");
+    theirs.owner = Some("lee".into());
+    let theirs = running.runtime.submit_recorded(theirs).await.unwrap();
+    assert_ne!(theirs.id, first.id);
+    settle(&*store, &[first.id, theirs.id]).await;
+    let events = store.read_all(1, 10_000).await.unwrap();
+    let submissions = events
+        .iter()
+        .filter(|e| e.event_type == "WorkflowSubmitted")
+        .count();
+    assert_eq!(submissions, 2, "the repeated key wrote nothing");
+    assert!(head >= first.position);
+    running.stop().await;
+}

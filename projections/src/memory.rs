@@ -168,6 +168,17 @@ impl ReadModels for InMemoryReadModels {
             .collect())
     }
 
+    async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError> {
+        let wanted: std::collections::HashSet<&Uuid> = workflows.iter().collect();
+        Ok(self
+            .read()
+            .audit
+            .values()
+            .filter(|e| wanted.contains(&e.workflow_id))
+            .cloned()
+            .collect())
+    }
+
     async fn checkpoints(&self) -> Result<Vec<(String, u64)>, ReadError> {
         let position = self.read().position;
         Ok(PROJECTIONS

@@ -91,6 +91,10 @@ pub trait ReadModels: Send + Sync + 'static {
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<AgentMetrics>, ReadError>;
 
+    /// The audit entries of each of `workflows` (one query for all), in
+    /// position order.
+    async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError>;
+
     /// Each projection's checkpoint: the last position it applied.
     async fn checkpoints(&self) -> Result<Vec<(String, u64)>, ReadError>;
 

@@ -56,6 +56,10 @@ pub enum RuntimeError {
     /// A stored event cannot be read (`INTERNAL`): a bug or a newer writer.
     #[error("corrupt workflow: {0}")]
     Corrupt(String),
+    /// The idempotency key was used before for a different request
+    /// (`CONFLICT`); nothing was written.
+    #[error("this idempotency key was used for a different request")]
+    KeyReused,
 }
 
 /// How the runtime behaves; every policy configuration is recorded (as a
@@ -111,6 +115,26 @@ pub struct Submission {
     /// The submitting principal (`anonymous` in dev).
     pub owner: Option<String>,
     pub idempotency_key: Option<String>,
+}
+
+/// A submission as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: Uuid,
+    /// The position of its `WorkflowSubmitted` event.
+    pub position: Position,
+    /// True when an earlier submission with the same idempotency key is
+    /// returned (nothing was written).
+    pub existing: bool,
+}
+
+/// Where workflow ids derived from idempotency keys live (UUIDv5).
+const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x6167_6c65_6467_6572_6b65_7973_0000_0001);
+
+/// The workflow id for `key` submitted by `owner`: the same pair always
+/// names the same workflow, so a repeated submission finds it.
+pub fn workflow_id_for_key(owner: &str, key: &str) -> Uuid {
+    Uuid::new_v5(&KEY_NAMESPACE, format!("{owner}\u{0}{key}").as_bytes())
 }
 
 /// The four agents' identities, with the fingerprints of their configurations.
@@ -246,8 +270,21 @@ impl Runtime {
     /// claimer that finds no stream drops the row after `orphan_grace`. The
     /// other order (append, then queue) could lose the workflow.
     pub async fn submit(&self, submission: Submission) -> Result<Uuid, RuntimeError> {
+        Ok(self.submit_recorded(submission).await?.id)
+    }
+
+    /// [`Runtime::submit`], telling where the submission was recorded. With
+    /// an idempotency key, the workflow id is derived from the key and its
+    /// owner: the same key with the same request returns the first workflow
+    /// and writes nothing; with another request it is [`RuntimeError::KeyReused`].
+    pub async fn submit_recorded(&self, submission: Submission) -> Result<Submitted, RuntimeError> {
         let inner = &self.inner;
-        let id = submission.workflow_id.unwrap_or_else(Uuid::now_v7);
+        let owner_name = submission.owner.unwrap_or_else(|| "anonymous".into());
+        let id = match (&submission.workflow_id, &submission.idempotency_key) {
+            (Some(id), _) => *id,
+            (None, Some(key)) => workflow_id_for_key(&owner_name, key),
+            (None, None) => Uuid::now_v7(),
+        };
         let command = Command::Submit {
             request: Text::new(submission.request),
             input: submission.input.map(Text::new),
@@ -259,16 +296,32 @@ impl Runtime {
             workflow: Workflow::default(),
             events: Vec::new(),
             tenant: "default".into(),
-            owner: submission.owner.unwrap_or_else(|| "anonymous".into()),
+            owner: owner_name,
         };
         // Refuse bad input before anything is written.
         agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
+        if submission.idempotency_key.is_some() {
+            if let Some(existing) = self.existing_submission(id, &command).await? {
+                return Ok(existing);
+            }
+        }
         let now = inner.clock.now();
         let owner = &inner.config.owner;
-        let claim = inner
+        let claim = match inner
             .queue
             .enqueue_claimed(id, submission.priority, owner, now, inner.config.lease)
-            .await?;
+            .await
+        {
+            Ok(claim) => claim,
+            // Another submission of the same key is being recorded.
+            Err(QueueError::Held(_)) if submission.idempotency_key.is_some() => {
+                return match self.existing_submission(id, &command).await? {
+                    Some(existing) => Ok(existing),
+                    None => Err(RuntimeError::Superseded),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
         inner.held.lock().expect("held lock").insert(id);
         let recorder = human(&history.owner);
         let written = history
@@ -282,7 +335,11 @@ impl Runtime {
             )
             .await;
         let outcome = match written {
-            Ok(true) => Ok(id),
+            Ok(true) => Ok(Submitted {
+                id,
+                position: history.last().map_or(0, |r| r.position),
+                existing: false,
+            }),
             Ok(false) => Err(RuntimeError::Superseded),
             Err(e) => Err(e),
         };
@@ -306,6 +363,42 @@ impl Runtime {
         outcome
     }
 
+    /// The recorded submission of workflow `id` when it exists and matches
+    /// `command`; [`RuntimeError::KeyReused`] when it exists and differs.
+    async fn existing_submission(
+        &self,
+        id: Uuid,
+        command: &Command,
+    ) -> Result<Option<Submitted>, RuntimeError> {
+        let Some(history) = History::load(&*self.inner.store, id).await? else {
+            return Ok(None);
+        };
+        let first = &history.events[0];
+        let same = match (&first.event, command) {
+            (
+                agentledger_domain::workflow::WorkflowEvent::WorkflowSubmitted {
+                    request,
+                    input,
+                    priority,
+                },
+                Command::Submit {
+                    request: r,
+                    input: i,
+                    priority: p,
+                },
+            ) => request == r && input == i && priority == p,
+            _ => false,
+        };
+        if !same {
+            return Err(RuntimeError::KeyReused);
+        }
+        Ok(Some(Submitted {
+            id,
+            position: first.position,
+            existing: true,
+        }))
+    }
+
     /// Records a person's decision on an escalated workflow and resumes it.
     ///
     /// The queue row is written twice: before the append, claimable only
@@ -317,7 +410,7 @@ impl Runtime {
         approve: bool,
         comment: String,
         person: &str,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Position, RuntimeError> {
         let inner = &self.inner;
         let mut history = History::load(&*inner.store, workflow)
             .await?
@@ -342,7 +435,7 @@ impl Runtime {
         }
         inner.queue.enqueue(workflow, priority, now, now).await?;
         inner.wake.notify_one();
-        Ok(())
+        Ok(history.last().map_or(0, |r| r.position))
     }
 
     /// Cancels a workflow that has not ended. A runtime driving it stops at
@@ -352,7 +445,7 @@ impl Runtime {
         workflow: Uuid,
         reason: Option<String>,
         person: &str,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Position, RuntimeError> {
         let inner = &self.inner;
         let mut history = History::load(&*inner.store, workflow)
             .await?
@@ -373,7 +466,7 @@ impl Runtime {
         {
             return Err(RuntimeError::Superseded);
         }
-        Ok(())
+        Ok(history.last().map_or(0, |r| r.position))
     }
 
     /// Reads workflow `id` (its state and events); `None` when unknown.

@@ -361,6 +361,21 @@ impl ReadModels for PostgresReadModels {
         Ok(rows.iter().map(metrics_of).collect())
     }
 
+    async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit_trail WHERE workflow_id = ANY($1)
+                      ORDER BY workflow_id, position"
+                ),
+                &[&workflows],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(audit_of).collect()
+    }
+
     async fn checkpoints(&self) -> Result<Vec<(String, u64)>, ReadError> {
         let client = self.client().await?;
         let rows = client

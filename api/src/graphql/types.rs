@@ -1,0 +1,431 @@
+//! The GraphQL types of design §5, converted from domain and read-model
+//! types here (the only place that knows both).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use agentledger_domain::workflow::{Priority as DomainPriority, WorkflowState as DomainState};
+use agentledger_eventstore::RecordedEvent as StoredEvent;
+use agentledger_projections::model::audit::AuditEntry;
+use agentledger_projections::model::metrics::AgentMetrics as MetricsRow;
+use agentledger_projections::model::status::{enum_name, WorkflowStatus};
+use agentledger_projections::{AgentRole as ProjectionRole, ReadModels};
+use async_graphql::dataloader::{DataLoader, Loader};
+use async_graphql::{
+    ComplexObject, Context, Enum, InputValueError, InputValueResult, Object, Scalar, ScalarType,
+    SimpleObject, Value, ID,
+};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A global position (or a count of events): a non-negative 64-bit integer
+/// sent as a JSON number (GraphQL's `Int` is 32-bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position(pub u64);
+
+#[Scalar(name = "Position")]
+impl ScalarType for Position {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        match &value {
+            Value::Number(n) => n
+                .as_u64()
+                .map(Position)
+                .ok_or_else(|| InputValueError::custom("a position is a non-negative integer")),
+            _ => Err(InputValueError::expected_type(value)),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::Number(self.0.into())
+    }
+}
+
+/// Where a workflow stands.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkflowState {
+    Submitted,
+    Analysing,
+    Gating,
+    AwaitingHuman,
+    Executing,
+    Reviewing,
+    Completed,
+    Rejected,
+    Failed,
+    Flagged,
+    Cancelled,
+}
+
+impl WorkflowState {
+    pub fn from_domain(state: DomainState) -> Self {
+        use DomainState as S;
+        match state {
+            S::New | S::Submitted => Self::Submitted,
+            S::Analysing => Self::Analysing,
+            S::Gating => Self::Gating,
+            S::AwaitingHuman => Self::AwaitingHuman,
+            S::Executing => Self::Executing,
+            S::Reviewing => Self::Reviewing,
+            S::Completed => Self::Completed,
+            S::Rejected => Self::Rejected,
+            S::Failed => Self::Failed,
+            S::Flagged => Self::Flagged,
+            S::Cancelled => Self::Cancelled,
+        }
+    }
+
+    pub fn to_domain(self) -> DomainState {
+        use DomainState as S;
+        match self {
+            Self::Submitted => S::Submitted,
+            Self::Analysing => S::Analysing,
+            Self::Gating => S::Gating,
+            Self::AwaitingHuman => S::AwaitingHuman,
+            Self::Executing => S::Executing,
+            Self::Reviewing => S::Reviewing,
+            Self::Completed => S::Completed,
+            Self::Rejected => S::Rejected,
+            Self::Failed => S::Failed,
+            Self::Flagged => S::Flagged,
+            Self::Cancelled => S::Cancelled,
+        }
+    }
+}
+
+/// How urgent a workflow is.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Low,
+    Normal,
+    High,
+    Critical,
+}
+
+impl Priority {
+    pub fn from_domain(p: DomainPriority) -> Self {
+        match p {
+            DomainPriority::Low => Self::Low,
+            DomainPriority::Normal => Self::Normal,
+            DomainPriority::High => Self::High,
+            DomainPriority::Critical => Self::Critical,
+        }
+    }
+
+    pub fn to_domain(self) -> DomainPriority {
+        match self {
+            Self::Low => DomainPriority::Low,
+            Self::Normal => DomainPriority::Normal,
+            Self::High => DomainPriority::High,
+            Self::Critical => DomainPriority::Critical,
+        }
+    }
+}
+
+/// The four agent roles.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentRole {
+    Analyst,
+    Gatekeeper,
+    Executor,
+    Ethics,
+}
+
+impl AgentRole {
+    pub fn from_projection(role: ProjectionRole) -> Self {
+        match role {
+            ProjectionRole::Analyst => Self::Analyst,
+            ProjectionRole::Gatekeeper => Self::Gatekeeper,
+            ProjectionRole::Executor => Self::Executor,
+            ProjectionRole::Ethics => Self::Ethics,
+        }
+    }
+
+    pub fn to_projection(self) -> ProjectionRole {
+        match self {
+            Self::Analyst => ProjectionRole::Analyst,
+            Self::Gatekeeper => ProjectionRole::Gatekeeper,
+            Self::Executor => ProjectionRole::Executor,
+            Self::Ethics => ProjectionRole::Ethics,
+        }
+    }
+}
+
+/// Subtasks done and in all.
+#[derive(SimpleObject, Debug, Clone, Copy)]
+pub struct Progress {
+    pub done: i32,
+    pub total: i32,
+}
+
+/// A subtask of the current plan.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct Subtask {
+    pub id: String,
+    pub title: String,
+    pub tool: String,
+    pub depends_on: Vec<String>,
+    /// `PENDING`, `RUNNING`, `RETRYING`, `SUCCEEDED`, `FAILED` or `SKIPPED`.
+    pub state: String,
+    pub attempts: i32,
+    pub output: Option<String>,
+}
+
+/// A recorded decision (or fact) about a workflow, in a reviewer's words.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct Decision {
+    pub position: Position,
+    pub role: Option<AgentRole>,
+    pub actor: String,
+    pub kind: String,
+    pub summary: String,
+    pub rationale: String,
+    pub at: DateTime<Utc>,
+}
+
+impl Decision {
+    fn of(entry: &AuditEntry) -> Self {
+        Self {
+            position: Position(entry.position),
+            role: entry.role.map(AgentRole::from_projection),
+            actor: entry.actor.clone(),
+            kind: entry.kind.clone(),
+            summary: entry.summary.clone(),
+            rationale: entry.rationale.clone(),
+            at: entry.recorded_at,
+        }
+    }
+}
+
+/// RUNE's review.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct EthicsScores {
+    pub transparency: f64,
+    pub collaboration: f64,
+    pub autonomy: f64,
+    pub fairness: f64,
+    pub passed: bool,
+    pub findings: Vec<String>,
+}
+
+/// A workflow as the read models (or a fold of its stream) show it.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    pub status: WorkflowStatus,
+    /// Known already (a subscription folds them from the stream); else
+    /// loaded from the audit trail, batched across a page.
+    pub decisions: Option<Vec<AuditEntry>>,
+}
+
+#[Object(name = "Workflow")]
+impl Workflow {
+    async fn id(&self) -> ID {
+        ID(self.status.id.to_string())
+    }
+    async fn state(&self) -> WorkflowState {
+        WorkflowState::from_domain(self.status.state)
+    }
+    async fn priority(&self) -> Priority {
+        Priority::from_domain(self.status.priority)
+    }
+    async fn request(&self) -> &str {
+        &self.status.request
+    }
+    async fn progress(&self) -> Progress {
+        Progress {
+            done: self.status.progress_done,
+            total: self.status.progress_total,
+        }
+    }
+    async fn subtasks(&self) -> Vec<Subtask> {
+        self.status
+            .subtasks
+            .iter()
+            .map(|s| Subtask {
+                id: s.id.clone(),
+                title: s.title.clone(),
+                tool: s.tool.clone(),
+                depends_on: s.depends_on.clone(),
+                state: enum_name(&s.state),
+                attempts: i32::from(s.attempts),
+                output: s.output.clone(),
+            })
+            .collect()
+    }
+    /// Every recorded decision about the workflow, in order (the submission excluded).
+    async fn decisions(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Decision>> {
+        let entries = match &self.decisions {
+            Some(entries) => entries.clone(),
+            None => ctx
+                .data_unchecked::<DataLoader<AuditLoader>>()
+                .load_one(self.status.id)
+                .await?
+                .unwrap_or_default(),
+        };
+        Ok(entries
+            .iter()
+            .filter(|e| e.kind != "submitted")
+            .map(Decision::of)
+            .collect())
+    }
+    async fn ethics(&self) -> Option<EthicsScores> {
+        self.status.ethics.as_ref().map(|e| EthicsScores {
+            transparency: e.scores.transparency,
+            collaboration: e.scores.collaboration,
+            autonomy: e.scores.autonomy,
+            fairness: e.scores.fairness,
+            passed: e.passed,
+            findings: e.findings.clone(),
+        })
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.status.created_at
+    }
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.status.updated_at
+    }
+    async fn completed_at(&self) -> Option<DateTime<Utc>> {
+        self.status.completed_at
+    }
+    async fn last_position(&self) -> Position {
+        Position(self.status.last_position)
+    }
+    /// The stream version of the last event applied.
+    async fn version(&self) -> Position {
+        Position(self.status.version)
+    }
+}
+
+/// Loads the audit entries of many workflows in one query.
+pub struct AuditLoader(pub Arc<dyn ReadModels>);
+
+impl Loader<Uuid> for AuditLoader {
+    type Value = Vec<AuditEntry>;
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Self::Value>, Self::Error> {
+        let entries = self
+            .0
+            .audit_of(keys)
+            .await
+            .map_err(super::error::from_read)?;
+        let mut by_workflow: HashMap<Uuid, Vec<AuditEntry>> = HashMap::new();
+        for entry in entries {
+            by_workflow
+                .entry(entry.workflow_id)
+                .or_default()
+                .push(entry);
+        }
+        Ok(by_workflow)
+    }
+}
+
+/// An event as stored, with its place in the chain.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct RecordedEvent {
+    pub position: Position,
+    pub stream_id: String,
+    pub version: Position,
+    #[graphql(name = "type")]
+    pub event_type: String,
+    pub payload: async_graphql::Json<serde_json::Value>,
+    pub metadata: async_graphql::Json<serde_json::Value>,
+    pub recorded_at: DateTime<Utc>,
+    pub hash: String,
+    pub prev_hash: String,
+}
+
+impl RecordedEvent {
+    pub fn of(e: &StoredEvent) -> Self {
+        Self {
+            position: Position(e.global_position),
+            stream_id: e.stream_id.as_str().to_string(),
+            version: Position(e.stream_version),
+            event_type: e.event_type.clone(),
+            payload: async_graphql::Json(e.payload.clone()),
+            metadata: async_graphql::Json(e.metadata.clone()),
+            recorded_at: e.recorded_at,
+            hash: hex::encode(e.hash),
+            prev_hash: hex::encode(e.prev_hash),
+        }
+    }
+}
+
+/// One agent's figures over a time range.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(complex)]
+pub struct AgentMetrics {
+    pub agent: String,
+    pub role: Option<AgentRole>,
+    pub decisions: i64,
+    pub approvals: i64,
+    pub rejections: i64,
+    pub revisions: i64,
+    pub escalations: i64,
+    pub retries: i64,
+    pub failures: i64,
+    pub flagged: i64,
+    #[graphql(skip)]
+    pub row: MetricsRow,
+}
+
+#[ComplexObject]
+impl AgentMetrics {
+    /// Mean decision latency (from the event a decision answers to the decision).
+    async fn latency_mean_ms(&self) -> Option<f64> {
+        self.row.latency_mean_ms()
+    }
+    /// 95th percentile, read from histogram buckets (the bucket's upper bound).
+    async fn latency_p95_ms(&self) -> Option<f64> {
+        self.row.latency_p95_ms()
+    }
+    async fn latency_max_ms(&self) -> Option<f64> {
+        (self.row.latency_count > 0).then(|| self.row.latency_max_ms())
+    }
+    /// RUNE's mean scores over the range (RUNE only).
+    async fn mean_ethics(&self) -> Option<EthicsMeans> {
+        self.row.ethics_means().map(|[t, c, a, f]| EthicsMeans {
+            transparency: t,
+            collaboration: c,
+            autonomy: a,
+            fairness: f,
+        })
+    }
+}
+
+/// Mean ethics scores.
+#[derive(SimpleObject, Debug, Clone, Copy)]
+pub struct EthicsMeans {
+    pub transparency: f64,
+    pub collaboration: f64,
+    pub autonomy: f64,
+    pub fairness: f64,
+}
+
+impl AgentMetrics {
+    /// Per agent, the rows of a range added up.
+    pub fn per_agent(rows: Vec<MetricsRow>) -> Vec<Self> {
+        let mut merged: Vec<MetricsRow> = Vec::new();
+        for row in rows {
+            match merged.iter_mut().find(|m| m.agent == row.agent) {
+                Some(m) => m.merge(&row),
+                None => merged.push(row),
+            }
+        }
+        merged
+            .into_iter()
+            .map(|row| Self {
+                agent: row.agent.clone(),
+                role: ProjectionRole::of_agent(&row.agent).map(AgentRole::from_projection),
+                decisions: row.decisions,
+                approvals: row.approvals,
+                rejections: row.rejections,
+                revisions: row.revisions,
+                escalations: row.escalations,
+                retries: row.retries,
+                failures: row.failures,
+                flagged: row.flagged,
+                row,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,353 @@
+//! End-to-end: GraphQL against a real `agentledger serve` process on real
+//! PostgreSQL: submit over HTTP, follow `workflowProgress` over a real
+//! WebSocket in both subprotocols, escalation, two processes, error codes.
+
+mod common;
+
+use agentledger_eventstore::testing::TestDatabase;
+use common::Server;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn graphql(base: &str, query: &str, variables: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/graphql"))
+        .header("content-type", "application/json")
+        .body(json!({ "query": query, "variables": variables }).to_string())
+        .send()
+        .await
+        .expect("POST /graphql");
+    assert_eq!(response.status(), 200);
+    serde_json::from_str(&response.text().await.unwrap()).expect("a JSON response")
+}
+
+const SUBMIT: &str = "mutation($r: String!, $k: String) {
+    submitWorkflow(request: $r, idempotencyKey: $k) { id state request lastPosition } }";
+
+async fn submit(base: &str, request: &str) -> String {
+    let response = graphql(base, SUBMIT, json!({ "r": request })).await;
+    assert!(response["errors"].is_null(), "{response}");
+    response["data"]["submitWorkflow"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A GraphQL WebSocket client speaking `protocol`.
+struct Socket {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    legacy: bool,
+}
+
+impl Socket {
+    async fn open(base: &str, protocol: &str) -> Self {
+        let url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
+        let mut request = url.into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", protocol.parse().unwrap());
+        let (ws, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("WebSocket");
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"]
+                .to_str()
+                .unwrap(),
+            protocol
+        );
+        let mut socket = Self {
+            ws,
+            legacy: protocol == "graphql-ws",
+        };
+        socket
+            .send(json!({ "type": "connection_init", "payload": {} }))
+            .await;
+        let ack = socket.receive().await;
+        assert_eq!(ack["type"], "connection_ack", "{ack}");
+        socket
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.ws
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    async fn receive(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(std::time::Duration::from_secs(30), self.ws.next())
+                .await
+                .expect("a message within 30 s")
+                .expect("open")
+                .expect("no error");
+            match message {
+                Message::Text(text) => {
+                    let value: Value = serde_json::from_str(&text).unwrap();
+                    // Keep-alives of the legacy protocol.
+                    if value["type"] != "ka" {
+                        return value;
+                    }
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: &str, query: &str) {
+        let kind = if self.legacy { "start" } else { "subscribe" };
+        self.send(json!({ "id": id, "type": kind, "payload": { "query": query } }))
+            .await;
+    }
+
+    /// The next payload of subscription `id`, or `None` when it completed.
+    async fn next(&mut self, id: &str) -> Option<Value> {
+        let message = self.receive().await;
+        assert_eq!(message["id"], id, "{message}");
+        match message["type"].as_str() {
+            Some("next") | Some("data") => {
+                assert!(message["payload"]["errors"].is_null(), "{message}");
+                Some(message["payload"]["data"].clone())
+            }
+            Some("complete") => None,
+            _ => panic!("unexpected {message}"),
+        }
+    }
+}
+
+/// Follows a workflow's progress from version 0 until the subscription
+/// completes; the states seen, in order.
+async fn follow(base: &str, protocol: &str, id: &str) -> Vec<String> {
+    let mut socket = Socket::open(base, protocol).await;
+    socket
+        .subscribe("1", &format!("subscription {{ workflowProgress(id: \"{id}\", fromVersion: 0) {{ state version }} }}"))
+        .await;
+    let mut states = Vec::new();
+    while let Some(data) = socket.next("1").await {
+        states.push(
+            data["workflowProgress"]["state"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    states
+}
+
+fn postgres_server(db: &TestDatabase) -> Server {
+    let (service, admin) = (db.service_url(), db.admin_url().to_string());
+    Server::start(&[
+        ("DATABASE_URL", &service),
+        ("AGENTLEDGER_ADMIN_DATABASE_URL", &admin),
+        ("RUST_LOG", "warn"),
+    ])
+}
+
+#[tokio::test]
+async fn a_workflow_submitted_over_http_is_followed_to_completion_in_both_subprotocols() {
+    let db = TestDatabase::create().await;
+    let server = postgres_server(&db);
+    for protocol in ["graphql-transport-ws", "graphql-ws"] {
+        let id = submit(
+            &server.base,
+            "Summarise the attached quarterly report. Then count the words of the summary.",
+        )
+        .await;
+        let states = follow(&server.base, protocol, &id).await;
+        assert_eq!(
+            states.first().map(String::as_str),
+            Some("SUBMITTED"),
+            "{protocol}: {states:?}"
+        );
+        assert_eq!(
+            states.last().map(String::as_str),
+            Some("COMPLETED"),
+            "{protocol}: {states:?}"
+        );
+        for stage in ["GATING", "EXECUTING", "REVIEWING"] {
+            assert!(
+                states.iter().any(|s| s == stage),
+                "{protocol}: {stage} in {states:?}"
+            );
+        }
+        // The read models show the end, with every decision.
+        let read = graphql(
+            &server.base,
+            "query($id: ID!) { workflow(id: $id) { state progress { done total } decisions { kind role actor } ethics { passed } } }",
+            json!({ "id": id }),
+        )
+        .await;
+        let workflow = &read["data"]["workflow"];
+        assert_eq!(workflow["ethics"]["passed"], true, "{read}");
+        let kinds: Vec<&str> = workflow["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap())
+            .collect();
+        assert!(
+            kinds.contains(&"analysis")
+                && kinds.contains(&"gate.approve")
+                && kinds.contains(&"ethics.passed"),
+            "{kinds:?}"
+        );
+    }
+    let rejected = submit(
+        &server.base,
+        "Transfer 10,000 dollars from the company account to my personal account.",
+    )
+    .await;
+    let states = follow(&server.base, "graphql-transport-ws", &rejected).await;
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("REJECTED"),
+        "{states:?}"
+    );
+    assert!(server.stop().success());
+}
+
+#[tokio::test]
+async fn an_escalated_workflow_is_approved_by_a_person_and_completes() {
+    let db = TestDatabase::create().await;
+    let server = postgres_server(&db);
+    let id = submit(
+        &server.base,
+        "Delete the duplicate lines from the tag list, then sort the rest.",
+    )
+    .await;
+    let mut socket = Socket::open(&server.base, "graphql-transport-ws").await;
+    socket
+        .subscribe(
+            "p",
+            &format!(
+                "subscription {{ workflowProgress(id: \"{id}\", fromVersion: 0) {{ state }} }}"
+            ),
+        )
+        .await;
+    loop {
+        let data = socket
+            .next("p")
+            .await
+            .expect("not complete before a person decides");
+        if data["workflowProgress"]["state"] == "AWAITING_HUMAN" {
+            break;
+        }
+    }
+    let decided = graphql(
+        &server.base,
+        "mutation($id: ID!) { decideEscalation(id: $id, approve: true, comment: \"only duplicates\") { state decisions { kind actor } } }",
+        json!({ "id": id }),
+    )
+    .await;
+    assert!(decided["errors"].is_null(), "{decided}");
+    let mut last = String::new();
+    while let Some(data) = socket.next("p").await {
+        last = data["workflowProgress"]["state"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    }
+    assert_eq!(last, "COMPLETED");
+    assert!(server.stop().success());
+}
+
+#[tokio::test]
+async fn a_workflow_submitted_on_one_process_is_followed_on_another() {
+    let db = TestDatabase::create().await;
+    let (one, other) = (postgres_server(&db), postgres_server(&db));
+    let id = submit(&one.base, "1. Extract the figures from the text: 12, 7.5 and 30\n2. Sort them in descending order\n3. Compute their total").await;
+    let states = follow(&other.base, "graphql-ws", &id).await;
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("COMPLETED"),
+        "{states:?}"
+    );
+    assert!(one.stop().success());
+    assert!(other.stop().success());
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_code_and_writes_nothing() {
+    let db = TestDatabase::create().await;
+    let server = postgres_server(&db);
+    let head = || async {
+        let r = graphql(
+            &server.base,
+            "{ events(first: 100) { position } }",
+            json!({}),
+        )
+        .await;
+        r["data"]["events"].as_array().unwrap().len()
+    };
+    let before = head().await;
+    let code = |r: &Value| {
+        r["errors"][0]["extensions"]["code"]
+            .as_str()
+            .unwrap_or("none")
+            .to_string()
+    };
+    let cases = [
+        (SUBMIT, json!({ "r": "   " }), "BAD_INPUT"),
+        (SUBMIT, json!({ "r": "가".repeat(11_000) }), "BAD_INPUT"),
+        (
+            "mutation { cancelWorkflow(id: \"0190a1b2-0000-7000-8000-000000000000\") { state } }",
+            json!({}),
+            "NOT_FOUND",
+        ),
+        (
+            "mutation { cancelWorkflow(id: \"not-an-id\") { state } }",
+            json!({}),
+            "BAD_INPUT",
+        ),
+        (
+            "{ workflows(first: 5, after: \"zz\") { edges { cursor } } }",
+            json!({}),
+            "BAD_INPUT",
+        ),
+        (
+            "{ workflows(first: 1000) { edges { cursor } } }",
+            json!({}),
+            "BAD_INPUT",
+        ),
+        (
+            "{ workflows(first: -1) { edges { cursor } } }",
+            json!({}),
+            "BAD_INPUT",
+        ),
+    ];
+    for (query, variables, expected) in cases {
+        let response = graphql(&server.base, query, variables).await;
+        assert_eq!(code(&response), expected, "{query}: {response}");
+    }
+    assert_eq!(head().await, before, "nothing was written");
+    // The same idempotency key twice: one workflow; another request: CONFLICT.
+    let first = graphql(
+        &server.base,
+        SUBMIT,
+        json!({ "r": "Sort the tags.", "k": "k-1" }),
+    )
+    .await;
+    let again = graphql(
+        &server.base,
+        SUBMIT,
+        json!({ "r": "Sort the tags.", "k": "k-1" }),
+    )
+    .await;
+    assert_eq!(
+        first["data"]["submitWorkflow"]["id"],
+        again["data"]["submitWorkflow"]["id"]
+    );
+    let other = graphql(
+        &server.base,
+        SUBMIT,
+        json!({ "r": "Count the tags.", "k": "k-1" }),
+    )
+    .await;
+    assert_eq!(code(&other), "CONFLICT", "{other}");
+    assert!(server.stop().success());
+}
