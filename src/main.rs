@@ -238,6 +238,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             store,
             read_models,
             limits: agentledger_api::Limits::default(),
+            shutdown: stop.clone(),
+            open_subscriptions: Arc::default(),
         },
         agentledger_api::HttpConfig::default(),
     );

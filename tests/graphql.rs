@@ -351,3 +351,122 @@ async fn bad_input_gets_its_code_and_writes_nothing() {
     assert_eq!(code(&other), "CONFLICT", "{other}");
     assert!(server.stop().success());
 }
+
+#[tokio::test]
+async fn pages_lose_and_repeat_nothing_while_new_workflows_arrive() {
+    let db = TestDatabase::create().await;
+    let server = postgres_server(&db);
+    let mut before = std::collections::HashSet::new();
+    for i in 0..25 {
+        before.insert(submit(&server.base, &format!("Count the words of note {i}.")).await);
+    }
+    let query = "query($after: String) { workflows(first: 7, after: $after) {
+        edges { cursor node { id } } pageInfo { hasNextPage endCursor } } }";
+    let mut seen = Vec::new();
+    let mut after = Value::Null;
+    let mut arriving = 0;
+    loop {
+        // New work arrives between every two pages.
+        submit(
+            &server.base,
+            &format!("Count the words of late note {arriving}."),
+        )
+        .await;
+        arriving += 1;
+        let page = graphql(&server.base, query, json!({ "after": after })).await;
+        let connection = &page["data"]["workflows"];
+        for edge in connection["edges"].as_array().unwrap() {
+            seen.push(edge["node"]["id"].as_str().unwrap().to_string());
+        }
+        if connection["pageInfo"]["hasNextPage"] != true {
+            break;
+        }
+        after = connection["pageInfo"]["endCursor"].clone();
+    }
+    let unique: std::collections::HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no workflow repeated");
+    assert!(
+        before.is_subset(&unique),
+        "no workflow that existed before paging was lost"
+    );
+    assert!(server.stop().success());
+}
+
+#[tokio::test]
+async fn limits_readiness_and_metrics() {
+    let db = TestDatabase::create().await;
+    let server = postgres_server(&db);
+    submit(&server.base, "Sort the tags.").await;
+    // Body limit (2 MiB by default): a request declaring 3 MiB is refused
+    // before its body is read.
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(
+        format!(
+            "POST /graphql HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            3 << 20
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    // Depth limit.
+    let deep = graphql(
+        &server.base,
+        // Depth 15: __schema, types, fields, type, ten ofType, name.
+        &format!(
+            "{{ __schema {{ types {{ fields {{ type {{ {} name {} }} }} }} }} }}",
+            "ofType { ".repeat(10),
+            "} ".repeat(10)
+        ),
+        json!({}),
+    )
+    .await;
+    assert!(
+        deep["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested too deep"),
+        "{deep}"
+    );
+
+    let ready = reqwest::get(format!("{}/ready", server.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
+    assert_eq!(body["ready"], true);
+    assert!(body["projection_lag"]["workflow_status"].is_u64(), "{body}");
+
+    // An open subscription is counted.
+    let mut socket = Socket::open(&server.base, "graphql-transport-ws").await;
+    socket
+        .subscribe(
+            "e",
+            "subscription { workflowEvents(fromPosition: 1) { position } }",
+        )
+        .await;
+    assert!(socket.next("e").await.is_some());
+    let metrics = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "agentledger_subscriptions_open 1",
+        "agentledger_http_requests_total{route=\"/graphql\",status=\"200\"}",
+        "agentledger_http_request_seconds_bucket{route=\"/graphql\",status=\"200\",le=\"+Inf\"}",
+        "agentledger_projection_lag_events{projection=\"audit_trail\"}",
+        "agentledger_workflows{state=",
+        "agentledger_head_position",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+    // SIGTERM with a subscription open: it completes and the process exits cleanly.
+    assert!(server.stop().success());
+}

@@ -7,6 +7,7 @@
 //! domain and read-model types at its edge and never talks SQL itself.
 
 pub mod graphql;
+pub mod metrics;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tower_http::limit::RequestBodyLimitLayer;
 
 pub use graphql::{schema, sdl, AgentledgerSchema, Caller, Limits, Services};
 
@@ -59,6 +61,7 @@ struct AppState {
     services: Services,
     config: HttpConfig,
     counters: Arc<Counters>,
+    http: Arc<metrics::HttpMetrics>,
 }
 
 #[derive(Default)]
@@ -76,13 +79,19 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         services,
         config: config.clone(),
         counters: Arc::default(),
+        http: Arc::default(),
     };
+    let http = state.http.clone();
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_request))
         .route_service("/graphql/ws", GraphQLSubscription::new(schema))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(render_metrics))
+        .route_layer(axum::middleware::from_fn_with_state(http, metrics::track))
+        // The GraphQL extractor reads the body itself, past axum's default
+        // limit: the limit is enforced on the body stream instead.
+        .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state)
 }
@@ -166,7 +175,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text.
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn render_metrics(State(state): State<AppState>) -> Response {
     use std::fmt::Write;
     let services = &state.services;
     let mut out = String::new();
@@ -208,6 +217,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
             );
         }
     }
+    if let Ok(counts) = services.read_models.count_by_state().await {
+        let _ = writeln!(
+            out,
+            "# HELP agentledger_workflows Workflows by state (read model)."
+        );
+        let _ = writeln!(out, "# TYPE agentledger_workflows gauge");
+        for (workflow_state, n) in counts {
+            let name = agentledger_projections::model::status::state_name(workflow_state);
+            let _ = writeln!(out, "agentledger_workflows{{state=\"{name}\"}} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP agentledger_subscriptions_open GraphQL subscriptions open now."
+    );
+    let _ = writeln!(out, "# TYPE agentledger_subscriptions_open gauge");
+    let _ = writeln!(
+        out,
+        "agentledger_subscriptions_open {}",
+        services.open_subscriptions.load(Ordering::Relaxed)
+    );
+    state.http.render(&mut out);
     (
         [(
             axum::http::header::CONTENT_TYPE,

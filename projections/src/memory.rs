@@ -168,6 +168,14 @@ impl ReadModels for InMemoryReadModels {
             .collect())
     }
 
+    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
+        let mut counts: HashMap<WorkflowState, u64> = HashMap::new();
+        for fold in self.read().folds.values() {
+            *counts.entry(fold.status().state).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
     async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError> {
         let wanted: std::collections::HashSet<&Uuid> = workflows.iter().collect();
         Ok(self

@@ -91,6 +91,9 @@ pub trait ReadModels: Send + Sync + 'static {
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<AgentMetrics>, ReadError>;
 
+    /// How many workflows are in each state (states with none are left out).
+    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError>;
+
     /// The audit entries of each of `workflows` (one query for all), in
     /// position order.
     async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError>;

@@ -230,6 +230,16 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
         .is_empty());
 
     assert!(models.workflow(Uuid::now_v7()).await.unwrap().is_none());
+    let counts = models.count_by_state().await.unwrap();
+    assert_eq!(
+        counts.iter().map(|(_, n)| *n).sum::<u64>(),
+        ids.len() as u64
+    );
+    let rejected_count = counts
+        .iter()
+        .find(|(s, _)| *s == WorkflowState::Rejected)
+        .map(|(_, n)| *n);
+    assert_eq!(rejected_count, Some(rejected.len() as u64));
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod types;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use async_graphql::dataloader::DataLoader;
 use async_graphql::{Context, Object, Schema, Subscription, ID};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use error::{bad_input, from_read, from_runtime, from_store, Code};
@@ -75,6 +77,40 @@ pub struct Services {
     pub store: Arc<dyn EventStore>,
     pub read_models: Arc<dyn ReadModels>,
     pub limits: Limits,
+    /// Cancelled when the server shuts down: open subscriptions complete.
+    pub shutdown: CancellationToken,
+    /// Subscriptions open now.
+    pub open_subscriptions: Arc<AtomicI64>,
+}
+
+/// Counts an open subscription for as long as it lives.
+struct Open(Arc<AtomicI64>);
+
+impl Open {
+    fn new(counter: &Arc<AtomicI64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `stream`, counted while open and ended when the server shuts down.
+fn tracked<S: Stream + Send + 'static>(
+    services: &Services,
+    stream: S,
+) -> impl Stream<Item = S::Item> + Send {
+    let open = Open::new(&services.open_subscriptions);
+    let shutdown = services.shutdown.clone().cancelled_owned();
+    stream.take_until(shutdown).map(move |item| {
+        // Holding `open` here keeps it (and the count) alive with the stream.
+        let _keep = &open;
+        item
+    })
 }
 
 /// Builds the schema over `services`.
@@ -433,7 +469,7 @@ impl SubscriptionRoot {
                 Some((Ok(snapshot), (live, followed, done)))
             },
         );
-        Ok(futures::stream::iter(first).chain(live))
+        Ok(tracked(&services, futures::stream::iter(first).chain(live)))
     }
 
     /// Recorded events, catch-up then live: of one workflow (all of its
@@ -460,7 +496,7 @@ impl SubscriptionRoot {
             }
         };
         let from = from.unwrap_or(1);
-        Ok(subscription
+        let events = subscription
             .into_stream()
             .filter_map(move |event| async move {
                 match event {
@@ -470,6 +506,7 @@ impl SubscriptionRoot {
                     Ok(_) => None,
                     Err(e) => Some(Err(from_store(e))),
                 }
-            }))
+            });
+        Ok(tracked(&services, events))
     }
 }

@@ -361,6 +361,26 @@ impl ReadModels for PostgresReadModels {
         Ok(rows.iter().map(metrics_of).collect())
     }
 
+    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT state, count(*) FROM workflow_status GROUP BY state",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.get(0);
+                Ok((
+                    parse_state(&state).ok_or_else(|| corrupt("state", &state))?,
+                    r.get::<_, i64>(1) as u64,
+                ))
+            })
+            .collect()
+    }
+
     async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError> {
         let client = self.client().await?;
         let rows = client

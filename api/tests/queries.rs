@@ -1,0 +1,177 @@
+//! Listing workflows with their subtasks and decisions costs a bounded
+//! number of read-model queries, whatever the page size.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentledger_agents::{
+    InMemoryWorkQueue, Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry,
+};
+use agentledger_api::{Limits, Services};
+use agentledger_domain::workflow::WorkflowState;
+use agentledger_eventstore::{EventStore, InMemoryEventStore};
+use agentledger_projections::model::audit::AuditEntry;
+use agentledger_projections::model::metrics::AgentMetrics;
+use agentledger_projections::model::status::WorkflowStatus;
+use agentledger_projections::{
+    AuditFilter, InMemoryReadModels, ReadError, ReadModels, WorkflowCursor,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Read models that count the calls made to them.
+struct Counting {
+    inner: InMemoryReadModels,
+    calls: AtomicUsize,
+}
+
+impl Counting {
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ReadModels for Counting {
+    async fn workflow(&self, id: Uuid) -> Result<Option<WorkflowStatus>, ReadError> {
+        self.count();
+        self.inner.workflow(id).await
+    }
+    async fn workflows(
+        &self,
+        state: Option<WorkflowState>,
+        after: Option<WorkflowCursor>,
+        limit: usize,
+    ) -> Result<Vec<WorkflowStatus>, ReadError> {
+        self.count();
+        self.inner.workflows(state, after, limit).await
+    }
+    async fn audit_trail(
+        &self,
+        filter: &AuditFilter,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, ReadError> {
+        self.count();
+        self.inner.audit_trail(filter, limit).await
+    }
+    async fn agent_metrics(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<AgentMetrics>, ReadError> {
+        self.count();
+        self.inner.agent_metrics(from, to).await
+    }
+    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
+        self.count();
+        self.inner.count_by_state().await
+    }
+    async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError> {
+        self.count();
+        self.inner.audit_of(workflows).await
+    }
+    async fn checkpoints(&self) -> Result<Vec<(String, u64)>, ReadError> {
+        self.inner.checkpoints().await
+    }
+    async fn wait_for(&self, position: u64, limit: Duration) -> Result<(), ReadError> {
+        self.inner.wait_for(position, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_page_of_100_workflows_with_subtasks_and_decisions_takes_a_bounded_number_of_read_model_calls(
+) {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+    let models = Arc::new(Counting {
+        inner: InMemoryReadModels::start(store.clone()),
+        calls: AtomicUsize::new(0),
+    });
+    let runtime = Runtime::new(
+        store.clone(),
+        Arc::new(InMemoryWorkQueue::default()),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    // Submitted without running the agents: each has one event, enough to list.
+    let mut last = 0;
+    for i in 0..100 {
+        last = runtime
+            .submit_recorded(Submission {
+                request: format!("Count the words of note {i}."),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .position;
+    }
+    models
+        .wait_for(last, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let schema = agentledger_api::schema(Services {
+        runtime,
+        store,
+        read_models: models.clone(),
+        limits: Limits::default(),
+        shutdown: Default::default(),
+        open_subscriptions: Arc::default(),
+    });
+    models.calls.store(0, Ordering::SeqCst);
+    let response = schema
+        .execute("{ workflows(first: 100) { edges { node { id state subtasks { id } decisions { kind } } } } }")
+        .await;
+    assert!(response.errors.is_empty(), "{:?}", response.errors);
+    let data = response.data.into_json().unwrap();
+    assert_eq!(data["workflows"]["edges"].as_array().unwrap().len(), 100);
+    // One call for the page (with its subtasks), then the decisions of all
+    // 100 in batches: one, or two when the loader's batching window closes
+    // while resolvers are still being polled (a busy machine). Never one
+    // per workflow.
+    let calls = models.calls.load(Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&calls),
+        "{calls} read-model calls for a page of 100"
+    );
+}
+
+#[tokio::test]
+async fn an_open_subscription_is_counted_until_it_is_dropped_and_ends_on_shutdown() {
+    use futures::StreamExt;
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+    let models = Arc::new(InMemoryReadModels::start(store.clone()));
+    let runtime = Runtime::new(
+        store.clone(),
+        Arc::new(InMemoryWorkQueue::default()),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    runtime
+        .submit(Submission {
+            request: "Sort the tags.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let services = Services {
+        runtime,
+        store,
+        read_models: models,
+        limits: Limits::default(),
+        shutdown: Default::default(),
+        open_subscriptions: Arc::default(),
+    };
+    let schema = agentledger_api::schema(services.clone());
+    let mut stream =
+        schema.execute_stream("subscription { workflowEvents(fromPosition: 1) { position } }");
+    let first = stream.next().await.unwrap();
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(services.open_subscriptions.load(Ordering::SeqCst), 1);
+    services.shutdown.cancel();
+    while stream.next().await.is_some() {}
+    drop(stream);
+    assert_eq!(services.open_subscriptions.load(Ordering::SeqCst), 0);
+}
