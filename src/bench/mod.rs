@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
+mod api;
 mod rebuild;
 mod workflows;
 
@@ -32,6 +33,9 @@ pub enum Bench {
     /// Projection rebuild speed over a ledger of real workflow events,
     /// loaded with COPY into a scratch database.
     Rebuild(rebuild::RebuildArgs),
+    /// The service as clients see it: a real `serve` process, workflows
+    /// submitted over HTTP, one WebSocket subscription per workflow.
+    Api(api::ApiArgs),
 }
 
 #[derive(clap::Args)]
@@ -59,6 +63,7 @@ impl Bench {
             Self::Append(args) => append(args).await,
             Self::Workflows(args) => workflows::run(args).await,
             Self::Rebuild(args) => rebuild::run(args).await,
+            Self::Api(args) => api::run(args).await,
         }
     }
 }

@@ -1,0 +1,179 @@
+//! `agentledger bench api`: the service as clients see it. Starts a real
+//! `agentledger serve` process on a scratch database, opens subscriptions
+//! over WebSocket (one per workflow, `workflowEvents`), submits workflows
+//! over HTTP, and reports workflows/s through GraphQL, the latency from an
+//! event's `recorded_at` to a subscriber receiving it, and the server's RSS
+//! with every subscription open.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentledger_agents::workflow_id_for_key;
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::Scratch;
+
+const REQUEST: &str = "1. Extract the figures from the text: 12, 7.5 and 30\n2. Sort them in descending order\n3. Compute their total";
+
+#[derive(clap::Args)]
+pub struct ApiArgs {
+    /// A database on the server to measure (used to create a scratch database).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Workflows, each followed by its own subscription.
+    #[arg(long, default_value_t = 1_000)]
+    subscriptions: usize,
+    /// Submission rate, workflows/s (open loop).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+}
+
+pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
+    let scratch = Scratch::create(&args.database_url).await?;
+    let result = measure(&args, &scratch.url).await;
+    scratch.drop_database().await?;
+    result
+}
+
+async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", url)
+        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting agentledger serve")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("serve did not print its address")?
+        .to_string();
+    let result = drive(args, &base, child.id()).await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    result
+}
+
+async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
+    let rss_idle = rss_kib(pid);
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let ws_url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
+    let mut keys = Vec::new();
+    let started = Instant::now();
+    for i in 0..args.subscriptions {
+        let key = format!("bench-{i}");
+        let id = workflow_id_for_key("anonymous", &key);
+        keys.push(key);
+        let mut request = ws_url.as_str().into_client_request()?;
+        request.headers_mut().insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.context("WebSocket")?;
+        ws.send(Message::Text(json!({"type": "connection_init"}).to_string().into())).await?;
+        let _ack = ws.next().await;
+        let query = format!("subscription {{ workflowEvents(workflowId: \"{id}\") {{ type recordedAt }} }}");
+        ws.send(Message::Text(json!({"id": "1", "type": "subscribe", "payload": {"query": query}}).to_string().into()))
+            .await?;
+        let (latencies, done) = (latencies.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = ws.next().await {
+                let Message::Text(text) = message else { continue };
+                let received = chrono::Utc::now();
+                let Ok(value) = serde_json::from_str::<Value>(&text) else { continue };
+                let event = &value["payload"]["data"]["workflowEvents"];
+                let Some(at) = event["recordedAt"].as_str().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok()) else {
+                    continue;
+                };
+                let latency = (received - at).to_std().unwrap_or_default();
+                latencies.lock().expect("lock").push(latency);
+                if event["type"] == "WorkflowCompleted" {
+                    let _ = done.send(());
+                }
+            }
+        });
+    }
+    println!(
+        "{} subscriptions open in {:.1} s; server RSS {} MiB idle",
+        args.subscriptions,
+        started.elapsed().as_secs_f64(),
+        rss_idle / 1024
+    );
+    let rss_open = rss_kib(pid);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut submits = tokio::task::JoinSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+        tokio::time::sleep_until(due.into()).await;
+        let (client, base, key) = (client.clone(), base.to_string(), key.clone());
+        submits.spawn(async move {
+            let body = json!({
+                "query": "mutation($r: String!, $k: String) { submitWorkflow(request: $r, idempotencyKey: $k) { id } }",
+                "variables": { "r": REQUEST, "k": key },
+            });
+            client
+                .post(format!("{base}/graphql"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map(|_| ())
+        });
+    }
+    while let Some(result) = submits.join_next().await {
+        result?.context("submitWorkflow")?;
+    }
+    for _ in 0..keys.len() {
+        tokio::time::timeout(Duration::from_secs(120), done_rx.recv())
+            .await
+            .context("a workflow did not complete within 120 s")?;
+    }
+    let elapsed = started.elapsed();
+    let rss_busy = rss_kib(pid);
+    let mut latencies = std::mem::take(&mut *latencies.lock().expect("lock"));
+    latencies.sort();
+    let ms = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "{} workflows submitted over HTTP at {:.0}/s, all completed: {:.0} workflows/s end to end",
+        keys.len(),
+        args.rate,
+        keys.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "event recorded → subscriber received, {} deliveries: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        latencies.len(),
+        ms(0.5),
+        ms(0.99),
+        ms(1.0)
+    );
+    println!(
+        "server RSS: {} MiB with {} subscriptions open, {} MiB after the run",
+        rss_open / 1024,
+        args.subscriptions,
+        rss_busy / 1024
+    );
+    Ok(())
+}
+
+/// The resident set of process `pid`, in KiB (0 when unknown).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
