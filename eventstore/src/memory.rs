@@ -2,7 +2,7 @@
 //! It keeps nothing across restarts and behaves like the PostgreSQL store.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::append::{decide, now_micros, recorded, written, Existing, Outcome, StreamHead};
 use crate::prepare::{prepare, Limits};
-use crate::subscription::Subscription;
+use crate::subscription::{StreamRouter, Subscription};
 use crate::{
     AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
     StreamId,
@@ -25,6 +25,8 @@ pub struct InMemoryEventStore {
 struct Inner {
     state: Mutex<State>,
     live: broadcast::Sender<Arc<RecordedEvent>>,
+    /// Started on the first stream subscription (it needs a runtime).
+    router: OnceLock<Arc<StreamRouter>>,
     limits: Limits,
 }
 
@@ -51,6 +53,7 @@ impl InMemoryEventStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 live,
+                router: OnceLock::new(),
                 limits,
             }),
         }
@@ -171,7 +174,9 @@ impl EventStore for InMemoryEventStore {
     fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
         Subscription::stream(
             Arc::new(self.clone()),
-            self.inner.live.subscribe(),
+            self.inner
+                .router
+                .get_or_init(|| StreamRouter::start(&self.inner.live)),
             stream,
             from_version,
         )

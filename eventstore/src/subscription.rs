@@ -11,9 +11,14 @@
 //! broadcast overwrote events it had not taken yet, the subscription goes back
 //! to reading the table from where it stands. A slow consumer therefore holds
 //! at most one page in memory and never slows anyone else.
+//!
+//! **Stream subscribers wake for their stream only.** A [`StreamRouter`]
+//! per store follows the live feed and forwards each event to the channel of
+//! its stream, if anyone follows it: a thousand stream subscribers cost one
+//! map lookup per event, not a thousand wake-ups.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 
 use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -48,10 +53,84 @@ impl Cursor {
     }
 }
 
+/// Events a stream channel buffers for a subscriber that is behind.
+const STREAM_BUFFER: usize = 256;
+
+/// What a stream channel carries: an event, or word that the router fell
+/// behind the live feed and events may be missing (re-read the table).
+type Routed = Option<Arc<RecordedEvent>>;
+
+/// Forwards the live feed to per-stream channels; see the module docs.
+pub struct StreamRouter {
+    streams: Mutex<HashMap<StreamId, broadcast::Sender<Routed>>>,
+}
+
+impl StreamRouter {
+    /// A router following `live`; its task ends when the feed closes.
+    pub fn start(live: &broadcast::Sender<Arc<RecordedEvent>>) -> Arc<Self> {
+        let router = Arc::new(Self {
+            streams: Mutex::new(HashMap::new()),
+        });
+        let weak: Weak<Self> = Arc::downgrade(&router);
+        let mut feed = live.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let received = feed.recv().await;
+                let Some(router) = weak.upgrade() else { return };
+                let mut streams = router.streams.lock().expect("router lock");
+                match received {
+                    Ok(event) => {
+                        let gone = streams
+                            .get(&event.stream_id)
+                            .is_some_and(|tx| tx.send(Some(event.clone())).is_err());
+                        if gone {
+                            streams.remove(&event.stream_id);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        streams.retain(|_, tx| tx.send(None).is_ok());
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        router
+    }
+
+    fn subscribe(&self, stream: &StreamId) -> broadcast::Receiver<Routed> {
+        let mut streams = self.streams.lock().expect("router lock");
+        if let Some(tx) = streams.get(stream) {
+            return tx.subscribe();
+        }
+        // Channels whose subscribers left without another event coming.
+        if streams.len() >= 1_024 && streams.len().is_power_of_two() {
+            streams.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        let (tx, rx) = broadcast::channel(STREAM_BUFFER);
+        streams.insert(stream.clone(), tx);
+        rx
+    }
+}
+
+enum Live {
+    All(broadcast::Receiver<Arc<RecordedEvent>>),
+    Stream(broadcast::Receiver<Routed>),
+}
+
+impl Live {
+    /// The next live event; `Ok(None)` when events may have been missed.
+    async fn recv(&mut self) -> Result<Option<Arc<RecordedEvent>>, RecvError> {
+        match self {
+            Self::All(rx) => rx.recv().await.map(Some),
+            Self::Stream(rx) => rx.recv().await,
+        }
+    }
+}
+
 /// A live feed of recorded events; see the module docs for its guarantees.
 pub struct Subscription {
     store: Arc<dyn EventStore>,
-    live: broadcast::Receiver<Arc<RecordedEvent>>,
+    live: Live,
     cursor: Cursor,
     buffer: VecDeque<Arc<RecordedEvent>>,
     catching_up: bool,
@@ -64,19 +143,19 @@ impl Subscription {
         live: broadcast::Receiver<Arc<RecordedEvent>>,
         from: Position,
     ) -> Self {
-        Self::new(store, live, Cursor::All { next: from.max(1) })
+        Self::new(store, Live::All(live), Cursor::All { next: from.max(1) })
     }
 
     /// Every event of `stream` with version ≥ `from_version`, then live.
     pub fn stream(
         store: Arc<dyn EventStore>,
-        live: broadcast::Receiver<Arc<RecordedEvent>>,
+        router: &StreamRouter,
         stream: StreamId,
         from_version: u64,
     ) -> Self {
         Self::new(
             store,
-            live,
+            Live::Stream(router.subscribe(&stream)),
             Cursor::Stream {
                 stream,
                 next: from_version,
@@ -84,11 +163,7 @@ impl Subscription {
         )
     }
 
-    fn new(
-        store: Arc<dyn EventStore>,
-        live: broadcast::Receiver<Arc<RecordedEvent>>,
-        cursor: Cursor,
-    ) -> Self {
+    fn new(store: Arc<dyn EventStore>, live: Live, cursor: Cursor) -> Self {
         Self {
             store,
             live,
@@ -123,7 +198,8 @@ impl Subscription {
                 continue;
             }
             match self.live.recv().await {
-                Ok(event) => match self.cursor.compare(&event) {
+                Ok(None) => self.catching_up = true,
+                Ok(Some(event)) => match self.cursor.compare(&event) {
                     None | Some(std::cmp::Ordering::Less) => continue,
                     Some(std::cmp::Ordering::Equal) => self.buffer.push_back(event),
                     // Something between the cursor and this event was not delivered live.

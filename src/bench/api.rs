@@ -58,7 +58,9 @@ async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
         .context("serve did not print its address")?
         .to_string();
     let result = drive(args, &base, child.id()).await;
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     result
 }
@@ -75,21 +77,41 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         let id = workflow_id_for_key("anonymous", &key);
         keys.push(key);
         let mut request = ws_url.as_str().into_client_request()?;
-        request.headers_mut().insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
-        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.context("WebSocket")?;
-        ws.send(Message::Text(json!({"type": "connection_init"}).to_string().into())).await?;
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .context("WebSocket")?;
+        ws.send(Message::Text(
+            json!({"type": "connection_init"}).to_string().into(),
+        ))
+        .await?;
         let _ack = ws.next().await;
-        let query = format!("subscription {{ workflowEvents(workflowId: \"{id}\") {{ type recordedAt }} }}");
-        ws.send(Message::Text(json!({"id": "1", "type": "subscribe", "payload": {"query": query}}).to_string().into()))
-            .await?;
+        let query = format!(
+            "subscription {{ workflowEvents(workflowId: \"{id}\") {{ type recordedAt }} }}"
+        );
+        ws.send(Message::Text(
+            json!({"id": "1", "type": "subscribe", "payload": {"query": query}})
+                .to_string()
+                .into(),
+        ))
+        .await?;
         let (latencies, done) = (latencies.clone(), done_tx.clone());
         tokio::spawn(async move {
             while let Some(Ok(message)) = ws.next().await {
-                let Message::Text(text) = message else { continue };
+                let Message::Text(text) = message else {
+                    continue;
+                };
                 let received = chrono::Utc::now();
-                let Ok(value) = serde_json::from_str::<Value>(&text) else { continue };
+                let Ok(value) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
                 let event = &value["payload"]["data"]["workflowEvents"];
-                let Some(at) = event["recordedAt"].as_str().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok()) else {
+                let Some(at) = event["recordedAt"]
+                    .as_str()
+                    .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                else {
                     continue;
                 };
                 let latency = (received - at).to_std().unwrap_or_default();
@@ -141,7 +163,10 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     let rss_busy = rss_kib(pid);
     let mut latencies = std::mem::take(&mut *latencies.lock().expect("lock"));
     latencies.sort();
-    let ms = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    let ms = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1e3
+    };
     println!(
         "{} workflows submitted over HTTP at {:.0}/s, all completed: {:.0} workflows/s end to end",
         keys.len(),

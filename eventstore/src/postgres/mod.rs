@@ -16,7 +16,7 @@ mod rows;
 mod tailer;
 mod writer;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,7 +27,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::prepare::{prepare, Limits};
-use crate::subscription::Subscription;
+use crate::subscription::{StreamRouter, Subscription};
 use crate::{
     AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
     StreamId,
@@ -92,6 +92,8 @@ struct Inner {
     /// One queue per writer lane.
     appends: Vec<mpsc::Sender<writer::AppendRequest>>,
     live: broadcast::Sender<Arc<RecordedEvent>>,
+    /// Started on the first stream subscription (it needs a runtime).
+    router: OnceLock<Arc<StreamRouter>>,
     limits: Limits,
     stop: CancellationToken,
 }
@@ -155,6 +157,7 @@ impl PostgresEventStore {
                 pool,
                 appends,
                 live,
+                router: OnceLock::new(),
                 limits: options.limits,
                 stop,
             }),
@@ -268,7 +271,9 @@ impl EventStore for PostgresEventStore {
     fn subscribe_stream(&self, stream: StreamId, from_version: u64) -> Subscription {
         Subscription::stream(
             Arc::new(self.clone()),
-            self.inner.live.subscribe(),
+            self.inner
+                .router
+                .get_or_init(|| StreamRouter::start(&self.inner.live)),
             stream,
             from_version,
         )
