@@ -24,6 +24,11 @@ pub struct DemoArgs {
     /// Show the decision events only (no subtask starts and results).
     #[arg(long)]
     quiet: bool,
+    /// A running `agentledger serve` to use (e.g. http://127.0.0.1:8080)
+    /// instead of an embedded in-memory one: requests go over GraphQL and
+    /// progress comes from its `workflowProgress` subscription.
+    #[arg(long)]
+    url: Option<String>,
 }
 
 /// The demo's requests and what each shows.
@@ -84,6 +89,9 @@ impl Tool for FlakyFetch {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.url {
+        return remote::run(url.trim_end_matches('/')).await;
+    }
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
     let tools = ToolRegistry::default().register(FlakyFetch {
         calls: AtomicU32::new(0),
@@ -253,4 +261,127 @@ fn is_stage(event: &WorkflowEvent) -> bool {
         event,
         WorkflowEvent::SubtaskStarted { .. } | WorkflowEvent::SubtaskSucceeded { .. }
     )
+}
+
+/// The demo against a running server, over GraphQL.
+mod remote {
+    use anyhow::{bail, Context};
+    use futures::{SinkExt, StreamExt};
+    use serde_json::{json, Value};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::REQUESTS;
+
+    async fn graphql(
+        client: &reqwest::Client,
+        base: &str,
+        query: &str,
+        variables: Value,
+    ) -> anyhow::Result<Value> {
+        let text = client
+            .post(format!("{base}/graphql"))
+            .header("content-type", "application/json")
+            .body(json!({ "query": query, "variables": variables }).to_string())
+            .send()
+            .await
+            .with_context(|| format!("POST {base}/graphql"))?
+            .text()
+            .await?;
+        let response: Value = serde_json::from_str(&text).context("a GraphQL response")?;
+        if let Some(error) = response["errors"].get(0) {
+            bail!("{}", error["message"]);
+        }
+        Ok(response["data"].clone())
+    }
+
+    pub async fn run(base: &str) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        println!("agentledger demo against {base}\n");
+        let mut summary = Vec::new();
+        // The retry case needs the embedded demo's flaky tool; a server runs its own tools.
+        for (i, (shows, request)) in REQUESTS
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, _))| *s != "needs a retry")
+        {
+            let label = format!("#{}", i + 1);
+            let data = graphql(
+                &client,
+                base,
+                "mutation($r: String!) { submitWorkflow(request: $r) { id } }",
+                json!({ "r": request }),
+            )
+            .await?;
+            let id = data["submitWorkflow"]["id"]
+                .as_str()
+                .context("an id")?
+                .to_string();
+            let url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
+            let mut request_ws = url.as_str().into_client_request()?;
+            request_ws
+                .headers_mut()
+                .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
+            let (mut ws, _) = tokio_tungstenite::connect_async(request_ws)
+                .await
+                .context("WebSocket")?;
+            ws.send(Message::Text(
+                json!({"type": "connection_init"}).to_string().into(),
+            ))
+            .await?;
+            let query = format!(
+                "subscription {{ workflowProgress(id: \"{id}\", fromVersion: 0) {{ state decisions {{ actor summary }} }} }}"
+            );
+            ws.send(Message::Text(
+                json!({"id": "p", "type": "subscribe", "payload": {"query": query}})
+                    .to_string()
+                    .into(),
+            ))
+            .await?;
+            let (mut shown, mut state) = (0, String::new());
+            while let Some(message) = ws.next().await {
+                let Message::Text(text) = message? else {
+                    continue;
+                };
+                let value: Value = serde_json::from_str(&text)?;
+                match value["type"].as_str() {
+                    Some("next") => {
+                        let workflow = &value["payload"]["data"]["workflowProgress"];
+                        let decisions = workflow["decisions"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        for d in decisions.iter().skip(shown) {
+                            println!(
+                                "{label:<3} {:<8} {}",
+                                d["actor"].as_str().unwrap_or("?"),
+                                d["summary"].as_str().unwrap_or("")
+                            );
+                        }
+                        shown = decisions.len();
+                        state = workflow["state"].as_str().unwrap_or("").to_string();
+                        if state == "AWAITING_HUMAN" {
+                            println!("{label:<3} {:<8} (the demo reviewer approves)", "");
+                            graphql(
+                                &client,
+                                base,
+                                "mutation($id: ID!) { decideEscalation(id: $id, approve: true, comment: \"checked by the demo\") { state } }",
+                                json!({ "id": id }),
+                            )
+                            .await?;
+                        }
+                    }
+                    Some("complete") => break,
+                    Some("error") => bail!("subscription error: {}", value["payload"]),
+                    _ => {}
+                }
+            }
+            summary.push((label, state, *shows));
+        }
+        println!("\nSummary");
+        for (label, state, shows) in summary {
+            println!("{label:<4}{state:<12}{shows}");
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,8 @@
 //! End-to-end: `agentledger demo` runs every path of a workflow in one
 //! process and ends with intact hash chains.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -43,4 +45,38 @@ fn the_demo_shows_every_outcome_and_verifies_its_chains() {
     assert!(stdout.contains("#1  gitcode  st-3 attempt 1 succeeded: 49.5"));
     assert!(stdout.contains("#2  sena     analysis round 0: st-1=summarize, st-2=text_stats"));
     assert!(stdout.contains("hash chains: intact"));
+}
+
+#[test]
+fn the_demo_follows_a_running_server_over_graphql() {
+    let server = common::Server::start(&[("RUST_LOG", "warn")]);
+    let output = Command::new(env!("CARGO_BIN_EXE_agentledger"))
+        .args(["demo", "--url", &server.base])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("agentledger runs");
+    let stdout = String::from_utf8(output.stdout).expect("UTF-8 output");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = stdout.split("\nSummary").nth(1).expect("a summary");
+    for (label, state) in [
+        ("#1 ", "COMPLETED"),
+        ("#3 ", "REJECTED"),
+        ("#4 ", "COMPLETED"),
+        ("#6 ", "FLAGGED"),
+    ] {
+        let line = summary
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{label} in {summary}"));
+        assert_eq!(line.split_whitespace().nth(1), Some(state), "{line}");
+    }
+    assert!(
+        stdout.contains("#4           (the demo reviewer approves)"),
+        "{stdout}"
+    );
+    assert!(server.stop().success());
 }
