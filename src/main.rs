@@ -1,6 +1,7 @@
 //! The `agentledger` command: runs the service and the operational verbs.
 
 mod bench;
+mod config;
 mod demo;
 mod rebuild;
 
@@ -9,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use agentledger_agents::{
-    InMemoryWorkQueue, PostgresWorkQueue, Runtime, RuntimeConfig, SystemClock, ToolRegistry,
+    InMemoryWorkQueue, PostgresWorkQueue, Runtime, SystemClock, ToolRegistry,
 };
 use agentledger_eventstore::{
     migrate, EventStore, InMemoryEventStore, PostgresEventStore, PostgresOptions,
@@ -84,6 +85,15 @@ struct ServeArgs {
     /// Let the dev profile listen on a non-loopback address (it has no authentication).
     #[arg(long)]
     allow_non_loopback_dev: bool,
+    /// A TOML configuration file (see the `config` module docs for its keys).
+    #[arg(long, env = "AGENTLEDGER_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// `/ready` fails when a projection lags more events than this (default: no bound).
+    #[arg(long, env = "AGENTLEDGER_READY_MAX_LAG")]
+    ready_max_lag: Option<u64>,
+    /// Workflows this process drives at once.
+    #[arg(long, env = "AGENTLEDGER_MAX_WORKFLOWS")]
+    max_workflows: Option<usize>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -91,7 +101,11 @@ struct ServeArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    let json_by_default = matches!(
+        &cli.command,
+        Command::Serve(args) if matches!(args.profile, Profile::Staging | Profile::Prod)
+    );
+    init_logging(json_by_default);
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => {
@@ -117,14 +131,21 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+/// Text logs for people, JSON for machines: `AGENTLEDGER_LOG_FORMAT=json|text`
+/// decides; otherwise JSON in the staging and prod profiles.
+fn init_logging(json_by_default: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var("AGENTLEDGER_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+    let json = match std::env::var("AGENTLEDGER_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => json_by_default,
+    };
+    if json {
+        builder.json().with_current_span(true).init();
     } else {
         builder.init();
     }
@@ -147,6 +168,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::warn!(listen = %args.listen, "dev profile listening on a non-loopback address WITHOUT authentication");
     }
+    if matches!(args.profile, Profile::Staging | Profile::Prod)
+        && args.database.database_url.is_none()
+    {
+        bail!(
+            "the {profile} profile keeps its ledger in PostgreSQL: set DATABASE_URL \
+             (the in-memory store is for the dev and test profiles)"
+        );
+    }
+    let file = match &args.config {
+        Some(path) => config::FileConfig::load(path)?,
+        None => config::FileConfig::default(),
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let mut background = Vec::new();
     let Backend {
@@ -212,7 +245,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         queue,
         ToolRegistry::default(),
         Arc::new(SystemClock),
-        RuntimeConfig::default(),
+        file.runtime(args.max_workflows),
     );
     {
         let (runtime, stop) = (runtime.clone(), stop.clone());
@@ -237,11 +270,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             runtime,
             store,
             read_models,
-            limits: agentledger_api::Limits::default(),
+            limits: file.limits(),
             shutdown: stop.clone(),
             open_subscriptions: Arc::default(),
         },
-        agentledger_api::HttpConfig::default(),
+        file.http(args.ready_max_lag),
     );
     let stopping = stop.clone();
     agentledger_api::serve(listener, router, async move {

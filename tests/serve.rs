@@ -84,3 +84,69 @@ fn a_database_that_cannot_be_reached_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("applying migrations"), "{stderr}");
 }
+
+#[test]
+fn staging_and_prod_refuse_to_run_without_a_database() {
+    for profile in ["staging", "prod"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_agentledger"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--profile", profile])
+            .env_remove("DATABASE_URL")
+            .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{profile}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("set DATABASE_URL"), "{profile}: {stderr}");
+    }
+}
+
+#[test]
+fn a_configuration_file_with_an_unknown_key_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("agentledger-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[graphql]\nmax_pages = 5\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_agentledger"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("max_pages") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn limits_come_from_the_configuration_file() {
+    let dir = std::env::temp_dir().join(format!("agentledger-config-ok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("small.toml");
+    std::fs::write(&path, "[graphql]\nmax_page = 5\n").unwrap();
+    let server = Server::start(&[("AGENTLEDGER_CONFIG", path.to_str().unwrap())]);
+    let query = |first: u32| {
+        let base = server.base.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/graphql"))
+                .header("content-type", "application/json")
+                .body(format!(
+                    "{{\"query\": \"{{ workflows(first: {first}) {{ edges {{ cursor }} }} }}\"}}"
+                ))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!query(5).await.contains("errors"));
+    assert!(query(6).await.contains("BAD_INPUT"));
+    assert!(server.stop().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

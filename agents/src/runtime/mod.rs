@@ -578,10 +578,15 @@ fn spawn_drive(
 ) {
     inner.held.lock().expect("held lock").insert(claim.workflow);
     let inner = inner.clone();
-    drives.spawn(async move {
-        drive::drive(&inner, claim, history).await;
-        drop(slot);
-    });
+    // Every log line of the drive carries the workflow as correlation id.
+    let span = tracing::info_span!("workflow", correlation_id = %claim.workflow);
+    drives.spawn(tracing::Instrument::instrument(
+        async move {
+            drive::drive(&inner, claim, history).await;
+            drop(slot);
+        },
+        span,
+    ));
 }
 
 fn human(person: &str) -> Recorder {
