@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use agentledger_projections::lag;
 use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse, GraphQLSubscription};
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use axum::extract::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -84,7 +86,7 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
     let http = state.http.clone();
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_request))
-        .route_service("/graphql/ws", GraphQLSubscription::new(schema))
+        .route("/graphql/ws", get(graphql_ws))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
@@ -146,6 +148,33 @@ async fn graphql_request(
             .fetch_add(1, Ordering::Relaxed);
     }
     response.into()
+}
+
+/// Buffers of one WebSocket connection. Subscription messages are small;
+/// tungstenite's defaults (128 KiB to read) would cost ~128 MiB for 1,000
+/// open subscriptions.
+const WS_BUFFER_BYTES: usize = 8 * 1024;
+
+/// Subscriptions over WebSocket, in the subprotocol the client asks for
+/// (`graphql-transport-ws` or `graphql-ws`).
+async fn graphql_ws(
+    State(state): State<AppState>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
+        .on_upgrade(move |stream| {
+            GraphQLWebSocket::new(stream, state.schema, protocol)
+                .with_data({
+                    let mut data = async_graphql::Data::default();
+                    data.insert(Caller::anonymous());
+                    data
+                })
+                .serve()
+        })
 }
 
 /// Ready when the store answers and, if a bound is set, every projection's
@@ -250,12 +279,20 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets
-/// in-flight requests finish.
+/// in-flight requests finish. Connections send small frames (subscription
+/// events) at once: without `TCP_NODELAY`, Nagle's algorithm holds them
+/// until the peer's delayed ACK, ~40 ms later.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

@@ -123,7 +123,7 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         });
     }
     println!(
-        "{} subscriptions open in {:.1} s; server RSS {} MiB idle",
+        "{} subscriptions open in {:.1} s; server RSS {} MiB before they opened",
         args.subscriptions,
         started.elapsed().as_secs_f64(),
         rss_idle / 1024
