@@ -374,6 +374,15 @@ impl Mutation {
     }
 }
 
+/// Waits (without polling) until the read models have applied `position`;
+/// past `patience` the snapshot goes out anyway (the fold is the truth) and
+/// the lag is logged.
+async fn settle(models: &dyn ReadModels, position: u64, patience: Duration) {
+    if let Err(e) = models.wait_for(position, patience).await {
+        tracing::warn!(error = %e, "read models behind; sending the snapshot anyway");
+    }
+}
+
 /// Subscriptions.
 pub struct SubscriptionRoot;
 
@@ -445,28 +454,40 @@ impl SubscriptionRoot {
             .is_some_and(|f| f.status().state.is_final());
         let next_version = past.len() as u64;
         let live = services.store.subscribe_stream(stream, next_version);
+        // Each snapshot is sent once the read models have applied its event,
+        // so a client that reads the workflow right after a snapshot (or
+        // after the subscription ended) sees at least that state.
+        let models = services.read_models.clone();
+        let patience = services.limits.read_your_writes;
+        if let Some(last) = past.last() {
+            settle(&*models, last.global_position, patience).await;
+        }
         let live = futures::stream::unfold(
             (live, followed, ended),
-            |(mut live, mut followed, ended)| async move {
-                if ended {
-                    return None;
+            move |(mut live, mut followed, ended)| {
+                let models = models.clone();
+                async move {
+                    if ended {
+                        return None;
+                    }
+                    let event = match live.next().await? {
+                        Ok(event) => event,
+                        Err(e) => return Some((Err(from_store(e)), (live, followed, true))),
+                    };
+                    let fact = match Fact::decode(&event) {
+                        Ok(Some(fact)) => fact,
+                        Ok(None) => return None,
+                        Err(e) => return Some((Err(error::internal(&e)), (live, followed, true))),
+                    };
+                    followed.apply(&fact);
+                    let done = followed
+                        .fold
+                        .as_ref()
+                        .is_some_and(|f| f.status().state.is_final());
+                    let snapshot = followed.snapshot().expect("a fact was applied");
+                    settle(&*models, event.global_position, patience).await;
+                    Some((Ok(snapshot), (live, followed, done)))
                 }
-                let event = match live.next().await? {
-                    Ok(event) => event,
-                    Err(e) => return Some((Err(from_store(e)), (live, followed, true))),
-                };
-                let fact = match Fact::decode(&event) {
-                    Ok(Some(fact)) => fact,
-                    Ok(None) => return None,
-                    Err(e) => return Some((Err(error::internal(&e)), (live, followed, true))),
-                };
-                followed.apply(&fact);
-                let done = followed
-                    .fold
-                    .as_ref()
-                    .is_some_and(|f| f.status().state.is_final());
-                let snapshot = followed.snapshot().expect("a fact was applied");
-                Some((Ok(snapshot), (live, followed, done)))
             },
         );
         Ok(tracked(&services, futures::stream::iter(first).chain(live)))
