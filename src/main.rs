@@ -4,6 +4,7 @@ mod bench;
 mod config;
 mod demo;
 mod rebuild;
+mod verify;
 
 use std::net::SocketAddr;
 
@@ -39,6 +40,8 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Recompute the hash chains of the ledger (or of one workflow).
+    Verify(verify::VerifyArgs),
     /// Replay projections from position 0 into fresh tables and swap them in.
     Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
@@ -125,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", agentledger_api::sdl());
             Ok(())
         }
+        Command::Verify(args) => verify::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Rebuild(args) => rebuild::run(args).await,
         Command::Bench(bench) => bench.run().await,

@@ -1,24 +1,17 @@
 //! End-to-end: `agentledger rebuild` on a real database fills the read
 //! models from the ledger and swaps them in; bad names are refused.
 
-use std::process::Command;
+mod common;
+
 use std::sync::Arc;
+
+use common::agentledger;
 
 use agentledger_agents::{
     PostgresWorkQueue, Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry,
 };
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
-
-fn agentledger(args: &[&str], database_url: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_agentledger"))
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("agentledger runs")
-}
 
 #[tokio::test]
 async fn rebuild_fills_every_read_model_from_the_ledger() {

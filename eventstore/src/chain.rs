@@ -250,6 +250,52 @@ impl ChainVerifier {
     }
 }
 
+/// Recomputes every stream's chain while reading `$all` in position order:
+/// memory grows with the number of streams (a verifier each), not with the
+/// number of events.
+#[derive(Debug, Default)]
+pub struct LedgerVerifier {
+    streams: std::collections::HashMap<crate::StreamId, ChainVerifier>,
+    checked: u64,
+}
+
+impl LedgerVerifier {
+    /// An empty verifier.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks the next event of `$all`.
+    pub fn check(&mut self, event: &RecordedEvent) {
+        self.checked += 1;
+        match self.streams.get_mut(&event.stream_id) {
+            Some(verifier) => verifier.check(event),
+            None => {
+                let mut verifier = ChainVerifier::new();
+                verifier.check(event);
+                self.streams.insert(event.stream_id.clone(), verifier);
+            }
+        }
+    }
+
+    /// The verdict: ok when every stream checked out; otherwise the lowest
+    /// broken position and why.
+    pub fn finish(self) -> Verification {
+        let broken = self
+            .streams
+            .into_values()
+            .map(ChainVerifier::finish)
+            .filter(|v| !v.ok)
+            .min_by_key(|v| v.first_broken_position);
+        Verification {
+            ok: broken.is_none(),
+            checked_events: self.checked,
+            first_broken_position: broken.as_ref().and_then(|b| b.first_broken_position),
+            reason: broken.and_then(|b| b.reason),
+        }
+    }
+}
+
 /// Verifies one stream's events, given in version order.
 pub fn verify_events<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Verification {
     let mut verifier = ChainVerifier::new();

@@ -39,7 +39,7 @@ pub mod testing;
 
 use async_trait::async_trait;
 
-pub use chain::{verify_events, ChainVerifier, Verification};
+pub use chain::{verify_events, ChainVerifier, LedgerVerifier, Verification};
 pub use error::StoreError;
 pub use event::{
     Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,
@@ -119,4 +119,29 @@ pub trait EventStore: Send + Sync + 'static {
             }
         }
     }
+}
+
+/// Recomputes every stream's hash chain, reading `$all` in pages: memory stays
+/// bounded by the number of streams, not events. `progress` is called after
+/// every page with (position reached, head position).
+pub async fn verify_ledger(
+    store: &dyn EventStore,
+    mut progress: impl FnMut(Position, Position),
+) -> Result<Verification, StoreError> {
+    const PAGE: usize = 10_000;
+    let head = store.head_position().await?;
+    let mut verifier = LedgerVerifier::new();
+    let mut from = 1;
+    while from <= head {
+        let page = store.read_all(from, PAGE).await?;
+        let Some(last) = page.last().map(|e| e.global_position) else {
+            break;
+        };
+        page.iter()
+            .filter(|e| e.global_position <= head)
+            .for_each(|e| verifier.check(e));
+        from = last + 1;
+        progress(last.min(head), head);
+    }
+    Ok(verifier.finish())
 }

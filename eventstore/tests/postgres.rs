@@ -513,3 +513,60 @@ async fn a_failing_reader_leaves_no_gate_behind() {
         1
     );
 }
+
+/// A ledger of 1,000 events over 40 streams, verified whole, then with one
+/// byte of one event changed: `verify_ledger` and `verify_stream` both name
+/// that event, whichever it is.
+#[tokio::test]
+async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verifications() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    for round in 0..5 {
+        for s in 0..40 {
+            let name = stream(&format!("workflow-{s}"));
+            let expected = if round == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(round * 5 - 1)
+            };
+            store.append(&name, expected, events(5)).await.unwrap();
+        }
+    }
+    let mut pages = Vec::new();
+    let clean = agentledger_eventstore::verify_ledger(&store, |p, head| pages.push((p, head)))
+        .await
+        .unwrap();
+    assert!(clean.ok, "{clean:?}");
+    assert_eq!(clean.checked_events, 1_000);
+    assert_eq!(
+        pages.last().map(|(p, h)| p == h),
+        Some(true),
+        "progress reaches the head"
+    );
+    // Three places: the first event, one in the middle, the last.
+    let positions: Vec<u64> = store
+        .read_all(1, 1_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.global_position)
+        .collect();
+    for target in [positions[0], positions[517], positions[999]] {
+        tamper(&db, &format!("UPDATE events SET payload = jsonb_set(payload, '{{score}}', '0.76') WHERE global_position = {target}")).await;
+        let ledger = agentledger_eventstore::verify_ledger(&store, |_, _| {})
+            .await
+            .unwrap();
+        assert!(!ledger.ok);
+        assert_eq!(ledger.first_broken_position, Some(target), "{ledger:?}");
+        let event = store.read_all(target, 1).await.unwrap().remove(0);
+        assert_broken_at(&store, &event.stream_id, target).await;
+        // Put it back: the ledger verifies again.
+        tamper(&db, &format!("UPDATE events SET payload = jsonb_set(payload, '{{score}}', '0.75') WHERE global_position = {target}")).await;
+        assert!(
+            agentledger_eventstore::verify_ledger(&store, |_, _| {})
+                .await
+                .unwrap()
+                .ok
+        );
+    }
+}

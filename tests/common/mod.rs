@@ -56,3 +56,14 @@ pub fn terminate(child: &Child) {
         .expect("kill runs");
     assert!(status.success());
 }
+
+/// Runs `agentledger ARGS` with `DATABASE_URL` set (and no admin URL).
+pub fn agentledger(args: &[&str], database_url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_agentledger"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("agentledger runs")
+}

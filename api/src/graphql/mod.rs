@@ -25,7 +25,8 @@ use uuid::Uuid;
 
 use error::{bad_input, from_read, from_runtime, from_store, Code};
 use types::{
-    AgentMetrics, AuditLoader, Position, Priority, RecordedEvent, Workflow, WorkflowState,
+    AgentMetrics, AuditLoader, Position, Priority, RecordedEvent, Verification, Workflow,
+    WorkflowState,
 };
 
 /// The schema type.
@@ -262,6 +263,32 @@ impl Query {
                 .map_err(from_store)?,
         };
         Ok(events.iter().map(RecordedEvent::of).collect())
+    }
+
+    /// Recomputes the hash chain of one workflow's stream.
+    async fn verify_workflow(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<Verification> {
+        let stream = stream_of(parse_id(&id)?);
+        let verification = services(ctx)
+            .store
+            .verify_stream(&stream)
+            .await
+            .map_err(from_store)?;
+        if verification.checked_events == 0 {
+            return Err(error::error(Code::NotFound, "no such workflow"));
+        }
+        Ok(Verification::of(verification))
+    }
+
+    /// Recomputes every stream's hash chain, reading the ledger in pages.
+    async fn verify_ledger(&self, ctx: &Context<'_>) -> async_graphql::Result<Verification> {
+        let verification = agentledger_eventstore::verify_ledger(&*services(ctx).store, |_, _| {})
+            .await
+            .map_err(from_store)?;
+        Ok(Verification::of(verification))
     }
 
     /// Per agent, its figures over `[from, to)` (all time when omitted).

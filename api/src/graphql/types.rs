@@ -429,3 +429,23 @@ impl AgentMetrics {
             .collect()
     }
 }
+
+/// The result of recomputing hash chains.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct Verification {
+    pub ok: bool,
+    pub checked_events: Position,
+    pub first_broken_position: Option<Position>,
+    pub reason: Option<String>,
+}
+
+impl Verification {
+    pub fn of(v: agentledger_eventstore::Verification) -> Self {
+        Self {
+            ok: v.ok,
+            checked_events: Position(v.checked_events),
+            first_broken_position: v.first_broken_position.map(Position),
+            reason: v.reason,
+        }
+    }
+}
