@@ -4,6 +4,7 @@ mod bench;
 mod config;
 mod demo;
 mod rebuild;
+mod replay;
 mod verify;
 
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// A workflow's history, event by event, with the state after each.
+    Replay(replay::ReplayArgs),
     /// Recompute the hash chains of the ledger (or of one workflow).
     Verify(verify::VerifyArgs),
     /// Replay projections from position 0 into fresh tables and swap them in.
@@ -129,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => verify::run(args).await,
+        Command::Replay(args) => replay::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Rebuild(args) => rebuild::run(args).await,
         Command::Bench(bench) => bench.run().await,

@@ -470,3 +470,86 @@ async fn limits_readiness_and_metrics() {
     // SIGTERM with a subscription open: it completes and the process exits cleanly.
     assert!(server.stop().success());
 }
+
+#[tokio::test]
+async fn replay_shows_every_step_with_its_state_up_to_a_position_over_graphql_and_the_cli() {
+    let db = TestDatabase::create().await;
+    let server = postgres_server(&db);
+    let id = submit(
+        &server.base,
+        "Summarise the attached quarterly report. Then count the words of the summary.",
+    )
+    .await;
+    let states = follow(&server.base, "graphql-transport-ws", &id).await;
+    assert_eq!(states.last().map(String::as_str), Some("COMPLETED"));
+    let steps_query = "query($id: ID!, $at: Position) { replay(workflowId: $id, atPosition: $at) {
+        position actor role inputs summary rationale event { type version }
+        state { state version progress { done total } subtasks { id state } } } }";
+    let replay = graphql(&server.base, steps_query, json!({ "id": id })).await;
+    let steps = replay["data"]["replay"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{replay}"))
+        .clone();
+    let events = graphql(
+        &server.base,
+        "query($id: ID!) { events(workflowId: $id) { position } }",
+        json!({ "id": id }),
+    )
+    .await;
+    assert_eq!(
+        steps.len(),
+        events["data"]["events"].as_array().unwrap().len()
+    );
+    for (i, step) in steps.iter().enumerate() {
+        assert_eq!(step["event"]["version"], json!(i), "steps in order");
+        assert_eq!(
+            step["state"]["version"],
+            json!(i),
+            "the state after that very event"
+        );
+    }
+    // The end of the replay is what the read models show.
+    let read = graphql(
+        &server.base,
+        "query($id: ID!) { workflow(id: $id) { state version progress { done total } subtasks { id state } } }",
+        json!({ "id": id }),
+    )
+    .await;
+    assert_eq!(steps.last().unwrap()["state"], read["data"]["workflow"]);
+    // The gate's step: Lubit, based on the submission and the analysis.
+    let gate = steps
+        .iter()
+        .find(|s| s["event"]["type"] == "GateDecided")
+        .unwrap();
+    assert_eq!(gate["actor"], "lubit");
+    assert_eq!(gate["role"], "GATEKEEPER");
+    assert_eq!(gate["inputs"].as_array().unwrap().len(), 2);
+    assert!(!gate["rationale"].as_str().unwrap().is_empty());
+    let at = gate["position"].clone();
+    let upto = graphql(&server.base, steps_query, json!({ "id": id, "at": at })).await;
+    let upto = upto["data"]["replay"].as_array().unwrap();
+    assert_eq!(upto.last().unwrap()["position"], at);
+    assert_eq!(upto.last().unwrap()["state"]["state"], "EXECUTING");
+
+    // The same history from the command line, for machines and for people.
+    let cli = common::agentledger(&["replay", &id, "--json"], &db.service_url());
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&cli.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), steps.len());
+    assert_eq!(lines.last().unwrap()["state"]["state"], "COMPLETED");
+    let cli_at = common::agentledger(&["replay", &id, "--at", &at.to_string()], &db.service_url());
+    let text = String::from_utf8_lossy(&cli_at.stdout);
+    assert!(text.lines().last().is_some());
+    assert!(
+        text.contains("lubit") && text.contains("gate.approve") && !text.contains("ethics."),
+        "{text}"
+    );
+    assert!(server.stop().success());
+}

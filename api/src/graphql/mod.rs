@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use error::{bad_input, from_read, from_runtime, from_store, Code};
 use types::{
-    AgentMetrics, AuditLoader, Position, Priority, RecordedEvent, Verification, Workflow,
-    WorkflowState,
+    AgentMetrics, AgentRole, AuditLoader, Position, Priority, RecordedEvent, ReplayStep,
+    Verification, Workflow, WorkflowState,
 };
 
 /// The schema type.
@@ -263,6 +263,52 @@ impl Query {
                 .map_err(from_store)?,
         };
         Ok(events.iter().map(RecordedEvent::of).collect())
+    }
+
+    /// The workflow's events in order, each with the state after it, who
+    /// recorded it, what it was based on and why; up to `atPosition` when
+    /// given. Nothing is re-executed: the recorded events are folded again.
+    async fn replay(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: ID,
+        at_position: Option<Position>,
+    ) -> async_graphql::Result<Vec<ReplayStep>> {
+        let stream = stream_of(parse_id(&workflow_id)?);
+        let events = services(ctx)
+            .store
+            .read_stream(&stream, 0, 100_000)
+            .await
+            .map_err(from_store)?;
+        if events.is_empty() {
+            return Err(error::error(Code::NotFound, "no such workflow"));
+        }
+        let mut followed = Followed {
+            fold: None,
+            decisions: Vec::new(),
+        };
+        let mut steps = Vec::new();
+        for event in events
+            .iter()
+            .take_while(|e| at_position.is_none_or(|at| e.global_position <= at.0))
+        {
+            let fact = Fact::decode(event)
+                .map_err(|e| error::internal(&e))?
+                .ok_or_else(|| error::internal(&"not a workflow event"))?;
+            followed.apply(&fact);
+            let entry = AuditEntry::of(&fact);
+            steps.push(ReplayStep {
+                position: Position(event.global_position),
+                event: RecordedEvent::of(event),
+                state: followed.snapshot().expect("a fact was applied"),
+                actor: entry.actor,
+                role: entry.role.map(AgentRole::from_projection),
+                inputs: fact.metadata.inputs.iter().map(|p| Position(*p)).collect(),
+                summary: entry.summary,
+                rationale: entry.rationale,
+            });
+        }
+        Ok(steps)
     }
 
     /// Recomputes the hash chain of one workflow's stream.

@@ -449,3 +449,19 @@ impl Verification {
         }
     }
 }
+
+/// One step of a replay: an event and the workflow's state after it.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct ReplayStep {
+    pub position: Position,
+    pub event: RecordedEvent,
+    /// The state after the event, by the same fold as the write side.
+    pub state: Workflow,
+    /// Who recorded it (agent, person or system).
+    pub actor: String,
+    pub role: Option<AgentRole>,
+    /// The positions of the events the decision was based on.
+    pub inputs: Vec<Position>,
+    pub summary: String,
+    pub rationale: String,
+}
