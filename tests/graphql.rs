@@ -531,6 +531,51 @@ async fn replay_shows_every_step_with_its_state_up_to_a_position_over_graphql_an
     assert_eq!(upto.last().unwrap()["position"], at);
     assert_eq!(upto.last().unwrap()["state"]["state"], "EXECUTING");
 
+    // The audit trail: pages in position order, and filters.
+    let trail_query = "query($id: ID, $after: String, $role: AgentRole) {
+        auditTrail(workflowId: $id, role: $role, first: 4, after: $after) {
+            edges { cursor node { position kind actor role hash } } pageInfo { hasNextPage endCursor } } }";
+    let mut positions = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let page = graphql(
+            &server.base,
+            trail_query,
+            json!({ "id": id, "after": after }),
+        )
+        .await;
+        let connection = &page["data"]["auditTrail"];
+        for edge in connection["edges"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{page}"))
+        {
+            positions.push(edge["node"]["position"].as_u64().unwrap());
+        }
+        if connection["pageInfo"]["hasNextPage"] != true {
+            break;
+        }
+        after = connection["pageInfo"]["endCursor"].clone();
+    }
+    let replayed: Vec<u64> = steps
+        .iter()
+        .map(|s| s["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, replayed, "every event once, in order");
+    let gates = graphql(
+        &server.base,
+        trail_query,
+        json!({ "id": id, "role": "GATEKEEPER" }),
+    )
+    .await;
+    let gates = gates["data"]["auditTrail"]["edges"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(gates.len(), 1);
+    assert_eq!(gates[0]["node"]["kind"], "gate.approve");
+    let bad = graphql(&server.base, trail_query, json!({ "id": id, "after": "x" })).await;
+    assert_eq!(bad["errors"][0]["extensions"]["code"], "BAD_INPUT");
+
     // The same history from the command line, for machines and for people.
     let cli = common::agentledger(&["replay", &id, "--json"], &db.service_url());
     assert!(

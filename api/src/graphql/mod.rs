@@ -265,6 +265,53 @@ impl Query {
         Ok(events.iter().map(RecordedEvent::of).collect())
     }
 
+    /// The audit trail, in position order: every recorded event in a
+    /// reviewer's words, filtered by workflow, actor, role, kind and time
+    /// range (`from` inclusive, `to` exclusive); a cursor connection.
+    #[allow(clippy::too_many_arguments)]
+    async fn audit_trail(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: Option<ID>,
+        actor: Option<String>,
+        role: Option<AgentRole>,
+        kind: Option<String>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> async_graphql::Result<Connection<String, types::AuditTrailEntry, EmptyFields, EmptyFields>>
+    {
+        let services = services(ctx);
+        let size = page_size(first, &services.limits)?;
+        let after_position = after
+            .as_deref()
+            .map(|c| c.parse::<u64>().map_err(|_| bad_input("malformed cursor")))
+            .transpose()?;
+        let filter = agentledger_projections::AuditFilter {
+            workflow: workflow_id.as_ref().map(parse_id).transpose()?,
+            actor,
+            role: role.map(AgentRole::to_projection),
+            kind,
+            from,
+            to,
+            after: after_position,
+        };
+        let mut page = services
+            .read_models
+            .audit_trail(&filter, size + 1)
+            .await
+            .map_err(from_read)?;
+        let has_next = page.len() > size;
+        page.truncate(size);
+        let mut connection = Connection::new(after_position.is_some(), has_next);
+        connection.edges.extend(
+            page.iter()
+                .map(|e| Edge::new(e.position.to_string(), types::AuditTrailEntry::of(e))),
+        );
+        Ok(connection)
+    }
+
     /// The workflow's events in order, each with the state after it, who
     /// recorded it, what it was based on and why; up to `atPosition` when
     /// given. Nothing is re-executed: the recorded events are folded again.

@@ -465,3 +465,45 @@ pub struct ReplayStep {
     pub summary: String,
     pub rationale: String,
 }
+
+/// One audit trail entry: a recorded event in a reviewer's words.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(name = "AuditEntry")]
+pub struct AuditTrailEntry {
+    pub position: Position,
+    pub workflow_id: ID,
+    pub version: Position,
+    pub event_type: String,
+    pub kind: String,
+    /// `agent`, `human` or `system`.
+    pub actor_kind: String,
+    pub actor: String,
+    pub actor_version: String,
+    pub role: Option<AgentRole>,
+    pub summary: String,
+    pub rationale: String,
+    pub policy_fingerprint: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+    pub hash: String,
+}
+
+impl AuditTrailEntry {
+    pub fn of(e: &AuditEntry) -> Self {
+        Self {
+            position: Position(e.position),
+            workflow_id: ID(e.workflow_id.to_string()),
+            version: Position(e.version),
+            event_type: e.event_type.clone(),
+            kind: e.kind.clone(),
+            actor_kind: e.actor_kind.clone(),
+            actor: e.actor.clone(),
+            actor_version: e.actor_version.clone(),
+            role: e.role.map(AgentRole::from_projection),
+            summary: e.summary.clone(),
+            rationale: e.rationale.clone(),
+            policy_fingerprint: e.policy_fingerprint.clone(),
+            recorded_at: e.recorded_at,
+            hash: e.hash.clone(),
+        }
+    }
+}
