@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod demo;
+mod export;
 mod rebuild;
 mod replay;
 mod verify;
@@ -41,6 +42,8 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Write the audit trail with hashes (JSONL or CSV) for offline review.
+    Export(export::ExportArgs),
     /// A workflow's history, event by event, with the state after each.
     Replay(replay::ReplayArgs),
     /// Recompute the hash chains of the ledger (or of one workflow).
@@ -133,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Verify(args) => verify::run(args).await,
         Command::Replay(args) => replay::run(args).await,
+        Command::Export(args) => export::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Rebuild(args) => rebuild::run(args).await,
         Command::Bench(bench) => bench.run().await,

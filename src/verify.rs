@@ -11,13 +11,20 @@ use crate::DatabaseArgs;
 #[derive(clap::Args)]
 pub struct VerifyArgs {
     /// Verify one workflow's stream instead of the whole ledger.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "export")]
     workflow: Option<Uuid>,
+    /// Verify an exported JSONL file, without the database.
+    #[arg(long)]
+    export: Option<std::path::PathBuf>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.export {
+        let verification = crate::export::verify_file(path)?;
+        return report(&path.display().to_string(), &verification);
+    }
     let url = args
         .database
         .database_url

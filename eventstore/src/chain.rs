@@ -296,6 +296,73 @@ impl LedgerVerifier {
     }
 }
 
+/// Verifies an excerpt of the ledger (an export), without the database:
+/// every event's hash against its content, and consecutive events of a
+/// stream against each other (versions follow, `prev_hash` is the previous
+/// hash). A stream's first event in the excerpt links to an event outside
+/// it, unless it is version 0, whose `prev_hash` must be the genesis hash.
+#[derive(Debug, Default)]
+pub struct ExcerptVerifier {
+    streams: std::collections::HashMap<crate::StreamId, (u64, [u8; 32])>,
+    checked: u64,
+    broken: Option<(Position, String)>,
+}
+
+impl ExcerptVerifier {
+    /// An empty verifier.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks the next event of the excerpt (in position order).
+    pub fn check(&mut self, event: &RecordedEvent) {
+        if self.broken.is_some() {
+            return;
+        }
+        self.checked += 1;
+        let problem = match self.streams.get(&event.stream_id) {
+            Some((version, _)) if event.stream_version != version + 1 => Some(format!(
+                "stream version {} follows {version}",
+                event.stream_version
+            )),
+            Some((_, hash)) if event.prev_hash != *hash => {
+                Some("prev_hash does not match the previous event's hash".to_string())
+            }
+            None if event.stream_version == 0 && event.prev_hash != GENESIS_HASH => {
+                Some("the first event of a stream must chain from the genesis hash".to_string())
+            }
+            _ if event.hash_version != HASH_VERSION => {
+                Some(format!("unknown hash version {}", event.hash_version))
+            }
+            _ if recompute_hash(event) != event.hash => {
+                Some("content does not match its hash".to_string())
+            }
+            _ => None,
+        };
+        match problem {
+            Some(reason) => self.broken = Some((event.global_position, reason)),
+            None => {
+                self.streams
+                    .insert(event.stream_id.clone(), (event.stream_version, event.hash));
+            }
+        }
+    }
+
+    /// The verdict.
+    pub fn finish(self) -> Verification {
+        let (first_broken_position, reason) = match self.broken {
+            Some((p, r)) => (Some(p), Some(r)),
+            None => (None, None),
+        };
+        Verification {
+            ok: first_broken_position.is_none(),
+            checked_events: self.checked,
+            first_broken_position,
+            reason,
+        }
+    }
+}
+
 /// Verifies one stream's events, given in version order.
 pub fn verify_events<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> Verification {
     let mut verifier = ChainVerifier::new();

@@ -39,7 +39,7 @@ pub mod testing;
 
 use async_trait::async_trait;
 
-pub use chain::{verify_events, ChainVerifier, LedgerVerifier, Verification};
+pub use chain::{verify_events, ChainVerifier, ExcerptVerifier, LedgerVerifier, Verification};
 pub use error::StoreError;
 pub use event::{
     Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,

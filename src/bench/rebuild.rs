@@ -177,13 +177,13 @@ async fn copy_ledger(
             buffer,
             "{},{},{},{},{},{},{},{},{},{},\\x{},\\x{}",
             e.global_position,
-            csv(e.stream_id.as_str()),
+            crate::export::csv_field(e.stream_id.as_str()),
             e.stream_version,
             e.event_id,
-            csv(&e.event_type),
+            crate::export::csv_field(&e.event_type),
             e.schema_version,
-            csv(&e.payload.to_string()),
-            csv(&e.metadata.to_string()),
+            crate::export::csv_field(&e.payload.to_string()),
+            crate::export::csv_field(&e.metadata.to_string()),
             e.recorded_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
             e.hash_version,
             hex::encode(e.prev_hash),
@@ -202,9 +202,4 @@ async fn copy_ledger(
         )
         .await?;
     Ok(())
-}
-
-/// A CSV field, quoted.
-fn csv(text: &str) -> String {
-    format!("\"{}\"", text.replace('"', "\"\""))
 }
