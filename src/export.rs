@@ -130,7 +130,6 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             }
         }
     }
-    drop(emit);
     out.flush()?;
     eprintln!("{written} events exported");
     Ok(())
