@@ -27,6 +27,7 @@
 
 mod append;
 pub mod chain;
+pub mod digest;
 mod error;
 mod event;
 mod memory;

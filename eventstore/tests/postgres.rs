@@ -570,3 +570,89 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
         );
     }
 }
+
+/// A tree head taken before a change tells: a changed byte anywhere, and
+/// the deleted last event of a stream, which the chains alone cannot see.
+#[tokio::test]
+async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
+    use agentledger_eventstore::digest::ledger_root;
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    for s in 0..20 {
+        store
+            .append(
+                &stream(&format!("workflow-{s}")),
+                ExpectedVersion::NoStream,
+                events(50),
+            )
+            .await
+            .unwrap();
+    }
+    let head = store.head_position().await.unwrap();
+    let (before, covered) = ledger_root(&store, head).await.unwrap();
+    assert_eq!(covered, 1_000);
+    assert_eq!(
+        ledger_root(&store, head).await.unwrap().0,
+        before,
+        "deterministic"
+    );
+
+    tamper(&db, "UPDATE events SET payload = jsonb_set(payload, '{score}', '0.76') WHERE global_position = 321").await;
+    // The chain hash of 321 no longer matches its content; the head itself
+    // covers stored hashes, so the changed content shows in verification,
+    // and a rewritten hash would show in the head.
+    assert!(
+        !agentledger_eventstore::verify_ledger(&store, |_, _| {})
+            .await
+            .unwrap()
+            .ok
+    );
+    tamper(&db, "UPDATE events SET payload = jsonb_set(payload, '{score}', '0.75') WHERE global_position = 321").await;
+    tamper(
+        &db,
+        "UPDATE events SET hash = sha256(hash) WHERE global_position = 321",
+    )
+    .await;
+    assert_ne!(
+        ledger_root(&store, head).await.unwrap().0,
+        before,
+        "a rewritten hash changes the head"
+    );
+
+    // Removing the last event of a stream: every chain still verifies...
+    let db2 = TestDatabase::create().await;
+    let store2 = db2.store().await;
+    for s in 0..20 {
+        store2
+            .append(
+                &stream(&format!("workflow-{s}")),
+                ExpectedVersion::NoStream,
+                events(50),
+            )
+            .await
+            .unwrap();
+    }
+    let head2 = store2.head_position().await.unwrap();
+    let (taken, _) = ledger_root(&store2, head2).await.unwrap();
+    let last_of_first = store2
+        .read_stream(&stream("workflow-0"), 49, 1)
+        .await
+        .unwrap()[0]
+        .global_position;
+    tamper(
+        &db2,
+        &format!("DELETE FROM events WHERE global_position = {last_of_first}"),
+    )
+    .await;
+    assert!(
+        agentledger_eventstore::verify_ledger(&store2, |_, _| {})
+            .await
+            .unwrap()
+            .ok,
+        "chains cannot see it"
+    );
+    // ...but the head taken before does not match any more.
+    let (now, covered) = ledger_root(&store2, head2).await.unwrap();
+    assert_eq!(covered, 999);
+    assert_ne!(now, taken);
+}
