@@ -3,13 +3,8 @@
 
 mod common;
 
-use std::sync::Arc;
+use common::{agentledger, complete_workflows};
 
-use common::agentledger;
-
-use agentledger_agents::{
-    PostgresWorkQueue, Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry,
-};
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
 
@@ -18,46 +13,14 @@ async fn rebuild_fills_every_read_model_from_the_ledger() {
     let db = TestDatabase::create().await;
     let store = db.store().await;
     // A few workflows, recorded while no projection runs.
-    let runtime = Runtime::new(
-        Arc::new(store.clone()),
-        Arc::new(PostgresWorkQueue::new(store.pool().clone())),
-        ToolRegistry::default(),
-        Arc::new(SystemClock),
-        RuntimeConfig::default(),
-    );
-    let mut events = store.subscribe_all(1);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let runtime = runtime.clone();
-        tokio::spawn(async move {
-            runtime
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
-    for request in [
-        "Compute (17 * 23) + 4, then explain the result.",
-        "요약해 주세요. 그다음 단어 수를 세어 주세요.",
-    ] {
-        runtime
-            .submit(Submission {
-                request: request.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let mut ended = 0;
-    while ended < 2 {
-        let event = events.next().await.unwrap().unwrap();
-        if event.event_type == "WorkflowCompleted" {
-            ended += 1;
-        }
-    }
-    let _ = stop.send(());
-    running.await.unwrap();
+    complete_workflows(
+        &store,
+        &[
+            "Compute (17 * 23) + 4, then explain the result.",
+            "요약해 주세요. 그다음 단어 수를 세어 주세요.",
+        ],
+    )
+    .await;
     let head = store.head_position().await.unwrap();
 
     let output = agentledger(&["rebuild", "--all"], db.admin_url());

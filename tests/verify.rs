@@ -72,43 +72,10 @@ async fn verify_reports_an_intact_ledger_and_names_a_changed_event() {
 
 #[tokio::test]
 async fn an_export_verifies_offline_and_a_changed_byte_in_it_is_found() {
-    use std::sync::Arc;
-
-    use agentledger_agents::{
-        PostgresWorkQueue, Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry,
-    };
-
     let db = TestDatabase::create().await;
     let store = db.store().await;
-    let runtime = Runtime::new(
-        Arc::new(store.clone()),
-        Arc::new(PostgresWorkQueue::new(store.pool().clone())),
-        ToolRegistry::default(),
-        Arc::new(SystemClock),
-        RuntimeConfig::default(),
-    );
-    let mut events = store.subscribe_all(1);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let runtime = runtime.clone();
-        tokio::spawn(async move {
-            runtime
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
-    let id = runtime
-        .submit(Submission {
-            request: "요약해 주세요. 그다음 단어 수를 세어 주세요.".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    while events.next().await.unwrap().unwrap().event_type != "WorkflowCompleted" {}
-    let _ = stop.send(());
-    running.await.unwrap();
+    let id = common::complete_workflows(&store, &["요약해 주세요. 그다음 단어 수를 세어 주세요."])
+        .await[0];
 
     let dir = std::env::temp_dir().join(format!(
         "agentledger-export-{}",

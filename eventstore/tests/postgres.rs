@@ -571,13 +571,8 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
     }
 }
 
-/// A tree head taken before a change tells: a changed byte anywhere, and
-/// the deleted last event of a stream, which the chains alone cannot see.
-#[tokio::test]
-async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
-    use agentledger_eventstore::digest::ledger_root;
-    let db = TestDatabase::create().await;
-    let store = db.store().await;
+/// 20 streams of 50 events: 1,000 in all.
+async fn seed_twenty_streams(store: &PostgresEventStore) {
     for s in 0..20 {
         store
             .append(
@@ -588,6 +583,16 @@ async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
             .await
             .unwrap();
     }
+}
+
+/// A tree head taken before a change tells: a changed byte anywhere, and
+/// the deleted last event of a stream, which the chains alone cannot see.
+#[tokio::test]
+async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
+    use agentledger_eventstore::digest::ledger_root;
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    seed_twenty_streams(&store).await;
     let head = store.head_position().await.unwrap();
     let (before, covered) = ledger_root(&store, head).await.unwrap();
     assert_eq!(covered, 1_000);
@@ -622,16 +627,7 @@ async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
     // Removing the last event of a stream: every chain still verifies...
     let db2 = TestDatabase::create().await;
     let store2 = db2.store().await;
-    for s in 0..20 {
-        store2
-            .append(
-                &stream(&format!("workflow-{s}")),
-                ExpectedVersion::NoStream,
-                events(50),
-            )
-            .await
-            .unwrap();
-    }
+    seed_twenty_streams(&store2).await;
     let head2 = store2.head_position().await.unwrap();
     let (taken, _) = ledger_root(&store2, head2).await.unwrap();
     let last_of_first = store2

@@ -67,3 +67,54 @@ pub fn agentledger(args: &[&str], database_url: &str) -> std::process::Output {
         .output()
         .expect("agentledger runs")
 }
+
+/// Runs `requests` through the agents on `store` (no projections, no
+/// server) and returns once every one has completed; their ids, in order.
+pub async fn complete_workflows(
+    store: &agentledger_eventstore::PostgresEventStore,
+    requests: &[&str],
+) -> Vec<uuid::Uuid> {
+    use std::sync::Arc;
+
+    use agentledger_agents::{
+        PostgresWorkQueue, Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry,
+    };
+    use agentledger_eventstore::EventStore;
+
+    let runtime = Runtime::new(
+        Arc::new(store.clone()),
+        Arc::new(PostgresWorkQueue::new(store.pool().clone())),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    let mut events = store.subscribe_all(store.head_position().await.unwrap() + 1);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            runtime
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    let mut ids = Vec::new();
+    for request in requests {
+        let submission = Submission {
+            request: request.to_string(),
+            ..Default::default()
+        };
+        ids.push(runtime.submit(submission).await.unwrap());
+    }
+    let mut ended = 0;
+    while ended < requests.len() {
+        if events.next().await.unwrap().unwrap().event_type == "WorkflowCompleted" {
+            ended += 1;
+        }
+    }
+    let _ = stop.send(());
+    running.await.unwrap();
+    ids
+}
