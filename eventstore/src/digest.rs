@@ -8,7 +8,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::{EventStore, Position, StoreError};
+use crate::{EventStore, LedgerVerifier, Position, StoreError, Verification};
 
 /// Builds the tree head incrementally from leaves in position order.
 #[derive(Debug, Default, Clone)]
@@ -81,8 +81,33 @@ pub async fn ledger_root(
     store: &dyn EventStore,
     up_to: Position,
 ) -> Result<([u8; 32], u64), StoreError> {
+    let check = check_ledger(store, up_to, |_, _| {}).await?;
+    Ok((check.root, check.events))
+}
+
+/// What one pass over the ledger up to a position found.
+#[derive(Debug, Clone)]
+pub struct LedgerCheck {
+    /// Every chain recomputed from stored content.
+    pub verification: Verification,
+    /// The tree head over the stored hashes.
+    pub root: [u8; 32],
+    /// Events covered.
+    pub events: u64,
+}
+
+/// In one pass over events with position ≤ `up_to`: recomputes every
+/// stream's chain from content and builds the tree head. Memory: one entry
+/// per stream plus log₂(n) subtree roots. `progress` gets (position, up_to)
+/// after each page.
+pub async fn check_ledger(
+    store: &dyn EventStore,
+    up_to: Position,
+    mut progress: impl FnMut(Position, Position),
+) -> Result<LedgerCheck, StoreError> {
     const PAGE: usize = 10_000;
     let mut tree = MerkleBuilder::new();
+    let mut chains = LedgerVerifier::new();
     let mut from = 1;
     while from <= up_to {
         let page = store.read_all(from, PAGE).await?;
@@ -90,11 +115,17 @@ pub async fn ledger_root(
             break;
         };
         for event in page.iter().filter(|e| e.global_position <= up_to) {
+            chains.check(event);
             tree.push(event.global_position, &event.hash);
         }
         from = last + 1;
+        progress(last.min(up_to), up_to);
     }
-    Ok((tree.root(), tree.len()))
+    Ok(LedgerCheck {
+        verification: chains.finish(),
+        root: tree.root(),
+        events: tree.len(),
+    })
 }
 
 #[cfg(test)]

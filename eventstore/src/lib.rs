@@ -34,6 +34,7 @@ mod memory;
 pub mod migrate;
 pub mod postgres;
 mod prepare;
+pub mod signing;
 pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;

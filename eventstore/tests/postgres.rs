@@ -543,7 +543,21 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
         Some(true),
         "progress reaches the head"
     );
-    // Three places: the first event, one in the middle, the last.
+    // A signed digest taken before any change.
+    let keys = signing::PostgresLedgerKeys::new(store.pool().clone());
+    let digest = signing::sign_ledger(&store, &keys, None).await.unwrap();
+    assert_eq!(digest.events, 1_000);
+    let check = |digest: signing::SignedDigest| {
+        let (store, keys) = (store.clone(), keys.clone());
+        async move {
+            signing::check_digest(&store, &keys, &digest, None, |_, _| {})
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(check(digest.clone()).await, Ok(()));
+    // Three places (the first event, one in the middle, the last), each
+    // with a different column changed by one character.
     let positions: Vec<u64> = store
         .read_all(1, 1_000)
         .await
@@ -551,8 +565,26 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
         .iter()
         .map(|e| e.global_position)
         .collect();
-    for target in [positions[0], positions[517], positions[999]] {
-        tamper(&db, &format!("UPDATE events SET payload = jsonb_set(payload, '{{score}}', '0.76') WHERE global_position = {target}")).await;
+    let changes = [
+        (
+            "payload = jsonb_set(payload, '{score}', '0.76')",
+            "payload = jsonb_set(payload, '{score}', '0.75')",
+        ),
+        (
+            "metadata = jsonb_set(metadata, '{actor,name}', '\"lubiT\"')",
+            "metadata = jsonb_set(metadata, '{actor,name}', '\"lubit\"')",
+        ),
+        ("event_type = 'Step5'", "event_type = 'Step4'"),
+    ];
+    for (target, (change, undo)) in [positions[0], positions[517], positions[999]]
+        .into_iter()
+        .zip(changes)
+    {
+        tamper(
+            &db,
+            &format!("UPDATE events SET {change} WHERE global_position = {target}"),
+        )
+        .await;
         let ledger = agentledger_eventstore::verify_ledger(&store, |_, _| {})
             .await
             .unwrap();
@@ -560,14 +592,23 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
         assert_eq!(ledger.first_broken_position, Some(target), "{ledger:?}");
         let event = store.read_all(target, 1).await.unwrap().remove(0);
         assert_broken_at(&store, &event.stream_id, target).await;
-        // Put it back: the ledger verifies again.
-        tamper(&db, &format!("UPDATE events SET payload = jsonb_set(payload, '{{score}}', '0.75') WHERE global_position = {target}")).await;
+        assert!(
+            matches!(check(digest.clone()).await, Err(signing::DigestError::Broken { position, .. }) if position == target),
+            "the digest taken before notices {change}"
+        );
+        // Put it back: the ledger verifies again, and so does the digest.
+        tamper(
+            &db,
+            &format!("UPDATE events SET {undo} WHERE global_position = {target}"),
+        )
+        .await;
         assert!(
             agentledger_eventstore::verify_ledger(&store, |_, _| {})
                 .await
                 .unwrap()
                 .ok
         );
+        assert_eq!(check(digest.clone()).await, Ok(()));
     }
 }
 
@@ -630,6 +671,9 @@ async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
     seed_twenty_streams(&store2).await;
     let head2 = store2.head_position().await.unwrap();
     let (taken, _) = ledger_root(&store2, head2).await.unwrap();
+    let keys = signing::PostgresLedgerKeys::new(store2.pool().clone());
+    let signed = signing::sign_ledger(&store2, &keys, None).await.unwrap();
+    assert_eq!(signed.root, hex::encode(taken));
     let last_of_first = store2
         .read_stream(&stream("workflow-0"), 49, 1)
         .await
@@ -647,8 +691,66 @@ async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
             .ok,
         "chains cannot see it"
     );
-    // ...but the head taken before does not match any more.
+    // ...but the head taken before does not match any more, and neither
+    // does a signed digest taken before.
     let (now, covered) = ledger_root(&store2, head2).await.unwrap();
     assert_eq!(covered, 999);
     assert_ne!(now, taken);
+    assert!(matches!(
+        signing::check_digest(&store2, &keys, &signed, None, |_, _| {})
+            .await
+            .unwrap(),
+        Err(signing::DigestError::Changed {
+            signed_events: 1_000,
+            events: 999,
+            ..
+        })
+    ));
+}
+
+/// Nodes starting at once agree on one signing key; rotation keeps the old
+/// public key and digests signed with it still verify.
+#[tokio::test]
+async fn one_signing_key_per_deployment_and_rotation_keeps_the_old_one() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    seed_twenty_streams(&store).await;
+    let nodes: Vec<_> = (0..4)
+        .map(|_| signing::PostgresLedgerKeys::new(store.pool().clone()))
+        .collect();
+    let ids = futures::future::join_all(
+        nodes
+            .iter()
+            .map(|n| async move { signing::LedgerKeys::active(n).await.unwrap().0 }),
+    )
+    .await;
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    let keys = &nodes[0];
+    let old = signing::sign_ledger(&store, keys, Some(500)).await.unwrap();
+    let new_key = signing::LedgerKeys::rotate(keys).await.unwrap();
+    let new = signing::sign_ledger(&store, &nodes[1], None).await.unwrap();
+    assert_eq!(new.key_id, new_key.key_id);
+    assert_ne!(old.key_id, new.key_id);
+    let listed = signing::LedgerKeys::public_keys(keys).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].key_id, new.key_id);
+    assert!(listed[1].retired_at.is_some());
+    for digest in [&old, &new] {
+        assert_eq!(
+            signing::check_digest(&store, keys, digest, None, |_, _| {})
+                .await
+                .unwrap(),
+            Ok(())
+        );
+    }
+    let admin = db.admin_client().await;
+    let secrets: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM ledger_keys WHERE secret_key IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(secrets, 1, "the retired key's secret half is wiped");
 }
