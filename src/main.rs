@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod demo;
+mod digest;
 mod export;
 mod rebuild;
 mod replay;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use agentledger_agents::{
     InMemoryWorkQueue, PostgresWorkQueue, Runtime, SystemClock, ToolRegistry,
 };
+use agentledger_eventstore::signing::{InMemoryLedgerKeys, LedgerKeys, PostgresLedgerKeys};
 use agentledger_eventstore::{
     migrate, EventStore, InMemoryEventStore, PostgresEventStore, PostgresOptions,
 };
@@ -46,8 +48,10 @@ enum Command {
     Export(export::ExportArgs),
     /// A workflow's history, event by event, with the state after each.
     Replay(replay::ReplayArgs),
-    /// Recompute the hash chains of the ledger (or of one workflow).
+    /// Recompute the hash chains of the ledger (or of one workflow), or check a digest.
     Verify(verify::VerifyArgs),
+    /// Sign the ledger's tree head at a position (JSON to keep outside the system).
+    Digest(digest::DigestArgs),
     /// Replay projections from position 0 into fresh tables and swap them in.
     Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
@@ -135,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => verify::run(args).await,
+        Command::Digest(args) => digest::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => demo::run(args).await,
@@ -198,6 +203,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         queue,
         read_models,
+        ledger_keys,
         kind: store_kind,
     } = match &args.database.database_url {
         Some(url) => {
@@ -230,6 +236,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let models = PostgresReadModels::new(store.pool().clone(), &checkpoints);
             let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
             Backend {
+                ledger_keys: Arc::new(PostgresLedgerKeys::new(store.pool().clone())),
                 store: Arc::new(store),
                 queue,
                 read_models: Arc::new(models),
@@ -247,11 +254,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 store,
                 queue: Arc::new(InMemoryWorkQueue::default()),
                 read_models: Arc::new(models),
+                ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
                 kind: "in-memory",
             }
         }
     };
     tracing::info!(head = store.head_position().await?, "event store ready");
+    // The digest signing key exists from the first start on, so that
+    // /.well-known/agentledger-key always has one to publish.
+    let (key_id, _) = ledger_keys
+        .active()
+        .await
+        .context("the ledger signing key")?;
+    tracing::info!(%key_id, "ledger digests are signed with this key");
     let runtime = Runtime::new(
         store.clone(),
         queue,
@@ -283,6 +298,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             store,
             read_models,
             limits: file.limits(),
+            ledger_keys,
             shutdown: stop.clone(),
             open_subscriptions: Arc::default(),
         },
@@ -307,6 +323,7 @@ struct Backend {
     store: Arc<dyn EventStore>,
     queue: Arc<dyn agentledger_agents::WorkQueue>,
     read_models: Arc<dyn agentledger_projections::ReadModels>,
+    ledger_keys: Arc<dyn LedgerKeys>,
     /// `postgres` or `in-memory`.
     kind: &'static str,
 }

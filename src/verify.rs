@@ -1,6 +1,7 @@
 //! `agentledger verify`: recomputes hash chains from what is stored and
 //! names the first event that does not match. Exits non-zero when broken.
 
+use agentledger_eventstore::signing::{self, PostgresLedgerKeys, SignedDigest};
 use agentledger_eventstore::{EventStore, PostgresEventStore, PostgresOptions, Verification};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,8 +15,16 @@ pub struct VerifyArgs {
     #[arg(long, conflicts_with = "export")]
     workflow: Option<Uuid>,
     /// Verify an exported JSONL file, without the database.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "digest")]
     export: Option<std::path::PathBuf>,
+    /// Prove that the ledger up to a signed digest's position is unchanged
+    /// (a file written by `agentledger digest`).
+    #[arg(long, conflicts_with = "workflow")]
+    digest: Option<std::path::PathBuf>,
+    /// With --digest: the public key (hex) kept apart from the system; without
+    /// it the digest's key must be one this deployment's database lists.
+    #[arg(long, requires = "digest")]
+    public_key: Option<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -31,6 +40,9 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .as_deref()
         .context("DATABASE_URL is not set")?;
     let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
+    if let Some(path) = &args.digest {
+        return check_digest(&store, path, args.public_key.as_deref()).await;
+    }
     let (what, verification) = match args.workflow {
         Some(id) => {
             let verification = store
@@ -42,14 +54,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
             (format!("workflow {id}"), verification)
         }
         None => {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "verifying [{bar:30}] {pos}/{len} events, {per_sec}, ETA {eta}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
-            );
+            let bar = progress_bar();
             let verification = agentledger_eventstore::verify_ledger(&store, |position, head| {
                 bar.set_length(head);
                 bar.set_position(position);
@@ -60,6 +65,62 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         }
     };
     report(&what, &verification)
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "verifying [{bar:30}] {pos}/{len} positions, {per_sec}, ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+async fn check_digest(
+    store: &PostgresEventStore,
+    path: &std::path::Path,
+    trusted: Option<&str>,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let digest: SignedDigest = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a digest written by `agentledger digest`",
+            path.display()
+        )
+    })?;
+    let keys = PostgresLedgerKeys::new(store.pool().clone());
+    let bar = progress_bar();
+    let outcome = signing::check_digest(store, &keys, &digest, trusted, |position, up_to| {
+        bar.set_length(up_to);
+        bar.set_position(position);
+    })
+    .await?;
+    bar.finish_and_clear();
+    match outcome {
+        Ok(()) => {
+            println!(
+                "digest {}: ok, the {} events up to position {} are unchanged since {} (key {}{})",
+                path.display(),
+                digest.events,
+                digest.position,
+                digest
+                    .signed_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                digest.key_id,
+                if trusted.is_some() {
+                    ", the trusted key given"
+                } else {
+                    ", listed by this deployment"
+                }
+            );
+            Ok(())
+        }
+        Err(e) => bail!("digest {}: FAILED: {e}", path.display()),
+    }
 }
 
 fn report(what: &str, v: &Verification) -> anyhow::Result<()> {

@@ -171,3 +171,107 @@ async fn an_export_verifies_offline_and_a_changed_byte_in_it_is_found() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The signing key exists from the first start and is published; a digest
+/// from GraphQL, kept as a file, verifies with `agentledger verify --digest`
+/// while the ledger grows, and fails once an event it covers is changed.
+#[tokio::test]
+async fn a_signed_digest_from_the_api_is_proven_by_the_cli_until_the_ledger_changes() {
+    use common::Server;
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    common::complete_workflows(&store, &["Summarise the report.", "단어 수를 세어 주세요."]).await;
+    let server = Server::start(&[
+        ("DATABASE_URL", &db.service_url()),
+        ("AGENTLEDGER_ADMIN_DATABASE_URL", db.admin_url()),
+        ("RUST_LOG", "warn"),
+    ]);
+    let published: serde_json::Value = serde_json::from_str(
+        &reqwest::get(format!("{}/.well-known/agentledger-key", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let active = published["active"]
+        .as_str()
+        .expect("a key from the first start")
+        .to_string();
+    assert_eq!(published["keys"][0]["key_id"], active.as_str());
+    let response: serde_json::Value = serde_json::from_str(
+        &reqwest::Client::new()
+            .post(format!("{}/graphql", server.base))
+            .header("content-type", "application/json")
+            .body(r#"{"query": "{ ledgerDigest { keyId position events json } }"}"#)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let digest = &response["data"]["ledgerDigest"];
+    assert_eq!(digest["keyId"], active.as_str(), "{response}");
+    let head = store.head_position().await.unwrap();
+    assert_eq!(digest["position"], head);
+    let dir = std::env::temp_dir().join(format!("agentledger-digest-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("digest.json");
+    std::fs::write(&file, digest["json"].as_str().unwrap()).unwrap();
+    let file = file.to_str().unwrap();
+    drop(server);
+
+    // The ledger grows: the digest still holds for what it covers.
+    common::complete_workflows(&store, &["Sort the tags."]).await;
+    let ok = agentledger(&["verify", "--digest", file], &db.service_url());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
+    // The CLI signs too, with the same key.
+    let cli = dir.join("cli.json");
+    let signed = agentledger(
+        &["digest", "--output", cli.to_str().unwrap()],
+        &db.service_url(),
+    );
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let cli_digest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cli).unwrap()).unwrap();
+    assert_eq!(cli_digest["key_id"], active.as_str());
+    assert!(cli_digest["position"].as_u64().unwrap() > head);
+    // A public key kept apart that is not the signer's: refused.
+    let wrong = agentledger(
+        &["verify", "--digest", file, "--public-key", &"ab".repeat(32)],
+        &db.service_url(),
+    );
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("is not the trusted public key"));
+
+    // One byte of one covered event changed: the digest fails and says where.
+    let admin = db.admin_client().await;
+    admin
+        .batch_execute(
+            "ALTER TABLE events DISABLE TRIGGER USER;
+             UPDATE events SET payload = jsonb_set(payload, '{priority}', '\"HIGH\"') WHERE global_position = 1;
+             ALTER TABLE events ENABLE TRIGGER USER;",
+        )
+        .await
+        .unwrap();
+    let broken = agentledger(&["verify", "--digest", file], &db.service_url());
+    assert!(!broken.status.success());
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        stderr.contains("FAILED") && stderr.contains("position 1"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

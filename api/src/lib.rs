@@ -90,6 +90,7 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
+        .route("/.well-known/agentledger-key", get(ledger_key))
         .route_layer(axum::middleware::from_fn_with_state(http, metrics::track))
         // The GraphQL extractor reads the body itself, past axum's default
         // limit: the limit is enforced on the body stream instead.
@@ -120,6 +121,26 @@ fn health_body(info: &ServiceInfo) -> Value {
 
 async fn health(State(state): State<AppState>) -> Json<Value> {
     Json(health_body(&state.info))
+}
+
+/// The deployment's digest signing keys (public halves), active first, for
+/// reviewers who check signed digests.
+async fn ledger_key(State(state): State<AppState>) -> Response {
+    match state.services.ledger_keys.public_keys().await {
+        Ok(keys) => Json(json!({
+            "active": keys.iter().find(|k| k.retired_at.is_none()).map(|k| &k.key_id),
+            "keys": keys,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the ledger keys");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "keys unavailable"})),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn graphiql() -> Html<String> {

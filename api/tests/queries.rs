@@ -10,6 +10,7 @@ use agentledger_agents::{
 };
 use agentledger_api::{Limits, Services};
 use agentledger_domain::workflow::WorkflowState;
+use agentledger_eventstore::signing::InMemoryLedgerKeys;
 use agentledger_eventstore::{EventStore, InMemoryEventStore};
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::metrics::AgentMetrics;
@@ -116,6 +117,7 @@ async fn a_page_of_100_workflows_with_subtasks_and_decisions_takes_a_bounded_num
         store,
         read_models: models.clone(),
         limits: Limits::default(),
+        ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
         shutdown: Default::default(),
         open_subscriptions: Arc::default(),
     });
@@ -161,6 +163,7 @@ async fn an_open_subscription_is_counted_until_it_is_dropped_and_ends_on_shutdow
         store,
         read_models: models,
         limits: Limits::default(),
+        ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
         shutdown: Default::default(),
         open_subscriptions: Arc::default(),
     };

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentledger_agents::{stream_of, Runtime, Submission};
+use agentledger_eventstore::signing::LedgerKeys;
 use agentledger_eventstore::{EventStore, StreamId};
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::status::StatusFold;
@@ -25,8 +26,8 @@ use uuid::Uuid;
 
 use error::{bad_input, from_read, from_runtime, from_store, Code};
 use types::{
-    AgentMetrics, AgentRole, AuditLoader, Position, Priority, RecordedEvent, ReplayStep,
-    Verification, Workflow, WorkflowState,
+    AgentMetrics, AgentRole, AuditLoader, LedgerKey, Position, Priority, RecordedEvent, ReplayStep,
+    SignedDigest, Verification, Workflow, WorkflowState,
 };
 
 /// The schema type.
@@ -78,6 +79,8 @@ pub struct Services {
     pub store: Arc<dyn EventStore>,
     pub read_models: Arc<dyn ReadModels>,
     pub limits: Limits,
+    /// The deployment's digest signing keys.
+    pub ledger_keys: Arc<dyn LedgerKeys>,
     /// Cancelled when the server shuts down: open subscriptions complete.
     pub shutdown: CancellationToken,
     /// Subscriptions open now.
@@ -382,6 +385,39 @@ impl Query {
             .await
             .map_err(from_store)?;
         Ok(Verification::of(verification))
+    }
+
+    /// The ledger's tree head at `atPosition` (default: the head), signed
+    /// with the deployment's Ed25519 key. Every chain up to the position is
+    /// recomputed first: a ledger that does not verify is not signed.
+    /// Keep the result outside the system; `agentledger verify --digest`
+    /// proves later that nothing up to the position changed.
+    async fn ledger_digest(
+        &self,
+        ctx: &Context<'_>,
+        at_position: Option<Position>,
+    ) -> async_graphql::Result<SignedDigest> {
+        let services = services(ctx);
+        let digest = agentledger_eventstore::signing::sign_ledger(
+            &*services.store,
+            &*services.ledger_keys,
+            at_position.map(|p| p.0),
+        )
+        .await
+        .map_err(from_store)?;
+        Ok(SignedDigest::of(digest))
+    }
+
+    /// The deployment's digest signing keys (public halves): the active key
+    /// first, then retired ones, which still verify what they signed. Also
+    /// served at `GET /.well-known/agentledger-key`.
+    async fn ledger_keys(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<LedgerKey>> {
+        let keys = services(ctx)
+            .ledger_keys
+            .public_keys()
+            .await
+            .map_err(from_store)?;
+        Ok(keys.into_iter().map(LedgerKey::of).collect())
     }
 
     /// Per agent, its figures over `[from, to)` (all time when omitted).

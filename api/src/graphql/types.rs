@@ -450,6 +450,65 @@ impl Verification {
     }
 }
 
+/// A signed statement that the ledger up to `position` has tree head `root`
+/// (RFC 6962 over every event's position and hash; see docs/audit.md).
+#[derive(SimpleObject, Debug, Clone)]
+pub struct SignedDigest {
+    pub format: String,
+    pub position: Position,
+    pub events: Position,
+    /// Hex.
+    pub root: String,
+    pub signed_at: DateTime<Utc>,
+    pub key_id: String,
+    /// Ed25519, hex.
+    pub public_key: String,
+    /// Hex; over the bytes docs/audit.md describes.
+    pub signature: String,
+    /// The digest as the JSON file `agentledger verify --digest` reads.
+    pub json: String,
+}
+
+impl SignedDigest {
+    pub fn of(d: agentledger_eventstore::signing::SignedDigest) -> Self {
+        Self {
+            json: serde_json::to_string_pretty(&d).expect("a digest serialises"),
+            format: d.format,
+            position: Position(d.position),
+            events: Position(d.events),
+            root: d.root,
+            signed_at: d.signed_at,
+            key_id: d.key_id,
+            public_key: d.public_key,
+            signature: d.signature,
+        }
+    }
+}
+
+/// A digest signing key, public half.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct LedgerKey {
+    pub key_id: String,
+    pub algorithm: String,
+    /// Hex.
+    pub public_key: String,
+    pub created_at: DateTime<Utc>,
+    /// Set once rotated away: it signs no more, it still verifies.
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+impl LedgerKey {
+    pub fn of(k: agentledger_eventstore::signing::LedgerKey) -> Self {
+        Self {
+            key_id: k.key_id,
+            algorithm: k.algorithm,
+            public_key: k.public_key,
+            created_at: k.created_at,
+            retired_at: k.retired_at,
+        }
+    }
+}
+
 /// One step of a replay: an event and the workflow's state after it.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct ReplayStep {
