@@ -12,6 +12,7 @@
 //! - [`text`]: sentence and word splitting for English and Korean.
 
 pub mod policy;
+pub mod privacy;
 pub mod text;
 pub mod tools;
 pub mod workflow;

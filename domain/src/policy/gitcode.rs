@@ -195,6 +195,7 @@ mod tests {
                     request: Text::new("요청"),
                     input: None,
                     priority: Priority::Normal,
+                    sealing: None,
                 },
                 Command::RecordAnalysis {
                     subtasks,

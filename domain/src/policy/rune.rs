@@ -256,6 +256,7 @@ mod tests {
                 request: Text::new(request),
                 input: None,
                 priority: Priority::Normal,
+                sealing: None,
             },
             WorkflowEvent::AnalysisProduced {
                 round: 0,

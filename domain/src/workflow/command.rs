@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::privacy::Sealing;
+
 use super::{
     EthicsScores, FailureKind, Priority, SubtaskPlan, SubtaskState, Text, Verdict, Workflow,
     WorkflowEvent, WorkflowState,
@@ -24,6 +26,8 @@ pub enum Command {
         request: Text,
         input: Option<Text>,
         priority: Priority,
+        /// Seal the personal text under a data subject's key.
+        sealing: Option<Sealing>,
     },
     RecordAnalysis {
         subtasks: Vec<SubtaskPlan>,
@@ -125,6 +129,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             request,
             input,
             priority,
+            sealing,
         } if state == S::New => {
             if request.as_str().trim().is_empty() {
                 return Err(DomainError::BadInput("the request is empty".into()));
@@ -137,6 +142,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 request,
                 input,
                 priority,
+                sealing,
             }])
         }
         C::RecordAnalysis {

@@ -8,16 +8,19 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 
 use super::{EthicsScores, Priority, SubtaskPlan, Text, Verdict};
+use crate::privacy::Sealing;
 
 /// Every fact recorded about a workflow, in the words of design §3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all_fields = "snake_case")]
 pub enum WorkflowEvent {
-    /// A request arrived.
+    /// A request arrived. Schema 2 added `sealing` (whose key seals the
+    /// workflow's personal text; schema 1 payloads load with none).
     WorkflowSubmitted {
         request: Text,
         input: Option<Text>,
         priority: Priority,
+        sealing: Option<Sealing>,
     },
     /// Sena's analysis (round 0, then 1 and 2 after revisions).
     AnalysisProduced {
@@ -125,7 +128,7 @@ pub enum DecodeError {
 
 /// Every event type, with the schema version this build writes.
 const SCHEMAS: &[(&str, u32)] = &[
-    ("WorkflowSubmitted", 1),
+    ("WorkflowSubmitted", 2),
     ("AnalysisProduced", 1),
     ("GateDecided", 1),
     ("HumanDecisionRecorded", 1),
@@ -145,8 +148,14 @@ const SCHEMAS: &[(&str, u32)] = &[
 /// Rewrites a payload of `event_type` from schema `version` to `version + 1`.
 /// One arm per change of shape; old arms stay forever.
 fn upcast_once(event_type: &str, version: u32, payload: &mut Map<String, Value>) {
-    if let ("SubtaskFailed", 1) = (event_type, version) {
-        payload.insert("kind".into(), Value::String("error".into()));
+    match (event_type, version) {
+        ("SubtaskFailed", 1) => {
+            payload.insert("kind".into(), Value::String("error".into()));
+        }
+        ("WorkflowSubmitted", 1) => {
+            payload.insert("sealing".into(), Value::Null);
+        }
+        _ => {}
     }
 }
 

@@ -17,6 +17,9 @@ mod command;
 mod event;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::privacy::Sealing;
 
 pub use command::{
     handle, Command, DomainError, MAX_ATTEMPTS, MAX_INPUT_BYTES, MAX_REQUEST_BYTES, MAX_REVISIONS,
@@ -25,27 +28,154 @@ pub use event::{DecodeError, FailureKind, WorkflowEvent};
 
 /// Free text that may carry personal data: the request, the input document,
 /// subtask titles and outputs, rationales that quote them, human comments.
-/// One type, so that crypto-shredding can find every such field. Its `Debug`
-/// shows the length only, keeping the text out of logs.
-#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Text(String);
+/// One type, so that crypto-shredding ([`crate::privacy`]) finds every such
+/// field. Its `Debug` shows the length only, keeping the text out of logs.
+///
+/// A text is plain, sealed (encrypted with a data subject's key, as stored
+/// in events) or erased (its key was destroyed). Stored, a plain or erased
+/// text is a JSON string and a sealed one `{"sealed": {key, nonce, data}}`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Text(Repr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum Repr {
+    Plain(String),
+    Sealed(SealedText),
+    Erased,
+}
+
+impl Default for Repr {
+    fn default() -> Self {
+        Self::Plain(String::new())
+    }
+}
+
+/// A text encrypted with AES-256-GCM under a data subject's key (see
+/// [`crate::privacy`]): the key's id, the nonce and ciphertext in base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedText {
+    pub key: Uuid,
+    pub nonce: String,
+    pub data: String,
+}
+
+/// What a sealed text shows until it is opened.
+pub const SEALED: &str = "[sealed]";
+/// What an erased text shows: its key was destroyed.
+pub const ERASED: &str = "[erased]";
+
+/// Marks the column form of a sealed text in read models (see
+/// [`Text::to_column`]); a plain text starting with it gets it doubled.
+const COLUMN_MARK: char = '\u{1}';
 
 impl Text {
     /// Wraps `text`.
     pub fn new(text: impl Into<String>) -> Self {
-        Self(text.into())
+        Self(Repr::Plain(text.into()))
     }
 
-    /// The text.
+    /// A text whose key was destroyed.
+    pub fn erased() -> Self {
+        Self(Repr::Erased)
+    }
+
+    /// A sealed text.
+    pub fn sealed(sealed: SealedText) -> Self {
+        Self(Repr::Sealed(sealed))
+    }
+
+    /// The text; [`SEALED`] or [`ERASED`] when it cannot be read here.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Repr::Plain(text) => text,
+            Repr::Sealed(_) => SEALED,
+            Repr::Erased => ERASED,
+        }
+    }
+
+    /// The sealed form, when sealed.
+    pub fn as_sealed(&self) -> Option<&SealedText> {
+        match &self.0 {
+            Repr::Sealed(sealed) => Some(sealed),
+            _ => None,
+        }
+    }
+
+    /// True when plain (readable).
+    pub fn is_plain(&self) -> bool {
+        matches!(self.0, Repr::Plain(_))
+    }
+
+    /// The text as one string column of a read model: plain text as it is,
+    /// a sealed one as a marked encoding that [`Text::from_column`] reads
+    /// back (so read models keep ciphertext, never the personal text), an
+    /// erased one as [`ERASED`].
+    pub fn to_column(&self) -> String {
+        match &self.0 {
+            Repr::Plain(text) if text.starts_with(COLUMN_MARK) => format!("{COLUMN_MARK}{text}"),
+            Repr::Plain(text) => text.clone(),
+            Repr::Sealed(s) => format!("{COLUMN_MARK}sealed:{}:{}:{}", s.key, s.nonce, s.data),
+            Repr::Erased => ERASED.to_string(),
+        }
+    }
+
+    /// Reads [`Text::to_column`]'s form back.
+    pub fn from_column(column: &str) -> Self {
+        let Some(rest) = column.strip_prefix(COLUMN_MARK) else {
+            return Self::new(column);
+        };
+        if let Some(sealed) = rest.strip_prefix("sealed:") {
+            let mut parts = sealed.splitn(3, ':');
+            if let (Some(key), Some(nonce), Some(data)) = (parts.next(), parts.next(), parts.next())
+            {
+                if let Ok(key) = key.parse() {
+                    return Self::sealed(SealedText {
+                        key,
+                        nonce: nonce.into(),
+                        data: data.into(),
+                    });
+                }
+            }
+        }
+        Self::new(rest)
     }
 }
 
 impl std::fmt::Debug for Text {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Text({} chars)", self.0.chars().count())
+        match &self.0 {
+            Repr::Plain(text) => write!(f, "Text({} chars)", text.chars().count()),
+            Repr::Sealed(s) => write!(f, "Text(sealed with {})", s.key),
+            Repr::Erased => write!(f, "Text(erased)"),
+        }
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            sealed: &'a SealedText,
+        }
+        match &self.0 {
+            Repr::Sealed(sealed) => Stored { sealed }.serialize(serializer),
+            _ => serializer.serialize_str(self.as_str()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Plain(String),
+            Sealed { sealed: SealedText },
+        }
+        Ok(match Stored::deserialize(deserializer)? {
+            Stored::Plain(text) => Self::new(text),
+            Stored::Sealed { sealed } => Self::sealed(sealed),
+        })
     }
 }
 
@@ -160,6 +290,8 @@ pub struct Workflow {
     pub priority: Priority,
     pub request: Text,
     pub input: Option<Text>,
+    /// How its personal text is sealed, when it has a data subject.
+    pub sealing: Option<Sealing>,
     /// The analysis round the workflow is in (0 until a revision is asked).
     pub round: u8,
     pub subtasks: Vec<Subtask>,
@@ -186,10 +318,12 @@ impl Workflow {
                 request,
                 input,
                 priority,
+                sealing,
             } => {
                 self.state = WorkflowState::Submitted;
                 self.request = request.clone();
                 self.input = input.clone();
+                self.sealing = sealing.clone();
                 self.priority = *priority;
             }
             E::AnalysisProduced {

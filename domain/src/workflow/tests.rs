@@ -19,6 +19,7 @@ fn submit() -> Command {
         request: Text::new("보고서를 요약해 주세요. 그다음 단어 수를 세어 주세요."),
         input: None,
         priority: Priority::Normal,
+        sealing: None,
     }
 }
 
@@ -225,6 +226,7 @@ fn bad_input_and_wrong_states_are_refused() {
         request: Text::new("   "),
         input: None,
         priority: Priority::Low,
+        sealing: None,
     };
     assert!(matches!(
         handle(&Workflow::default(), empty),
@@ -234,6 +236,7 @@ fn bad_input_and_wrong_states_are_refused() {
         request: Text::new("가".repeat(MAX_REQUEST_BYTES)),
         input: None,
         priority: Priority::Low,
+        sealing: None,
     };
     assert!(matches!(
         handle(&Workflow::default(), huge),

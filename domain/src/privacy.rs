@@ -1,0 +1,320 @@
+//! Crypto-shredding, the pure part: which [`Text`] fields of a workflow's
+//! events are personal, and sealing / opening them with a data subject's
+//! AES-256-GCM key. Keys are kept apart from the events (the event store's
+//! `subject_keys`); destroying a subject's key leaves the events intact and
+//! verifiable (the hash covers the ciphertext) while their personal text can
+//! no longer be read: it opens as [`crate::workflow::ERASED`].
+//!
+//! Callers supply the randomness (a fresh 96-bit nonce per text), so this
+//! module stays free of I/O.
+
+use std::collections::HashMap;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::workflow::{SealedText, Text, WorkflowEvent};
+
+/// A data subject's key: 32 bytes for AES-256-GCM.
+pub type SubjectKey = [u8; 32];
+
+/// The kinds of free text a workflow records, as named in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextField {
+    Request,
+    Input,
+    SubtaskTitle,
+    Rationale,
+    Comment,
+    Output,
+    CancelReason,
+}
+
+impl TextField {
+    /// Every kind: the default set of personal fields.
+    pub const ALL: [Self; 7] = [
+        Self::Request,
+        Self::Input,
+        Self::SubtaskTitle,
+        Self::Rationale,
+        Self::Comment,
+        Self::Output,
+        Self::CancelReason,
+    ];
+}
+
+/// How a workflow's personal text is sealed: under which subject key, and
+/// which fields. Recorded with the submission so that every node seals the
+/// workflow's later events the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealing {
+    pub key: Uuid,
+    pub fields: Vec<TextField>,
+}
+
+/// Encrypts `text` under `key` (named `key_id`, which is bound as associated
+/// data so a ciphertext cannot be passed off under another key's name).
+pub fn seal(key: &SubjectKey, key_id: Uuid, nonce: [u8; 12], text: &str) -> SealedText {
+    let cipher = Aes256Gcm::new(key.into());
+    let data = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: text.as_bytes(),
+                aad: key_id.as_bytes(),
+            },
+        )
+        .expect("AES-GCM encrypts any text under 64 GiB");
+    SealedText {
+        key: key_id,
+        nonce: BASE64.encode(nonce),
+        data: BASE64.encode(data),
+    }
+}
+
+/// Decrypts `sealed` with `key`; `None` when it does not open (another key,
+/// altered ciphertext).
+pub fn open(key: &SubjectKey, sealed: &SealedText) -> Option<String> {
+    let nonce = BASE64.decode(&sealed.nonce).ok()?;
+    if nonce.len() != 12 {
+        return None;
+    }
+    let data = BASE64.decode(&sealed.data).ok()?;
+    let plain = Aes256Gcm::new(key.into())
+        .decrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &data,
+                aad: sealed.key.as_bytes(),
+            },
+        )
+        .ok()?;
+    String::from_utf8(plain).ok()
+}
+
+/// Opens a text: plain stays plain; sealed opens with its key from `keys`,
+/// or becomes erased when the key is gone or does not open it.
+pub fn open_text(text: &Text, keys: &HashMap<Uuid, SubjectKey>) -> Text {
+    match text.as_sealed() {
+        None => text.clone(),
+        Some(sealed) => keys
+            .get(&sealed.key)
+            .and_then(|key| open(key, sealed))
+            .map_or_else(Text::erased, Text::new),
+    }
+}
+
+impl WorkflowEvent {
+    /// Every free-text field of the event, with its kind.
+    pub fn texts_mut(&mut self) -> Vec<(TextField, &mut Text)> {
+        use TextField as F;
+        use WorkflowEvent as E;
+        match self {
+            E::WorkflowSubmitted { request, input, .. } => {
+                let mut texts = vec![(F::Request, request)];
+                texts.extend(input.as_mut().map(|i| (F::Input, i)));
+                texts
+            }
+            E::AnalysisProduced {
+                subtasks,
+                rationale,
+                ..
+            } => {
+                let mut texts: Vec<_> = subtasks
+                    .iter_mut()
+                    .map(|s| (F::SubtaskTitle, &mut s.title))
+                    .collect();
+                texts.push((F::Rationale, rationale));
+                texts
+            }
+            E::GateDecided { rationale, .. } => vec![(F::Rationale, rationale)],
+            E::HumanDecisionRecorded { comment, .. } => vec![(F::Comment, comment)],
+            E::SubtaskSucceeded { output, .. } => vec![(F::Output, output)],
+            E::WorkflowCancelled { reason } => reason
+                .as_mut()
+                .map(|r| (F::CancelReason, r))
+                .into_iter()
+                .collect(),
+            E::SubtaskStarted { .. }
+            | E::SubtaskFailed { .. }
+            | E::SubtaskSkipped { .. }
+            | E::ExecutionFinished { .. }
+            | E::EthicsReviewed { .. }
+            | E::WorkflowCompleted {}
+            | E::WorkflowRejected { .. }
+            | E::WorkflowFailed { .. }
+            | E::WorkflowFlagged { .. } => Vec::new(),
+        }
+    }
+
+    /// The keys this event's sealed texts need.
+    pub fn sealed_keys(&self) -> Vec<Uuid> {
+        let mut event = self.clone();
+        let mut keys: Vec<Uuid> = event
+            .texts_mut()
+            .into_iter()
+            .filter_map(|(_, t)| t.as_sealed().map(|s| s.key))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Seals the fields `sealing` names with `key`; with no key (destroyed)
+    /// they are recorded as erased. Other fields stay as they are.
+    pub fn seal(
+        &mut self,
+        sealing: &Sealing,
+        key: Option<&SubjectKey>,
+        mut nonce: impl FnMut() -> [u8; 12],
+    ) {
+        for (field, text) in self.texts_mut() {
+            if !sealing.fields.contains(&field) || !text.is_plain() {
+                continue;
+            }
+            *text = match key {
+                Some(key) => Text::sealed(seal(key, sealing.key, nonce(), text.as_str())),
+                None => Text::erased(),
+            };
+        }
+    }
+
+    /// Opens every sealed text with `keys` (see [`open_text`]).
+    pub fn open(&mut self, keys: &HashMap<Uuid, SubjectKey>) {
+        for (_, text) in self.texts_mut() {
+            if text.as_sealed().is_some() {
+                *text = open_text(text, keys);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::{Priority, ERASED, SEALED};
+
+    fn submitted(request: &str) -> WorkflowEvent {
+        WorkflowEvent::WorkflowSubmitted {
+            request: Text::new(request),
+            input: Some(Text::new("{\"name\": \"김민수\"}")),
+            priority: Priority::Normal,
+            sealing: None,
+        }
+    }
+
+    #[test]
+    fn sealed_text_opens_with_its_key_only_and_survives_the_stored_form() {
+        let (key, other) = ([7u8; 32], [8u8; 32]);
+        let id = Uuid::from_u128(1);
+        let sealing = Sealing {
+            key: id,
+            fields: vec![TextField::Request],
+        };
+        let mut event = submitted("김민수(34)의 보고서를 요약해 주세요.");
+        let mut counter = 0u8;
+        event.seal(&sealing, Some(&key), || {
+            counter += 1;
+            [counter; 12]
+        });
+        let (_, _, payload) = event.encode();
+        let stored = payload.to_string();
+        assert!(!stored.contains("김민수(34)"), "{stored}");
+        assert!(
+            stored.contains("김민수"),
+            "the input was not marked personal"
+        );
+        let mut back = WorkflowEvent::decode("WorkflowSubmitted", 2, &payload).unwrap();
+        assert_eq!(back.sealed_keys(), vec![id]);
+        let WorkflowEvent::WorkflowSubmitted { request, .. } = &back else {
+            unreachable!()
+        };
+        assert_eq!(request.as_str(), SEALED);
+        let mut wrong = back.clone();
+        wrong.open(&HashMap::from([(id, other)]));
+        back.open(&HashMap::from([(id, key)]));
+        let text = |e: &WorkflowEvent| match e {
+            WorkflowEvent::WorkflowSubmitted { request, .. } => request.as_str().to_string(),
+            _ => unreachable!(),
+        };
+        assert_eq!(text(&back), "김민수(34)의 보고서를 요약해 주세요.");
+        assert_eq!(text(&wrong), ERASED);
+        let mut gone = WorkflowEvent::decode("WorkflowSubmitted", 2, &payload).unwrap();
+        gone.open(&HashMap::new());
+        assert_eq!(text(&gone), ERASED);
+    }
+
+    #[test]
+    fn a_schema_1_submission_loads_without_sealing() {
+        let v1 = serde_json::json!({"request": "요청", "input": null, "priority": "NORMAL"});
+        let event = WorkflowEvent::decode("WorkflowSubmitted", 1, &v1).unwrap();
+        assert_eq!(event, submitted_plain("요청"));
+        assert_eq!(event.schema_version(), 2);
+    }
+
+    fn submitted_plain(request: &str) -> WorkflowEvent {
+        WorkflowEvent::WorkflowSubmitted {
+            request: Text::new(request),
+            input: None,
+            priority: Priority::Normal,
+            sealing: None,
+        }
+    }
+
+    #[test]
+    fn a_changed_ciphertext_or_key_name_does_not_open() {
+        let key = [3u8; 32];
+        let sealed = seal(&key, Uuid::from_u128(5), [1; 12], "secret");
+        assert_eq!(open(&key, &sealed).as_deref(), Some("secret"));
+        let mut renamed = sealed.clone();
+        renamed.key = Uuid::from_u128(6);
+        assert_eq!(open(&key, &renamed), None);
+        let mut bytes = BASE64.decode(&sealed.data).unwrap();
+        bytes[0] ^= 1;
+        let altered = SealedText {
+            data: BASE64.encode(bytes),
+            ..sealed
+        };
+        assert_eq!(open(&key, &altered), None);
+    }
+
+    #[test]
+    fn without_a_key_the_personal_fields_are_recorded_erased() {
+        let mut event = submitted("hello");
+        let sealing = Sealing {
+            key: Uuid::from_u128(1),
+            fields: TextField::ALL.to_vec(),
+        };
+        event.seal(&sealing, None, || [0; 12]);
+        let WorkflowEvent::WorkflowSubmitted { request, input, .. } = &event else {
+            unreachable!()
+        };
+        assert_eq!(
+            (request.as_str(), input.as_ref().unwrap().as_str()),
+            (ERASED, ERASED)
+        );
+    }
+
+    #[test]
+    fn the_column_form_round_trips_every_kind_of_text() {
+        let sealed = Text::sealed(seal(&[1; 32], Uuid::from_u128(9), [2; 12], "x"));
+        for text in [
+            Text::new("plain 텍스트"),
+            Text::new("\u{1}sealed:not really"),
+            Text::new("\u{1}\u{1}"),
+            sealed,
+            Text::new(""),
+        ] {
+            assert_eq!(Text::from_column(&text.to_column()), text, "{text:?}");
+        }
+        assert_eq!(
+            Text::from_column(&Text::erased().to_column()).as_str(),
+            ERASED
+        );
+    }
+}
