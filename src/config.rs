@@ -17,6 +17,11 @@
 //! [agents]
 //! max_workflows = 64         # workflows driven at once by this process
 //! lease_seconds = 30
+//!
+//! [privacy]
+//! # Free text sealed under the data subject's key when a workflow is
+//! # submitted with a subjectId (default: all of these).
+//! personal_fields = ["request", "input", "subtask_title", "rationale", "comment", "output", "cancel_reason"]
 //! ```
 
 use std::path::Path;
@@ -35,6 +40,14 @@ pub struct FileConfig {
     pub graphql: GraphqlSection,
     #[serde(default)]
     pub agents: AgentsSection,
+    #[serde(default)]
+    pub privacy: PrivacySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    pub personal_fields: Option<Vec<agentledger_domain::privacy::TextField>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +119,11 @@ impl FileConfig {
                 .agents
                 .lease_seconds
                 .map_or(defaults.lease, Duration::from_secs),
+            personal_fields: self
+                .privacy
+                .personal_fields
+                .clone()
+                .unwrap_or(defaults.personal_fields.clone()),
             ..defaults
         }
     }

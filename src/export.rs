@@ -6,6 +6,7 @@
 
 use std::io::Write;
 
+use agentledger_domain::workflow::Text;
 use agentledger_eventstore::{EventStore, PostgresEventStore, PostgresOptions, RecordedEvent};
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::Fact;
@@ -63,6 +64,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         writeln!(out, "position,workflow_id,version,event_type,kind,actor_kind,actor,actor_version,role,summary,rationale,policy_fingerprint,recorded_at,prev_hash,hash")?;
     }
     let mut written = 0u64;
+    let mut skipped = 0u64;
     let mut emit = |event: &RecordedEvent| -> anyhow::Result<()> {
         match args.format {
             Format::Jsonl => {
@@ -73,9 +75,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                 )?;
             }
             Format::Csv => {
-                let e = Fact::decode(event)?
-                    .map(|fact| AuditEntry::of(&fact))
-                    .context("only workflow events export to CSV")?;
+                let Some(e) = Fact::decode(event)?.map(|fact| AuditEntry::of(&fact)) else {
+                    // e.g. the privacy-keys stream: JSONL carries those.
+                    skipped += 1;
+                    return Ok(());
+                };
                 let fields = [
                     e.position.to_string(),
                     e.workflow_id.to_string(),
@@ -87,7 +91,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                     e.actor_version,
                     e.role.map(|r| r.as_str().to_string()).unwrap_or_default(),
                     e.summary,
-                    e.rationale,
+                    shown(&e.rationale),
                     e.policy_fingerprint.unwrap_or_default(),
                     e.recorded_at.to_rfc3339(),
                     hex::encode(event.prev_hash),
@@ -132,6 +136,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     eprintln!("{written} events exported");
+    if skipped > 0 {
+        eprintln!(
+            "{skipped} events of other streams than workflows left out of the CSV (JSONL has them)"
+        );
+    }
     Ok(())
 }
 
@@ -143,9 +152,16 @@ fn reading(event: &RecordedEvent) -> anyhow::Result<Option<serde_json::Value>> {
             "workflow_id": e.workflow_id, "kind": e.kind, "actor_kind": e.actor_kind,
             "actor": e.actor, "actor_version": e.actor_version,
             "role": e.role.map(|r| r.as_str()), "summary": e.summary,
-            "rationale": e.rationale, "policy_fingerprint": e.policy_fingerprint,
+            "rationale": shown(&e.rationale), "policy_fingerprint": e.policy_fingerprint,
         })
     }))
+}
+
+/// A rationale as exported: personal text stays sealed (`[sealed]` here,
+/// ciphertext in the exported event), so that forgetting the subject
+/// reaches exports too.
+fn shown(column: &str) -> String {
+    Text::from_column(column).as_str().to_string()
 }
 
 /// Verifies an exported JSONL file without the database: every event's

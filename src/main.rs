@@ -17,6 +17,7 @@ use agentledger_agents::{
     InMemoryWorkQueue, PostgresWorkQueue, Runtime, SystemClock, ToolRegistry,
 };
 use agentledger_eventstore::signing::{InMemoryLedgerKeys, LedgerKeys, PostgresLedgerKeys};
+use agentledger_eventstore::subject_keys::{InMemorySubjectKeys, PostgresSubjectKeys, SubjectKeys};
 use agentledger_eventstore::{
     migrate, EventStore, InMemoryEventStore, PostgresEventStore, PostgresOptions,
 };
@@ -204,6 +205,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         queue,
         read_models,
         ledger_keys,
+        subject_keys,
         kind: store_kind,
     } = match &args.database.database_url {
         Some(url) => {
@@ -237,6 +239,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
             Backend {
                 ledger_keys: Arc::new(PostgresLedgerKeys::new(store.pool().clone())),
+                subject_keys: Arc::new(PostgresSubjectKeys::new(store.pool().clone())),
                 store: Arc::new(store),
                 queue,
                 read_models: Arc::new(models),
@@ -255,6 +258,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 queue: Arc::new(InMemoryWorkQueue::default()),
                 read_models: Arc::new(models),
                 ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
+                subject_keys: Arc::new(InMemorySubjectKeys::default()),
                 kind: "in-memory",
             }
         }
@@ -273,7 +277,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ToolRegistry::default(),
         Arc::new(SystemClock),
         file.runtime(args.max_workflows),
-    );
+    )
+    .with_subject_keys(subject_keys);
     {
         let (runtime, stop) = (runtime.clone(), stop.clone());
         background.push(tokio::spawn(async move {
@@ -324,6 +329,7 @@ struct Backend {
     queue: Arc<dyn agentledger_agents::WorkQueue>,
     read_models: Arc<dyn agentledger_projections::ReadModels>,
     ledger_keys: Arc<dyn LedgerKeys>,
+    subject_keys: Arc<dyn SubjectKeys>,
     /// `postgres` or `in-memory`.
     kind: &'static str,
 }

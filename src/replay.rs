@@ -2,6 +2,7 @@
 //! state after each one (the write side's own fold), who recorded it, what
 //! it was based on and why. Nothing is re-executed.
 
+use agentledger_eventstore::subject_keys::{PostgresSubjectKeys, SubjectKeys};
 use agentledger_eventstore::{EventStore, PostgresEventStore, PostgresOptions};
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::status::{enum_name, state_name, StatusFold};
@@ -39,18 +40,29 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     if events.is_empty() {
         bail!("no workflow {} in the ledger", args.workflow);
     }
-    let mut fold: Option<StatusFold> = None;
+    let mut facts = Vec::new();
     for event in events
         .iter()
         .take_while(|e| args.at.is_none_or(|at| e.global_position <= at))
     {
-        let fact = Fact::decode(event)?.context("not a workflow event")?;
+        facts.push(Fact::decode(event)?.context("not a workflow event")?);
+    }
+    // Personal text opens with the subject's key while it exists.
+    let mut wanted: Vec<Uuid> = facts.iter().flat_map(|f| f.event.sealed_keys()).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let secrets = PostgresSubjectKeys::new(store.pool().clone())
+        .secrets(&wanted)
+        .await?;
+    facts.iter_mut().for_each(|f| f.event.open(&secrets));
+    let mut fold: Option<StatusFold> = None;
+    for (fact, event) in facts.iter().zip(&events) {
         match &mut fold {
-            Some(fold) => fold.apply(&fact),
-            None => fold = Some(StatusFold::start(&fact)),
+            Some(fold) => fold.apply(fact),
+            None => fold = Some(StatusFold::start(fact)),
         }
         let status = fold.as_ref().expect("set above").status();
-        let entry = AuditEntry::of(&fact);
+        let entry = AuditEntry::of(fact);
         if args.json {
             println!(
                 "{}",

@@ -21,6 +21,6 @@ pub use faults::{FaultPlan, FaultPoint};
 pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
 pub use runtime::{
     fingerprint, stream_of, workflow_id_for_key, History, Runtime, RuntimeConfig, RuntimeError,
-    Submission, Submitted,
+    Submission, Submitted, PRIVACY_STREAM,
 };
 pub use tool::{Tool, ToolCall, ToolFailure, ToolRegistry};

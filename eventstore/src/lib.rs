@@ -35,6 +35,7 @@ pub mod migrate;
 pub mod postgres;
 mod prepare;
 pub mod signing;
+pub mod subject_keys;
 pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;

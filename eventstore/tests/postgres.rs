@@ -754,3 +754,40 @@ async fn one_signing_key_per_deployment_and_rotation_keeps_the_old_one() {
         .get(0);
     assert_eq!(secrets, 1, "the retired key's secret half is wiped");
 }
+
+/// Subject keys: one per subject even when first asked for at once, found
+/// by id, gone after forgetting (the service role may vacuum its table).
+#[tokio::test]
+async fn a_subject_key_is_created_once_and_forgetting_destroys_it() {
+    use agentledger_eventstore::subject_keys::{PostgresSubjectKeys, SubjectKeys};
+    let db = TestDatabase::create().await;
+    let store = db.store().await; // the service role
+    let keys = PostgresSubjectKeys::new(store.pool().clone());
+    let firsts = futures::future::join_all(
+        (0..6).map(|_| async { keys.key_for("고객-4711").await.unwrap() }),
+    )
+    .await;
+    assert!(firsts.windows(2).all(|w| w[0] == w[1]));
+    let (id, key) = firsts[0];
+    let (other, _) = keys.key_for("customer-2").await.unwrap();
+    assert_ne!(id, other);
+    let found = keys
+        .secrets(&[id, other, uuid::Uuid::now_v7()])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[&id], key);
+
+    let forgotten = keys.forget("고객-4711").await.unwrap();
+    assert_eq!(forgotten.key_id, Some(id));
+    assert!(forgotten.vacuumed, "the service role owns subject_keys");
+    assert!(keys.secrets(&[id]).await.unwrap().is_empty());
+    assert_eq!(keys.secrets(&[other]).await.unwrap().len(), 1);
+    assert_eq!(keys.forget("고객-4711").await.unwrap().key_id, None);
+    // A later submission for the same subject gets a new key.
+    assert_ne!(keys.key_for("고객-4711").await.unwrap().0, id);
+    assert!(matches!(
+        keys.key_for(" ").await,
+        Err(StoreError::BadInput(_))
+    ));
+}

@@ -108,7 +108,7 @@ async fn drive_claim(
     }
     let history = match known {
         Some(history) => Some(history),
-        None => History::load(&*inner.store, claim.workflow).await?,
+        None => History::load(&*inner.store, inner.keys(), claim.workflow).await?,
     };
     let Some(mut history) = history else {
         return Ok(Outcome::NoStream);

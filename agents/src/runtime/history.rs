@@ -2,7 +2,11 @@
 //! sits in the store, and the one way decisions are appended (expected
 //! version, causation, inputs, actor and policy in the metadata).
 
+use std::collections::HashMap;
+
+use agentledger_domain::privacy::SubjectKey;
 use agentledger_domain::workflow::{handle, Command, Workflow, WorkflowEvent};
+use agentledger_eventstore::subject_keys::SubjectKeys;
 use agentledger_eventstore::{
     Actor, EventStore, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position, StoreError,
     StreamId,
@@ -44,11 +48,20 @@ pub struct History {
     /// Tenant and owner of the submission, carried onto every event.
     pub tenant: String,
     pub owner: String,
+    /// The data subject's key that seals the workflow's personal text;
+    /// `None` without a subject or once the key was destroyed.
+    pub key: Option<SubjectKey>,
 }
 
 impl History {
-    /// Reads and folds workflow `id`; `None` when it has no events.
-    pub async fn load(store: &dyn EventStore, id: Uuid) -> Result<Option<Self>, RuntimeError> {
+    /// Reads and folds workflow `id`; `None` when it has no events. Sealed
+    /// personal text is opened with `keys` (erased where its key is gone;
+    /// left sealed without `keys`).
+    pub async fn load(
+        store: &dyn EventStore,
+        keys: Option<&dyn SubjectKeys>,
+        id: Uuid,
+    ) -> Result<Option<Self>, RuntimeError> {
         const PAGE: usize = 1_000;
         let stream = stream_of(id);
         let mut history = Self {
@@ -58,13 +71,15 @@ impl History {
             events: Vec::new(),
             tenant: String::new(),
             owner: String::new(),
+            key: None,
         };
+        let mut decoded = Vec::new();
         loop {
             let page = store
-                .read_stream(&stream, history.events.len() as u64, PAGE)
+                .read_stream(&stream, decoded.len() as u64, PAGE)
                 .await?;
             for recorded in &page {
-                if history.events.is_empty() {
+                if decoded.is_empty() {
                     let metadata = recorded
                         .metadata()
                         .map_err(|e| RuntimeError::Corrupt(format!("{stream}: metadata: {e}")))?;
@@ -77,11 +92,30 @@ impl History {
                     &recorded.payload,
                 )
                 .map_err(|e| RuntimeError::Corrupt(format!("{stream}: {e}")))?;
-                history.push(recorded.global_position, recorded.event_id, event);
+                decoded.push((recorded.global_position, recorded.event_id, event));
             }
             if page.len() < PAGE {
                 break;
             }
+        }
+        let sealing = match decoded.first() {
+            Some((_, _, WorkflowEvent::WorkflowSubmitted { sealing, .. })) => sealing.clone(),
+            _ => None,
+        };
+        if let (Some(keys), Some(sealing)) = (keys, &sealing) {
+            let mut wanted: Vec<Uuid> = decoded
+                .iter()
+                .flat_map(|(_, _, e)| e.sealed_keys())
+                .collect();
+            wanted.push(sealing.key);
+            wanted.sort_unstable();
+            wanted.dedup();
+            let secrets: HashMap<Uuid, SubjectKey> = keys.secrets(&wanted).await?;
+            decoded.iter_mut().for_each(|(_, _, e)| e.open(&secrets));
+            history.key = secrets.get(&sealing.key).copied();
+        }
+        for (position, event_id, event) in decoded {
+            history.push(position, event_id, event);
         }
         Ok((!history.events.is_empty()).then_some(history))
     }
@@ -148,10 +182,18 @@ impl History {
         metadata.policy = recorder.policy.clone();
         metadata.inputs = inputs;
         metadata.idempotency_key = idempotency_key;
+        // Personal text is stored sealed; this history keeps it readable.
+        let sealing = scratch.sealing.clone();
         let new: Vec<NewEvent> = events
             .iter()
             .map(|event| {
-                let (event_type, schema_version, payload) = event.encode();
+                let stored = sealing.as_ref().map(|sealing| {
+                    let mut stored = event.clone();
+                    stored.seal(sealing, self.key.as_ref(), random_nonce);
+                    stored
+                });
+                let (event_type, schema_version, payload) =
+                    stored.as_ref().unwrap_or(event).encode();
                 let mut new = NewEvent::new(event_type, payload, metadata.clone());
                 new.schema_version = schema_version;
                 new
@@ -176,10 +218,32 @@ impl History {
         } else {
             // Positions of one append are taken as a block; should that ever
             // change, read them back rather than guess.
-            *self = Self::load(store, self.id)
+            let key = self.key;
+            *self = Self::load(store, None, self.id)
                 .await?
                 .ok_or_else(|| RuntimeError::Corrupt(format!("{} vanished", self.stream)))?;
+            if let Some(key) = key {
+                let secrets = self
+                    .workflow
+                    .sealing
+                    .as_ref()
+                    .map(|s| HashMap::from([(s.key, key)]))
+                    .unwrap_or_default();
+                for recorded in &mut self.events {
+                    recorded.event.open(&secrets);
+                }
+                self.workflow = Workflow::from_events(self.events.iter().map(|r| &r.event));
+                self.key = Some(key);
+            }
         }
         Ok(true)
     }
+}
+
+/// A fresh 96-bit AES-GCM nonce from the operating system's generator.
+fn random_nonce() -> [u8; 12] {
+    use aes_gcm::aead::rand_core::RngCore;
+    let mut nonce = [0u8; 12];
+    aes_gcm::aead::OsRng.fill_bytes(&mut nonce);
+    nonce
 }

@@ -14,14 +14,19 @@ mod drive;
 mod history;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use agentledger_domain::policy::{
     gitcode::GitCodeConfig, lubit::LubitConfig, rune::RuneConfig, sena::SenaConfig,
 };
+use agentledger_domain::privacy::{Sealing, TextField};
 use agentledger_domain::workflow::{Command, DomainError, Priority, Text, Workflow};
-use agentledger_eventstore::{Actor, ActorKind, EventStore, PolicyRef, Position, StoreError};
+use agentledger_eventstore::subject_keys::{Forgotten, SubjectKeys};
+use agentledger_eventstore::{
+    Actor, ActorKind, EventStore, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,
+    StoreError, StreamId,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -85,6 +90,9 @@ pub struct RuntimeConfig {
     pub lubit: LubitConfig,
     pub gitcode: GitCodeConfig,
     pub rune: RuneConfig,
+    /// Which free text of a workflow with a data subject is sealed under the
+    /// subject's key (default: all of it).
+    pub personal_fields: Vec<TextField>,
 }
 
 impl Default for RuntimeConfig {
@@ -100,9 +108,13 @@ impl Default for RuntimeConfig {
             lubit: LubitConfig::default(),
             gitcode: GitCodeConfig::default(),
             rune: RuneConfig::default(),
+            personal_fields: TextField::ALL.to_vec(),
         }
     }
 }
+
+/// The stream recording destroyed subject keys.
+pub const PRIVACY_STREAM: &str = "privacy-keys";
 
 /// A request to start a workflow.
 #[derive(Debug, Clone, Default)]
@@ -115,6 +127,9 @@ pub struct Submission {
     /// The submitting principal (`anonymous` in dev).
     pub owner: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The data subject the request is about: its personal text is sealed
+    /// under the subject's key (see [`Runtime::forget_subject`]).
+    pub subject: Option<String>,
 }
 
 /// A submission as recorded.
@@ -192,6 +207,16 @@ pub(crate) struct Inner {
     /// Cancelled when the runtime is killed (a fault) or stopped: drives
     /// end at their next step without touching the queue.
     pub dead: CancellationToken,
+    /// Data-subject keys (crypto-shredding); without them, submissions
+    /// with a subject are refused.
+    subject_keys: OnceLock<Arc<dyn SubjectKeys>>,
+}
+
+impl Inner {
+    /// The subject keys, when configured.
+    pub fn keys(&self) -> Option<&dyn SubjectKeys> {
+        self.subject_keys.get().map(|k| &**k)
+    }
 }
 
 /// The agent runtime. Cheap to clone.
@@ -242,8 +267,54 @@ impl Runtime {
                 slots: Arc::new(Semaphore::new(config_slots)),
                 handoff: Mutex::new(None),
                 dead: CancellationToken::new(),
+                subject_keys: OnceLock::new(),
             }),
         }
+    }
+
+    /// Seals personal text of workflows with a data subject under keys from
+    /// `keys`, and opens it when reading workflows back.
+    pub fn with_subject_keys(self, keys: Arc<dyn SubjectKeys>) -> Self {
+        if self.inner.subject_keys.set(keys).is_err() {
+            tracing::warn!("subject keys were set already; keeping the first");
+        }
+        self
+    }
+
+    /// The data-subject keys, when configured.
+    pub fn subject_keys(&self) -> Option<&Arc<dyn SubjectKeys>> {
+        self.inner.subject_keys.get()
+    }
+
+    /// Destroys the data subject's key: every text sealed under it reads as
+    /// erased from now on, everywhere (events, read models, exports), while
+    /// the events still verify. The destruction is recorded on the
+    /// `privacy-keys` stream by key id (never the subject id), so an auditor
+    /// sees when and by whom a key was destroyed.
+    pub async fn forget_subject(
+        &self,
+        subject: &str,
+        person: &str,
+    ) -> Result<Forgotten, RuntimeError> {
+        let keys = self.inner.keys().ok_or_else(|| {
+            DomainError::BadInput("crypto-shredding is not configured on this runtime".into())
+        })?;
+        let forgotten = keys.forget(subject).await?;
+        if let Some(key_id) = forgotten.key_id {
+            let stream = StreamId::new(PRIVACY_STREAM).expect("a valid stream id");
+            let mut metadata = Metadata::new(human(person).actor);
+            metadata.owner = person.to_string();
+            let event = NewEvent::new(
+                "SubjectKeyDestroyed",
+                serde_json::json!({ "key_id": key_id, "vacuumed": forgotten.vacuumed }),
+                metadata,
+            );
+            self.inner
+                .store
+                .append(&stream, ExpectedVersion::Any, vec![event])
+                .await?;
+        }
+        Ok(forgotten)
     }
 
     /// The event store.
@@ -285,10 +356,11 @@ impl Runtime {
             (None, Some(key)) => workflow_id_for_key(&owner_name, key),
             (None, None) => Uuid::now_v7(),
         };
-        let command = Command::Submit {
+        let mut command = Command::Submit {
             request: Text::new(submission.request),
             input: submission.input.map(Text::new),
             priority: submission.priority,
+            sealing: None,
         };
         let mut history = History {
             id,
@@ -297,9 +369,26 @@ impl Runtime {
             events: Vec::new(),
             tenant: "default".into(),
             owner: owner_name,
+            key: None,
         };
         // Refuse bad input before anything is written.
         agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
+        if let Some(subject) = &submission.subject {
+            let keys = inner.keys().ok_or_else(|| {
+                DomainError::BadInput(
+                    "this server does not seal personal data: submit without a subject".into(),
+                )
+            })?;
+            agentledger_eventstore::subject_keys::check_subject(subject)?;
+            let (key_id, key) = keys.key_for(subject).await?;
+            if let Command::Submit { sealing, .. } = &mut command {
+                *sealing = Some(Sealing {
+                    key: key_id,
+                    fields: inner.config.personal_fields.clone(),
+                });
+            }
+            history.key = Some(key);
+        }
         if submission.idempotency_key.is_some() {
             if let Some(existing) = self.existing_submission(id, &command).await? {
                 return Ok(existing);
@@ -370,7 +459,7 @@ impl Runtime {
         id: Uuid,
         command: &Command,
     ) -> Result<Option<Submitted>, RuntimeError> {
-        let Some(history) = History::load(&*self.inner.store, id).await? else {
+        let Some(history) = History::load(&*self.inner.store, self.inner.keys(), id).await? else {
             return Ok(None);
         };
         let first = &history.events[0];
@@ -380,13 +469,15 @@ impl Runtime {
                     request,
                     input,
                     priority,
+                    sealing,
                 },
                 Command::Submit {
                     request: r,
                     input: i,
                     priority: p,
+                    sealing: s,
                 },
-            ) => request == r && input == i && priority == p,
+            ) => request == r && input == i && priority == p && sealing == s,
             _ => false,
         };
         if !same {
@@ -412,7 +503,7 @@ impl Runtime {
         person: &str,
     ) -> Result<Position, RuntimeError> {
         let inner = &self.inner;
-        let mut history = History::load(&*inner.store, workflow)
+        let mut history = History::load(&*inner.store, inner.keys(), workflow)
             .await?
             .ok_or(DomainError::NotFound)?;
         let command = Command::RecordHumanDecision {
@@ -447,7 +538,7 @@ impl Runtime {
         person: &str,
     ) -> Result<Position, RuntimeError> {
         let inner = &self.inner;
-        let mut history = History::load(&*inner.store, workflow)
+        let mut history = History::load(&*inner.store, inner.keys(), workflow)
             .await?
             .ok_or(DomainError::NotFound)?;
         let causation = history.last().map(|r| r.event_id);
@@ -471,7 +562,7 @@ impl Runtime {
 
     /// Reads workflow `id` (its state and events); `None` when unknown.
     pub async fn load(&self, id: Uuid) -> Result<Option<History>, RuntimeError> {
-        History::load(&*self.inner.store, id).await
+        History::load(&*self.inner.store, self.inner.keys(), id).await
     }
 
     /// Claims and drives workflows until `shutdown` completes or a fault

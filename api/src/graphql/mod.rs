@@ -26,8 +26,9 @@ use uuid::Uuid;
 
 use error::{bad_input, from_read, from_runtime, from_store, Code};
 use types::{
-    AgentMetrics, AgentRole, AuditLoader, LedgerKey, Position, Priority, RecordedEvent, ReplayStep,
-    SignedDigest, Verification, Workflow, WorkflowState,
+    AgentMetrics, AgentRole, AuditLoader, ForgetResult, LedgerKey, Position, Priority,
+    RecordedEvent, ReplayStep, SignedDigest, SubjectKeyLoader, Verification, Workflow,
+    WorkflowState,
 };
 
 /// The schema type.
@@ -120,10 +121,16 @@ fn tracked<S: Stream + Send + 'static>(
 /// Builds the schema over `services`.
 pub fn schema(services: Services) -> AgentledgerSchema {
     let loader = DataLoader::new(AuditLoader(services.read_models.clone()), tokio::spawn);
+    // No cache: a key destroyed between two requests is gone for the next.
+    let keys = DataLoader::new(
+        SubjectKeyLoader(services.runtime.subject_keys().cloned()),
+        tokio::spawn,
+    );
     Schema::build(Query, Mutation, SubscriptionRoot)
         .limit_depth(services.limits.max_depth)
         .limit_complexity(services.limits.max_complexity)
         .data(loader)
+        .data(keys)
         .data(services)
         .finish()
 }
@@ -477,6 +484,10 @@ impl Mutation {
         priority: Option<Priority>,
         idempotency_key: Option<String>,
         input: Option<String>,
+        #[graphql(
+            desc = "The data subject the request is about: its personal text is stored sealed under the subject's key, and `forgetSubject` erases it."
+        )]
+        subject_id: Option<String>,
     ) -> async_graphql::Result<Workflow> {
         let services = services(ctx);
         let submitted = services
@@ -488,10 +499,35 @@ impl Mutation {
                 priority: priority.map_or(Default::default(), Priority::to_domain),
                 owner: Some(caller(ctx).name),
                 idempotency_key,
+                subject: subject_id,
             })
             .await
             .map_err(from_runtime)?;
         Self::after_write(services, submitted.id, submitted.position).await
+    }
+
+    /// Destroys the data subject's key (crypto-shredding): the personal
+    /// text of every workflow submitted for the subject reads as `[erased]`
+    /// from now on: in events, read models, replays and exports. The events
+    /// are untouched and still verify. The key table is vacuumed; backups
+    /// taken before still hold the key until they expire (docs/audit.md).
+    /// To become admin-only once roles exist.
+    async fn forget_subject(
+        &self,
+        ctx: &Context<'_>,
+        subject_id: String,
+    ) -> async_graphql::Result<ForgetResult> {
+        let forgotten = services(ctx)
+            .runtime
+            .forget_subject(&subject_id, &caller(ctx).name)
+            .await
+            .map_err(from_runtime)?;
+        Ok(ForgetResult {
+            subject_id,
+            destroyed: forgotten.key_id.is_some(),
+            key_id: forgotten.key_id.map(|k| ID(k.to_string())),
+            vacuumed: forgotten.vacuumed,
+        })
     }
 
     /// Cancels a workflow that has not ended.

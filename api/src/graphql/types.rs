@@ -4,7 +4,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use agentledger_domain::workflow::{Priority as DomainPriority, WorkflowState as DomainState};
+use agentledger_domain::privacy;
+use agentledger_domain::workflow::{
+    Priority as DomainPriority, Text, WorkflowState as DomainState, ERASED,
+};
+use agentledger_eventstore::subject_keys::SubjectKeys;
 use agentledger_eventstore::RecordedEvent as StoredEvent;
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::metrics::AgentMetrics as MetricsRow;
@@ -172,14 +176,69 @@ pub struct Subtask {
 
 /// A recorded decision (or fact) about a workflow, in a reviewer's words.
 #[derive(SimpleObject, Debug, Clone)]
+#[graphql(complex)]
 pub struct Decision {
     pub position: Position,
     pub role: Option<AgentRole>,
     pub actor: String,
     pub kind: String,
+    /// Personal text in it shows as `[sealed]`; `rationale` opens it.
     pub summary: String,
+    #[graphql(skip)]
     pub rationale: String,
     pub at: DateTime<Utc>,
+}
+
+#[ComplexObject]
+impl Decision {
+    /// The reasons as recorded (personal text opened while its key exists).
+    async fn rationale(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        reveal(ctx, &self.rationale).await
+    }
+}
+
+/// Reads a read-model column that may hold sealed personal text: opened
+/// with the subject's key while it exists, `[erased]` after.
+pub async fn reveal(ctx: &Context<'_>, column: &str) -> async_graphql::Result<String> {
+    let text = Text::from_column(column);
+    let Some(sealed) = text.as_sealed() else {
+        return Ok(text.as_str().to_string());
+    };
+    let key = ctx
+        .data_unchecked::<DataLoader<SubjectKeyLoader>>()
+        .load_one(sealed.key)
+        .await?;
+    Ok(key
+        .and_then(|key| privacy::open(&key, sealed))
+        .unwrap_or_else(|| ERASED.to_string()))
+}
+
+/// Loads data-subject keys by id, batched across a response.
+pub struct SubjectKeyLoader(pub Option<Arc<dyn SubjectKeys>>);
+
+impl Loader<Uuid> for SubjectKeyLoader {
+    type Value = [u8; 32];
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, Self::Value>, Self::Error> {
+        match &self.0 {
+            Some(store) => store.secrets(keys).await.map_err(super::error::from_store),
+            None => Ok(HashMap::new()),
+        }
+    }
+}
+
+/// What `forgetSubject` did.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct ForgetResult {
+    pub subject_id: String,
+    /// False when the subject had no key (nothing was sealed for it, or it
+    /// was forgotten before).
+    pub destroyed: bool,
+    /// The destroyed key's id, as recorded on the `privacy-keys` stream.
+    pub key_id: Option<ID>,
+    /// Whether the key table was vacuumed, so no dead row keeps the key.
+    pub vacuumed: bool,
 }
 
 impl Decision {
@@ -227,8 +286,8 @@ impl Workflow {
     async fn priority(&self) -> Priority {
         Priority::from_domain(self.status.priority)
     }
-    async fn request(&self) -> &str {
-        &self.status.request
+    async fn request(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        reveal(ctx, &self.status.request).await
     }
     async fn progress(&self) -> Progress {
         Progress {
@@ -236,20 +295,23 @@ impl Workflow {
             total: self.status.progress_total,
         }
     }
-    async fn subtasks(&self) -> Vec<Subtask> {
-        self.status
-            .subtasks
-            .iter()
-            .map(|s| Subtask {
+    async fn subtasks(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Subtask>> {
+        let mut subtasks = Vec::with_capacity(self.status.subtasks.len());
+        for s in &self.status.subtasks {
+            subtasks.push(Subtask {
                 id: s.id.clone(),
-                title: s.title.clone(),
+                title: reveal(ctx, &s.title).await?,
                 tool: s.tool.clone(),
                 depends_on: s.depends_on.clone(),
                 state: enum_name(&s.state),
                 attempts: i32::from(s.attempts),
-                output: s.output.clone(),
-            })
-            .collect()
+                output: match &s.output {
+                    Some(output) => Some(reveal(ctx, output).await?),
+                    None => None,
+                },
+            });
+        }
+        Ok(subtasks)
     }
     /// Every recorded decision about the workflow, in order (the submission excluded).
     async fn decisions(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Decision>> {
@@ -511,6 +573,7 @@ impl LedgerKey {
 
 /// One step of a replay: an event and the workflow's state after it.
 #[derive(SimpleObject, Debug, Clone)]
+#[graphql(complex)]
 pub struct ReplayStep {
     pub position: Position,
     pub event: RecordedEvent,
@@ -522,12 +585,21 @@ pub struct ReplayStep {
     /// The positions of the events the decision was based on.
     pub inputs: Vec<Position>,
     pub summary: String,
+    #[graphql(skip)]
     pub rationale: String,
+}
+
+#[ComplexObject]
+impl ReplayStep {
+    /// The reasons as recorded (personal text opened while its key exists).
+    async fn rationale(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        reveal(ctx, &self.rationale).await
+    }
 }
 
 /// One audit trail entry: a recorded event in a reviewer's words.
 #[derive(SimpleObject, Debug, Clone)]
-#[graphql(name = "AuditEntry")]
+#[graphql(name = "AuditEntry", complex)]
 pub struct AuditTrailEntry {
     pub position: Position,
     pub workflow_id: ID,
@@ -540,10 +612,19 @@ pub struct AuditTrailEntry {
     pub actor_version: String,
     pub role: Option<AgentRole>,
     pub summary: String,
+    #[graphql(skip)]
     pub rationale: String,
     pub policy_fingerprint: Option<String>,
     pub recorded_at: DateTime<Utc>,
     pub hash: String,
+}
+
+#[ComplexObject]
+impl AuditTrailEntry {
+    /// The reasons as recorded (personal text opened while its key exists).
+    async fn rationale(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        reveal(ctx, &self.rationale).await
+    }
 }
 
 impl AuditTrailEntry {

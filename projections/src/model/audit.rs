@@ -2,7 +2,7 @@
 //! who decided (actor, role, version, policy), what (kind and a one-line
 //! summary), why (the rationale as recorded), when, and the event's hash.
 
-use agentledger_domain::workflow::{Verdict, WorkflowEvent};
+use agentledger_domain::workflow::{Text, Verdict, WorkflowEvent};
 use agentledger_eventstore::ActorKind;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -93,22 +93,21 @@ pub fn kind(event: &WorkflowEvent) -> &'static str {
     }
 }
 
-/// The reasons an event records, as recorded.
+/// The reasons an event records, as recorded. Personal text keeps its
+/// stored form ([`Text::to_column`]): sealed text stays ciphertext here and
+/// is opened only when shown, while its key exists.
 pub fn rationale(event: &WorkflowEvent) -> String {
     use WorkflowEvent as E;
     match event {
         E::AnalysisProduced { rationale, .. } | E::GateDecided { rationale, .. } => {
-            rationale.as_str().to_string()
+            rationale.to_column()
         }
-        E::HumanDecisionRecorded { comment, .. } => comment.as_str().to_string(),
+        E::HumanDecisionRecorded { comment, .. } => comment.to_column(),
         E::SubtaskFailed { error, .. } => error.clone(),
         E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => reason.clone(),
         E::EthicsReviewed { findings, .. } | E::WorkflowFlagged { findings } => findings.join("; "),
         E::WorkflowRejected { reasons } => reasons.join("; "),
-        E::WorkflowCancelled { reason } => reason
-            .as_ref()
-            .map(|r| r.as_str().to_string())
-            .unwrap_or_default(),
+        E::WorkflowCancelled { reason } => reason.as_ref().map(Text::to_column).unwrap_or_default(),
         _ => String::new(),
     }
 }

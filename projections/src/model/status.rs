@@ -3,7 +3,7 @@
 //! the times the events were recorded.
 
 use agentledger_domain::workflow::{
-    EthicsScores, Priority, SubtaskState, Verdict, Workflow, WorkflowEvent, WorkflowState,
+    EthicsScores, Priority, SubtaskState, Text, Verdict, Workflow, WorkflowEvent, WorkflowState,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -133,12 +133,12 @@ impl StatusFold {
                 Some(SubtaskStatus {
                     id: plan.id.clone(),
                     ordinal: i as i32,
-                    title: plan.title.as_str().to_string(),
+                    title: plan.title.to_column(),
                     tool: plan.tool.clone(),
                     depends_on: plan.depends_on.clone(),
                     state: s.state,
                     attempts: i16::from(s.attempts),
-                    output: s.output.as_ref().map(|o| o.as_str().to_string()),
+                    output: s.output.as_ref().map(Text::to_column),
                     started_at: before.and_then(|b| b.started_at),
                     finished_at: before.and_then(|b| b.finished_at),
                 })
@@ -179,7 +179,7 @@ impl StatusFold {
         let (done, total) = w.progress();
         status.state = w.state;
         status.priority = w.priority;
-        status.request = w.request.as_str().to_string();
+        status.request = w.request.to_column();
         status.round = i16::from(w.round);
         status.progress_done = done as i32;
         status.progress_total = total as i32;

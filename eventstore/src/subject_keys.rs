@@ -1,0 +1,191 @@
+//! Data-subject keys for crypto-shredding, kept apart from the events
+//! (`subject_keys`, migration V4). One AES-256 key per subject, named by a
+//! random key id; events name the key id only, never the subject. Forgetting
+//! a subject deletes its key and vacuums the table, so the dead row does not
+//! linger in the table's pages (WAL archives and backups still hold it until
+//! they expire: docs/audit.md).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use crate::StoreError;
+
+/// Longest subject id, in bytes.
+pub const MAX_SUBJECT_ID_BYTES: usize = 256;
+
+/// What forgetting a subject did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The destroyed key's id (`None`: the subject had no key).
+    pub key_id: Option<Uuid>,
+    /// Whether the key table was vacuumed after the delete.
+    pub vacuumed: bool,
+}
+
+/// Where subject keys are kept.
+#[async_trait]
+pub trait SubjectKeys: Send + Sync + 'static {
+    /// The subject's key, created on first use.
+    async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError>;
+    /// The keys among `ids` that still exist.
+    async fn secrets(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>, StoreError>;
+    /// Destroys the subject's key: whatever it sealed cannot be read again.
+    async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError>;
+}
+
+/// Refuses empty, oversized or NUL-carrying subject ids.
+pub fn check_subject(subject: &str) -> Result<(), StoreError> {
+    if subject.trim().is_empty() {
+        return Err(StoreError::BadInput("the subject id is empty".into()));
+    }
+    if subject.len() > MAX_SUBJECT_ID_BYTES {
+        return Err(StoreError::BadInput(format!(
+            "the subject id is longer than {MAX_SUBJECT_ID_BYTES} bytes"
+        )));
+    }
+    if subject.contains('\0') {
+        return Err(StoreError::BadInput(
+            "the subject id contains a NUL character".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn new_key() -> [u8; 32] {
+    use aes_gcm::aead::rand_core::RngCore;
+    let mut key = [0u8; 32];
+    aes_gcm::aead::OsRng.fill_bytes(&mut key);
+    key
+}
+
+fn key_of(bytes: Vec<u8>) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| StoreError::Corrupt {
+        position: 0,
+        reason: "subject_keys: a key is not 32 bytes".into(),
+    })
+}
+
+/// Subject keys in PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresSubjectKeys {
+    pool: Pool,
+}
+
+impl PostgresSubjectKeys {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl SubjectKeys for PostgresSubjectKeys {
+    async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError> {
+        check_subject(subject)?;
+        let client = self.pool.get().await?;
+        // Concurrent first uses race on the unique subject id: one insert
+        // wins, every caller reads the winner's key.
+        client
+            .execute(
+                "INSERT INTO subject_keys (key_id, subject_id, secret) VALUES ($1, $2, $3)
+                 ON CONFLICT (subject_id) DO NOTHING",
+                &[&Uuid::now_v7(), &subject, &new_key().as_slice()],
+            )
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT key_id, secret FROM subject_keys WHERE subject_id = $1",
+                &[&subject],
+            )
+            .await?;
+        Ok((row.get(0), key_of(row.get(1))?))
+    }
+
+    async fn secrets(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT key_id, secret FROM subject_keys WHERE key_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.get(0), key_of(row.get(1))?)))
+            .collect()
+    }
+
+    async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError> {
+        check_subject(subject)?;
+        let client = self.pool.get().await?;
+        let key_id: Option<Uuid> = client
+            .query_opt(
+                "DELETE FROM subject_keys WHERE subject_id = $1 RETURNING key_id",
+                &[&subject],
+            )
+            .await?
+            .map(|row| row.get(0));
+        // PostgreSQL 15 skips (with a warning) a VACUUM by a role that does
+        // not own the table: ask first, so the answer is true.
+        let may_vacuum: bool = client
+            .query_one(
+                "SELECT pg_has_role(current_user, c.relowner, 'USAGE')
+                     OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                 FROM pg_class c WHERE c.oid = 'subject_keys'::regclass",
+                &[],
+            )
+            .await?
+            .get(0);
+        if may_vacuum {
+            client.batch_execute("VACUUM subject_keys").await?;
+        } else {
+            tracing::warn!(
+                "subject_keys is not owned by this role: the deleted key stays in a dead row until autovacuum"
+            );
+        }
+        Ok(Forgotten {
+            key_id,
+            vacuumed: may_vacuum,
+        })
+    }
+}
+
+/// Subject keys in process memory (dev mode).
+#[derive(Default)]
+pub struct InMemorySubjectKeys {
+    keys: Mutex<HashMap<String, (Uuid, [u8; 32])>>,
+}
+
+#[async_trait]
+impl SubjectKeys for InMemorySubjectKeys {
+    async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError> {
+        check_subject(subject)?;
+        let mut keys = self.keys.lock().expect("not poisoned");
+        Ok(*keys
+            .entry(subject.to_string())
+            .or_insert_with(|| (Uuid::now_v7(), new_key())))
+    }
+
+    async fn secrets(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>, StoreError> {
+        let keys = self.keys.lock().expect("not poisoned");
+        Ok(keys
+            .values()
+            .filter(|(id, _)| ids.contains(id))
+            .copied()
+            .collect())
+    }
+
+    async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError> {
+        check_subject(subject)?;
+        let removed = self.keys.lock().expect("not poisoned").remove(subject);
+        Ok(Forgotten {
+            key_id: removed.map(|(id, _)| id),
+            vacuumed: true,
+        })
+    }
+}
