@@ -103,24 +103,19 @@ pub struct LedgerCheck {
 pub async fn check_ledger(
     store: &dyn EventStore,
     up_to: Position,
-    mut progress: impl FnMut(Position, Position),
+    progress: impl FnMut(Position, Position),
 ) -> Result<LedgerCheck, StoreError> {
-    const PAGE: usize = 10_000;
-    let mut tree = MerkleBuilder::new();
-    let mut chains = LedgerVerifier::new();
-    let mut from = 1;
-    while from <= up_to {
-        let page = store.read_all(from, PAGE).await?;
-        let Some(last) = page.last().map(|e| e.global_position) else {
-            break;
-        };
-        for event in page.iter().filter(|e| e.global_position <= up_to) {
+    let (chains, tree) = crate::scan(
+        store,
+        up_to,
+        (LedgerVerifier::new(), MerkleBuilder::new()),
+        |(chains, tree), event| {
             chains.check(event);
             tree.push(event.global_position, &event.hash);
-        }
-        from = last + 1;
-        progress(last.min(up_to), up_to);
-    }
+        },
+        progress,
+    )
+    .await?;
     Ok(LedgerCheck {
         verification: chains.finish(),
         root: tree.root(),

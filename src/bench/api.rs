@@ -191,14 +191,5 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
 
 /// The resident set of process `pid`, in KiB (0 when unknown).
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    super::verify::status_kib(pid, "VmRSS:")
 }

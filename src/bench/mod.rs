@@ -16,6 +16,7 @@ use tokio_postgres::{Client, NoTls};
 
 mod api;
 mod rebuild;
+mod verify;
 mod workflows;
 
 #[derive(clap::Subcommand)]
@@ -36,6 +37,9 @@ pub enum Bench {
     /// The service as clients see it: a real `serve` process, workflows
     /// submitted over HTTP, one WebSocket subscription per workflow.
     Api(api::ApiArgs),
+    /// Whole-ledger verification speed and the verifier's peak memory over
+    /// a million events (real workflow events, replicated, loaded with COPY).
+    Verify(verify::VerifyArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +68,7 @@ impl Bench {
             Self::Workflows(args) => workflows::run(args).await,
             Self::Rebuild(args) => rebuild::run(args).await,
             Self::Api(args) => api::run(args).await,
+            Self::Verify(args) => verify::run(args).await,
         }
     }
 }

@@ -53,7 +53,7 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<()> {
 }
 
 /// Runs workflows on the in-memory store until it holds `events` events.
-async fn generate(events: u64) -> anyhow::Result<Vec<RecordedEvent>> {
+pub(super) async fn generate(events: u64) -> anyhow::Result<Vec<RecordedEvent>> {
     let store = Arc::new(InMemoryEventStore::default());
     let runtime = Runtime::new(
         store.clone(),
@@ -123,7 +123,7 @@ async fn generate(events: u64) -> anyhow::Result<Vec<RecordedEvent>> {
 async fn measure(url: &str, ledger: &[RecordedEvent]) -> anyhow::Result<()> {
     let client = connect(url).await?;
     let started = Instant::now();
-    copy_ledger(&client, ledger).await?;
+    copy_events(&client, ledger.iter().cloned()).await?;
     println!(
         "loaded with COPY in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -156,12 +156,33 @@ async fn measure(url: &str, ledger: &[RecordedEvent]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `ledger` into `events` with COPY (CSV), then moves the position
-/// sequence past it.
-async fn copy_ledger(
+/// Appends `e` to `buffer` as a CSV row of `COPY events (...)`.
+pub(super) fn write_csv_row(buffer: &mut String, e: &RecordedEvent) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        buffer,
+        "{},{},{},{},{},{},{},{},{},{},\\x{},\\x{}",
+        e.global_position,
+        crate::export::csv_field(e.stream_id.as_str()),
+        e.stream_version,
+        e.event_id,
+        crate::export::csv_field(&e.event_type),
+        e.schema_version,
+        crate::export::csv_field(&e.payload.to_string()),
+        crate::export::csv_field(&e.metadata.to_string()),
+        e.recorded_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+        e.hash_version,
+        hex::encode(e.prev_hash),
+        hex::encode(e.hash),
+    );
+}
+
+/// Writes `events` into the `events` table with COPY (CSV), then moves
+/// the position sequence past them. Streams: memory stays at one buffer.
+pub(super) async fn copy_events(
     client: &tokio_postgres::Client,
-    ledger: &[RecordedEvent],
-) -> anyhow::Result<()> {
+    events: impl Iterator<Item = RecordedEvent>,
+) -> anyhow::Result<u64> {
     let sink = client
         .copy_in(
             "COPY events (global_position, stream_id, stream_version, event_id, event_type,
@@ -171,24 +192,10 @@ async fn copy_ledger(
         .await?;
     futures::pin_mut!(sink);
     let mut buffer = String::with_capacity(1 << 20);
-    for e in ledger {
-        use std::fmt::Write;
-        let _ = writeln!(
-            buffer,
-            "{},{},{},{},{},{},{},{},{},{},\\x{},\\x{}",
-            e.global_position,
-            crate::export::csv_field(e.stream_id.as_str()),
-            e.stream_version,
-            e.event_id,
-            crate::export::csv_field(&e.event_type),
-            e.schema_version,
-            crate::export::csv_field(&e.payload.to_string()),
-            crate::export::csv_field(&e.metadata.to_string()),
-            e.recorded_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
-            e.hash_version,
-            hex::encode(e.prev_hash),
-            hex::encode(e.hash),
-        );
+    let mut copied = 0;
+    for e in events {
+        write_csv_row(&mut buffer, &e);
+        copied += 1;
         if buffer.len() > (1 << 20) {
             sink.send(bytes::Bytes::from(std::mem::take(&mut buffer)))
                 .await?;
@@ -201,5 +208,5 @@ async fn copy_ledger(
             "SELECT setval('events_position_seq', (SELECT max(global_position) FROM events)); ANALYZE events;",
         )
         .await?;
-    Ok(())
+    Ok(copied)
 }

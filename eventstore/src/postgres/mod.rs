@@ -255,6 +255,16 @@ impl EventStore for PostgresEventStore {
         rows::read_all(&client, from_position, limit).await
     }
 
+    async fn read_range(
+        &self,
+        from_position: Position,
+        to_position: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.inner.pool.get().await?;
+        rows::read_range(&client, from_position, to_position, limit).await
+    }
+
     async fn head_position(&self) -> Result<Position, StoreError> {
         let client = self.inner.pool.get().await?;
         rows::head_position(&client).await

@@ -25,6 +25,25 @@ pub(crate) async fn read_all(
     rows.iter().map(decode).collect()
 }
 
+/// Events in `[from, to]`, `to` being a head read before (all visible).
+pub(crate) async fn read_range(
+    client: &Client,
+    from: Position,
+    to: Position,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE global_position BETWEEN $1 AND $2 \
+         ORDER BY global_position LIMIT $3"
+    );
+    let statement = client.prepare_cached(&sql).await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = client
+        .query(&statement, &[&to_i64(from), &to_i64(to), &limit])
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
 pub(crate) async fn read_stream(
     client: &Client,
     stream: &StreamId,
