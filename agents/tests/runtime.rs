@@ -332,3 +332,96 @@ async fn an_idempotency_key_returns_the_first_workflow_and_refuses_another_reque
     assert!(head >= first.position);
     running.stop().await;
 }
+
+/// Crypto-shredding in the runtime: the agents work on the plain text, the
+/// store only ever holds it sealed, a reload opens it while the key exists
+/// and shows it erased after; a subject without keys configured is refused
+/// with nothing written.
+#[tokio::test]
+async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_forgotten() {
+    use agentledger_domain::workflow::ERASED;
+    use agentledger_eventstore::subject_keys::InMemorySubjectKeys;
+
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+    let runtime = agentledger_agents::Runtime::new(
+        store.clone(),
+        Arc::new(InMemoryWorkQueue::default()),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    )
+    .with_subject_keys(Arc::new(InMemorySubjectKeys::default()));
+    let running = Running::start_runtime(runtime);
+    let request = "이영희(41세)의 상담 기록을 요약해 주세요. 그다음 단어 수를 세어 주세요.";
+    let submission = agentledger_agents::Submission {
+        request: request.into(),
+        subject: Some("상담자-17".into()),
+        idempotency_key: Some("k-17".into()),
+        ..Default::default()
+    };
+    let id = running.runtime.submit(submission.clone()).await.unwrap();
+    let seen = settle(&*store, &[id]).await;
+    assert_eq!(seen[&id].workflow.state, WorkflowState::Completed);
+    let stored: String = seen[&id]
+        .events
+        .iter()
+        .map(|e| e.payload.to_string())
+        .collect();
+    assert!(!stored.contains("이영희"), "sealed at rest: {stored}");
+    // The agents saw the text: the summary output is about it.
+    let loaded = running.runtime.load(id).await.unwrap().unwrap();
+    assert_eq!(loaded.workflow.request.as_str(), request);
+    let outputs: Vec<&str> = loaded
+        .workflow
+        .subtasks
+        .iter()
+        .filter_map(|s| s.output.as_ref().map(|o| o.as_str()))
+        .collect();
+    assert!(outputs.iter().any(|o| o.contains("이영희")), "{outputs:?}");
+    // The same key and request again: the same workflow, nothing written.
+    let head = store.head_position().await.unwrap();
+    assert_eq!(running.runtime.submit(submission).await.unwrap(), id);
+
+    let forgotten = running
+        .runtime
+        .forget_subject("상담자-17", "dpo")
+        .await
+        .unwrap();
+    assert!(forgotten.key_id.is_some());
+    let erased = running.runtime.load(id).await.unwrap().unwrap();
+    assert_eq!(erased.workflow.request.as_str(), ERASED);
+    assert!(erased.workflow.subtasks.iter().all(|s| s
+        .plan
+        .as_ref()
+        .is_some_and(|p| p.title.as_str() == ERASED)
+        && s.output.as_ref().is_none_or(|o| o.as_str() == ERASED)));
+    // Forgetting is recorded (one event, on the privacy stream), and the
+    // chains still verify.
+    assert_eq!(store.head_position().await.unwrap(), head + 1);
+    assert!(
+        agentledger_eventstore::verify_ledger(&*store, |_, _| {})
+            .await
+            .unwrap()
+            .ok
+    );
+    running.stop().await;
+
+    // A runtime without subject keys refuses a subject; nothing is written.
+    let (plain_store, plain) = in_memory(ToolRegistry::default(), RuntimeConfig::default());
+    let refused = plain
+        .runtime
+        .submit(agentledger_agents::Submission {
+            request: "Summarise the notes.".into(),
+            subject: Some("someone".into()),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(
+        refused,
+        Err(agentledger_agents::RuntimeError::Rejected(
+            agentledger_domain::workflow::DomainError::BadInput(_)
+        ))
+    ));
+    assert_eq!(plain_store.head_position().await.unwrap(), 0);
+    plain.stop().await;
+}
