@@ -178,3 +178,63 @@ async fn an_open_subscription_is_counted_until_it_is_dropped_and_ends_on_shutdow
     drop(stream);
     assert_eq!(services.open_subscriptions.load(Ordering::SeqCst), 0);
 }
+
+/// Bad input to the audit and privacy operations is refused with
+/// `BAD_INPUT` and writes nothing: a subject id that is empty or too long,
+/// forgetting nobody, a digest beyond the head.
+#[tokio::test]
+async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written() {
+    use agentledger_eventstore::subject_keys::InMemorySubjectKeys;
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+    let runtime = Runtime::new(
+        store.clone(),
+        Arc::new(InMemoryWorkQueue::default()),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    )
+    .with_subject_keys(Arc::new(InMemorySubjectKeys::default()));
+    let schema = agentledger_api::schema(Services {
+        runtime,
+        store: store.clone(),
+        read_models: Arc::new(InMemoryReadModels::start(store.clone())),
+        limits: Limits::default(),
+        ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
+        shutdown: Default::default(),
+        open_subscriptions: Arc::default(),
+    });
+    let long = "x".repeat(300);
+    for query in [
+        r#"mutation { submitWorkflow(request: "Sort the tags.", subjectId: "  ") { id } }"#
+            .to_string(),
+        format!(
+            r#"mutation {{ submitWorkflow(request: "Sort the tags.", subjectId: "{long}") {{ id }} }}"#
+        ),
+        r#"mutation { forgetSubject(subjectId: "") { destroyed } }"#.to_string(),
+        "{ ledgerDigest(atPosition: 5) { root } }".to_string(),
+    ] {
+        let response = schema.execute(query.as_str()).await;
+        let code = response
+            .errors
+            .first()
+            .and_then(|e| e.extensions.as_ref())
+            .and_then(|x| x.get("code").cloned());
+        assert_eq!(
+            code,
+            Some(async_graphql::Value::from("BAD_INPUT")),
+            "{query}: {:?}",
+            response.errors
+        );
+    }
+    assert_eq!(store.head_position().await.unwrap(), 0, "nothing written");
+    // Forgetting a subject that never had a key is not an error: nothing to destroy.
+    let response = schema
+        .execute(r#"mutation { forgetSubject(subjectId: "nobody") { destroyed vacuumed } }"#)
+        .await;
+    assert!(response.errors.is_empty(), "{:?}", response.errors);
+    assert_eq!(
+        response.data.into_json().unwrap()["forgetSubject"]["destroyed"],
+        false
+    );
+    assert_eq!(store.head_position().await.unwrap(), 0);
+}
