@@ -514,11 +514,14 @@ async fn a_failing_reader_leaves_no_gate_behind() {
     );
 }
 
-/// A ledger of 1,000 events over 40 streams, verified whole, then with one
-/// byte of one event changed: `verify_ledger` and `verify_stream` both name
-/// that event, whichever it is.
+/// A ledger of 1,000 events over 40 streams, verified whole and signed,
+/// then with one column of one event changed, every column in turn at
+/// another place: `verify_ledger` names that event, `verify_stream` (the
+/// workflow's check) fails, and the digest taken before fails naming it.
+/// Moving an event's position is seen by the digest.
 #[tokio::test]
-async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verifications() {
+async fn any_changed_column_in_a_thousand_events_is_found_by_the_chains_and_a_digest_taken_before()
+{
     let db = TestDatabase::create().await;
     let store = db.store().await;
     for round in 0..5 {
@@ -556,8 +559,9 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
         }
     };
     assert_eq!(check(digest.clone()).await, Ok(()));
-    // Three places (the first event, one in the middle, the last), each
-    // with a different column changed by one character.
+    // Every column of a stored event, each changed at another place
+    // (the first event, the last, and positions a fixed seed picks), then
+    // put back from the value read before.
     let positions: Vec<u64> = store
         .read_all(1, 1_000)
         .await
@@ -566,50 +570,111 @@ async fn one_changed_byte_anywhere_in_a_thousand_events_is_found_by_both_verific
         .map(|e| e.global_position)
         .collect();
     let changes = [
+        ("payload", r#"payload || '{"x": 1}'"#, "jsonb"),
+        ("metadata", r#"metadata || '{"x": 1}'"#, "jsonb"),
+        ("event_type", "event_type || 'x'", "text"),
+        ("schema_version", "schema_version + 1", "integer"),
         (
-            "payload = jsonb_set(payload, '{score}', '0.76')",
-            "payload = jsonb_set(payload, '{score}', '0.75')",
+            "recorded_at",
+            "recorded_at + interval '1 microsecond'",
+            "timestamptz",
+        ),
+        ("event_id", "gen_random_uuid()", "uuid"),
+        ("stream_version", "stream_version + 100000", "bigint"),
+        (
+            "prev_hash",
+            "set_byte(prev_hash, 0, get_byte(prev_hash, 0) # 1)",
+            "bytea",
         ),
         (
-            "metadata = jsonb_set(metadata, '{actor,name}', '\"lubiT\"')",
-            "metadata = jsonb_set(metadata, '{actor,name}', '\"lubit\"')",
+            "hash",
+            "set_byte(hash, 31, get_byte(hash, 31) # 1)",
+            "bytea",
         ),
-        ("event_type = 'Step5'", "event_type = 'Step4'"),
+        ("hash_version", "hash_version + 1", "smallint"),
+        ("stream_id", "stream_id || 'x'", "text"),
     ];
-    for (target, (change, undo)) in [positions[0], positions[517], positions[999]]
-        .into_iter()
-        .zip(changes)
-    {
+    let mut seed = 0x9e37_79b9_u64;
+    let mut pick = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        positions[(seed >> 33) as usize % positions.len()]
+    };
+    let admin = db.admin_client().await;
+    for (i, (column, change, kind)) in changes.into_iter().enumerate() {
+        let target = match i {
+            0 => positions[0],
+            1 => positions[999],
+            _ => pick(),
+        };
+        let original: String = admin
+            .query_one(
+                &format!("SELECT {column}::text FROM events WHERE global_position = {target}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let stream_before = store.read_all(target, 1).await.unwrap().remove(0).stream_id;
         tamper(
             &db,
-            &format!("UPDATE events SET {change} WHERE global_position = {target}"),
+            &format!("UPDATE events SET {column} = {change} WHERE global_position = {target}"),
         )
         .await;
         let ledger = agentledger_eventstore::verify_ledger(&store, |_, _| {})
             .await
             .unwrap();
-        assert!(!ledger.ok);
-        assert_eq!(ledger.first_broken_position, Some(target), "{ledger:?}");
-        let event = store.read_all(target, 1).await.unwrap().remove(0);
-        assert_broken_at(&store, &event.stream_id, target).await;
+        assert_eq!(
+            ledger.first_broken_position,
+            Some(target),
+            "{column}: {ledger:?}"
+        );
+        // The workflow's own check: a changed version or stream moves the
+        // event within (or out of) its stream, so the break shows at it or
+        // at the event that no longer links.
+        let own = store.verify_stream(&stream_before).await.unwrap();
+        assert!(!own.ok, "{column}: verifyWorkflow missed it");
+        if !matches!(column, "stream_version" | "stream_id") {
+            assert_eq!(own.first_broken_position, Some(target), "{column}: {own:?}");
+        }
         assert!(
             matches!(check(digest.clone()).await, Err(signing::DigestError::Broken { position, .. }) if position == target),
-            "the digest taken before notices {change}"
+            "{column}: the digest taken before notices it"
         );
         // Put it back: the ledger verifies again, and so does the digest.
+        let undo = original.replace('\'', "''");
         tamper(
             &db,
-            &format!("UPDATE events SET {undo} WHERE global_position = {target}"),
+            &format!(
+                "UPDATE events SET {column} = '{undo}'::{kind} WHERE global_position = {target}"
+            ),
         )
         .await;
         assert!(
             agentledger_eventstore::verify_ledger(&store, |_, _| {})
                 .await
                 .unwrap()
-                .ok
+                .ok,
+            "{column}: restored"
         );
         assert_eq!(check(digest.clone()).await, Ok(()));
     }
+    // The position itself is not in the chains (it is taken at insert):
+    // moving an event to another position is for the digest to see.
+    let last = positions[999];
+    tamper(
+        &db,
+        &format!(
+            "UPDATE events SET global_position = {} WHERE global_position = {last}",
+            last + 5_000
+        ),
+    )
+    .await;
+    assert!(matches!(
+        check(digest.clone()).await,
+        Err(signing::DigestError::Changed { events: 999, .. })
+    ));
 }
 
 /// 20 streams of 50 events: 1,000 in all.
