@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::Pool;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -130,8 +130,9 @@ impl SignedDigest {
             .map(|b| Signature::from_bytes(&b))
             .ok_or_else(|| DigestError::Malformed("signature is not 64 bytes of hex".into()))?;
         let root = hex32("root", &self.root)?;
+        // Strict: refuses small-order keys and non-canonical signatures.
         public
-            .verify(
+            .verify_strict(
                 &message(self.position, self.events, &root, self.signed_at),
                 &signature,
             )
@@ -233,21 +234,42 @@ pub async fn check_digest(
             why: why.into(),
         }))
     };
+    let same_key = |public: &str| public.trim().eq_ignore_ascii_case(&digest.public_key);
     match trusted {
-        Some(public) if !public.trim().eq_ignore_ascii_case(&digest.public_key) => {
+        Some(public) if !same_key(public) => {
             return untrusted("is not the trusted public key given");
         }
         Some(_) => {}
         None => {
             let known = keys.public_keys().await?;
+            // A retired key's secret is wiped, but may survive in backups:
+            // what it "signed" after its retirement is not trusted. The
+            // margin covers a rotation racing a signature.
+            let margin = chrono::Duration::seconds(5);
             match known.iter().find(|k| k.key_id == digest.key_id) {
                 None => return untrusted("this deployment never had"),
-                Some(k) if k.public_key != digest.public_key => {
+                Some(k) if !same_key(&k.public_key) => {
                     return untrusted("this deployment knows with another public key")
+                }
+                Some(k) if digest.signed_at + margin < k.created_at => {
+                    return untrusted("was created after the digest's signed_at")
+                }
+                Some(k) if k.retired_at.is_some_and(|r| digest.signed_at > r + margin) => {
+                    return untrusted("was retired before the digest's signed_at")
                 }
                 Some(_) => {}
             }
         }
+    }
+    let head = store.head_position().await?;
+    if digest.position > head {
+        return Ok(Err(DigestError::Changed {
+            position: digest.position,
+            signed_events: digest.events,
+            signed_root: digest.root.clone(),
+            events: ledger_len(store, head).await?,
+            root: format!("(none: the ledger ends at position {head})"),
+        }));
     }
     let check = check_ledger(store, digest.position, progress).await?;
     if let Some(position) = check.verification.first_broken_position {
@@ -257,7 +279,7 @@ pub async fn check_digest(
         }));
     }
     let (root, events) = (hex::encode(check.root), check.events);
-    if root != digest.root || events != digest.events {
+    if !root.eq_ignore_ascii_case(&digest.root) || events != digest.events {
         return Ok(Err(DigestError::Changed {
             position: digest.position,
             signed_events: digest.events,
@@ -267,6 +289,11 @@ pub async fn check_digest(
         }));
     }
     Ok(Ok(()))
+}
+
+/// How many events the ledger holds up to `head` (for a digest beyond it).
+async fn ledger_len(store: &dyn EventStore, head: Position) -> Result<u64, StoreError> {
+    Ok(crate::scan(store, head, 0u64, |n, _| *n += 1, |_, _| {}).await?)
 }
 
 /// The keys in PostgreSQL (`ledger_keys`).
@@ -506,6 +533,72 @@ mod tests {
                 .await
                 .unwrap(),
             Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_digest_beyond_the_ledger_or_after_its_keys_retirement_fails() {
+        let store = ledger(6).await;
+        let keys = InMemoryLedgerKeys::default();
+        let digest = sign_ledger(&store, &keys, None).await.unwrap();
+        let longer = ledger(8).await;
+        let shorter = ledger(4).await;
+        // Checked against a ledger that is now shorter: the same events
+        // cannot be there (signed by a key this deployment lists).
+        assert!(matches!(
+            check_digest(
+                &shorter,
+                &keys,
+                &digest,
+                Some(&digest.public_key),
+                |_, _| {}
+            )
+            .await
+            .unwrap(),
+            Err(DigestError::Changed { events: 4, .. })
+        ));
+        assert!(matches!(
+            check_digest(&longer, &keys, &digest, Some(&digest.public_key), |_, _| {})
+                .await
+                .unwrap(),
+            Err(DigestError::Changed { .. })
+        ));
+        // Uppercase hex is the same digest.
+        let mut upper = digest.clone();
+        upper.root = upper.root.to_uppercase();
+        upper.public_key = upper.public_key.to_uppercase();
+        assert_eq!(
+            check_digest(&store, &keys, &upper, None, |_, _| {})
+                .await
+                .unwrap(),
+            Ok(())
+        );
+        // Signed "after" the key was retired (by someone who kept its
+        // secret from before the rotation): not trusted.
+        let (_, old_secret) = keys.active().await.unwrap();
+        keys.rotate().await.unwrap();
+        let retired = keys.public_keys().await.unwrap()[1].retired_at.unwrap();
+        let mut late = digest.clone();
+        late.signed_at = retired + chrono::Duration::seconds(60);
+        let root = hex32("root", &late.root).unwrap();
+        late.signature = hex::encode(
+            old_secret
+                .sign(&message(late.position, late.events, &root, late.signed_at))
+                .to_bytes(),
+        );
+        assert_eq!(late.check_signature(), Ok(()), "a valid signature");
+        assert!(matches!(
+            check_digest(&store, &keys, &late, None, |_, _| {})
+                .await
+                .unwrap(),
+            Err(DigestError::UntrustedKey { .. })
+        ));
+        assert_eq!(
+            check_digest(&store, &keys, &digest, None, |_, _| {})
+                .await
+                .unwrap(),
+            Ok(()),
+            "what it signed before its retirement still verifies"
         );
     }
 
