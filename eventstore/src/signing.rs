@@ -293,7 +293,7 @@ pub async fn check_digest(
 
 /// How many events the ledger holds up to `head` (for a digest beyond it).
 async fn ledger_len(store: &dyn EventStore, head: Position) -> Result<u64, StoreError> {
-    Ok(crate::scan(store, head, 0u64, |n, _| *n += 1, |_, _| {}).await?)
+    crate::scan(store, head, 0u64, |n, _| *n += 1, |_, _| {}).await
 }
 
 /// The keys in PostgreSQL (`ledger_keys`).
