@@ -21,7 +21,8 @@
 //! [privacy]
 //! # Free text sealed under the data subject's key when a workflow is
 //! # submitted with a subjectId (default: all of these).
-//! personal_fields = ["request", "input", "subtask_title", "rationale", "comment", "output", "cancel_reason"]
+//! personal_fields = ["request", "input", "subtask_title", "rationale", "comment", "output",
+//!                    "cancel_reason", "reason", "error"]
 //! ```
 
 use std::path::Path;

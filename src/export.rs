@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use agentledger_domain::workflow::Text;
+use agentledger_domain::workflow::read_column;
 use agentledger_eventstore::{EventStore, PostgresEventStore, PostgresOptions, RecordedEvent};
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::Fact;
@@ -161,7 +161,9 @@ fn reading(event: &RecordedEvent) -> anyhow::Result<Option<serde_json::Value>> {
 /// ciphertext in the exported event), so that forgetting the subject
 /// reaches exports too.
 fn shown(column: &str) -> String {
-    Text::from_column(column).as_str().to_string()
+    let (separator, texts) = read_column(column);
+    let shown: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
+    shown.join(&separator)
 }
 
 /// Verifies an exported JSONL file without the database: every event's

@@ -105,17 +105,35 @@ async fn a_forgotten_subject_is_unreadable_everywhere_and_the_ledger_still_verif
     )
     .await;
     let public_id = public["submitWorkflow"]["id"].as_str().unwrap().to_string();
+    // No tool fits: Lubit's reasons quote the plan, which quotes the request.
+    graphql(
+        &base,
+        submit,
+        json!({
+            "r": format!("Phone {PERSONAL_NAME} at {PERSONAL_MAIL} about the unpaid invoice."),
+            "i": null,
+            "s": SUBJECT,
+        }),
+    )
+    .await;
 
-    // Both complete; then the read models have caught up.
-    let mut completed = 0;
-    while completed < 2 {
+    // All three end; then the read models have caught up.
+    let mut ended = 0;
+    while ended < 3 {
         let event = tokio::time::timeout(Duration::from_secs(30), events.next())
             .await
             .expect("workflows complete")
             .unwrap()
             .unwrap();
-        if event.event_type == "WorkflowCompleted" {
-            completed += 1;
+        if [
+            "WorkflowCompleted",
+            "WorkflowRejected",
+            "WorkflowFailed",
+            "WorkflowFlagged",
+        ]
+        .contains(&event.event_type.as_str())
+        {
+            ended += 1;
         }
     }
     let checkpoints = Checkpoints::default();

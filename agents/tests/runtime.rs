@@ -256,7 +256,7 @@ async fn a_tool_that_always_fails_fails_the_workflow_and_skips_dependents() {
     )));
     assert!(followed.decoded.iter().any(|e| matches!(
         e,
-        WorkflowEvent::SubtaskSkipped { subtask, reason } if subtask == "st-2" && reason == "dependency st-1 failed"
+        WorkflowEvent::SubtaskSkipped { subtask, reason } if subtask == "st-2" && reason.as_str() == "dependency st-1 failed"
     )));
     assert_each_decision_once(id, followed);
     running.stop().await;

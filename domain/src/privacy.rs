@@ -33,11 +33,16 @@ pub enum TextField {
     Comment,
     Output,
     CancelReason,
+    /// Lubit's reasons, RUNE's findings, why a subtask was skipped or a
+    /// workflow failed: they may quote the plan.
+    Reason,
+    /// A tool's error message: it may quote the tool's input.
+    Error,
 }
 
 impl TextField {
     /// Every kind: the default set of personal fields.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Request,
         Self::Input,
         Self::SubtaskTitle,
@@ -45,6 +50,8 @@ impl TextField {
         Self::Comment,
         Self::Output,
         Self::CancelReason,
+        Self::Reason,
+        Self::Error,
     ];
 }
 
@@ -132,23 +139,32 @@ impl WorkflowEvent {
                 texts.push((F::Rationale, rationale));
                 texts
             }
-            E::GateDecided { rationale, .. } => vec![(F::Rationale, rationale)],
+            E::GateDecided {
+                reasons, rationale, ..
+            } => {
+                let mut texts: Vec<_> = reasons.iter_mut().map(|r| (F::Reason, r)).collect();
+                texts.push((F::Rationale, rationale));
+                texts
+            }
             E::HumanDecisionRecorded { comment, .. } => vec![(F::Comment, comment)],
             E::SubtaskSucceeded { output, .. } => vec![(F::Output, output)],
+            E::SubtaskFailed { error, .. } => vec![(F::Error, error)],
+            E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => {
+                vec![(F::Reason, reason)]
+            }
+            E::EthicsReviewed { findings, .. }
+            | E::WorkflowFlagged { findings }
+            | E::WorkflowRejected { reasons: findings } => {
+                findings.iter_mut().map(|f| (F::Reason, f)).collect()
+            }
             E::WorkflowCancelled { reason } => reason
                 .as_mut()
                 .map(|r| (F::CancelReason, r))
                 .into_iter()
                 .collect(),
-            E::SubtaskStarted { .. }
-            | E::SubtaskFailed { .. }
-            | E::SubtaskSkipped { .. }
-            | E::ExecutionFinished { .. }
-            | E::EthicsReviewed { .. }
-            | E::WorkflowCompleted {}
-            | E::WorkflowRejected { .. }
-            | E::WorkflowFailed { .. }
-            | E::WorkflowFlagged { .. } => Vec::new(),
+            E::SubtaskStarted { .. } | E::ExecutionFinished { .. } | E::WorkflowCompleted {} => {
+                Vec::new()
+            }
         }
     }
 
@@ -315,6 +331,31 @@ mod tests {
         assert_eq!(
             Text::from_column(&Text::erased().to_column()).as_str(),
             ERASED
+        );
+    }
+
+    #[test]
+    fn a_joined_column_keeps_each_sealed_part_and_plain_lists_stay_plain() {
+        use crate::workflow::{join_column, read_column};
+        let sealed = Text::sealed(seal(&[1; 32], Uuid::from_u128(9), [2; 12], "김민수"));
+        let tricky = "\u{1}parts:[\"x\",[]]";
+        let column = join_column(&[Text::new("a"), Text::new(tricky)], "; ");
+        assert_eq!(
+            read_column(&column),
+            (String::new(), vec![Text::new(format!("a; {tricky}"))])
+        );
+        let column = join_column(&[Text::new(tricky)], "; ");
+        assert_eq!(
+            read_column(&column),
+            (String::new(), vec![Text::new(tricky)])
+        );
+        let mixed = [Text::new("no tool for"), sealed];
+        let column = join_column(&mixed, "; ");
+        assert!(!column.contains("김민수"));
+        assert_eq!(read_column(&column), ("; ".to_string(), mixed.to_vec()));
+        assert_eq!(
+            read_column("plain"),
+            (String::new(), vec![Text::new("plain")])
         );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use agentledger_domain::privacy;
 use agentledger_domain::workflow::{
-    Priority as DomainPriority, Text, WorkflowState as DomainState, ERASED,
+    read_column, Priority as DomainPriority, WorkflowState as DomainState, ERASED,
 };
 use agentledger_eventstore::subject_keys::SubjectKeys;
 use agentledger_eventstore::RecordedEvent as StoredEvent;
@@ -200,17 +200,23 @@ impl Decision {
 /// Reads a read-model column that may hold sealed personal text: opened
 /// with the subject's key while it exists, `[erased]` after.
 pub async fn reveal(ctx: &Context<'_>, column: &str) -> async_graphql::Result<String> {
-    let text = Text::from_column(column);
-    let Some(sealed) = text.as_sealed() else {
-        return Ok(text.as_str().to_string());
-    };
-    let key = ctx
-        .data_unchecked::<DataLoader<SubjectKeyLoader>>()
-        .load_one(sealed.key)
-        .await?;
-    Ok(key
-        .and_then(|key| privacy::open(&key, sealed))
-        .unwrap_or_else(|| ERASED.to_string()))
+    let (separator, texts) = read_column(column);
+    let mut shown = Vec::with_capacity(texts.len());
+    for text in &texts {
+        let Some(sealed) = text.as_sealed() else {
+            shown.push(text.as_str().to_string());
+            continue;
+        };
+        let key = ctx
+            .data_unchecked::<DataLoader<SubjectKeyLoader>>()
+            .load_one(sealed.key)
+            .await?;
+        shown.push(
+            key.and_then(|key| privacy::open(&key, sealed))
+                .unwrap_or_else(|| ERASED.to_string()),
+        );
+    }
+    Ok(shown.join(&separator))
 }
 
 /// Loads data-subject keys by id, batched across a response.
@@ -329,15 +335,22 @@ impl Workflow {
             .map(Decision::of)
             .collect())
     }
-    async fn ethics(&self) -> Option<EthicsScores> {
-        self.status.ethics.as_ref().map(|e| EthicsScores {
+    async fn ethics(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<EthicsScores>> {
+        let Some(e) = &self.status.ethics else {
+            return Ok(None);
+        };
+        let mut findings = Vec::with_capacity(e.findings.len());
+        for finding in &e.findings {
+            findings.push(reveal(ctx, finding).await?);
+        }
+        Ok(Some(EthicsScores {
             transparency: e.scores.transparency,
             collaboration: e.scores.collaboration,
             autonomy: e.scores.autonomy,
             fairness: e.scores.fairness,
             passed: e.passed,
-            findings: e.findings.clone(),
-        })
+            findings,
+        }))
     }
     async fn created_at(&self) -> DateTime<Utc> {
         self.status.created_at

@@ -177,11 +177,13 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 verdict,
                 priority,
                 risk,
-                reasons: reasons.clone(),
+                reasons: texts(&reasons),
                 rationale,
             }];
             if verdict == Verdict::Reject {
-                events.push(E::WorkflowRejected { reasons });
+                events.push(E::WorkflowRejected {
+                    reasons: texts(&reasons),
+                });
             }
             Ok(events)
         }
@@ -236,7 +238,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 subtask,
                 attempt,
                 kind,
-                error,
+                error: error.into(),
                 will_retry: kind.is_retryable() && attempt < MAX_ATTEMPTS,
             }])
         }
@@ -246,7 +248,10 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                     "subtask {subtask} has already run"
                 )));
             }
-            Ok(vec![E::SubtaskSkipped { subtask, reason }])
+            Ok(vec![E::SubtaskSkipped {
+                subtask,
+                reason: reason.into(),
+            }])
         }
         C::FinishExecution if state == S::Executing => {
             let count = |wanted: SubtaskState| {
@@ -274,7 +279,8 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             }];
             if failed > 0 {
                 events.push(E::WorkflowFailed {
-                    reason: format!("{failed} subtask(s) failed after {MAX_ATTEMPTS} attempts"),
+                    reason: format!("{failed} subtask(s) failed after {MAX_ATTEMPTS} attempts")
+                        .into(),
                 });
             }
             Ok(events)
@@ -296,14 +302,14 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 E::WorkflowCompleted {}
             } else {
                 E::WorkflowFlagged {
-                    findings: findings.clone(),
+                    findings: texts(&findings),
                 }
             };
             Ok(vec![
                 E::EthicsReviewed {
                     scores,
                     passed,
-                    findings,
+                    findings: texts(&findings),
                 },
                 outcome,
             ])
@@ -327,6 +333,10 @@ fn running(workflow: &Workflow, id: &str, attempt: u8) -> Result<(), DomainError
         )));
     }
     Ok(())
+}
+
+fn texts(items: &[String]) -> Vec<Text> {
+    items.iter().map(|s| Text::new(s.as_str())).collect()
 }
 
 fn check_size(what: &str, text: &Text, max: usize) -> Result<(), DomainError> {

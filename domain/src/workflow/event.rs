@@ -35,7 +35,8 @@ pub enum WorkflowEvent {
         verdict: Verdict,
         priority: Priority,
         risk: f64,
-        reasons: Vec<String>,
+        /// Schema 2: each reason is a [`Text`] (they may quote the plan).
+        reasons: Vec<Text>,
         rationale: Text,
     },
     /// A person approved or rejected an escalated workflow.
@@ -49,16 +50,18 @@ pub enum WorkflowEvent {
         output: Text,
     },
     /// An attempt failed; `will_retry` says whether another follows.
-    /// Schema 2 added `kind` (schema 1 payloads load as [`FailureKind::Error`]).
+    /// Schema 2 added `kind` (schema 1 payloads load as [`FailureKind::Error`]);
+    /// schema 3 made `error` a [`Text`] (a tool's error may quote its input).
     SubtaskFailed {
         subtask: String,
         attempt: u8,
         kind: FailureKind,
-        error: String,
+        error: Text,
         will_retry: bool,
     },
-    /// A subtask was not run because a dependency failed.
-    SubtaskSkipped { subtask: String, reason: String },
+    /// A subtask was not run because a dependency failed (schema 2: `reason`
+    /// is a [`Text`]).
+    SubtaskSkipped { subtask: String, reason: Text },
     /// Every subtask reached an end.
     ExecutionFinished {
         succeeded: u32,
@@ -69,16 +72,17 @@ pub enum WorkflowEvent {
     EthicsReviewed {
         scores: EthicsScores,
         passed: bool,
-        findings: Vec<String>,
+        /// Schema 2: each finding is a [`Text`].
+        findings: Vec<Text>,
     },
     /// Final: done and reviewed.
     WorkflowCompleted {},
     /// Final: Lubit or a person said no.
-    WorkflowRejected { reasons: Vec<String> },
+    WorkflowRejected { reasons: Vec<Text> },
     /// Final: a subtask exhausted its attempts.
-    WorkflowFailed { reason: String },
+    WorkflowFailed { reason: Text },
     /// Final: RUNE flagged it for a person.
-    WorkflowFlagged { findings: Vec<String> },
+    WorkflowFlagged { findings: Vec<Text> },
     /// Final: cancelled on request.
     WorkflowCancelled { reason: Option<Text> },
 }
@@ -130,23 +134,25 @@ pub enum DecodeError {
 const SCHEMAS: &[(&str, u32)] = &[
     ("WorkflowSubmitted", 2),
     ("AnalysisProduced", 1),
-    ("GateDecided", 1),
+    ("GateDecided", 2),
     ("HumanDecisionRecorded", 1),
     ("SubtaskStarted", 1),
     ("SubtaskSucceeded", 1),
-    ("SubtaskFailed", 2),
-    ("SubtaskSkipped", 1),
+    ("SubtaskFailed", 3),
+    ("SubtaskSkipped", 2),
     ("ExecutionFinished", 1),
-    ("EthicsReviewed", 1),
+    ("EthicsReviewed", 2),
     ("WorkflowCompleted", 1),
-    ("WorkflowRejected", 1),
-    ("WorkflowFailed", 1),
-    ("WorkflowFlagged", 1),
+    ("WorkflowRejected", 2),
+    ("WorkflowFailed", 2),
+    ("WorkflowFlagged", 2),
     ("WorkflowCancelled", 1),
 ];
 
 /// Rewrites a payload of `event_type` from schema `version` to `version + 1`.
-/// One arm per change of shape; old arms stay forever.
+/// One arm per change of shape; old arms stay forever. Turning a string
+/// field into a [`Text`] (a plain text is stored as a string) needs none:
+/// those versions only tell older builds they cannot read sealed text.
 fn upcast_once(event_type: &str, version: u32, payload: &mut Map<String, Value>) {
     match (event_type, version) {
         ("SubtaskFailed", 1) => {

@@ -141,6 +141,47 @@ impl Text {
     }
 }
 
+/// Several texts as one read-model column, shown joined by `separator`:
+/// plain parts become one plain column; with a sealed part, a marked list
+/// of the parts' column forms that [`read_column`] takes apart again.
+pub fn join_column(parts: &[Text], separator: &str) -> String {
+    if parts.iter().all(|t| t.as_sealed().is_none()) {
+        let joined: Vec<&str> = parts.iter().map(Text::as_str).collect();
+        return Text::new(joined.join(separator)).to_column();
+    }
+    let columns: Vec<String> = parts.iter().map(Text::to_column).collect();
+    let list = serde_json::to_string(&(separator, columns)).expect("strings serialise");
+    format!("{COLUMN_MARK}parts:{list}")
+}
+
+/// A read-model column read back: its texts, and the separator to show
+/// them joined with (one text, for a column of [`Text::to_column`]).
+pub fn read_column(column: &str) -> (String, Vec<Text>) {
+    let parts = column
+        .strip_prefix(COLUMN_MARK)
+        .and_then(|rest| rest.strip_prefix("parts:"))
+        .and_then(|list| serde_json::from_str::<(String, Vec<String>)>(list).ok());
+    match parts {
+        Some((separator, columns)) => (
+            separator,
+            columns.iter().map(|c| Text::from_column(c)).collect(),
+        ),
+        None => (String::new(), vec![Text::from_column(column)]),
+    }
+}
+
+impl From<String> for Text {
+    fn from(text: String) -> Self {
+        Self::new(text)
+    }
+}
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
 impl std::fmt::Debug for Text {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {

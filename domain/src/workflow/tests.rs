@@ -301,6 +301,27 @@ fn a_schema_1_subtask_failure_is_upcast_to_an_error() {
     );
 }
 
+/// Schema versions that only turned strings into `Text` read older
+/// payloads as they are.
+#[test]
+fn payloads_from_before_reasons_became_text_still_load() {
+    let v2 = serde_json::json!({"subtask": "st-1", "attempt": 1, "kind": "timeout",
+        "error": "deadline passed", "will_retry": true});
+    let WorkflowEvent::SubtaskFailed { error, .. } =
+        WorkflowEvent::decode("SubtaskFailed", 2, &v2).unwrap()
+    else {
+        panic!("a subtask failure")
+    };
+    assert_eq!(error.as_str(), "deadline passed");
+    let v1 = serde_json::json!({"reasons": ["no registered tool for st-1"]});
+    assert_eq!(
+        WorkflowEvent::decode("WorkflowRejected", 1, &v1).unwrap(),
+        WorkflowEvent::WorkflowRejected {
+            reasons: vec![Text::new("no registered tool for st-1")]
+        }
+    );
+}
+
 #[test]
 fn unknown_newer_or_malformed_payloads_are_typed_errors() {
     let empty = serde_json::json!({});
@@ -309,8 +330,8 @@ fn unknown_newer_or_malformed_payloads_are_typed_errors() {
         Err(DecodeError::UnknownType(_))
     ));
     assert!(matches!(
-        WorkflowEvent::decode("SubtaskFailed", 3, &empty),
-        Err(DecodeError::NewerSchema { known: 2, .. })
+        WorkflowEvent::decode("SubtaskFailed", 4, &empty),
+        Err(DecodeError::NewerSchema { known: 3, .. })
     ));
     assert!(matches!(
         WorkflowEvent::decode("SubtaskStarted", 1, &empty),

@@ -2,7 +2,7 @@
 //! who decided (actor, role, version, policy), what (kind and a one-line
 //! summary), why (the rationale as recorded), when, and the event's hash.
 
-use agentledger_domain::workflow::{Text, Verdict, WorkflowEvent};
+use agentledger_domain::workflow::{join_column, Text, Verdict, WorkflowEvent};
 use agentledger_eventstore::ActorKind;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -103,13 +103,24 @@ pub fn rationale(event: &WorkflowEvent) -> String {
             rationale.to_column()
         }
         E::HumanDecisionRecorded { comment, .. } => comment.to_column(),
-        E::SubtaskFailed { error, .. } => error.clone(),
-        E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => reason.clone(),
-        E::EthicsReviewed { findings, .. } | E::WorkflowFlagged { findings } => findings.join("; "),
-        E::WorkflowRejected { reasons } => reasons.join("; "),
+        E::SubtaskFailed { error, .. } => error.to_column(),
+        E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => reason.to_column(),
+        E::EthicsReviewed { findings, .. } | E::WorkflowFlagged { findings } => {
+            join_column(findings, "; ")
+        }
+        E::WorkflowRejected { reasons } => join_column(reasons, "; "),
         E::WorkflowCancelled { reason } => reason.as_ref().map(Text::to_column).unwrap_or_default(),
         _ => String::new(),
     }
+}
+
+/// Texts joined for a summary (sealed ones show as `[sealed]`).
+fn joined(texts: &[Text]) -> String {
+    texts
+        .iter()
+        .map(Text::as_str)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One line about an event, in a reviewer's words.
@@ -154,7 +165,7 @@ pub fn summary(event: &WorkflowEvent) -> String {
             let why = if reasons.is_empty() {
                 String::new()
             } else {
-                format!(": {}", short(&reasons.join("; ")))
+                format!(": {}", short(&joined(reasons)))
             };
             format!("verdict {verdict:?}, priority {priority:?}, risk {risk:.2}{why}")
         }
@@ -183,10 +194,13 @@ pub fn summary(event: &WorkflowEvent) -> String {
             error,
             will_retry,
         } => format!(
-            "{subtask} attempt {attempt} failed ({kind:?}): {error}{}",
+            "{subtask} attempt {attempt} failed ({kind:?}): {}{}",
+            short(error.as_str()),
             if *will_retry { "; will retry" } else { "" }
         ),
-        E::SubtaskSkipped { subtask, reason } => format!("{subtask} skipped: {reason}"),
+        E::SubtaskSkipped { subtask, reason } => {
+            format!("{subtask} skipped: {}", short(reason.as_str()))
+        }
         E::ExecutionFinished {
             succeeded,
             failed,
@@ -208,12 +222,12 @@ pub fn summary(event: &WorkflowEvent) -> String {
             if findings.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", short(&findings.join("; ")))
+                format!(" ({})", short(&joined(findings)))
             }
         ),
         E::WorkflowCompleted {} => "COMPLETED".into(),
-        E::WorkflowRejected { reasons } => format!("REJECTED: {}", short(&reasons.join("; "))),
-        E::WorkflowFailed { reason } => format!("FAILED: {reason}"),
+        E::WorkflowRejected { reasons } => format!("REJECTED: {}", short(&joined(reasons))),
+        E::WorkflowFailed { reason } => format!("FAILED: {}", short(reason.as_str())),
         E::WorkflowFlagged { .. } => "FLAGGED for a person".into(),
         E::WorkflowCancelled { .. } => "CANCELLED".into(),
     }

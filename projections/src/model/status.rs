@@ -171,7 +171,8 @@ impl StatusFold {
                 status.ethics = Some(Ethics {
                     scores: *scores,
                     passed: *passed,
-                    findings: findings.clone(),
+                    // Column forms: sealed findings stay ciphertext.
+                    findings: findings.iter().map(Text::to_column).collect(),
                 })
             }
             _ => {}
