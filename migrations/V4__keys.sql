@@ -29,6 +29,10 @@ CREATE TABLE subject_keys (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Autovacuum acts on any dead row here (a deleted key), not after the
+-- default 20 % of the table.
+ALTER TABLE subject_keys SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0);
+
 GRANT SELECT, INSERT, DELETE ON subject_keys TO agentledger_service;
 
 -- Forgetting vacuums subject_keys so that the deleted key does not linger

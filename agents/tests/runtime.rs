@@ -398,6 +398,17 @@ async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_fo
     // Forgetting is recorded (one event, on the privacy stream), and the
     // chains still verify.
     assert_eq!(store.head_position().await.unwrap(), head + 1);
+    let again = running
+        .runtime
+        .forget_subject("상담자-17", "dpo")
+        .await
+        .unwrap();
+    assert_eq!(again.key_id, None, "nothing left to destroy");
+    assert_eq!(
+        store.head_position().await.unwrap(),
+        head + 1,
+        "nor to record"
+    );
     assert!(
         agentledger_eventstore::verify_ledger(&*store, |_, _| {})
             .await

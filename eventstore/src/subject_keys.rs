@@ -26,20 +26,27 @@ pub struct Forgotten {
     pub vacuumed: bool,
 }
 
-/// Where subject keys are kept.
+/// Where subject keys are kept. Subject ids are compared after
+/// [`normalize_subject`] (NFC, trimmed): `김민수` typed on any keyboard is
+/// one subject.
 #[async_trait]
 pub trait SubjectKeys: Send + Sync + 'static {
     /// The subject's key, created on first use.
     async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError>;
+    /// The id of the subject's key, if it has one (nothing is created).
+    async fn find(&self, subject: &str) -> Result<Option<Uuid>, StoreError>;
     /// The keys among `ids` that still exist.
     async fn secrets(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>, StoreError>;
     /// Destroys the subject's key: whatever it sealed cannot be read again.
     async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError>;
 }
 
-/// Refuses empty, oversized or NUL-carrying subject ids.
-pub fn check_subject(subject: &str) -> Result<(), StoreError> {
-    if subject.trim().is_empty() {
+/// The subject id as keys are filed under: Unicode NFC, trimmed. Refuses
+/// empty, oversized or NUL-carrying ids.
+pub fn normalize_subject(subject: &str) -> Result<String, StoreError> {
+    use unicode_normalization::UnicodeNormalization;
+    let subject: String = subject.trim().nfc().collect();
+    if subject.is_empty() {
         return Err(StoreError::BadInput("the subject id is empty".into()));
     }
     if subject.len() > MAX_SUBJECT_ID_BYTES {
@@ -52,7 +59,7 @@ pub fn check_subject(subject: &str) -> Result<(), StoreError> {
             "the subject id contains a NUL character".into(),
         ));
     }
-    Ok(())
+    Ok(subject)
 }
 
 fn new_key() -> [u8; 32] {
@@ -84,24 +91,42 @@ impl PostgresSubjectKeys {
 #[async_trait]
 impl SubjectKeys for PostgresSubjectKeys {
     async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError> {
-        check_subject(subject)?;
+        let subject = normalize_subject(subject)?;
         let client = self.pool.get().await?;
         // Concurrent first uses race on the unique subject id: one insert
-        // wins, every caller reads the winner's key.
-        client
-            .execute(
-                "INSERT INTO subject_keys (key_id, subject_id, secret) VALUES ($1, $2, $3)
-                 ON CONFLICT (subject_id) DO NOTHING",
-                &[&Uuid::now_v7(), &subject, &new_key().as_slice()],
-            )
-            .await?;
-        let row = client
-            .query_one(
-                "SELECT key_id, secret FROM subject_keys WHERE subject_id = $1",
+        // wins, every caller reads the winner's key. A forget between the
+        // two statements leaves nothing to read: insert again.
+        for _ in 0..3 {
+            client
+                .execute(
+                    "INSERT INTO subject_keys (key_id, subject_id, secret) VALUES ($1, $2, $3)
+                     ON CONFLICT (subject_id) DO NOTHING",
+                    &[&Uuid::new_v4(), &subject, &new_key().as_slice()],
+                )
+                .await?;
+            if let Some(row) = client
+                .query_opt(
+                    "SELECT key_id, secret FROM subject_keys WHERE subject_id = $1",
+                    &[&subject],
+                )
+                .await?
+            {
+                return Ok((row.get(0), key_of(row.get(1))?));
+            }
+        }
+        Err(StoreError::Contended { attempts: 3 })
+    }
+
+    async fn find(&self, subject: &str) -> Result<Option<Uuid>, StoreError> {
+        let subject = normalize_subject(subject)?;
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT key_id FROM subject_keys WHERE subject_id = $1",
                 &[&subject],
             )
-            .await?;
-        Ok((row.get(0), key_of(row.get(1))?))
+            .await?
+            .map(|row| row.get(0)))
     }
 
     async fn secrets(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>, StoreError> {
@@ -121,7 +146,7 @@ impl SubjectKeys for PostgresSubjectKeys {
     }
 
     async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError> {
-        check_subject(subject)?;
+        let subject = normalize_subject(subject)?;
         let client = self.pool.get().await?;
         let key_id: Option<Uuid> = client
             .query_opt(
@@ -141,17 +166,24 @@ impl SubjectKeys for PostgresSubjectKeys {
             )
             .await?
             .get(0);
-        if may_vacuum {
-            client.batch_execute("VACUUM subject_keys").await?;
-        } else {
+        // The key is gone for every reader once the DELETE commits; the
+        // vacuum removes the dead row version from the table's pages (not
+        // while an older snapshot, e.g. a running pg_dump, can still see it;
+        // autovacuum, set to act on any dead row here, retries).
+        let vacuumed = may_vacuum
+            && match client.batch_execute("VACUUM subject_keys").await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "VACUUM subject_keys failed; autovacuum will remove the dead row");
+                    false
+                }
+            };
+        if !may_vacuum {
             tracing::warn!(
                 "subject_keys is not owned by this role: the deleted key stays in a dead row until autovacuum"
             );
         }
-        Ok(Forgotten {
-            key_id,
-            vacuumed: may_vacuum,
-        })
+        Ok(Forgotten { key_id, vacuumed })
     }
 }
 
@@ -164,11 +196,17 @@ pub struct InMemorySubjectKeys {
 #[async_trait]
 impl SubjectKeys for InMemorySubjectKeys {
     async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError> {
-        check_subject(subject)?;
+        let subject = normalize_subject(subject)?;
         let mut keys = self.keys.lock().expect("not poisoned");
         Ok(*keys
-            .entry(subject.to_string())
-            .or_insert_with(|| (Uuid::now_v7(), new_key())))
+            .entry(subject)
+            .or_insert_with(|| (Uuid::new_v4(), new_key())))
+    }
+
+    async fn find(&self, subject: &str) -> Result<Option<Uuid>, StoreError> {
+        let subject = normalize_subject(subject)?;
+        let keys = self.keys.lock().expect("not poisoned");
+        Ok(keys.get(&subject).map(|(id, _)| *id))
     }
 
     async fn secrets(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, [u8; 32]>, StoreError> {
@@ -181,8 +219,8 @@ impl SubjectKeys for InMemorySubjectKeys {
     }
 
     async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError> {
-        check_subject(subject)?;
-        let removed = self.keys.lock().expect("not poisoned").remove(subject);
+        let subject = normalize_subject(subject)?;
+        let removed = self.keys.lock().expect("not poisoned").remove(&subject);
         Ok(Forgotten {
             key_id: removed.map(|(id, _)| id),
             vacuumed: true,

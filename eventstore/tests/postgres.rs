@@ -855,4 +855,15 @@ async fn a_subject_key_is_created_once_and_forgetting_destroys_it() {
         keys.key_for(" ").await,
         Err(StoreError::BadInput(_))
     ));
+    // One subject however its name was typed: decomposed Hangul, spaces.
+    use unicode_normalization::UnicodeNormalization;
+    let decomposed: String = "김민수".nfd().collect();
+    assert_ne!(decomposed, "김민수");
+    let (composed_key, _) = keys.key_for(" 김민수").await.unwrap();
+    assert_eq!(keys.find(&decomposed).await.unwrap(), Some(composed_key));
+    assert_eq!(
+        keys.forget(&decomposed).await.unwrap().key_id,
+        Some(composed_key)
+    );
+    assert_eq!(keys.find("김민수").await.unwrap(), None);
 }

@@ -62,6 +62,17 @@ impl History {
         keys: Option<&dyn SubjectKeys>,
         id: Uuid,
     ) -> Result<Option<Self>, RuntimeError> {
+        Self::load_with(store, keys, id, false).await
+    }
+
+    /// [`History::load`]; with `sealed_ok`, a sealed workflow loads without
+    /// keys (left sealed, for a caller that opens it itself).
+    async fn load_with(
+        store: &dyn EventStore,
+        keys: Option<&dyn SubjectKeys>,
+        id: Uuid,
+        sealed_ok: bool,
+    ) -> Result<Option<Self>, RuntimeError> {
         const PAGE: usize = 1_000;
         let stream = stream_of(id);
         let mut history = Self {
@@ -102,6 +113,11 @@ impl History {
             Some((_, _, WorkflowEvent::WorkflowSubmitted { sealing, .. })) => sealing.clone(),
             _ => None,
         };
+        if sealing.is_some() && keys.is_none() && !sealed_ok {
+            return Err(RuntimeError::Corrupt(format!(
+                "{stream} is sealed for a data subject and this runtime has no subject keys"
+            )));
+        }
         if let (Some(keys), Some(sealing)) = (keys, &sealing) {
             let mut wanted: Vec<Uuid> = decoded
                 .iter()
@@ -219,7 +235,7 @@ impl History {
             // Positions of one append are taken as a block; should that ever
             // change, read them back rather than guess.
             let key = self.key;
-            *self = Self::load(store, None, self.id)
+            *self = Self::load_with(store, None, self.id, true)
                 .await?
                 .ok_or_else(|| RuntimeError::Corrupt(format!("{} vanished", self.stream)))?;
             if let Some(key) = key {

@@ -289,8 +289,9 @@ impl Runtime {
     /// Destroys the data subject's key: every text sealed under it reads as
     /// erased from now on, everywhere (events, read models, exports), while
     /// the events still verify. The destruction is recorded on the
-    /// `privacy-keys` stream by key id (never the subject id), so an auditor
-    /// sees when and by whom a key was destroyed.
+    /// `privacy-keys` stream by key id (never the subject id), just before
+    /// the key is deleted, so an auditor sees when and by whom a key was
+    /// destroyed. Safe to retry.
     pub async fn forget_subject(
         &self,
         subject: &str,
@@ -299,22 +300,32 @@ impl Runtime {
         let keys = self.inner.keys().ok_or_else(|| {
             DomainError::BadInput("crypto-shredding is not configured on this runtime".into())
         })?;
-        let forgotten = keys.forget(subject).await?;
-        if let Some(key_id) = forgotten.key_id {
+        // Recorded first, under an id derived from the key: should the
+        // delete then fail, the caller's retry finds the key still there,
+        // resends the same event (stored once) and deletes. The other order
+        // could destroy a key with no record of it.
+        if let Some(key_id) = keys.find(subject).await? {
             let stream = StreamId::new(PRIVACY_STREAM).expect("a valid stream id");
             let mut metadata = Metadata::new(human(person).actor);
             metadata.owner = person.to_string();
-            let event = NewEvent::new(
+            let mut event = NewEvent::new(
                 "SubjectKeyDestroyed",
-                serde_json::json!({ "key_id": key_id, "vacuumed": forgotten.vacuumed }),
+                serde_json::json!({ "key_id": key_id }),
                 metadata,
             );
-            self.inner
+            event.event_id = Uuid::new_v5(&key_id, b"SubjectKeyDestroyed");
+            match self
+                .inner
                 .store
                 .append(&stream, ExpectedVersion::Any, vec![event])
-                .await?;
+                .await
+            {
+                // Recorded before by another person's attempt: that record stands.
+                Ok(_) | Err(StoreError::IdempotencyMismatch { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(forgotten)
+        Ok(keys.forget(subject).await?)
     }
 
     /// The event store.
@@ -373,14 +384,31 @@ impl Runtime {
         };
         // Refuse bad input before anything is written.
         agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
-        if let Some(subject) = &submission.subject {
-            let keys = inner.keys().ok_or_else(|| {
-                DomainError::BadInput(
-                    "this server does not seal personal data: submit without a subject".into(),
-                )
-            })?;
-            agentledger_eventstore::subject_keys::check_subject(subject)?;
-            let (key_id, key) = keys.key_for(subject).await?;
+        let subject = match &submission.subject {
+            None => None,
+            Some(subject) => {
+                let keys = inner.keys().ok_or_else(|| {
+                    DomainError::BadInput(
+                        "this server does not seal personal data: submit without a subject".into(),
+                    )
+                })?;
+                Some((
+                    keys,
+                    agentledger_eventstore::subject_keys::normalize_subject(subject)?,
+                ))
+            }
+        };
+        if submission.idempotency_key.is_some() {
+            if let Some(existing) = self
+                .existing_submission(id, &command, subject.is_some())
+                .await?
+            {
+                return Ok(existing);
+            }
+        }
+        // The subject's key only now, for a submission that will be recorded.
+        if let Some((keys, subject)) = subject {
+            let (key_id, key) = keys.key_for(&subject).await?;
             if let Command::Submit { sealing, .. } = &mut command {
                 *sealing = Some(Sealing {
                     key: key_id,
@@ -388,11 +416,6 @@ impl Runtime {
                 });
             }
             history.key = Some(key);
-        }
-        if submission.idempotency_key.is_some() {
-            if let Some(existing) = self.existing_submission(id, &command).await? {
-                return Ok(existing);
-            }
         }
         let now = inner.clock.now();
         let owner = &inner.config.owner;
@@ -404,7 +427,10 @@ impl Runtime {
             Ok(claim) => claim,
             // Another submission of the same key is being recorded.
             Err(QueueError::Held(_)) if submission.idempotency_key.is_some() => {
-                return match self.existing_submission(id, &command).await? {
+                return match self
+                    .existing_submission(id, &command, history.key.is_some())
+                    .await?
+                {
                     Some(existing) => Ok(existing),
                     None => Err(RuntimeError::Superseded),
                 };
@@ -453,11 +479,13 @@ impl Runtime {
     }
 
     /// The recorded submission of workflow `id` when it exists and matches
-    /// `command`; [`RuntimeError::KeyReused`] when it exists and differs.
+    /// `command` (and, like it, has a data subject or not);
+    /// [`RuntimeError::KeyReused`] when it exists and differs.
     async fn existing_submission(
         &self,
         id: Uuid,
         command: &Command,
+        with_subject: bool,
     ) -> Result<Option<Submitted>, RuntimeError> {
         let Some(history) = History::load(&*self.inner.store, self.inner.keys(), id).await? else {
             return Ok(None);
@@ -475,9 +503,9 @@ impl Runtime {
                     request: r,
                     input: i,
                     priority: p,
-                    sealing: s,
+                    ..
                 },
-            ) => request == r && input == i && priority == p && sealing == s,
+            ) => request == r && input == i && priority == p && sealing.is_some() == with_subject,
             _ => false,
         };
         if !same {
