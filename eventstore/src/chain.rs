@@ -78,6 +78,182 @@ impl HashedFields<'_> {
     }
 }
 
+/// A stored event as verification reads it: payload and metadata in
+/// canonical form (the PostgreSQL store makes them straight from the stored
+/// JSON text, without building `Value` trees).
+pub type CanonicalEvent = RecordedEvent<Vec<u8>>;
+
+impl CanonicalEvent {
+    /// `e` with its documents in canonical form.
+    pub fn of(e: &RecordedEvent) -> Self {
+        Self {
+            global_position: e.global_position,
+            stream_id: e.stream_id.clone(),
+            stream_version: e.stream_version,
+            event_id: e.event_id,
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            payload: canonical_json(&e.payload),
+            metadata: canonical_json(&e.metadata),
+            recorded_at: e.recorded_at,
+            hash_version: e.hash_version,
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        }
+    }
+}
+
+impl CanonicalEvent {
+    /// `SHA-256(prev_hash ‖ canonical(content))`, from what is stored.
+    pub fn recompute_hash(&self) -> [u8; 32] {
+        HashedFields {
+            event_id: self.event_id,
+            stream_id: self.stream_id.as_str(),
+            stream_version: self.stream_version,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            metadata: &self.metadata,
+            recorded_at: self.recorded_at,
+        }
+        .hash(&self.prev_hash)
+    }
+}
+
+/// The canonical form of the JSON text `json`, parsed without building a
+/// `Value`: the same bytes as `canonical_json(&serde_json::from_slice(json)?)`
+/// (a repeated key keeps its last value, as a map does).
+pub fn canonical_from_slice(json: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut out = Vec::with_capacity(json.len());
+    let mut reader = serde_json::Deserializer::from_slice(json);
+    Canonical(&mut out).deserialize(&mut reader)?;
+    reader.end()?;
+    Ok(out)
+}
+
+/// Writes the canonical form of the value it deserializes.
+struct Canonical<'o>(&'o mut Vec<u8>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Canonical<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Canonical<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.extend_from_slice(b"null");
+        Ok(())
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.extend_from_slice(if v { b"true" } else { b"false" });
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        write_number(self.0, &v.into());
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        write_number(self.0, &v.into());
+        Ok(())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        let n = serde_json::Number::from_f64(v).ok_or_else(|| E::custom("a non-finite number"))?;
+        write_number(self.0, &n);
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        write_string(self.0, v);
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let out = self.0;
+        out.push(b'[');
+        let mut first = true;
+        loop {
+            let mark = out.len();
+            if !first {
+                out.push(b',');
+            }
+            if seq.next_element_seed(Canonical(&mut *out))?.is_none() {
+                out.truncate(mark);
+                break;
+            }
+            first = false;
+        }
+        out.push(b']');
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        type Entry<'k> = (std::borrow::Cow<'k, str>, usize, usize);
+        // Values are written to one buffer; entries point into it.
+        let mut values = Vec::new();
+        let mut entries: Vec<Entry<'de>> = Vec::new();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let start = values.len();
+            map.next_value_seed(Canonical(&mut values))?;
+            entries.push((key, start, values.len()));
+        }
+        if !entries
+            .windows(2)
+            .all(|w| w[0].0.as_bytes() < w[1].0.as_bytes())
+        {
+            // Stable: of a repeated key the last stays last; keep it.
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            let mut kept: Vec<Entry<'de>> = Vec::with_capacity(entries.len());
+            for entry in entries {
+                if kept.last().is_some_and(|last| last.0 == entry.0) {
+                    kept.pop();
+                }
+                kept.push(entry);
+            }
+            entries = kept;
+        }
+        let out = self.0;
+        out.push(b'{');
+        for (i, (key, start, end)) in entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_string(out, key);
+            out.push(b':');
+            out.extend_from_slice(&values[*start..*end]);
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+struct KeySeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(KeySeed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
+    }
+}
+
 /// Recomputes a stored event's hash from what is stored.
 pub fn recompute_hash(e: &RecordedEvent) -> [u8; 32] {
     let (payload, metadata) = (canonical_json(&e.payload), canonical_json(&e.metadata));
@@ -218,6 +394,11 @@ impl ChainVerifier {
 
     /// Checks the next event; after the first break, later events are ignored.
     pub fn check(&mut self, event: &RecordedEvent) {
+        self.check_canonical(&CanonicalEvent::of(event));
+    }
+
+    /// [`ChainVerifier::check`] of an event read in canonical form.
+    pub fn check_canonical(&mut self, event: &CanonicalEvent) {
         if self.broken.is_some() {
             return;
         }
@@ -231,7 +412,7 @@ impl ChainVerifier {
             Some(format!("unknown hash version {}", event.hash_version))
         } else if event.prev_hash != self.prev_hash {
             Some("prev_hash does not match the previous event's hash".to_string())
-        } else if recompute_hash(event) != event.hash {
+        } else if event.recompute_hash() != event.hash {
             Some("content does not match its hash".to_string())
         } else {
             None
@@ -277,12 +458,17 @@ impl LedgerVerifier {
 
     /// Checks the next event of `$all`.
     pub fn check(&mut self, event: &RecordedEvent) {
+        self.check_canonical(&CanonicalEvent::of(event));
+    }
+
+    /// [`LedgerVerifier::check`] of an event read in canonical form.
+    pub fn check_canonical(&mut self, event: &CanonicalEvent) {
         self.checked += 1;
         match self.streams.get_mut(&event.stream_id) {
-            Some(verifier) => verifier.check(event),
+            Some(verifier) => verifier.check_canonical(event),
             None => {
                 let mut verifier = ChainVerifier::new();
-                verifier.check(event);
+                verifier.check_canonical(event);
                 self.streams.insert(event.stream_id.clone(), verifier);
             }
         }
@@ -459,5 +645,74 @@ mod tests {
             let reparsed: Value = serde_json::from_str(&once).unwrap();
             prop_assert_eq!(canonical(&reparsed), once);
         }
+
+        /// Canonicalising the text directly gives the bytes of parsing it
+        /// into a `Value` first, whatever the key order, spacing and escapes.
+        #[test]
+        fn canonical_from_text_equals_canonical_from_value(v in arb_json(), seed in any::<u64>()) {
+            let text = scrambled(&v, seed);
+            let parsed: Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(
+                canonical_from_slice(text.as_bytes()).unwrap(),
+                canonical_json(&parsed),
+                "{}", text
+            );
+        }
+    }
+
+    /// `v` as JSON text with object keys in a seed-chosen order, spaces and
+    /// escaped keys, as other writers (and jsonb) produce.
+    fn scrambled(v: &Value, seed: u64) -> String {
+        match v {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                let n = entries.len().max(1);
+                entries.rotate_left((seed as usize) % n);
+                if seed % 3 == 0 {
+                    entries.reverse();
+                }
+                let parts: Vec<String> = entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = if seed % 2 == 0 {
+                            serde_json::to_string(k).unwrap()
+                        } else {
+                            // Every UTF-16 unit as a \u escape.
+                            let escaped: String =
+                                k.encode_utf16().map(|u| format!("\\u{u:04x}")).collect();
+                            format!("\"{escaped}\"")
+                        };
+                        format!("{key} : {}", scrambled(v, seed.rotate_left(7)))
+                    })
+                    .collect();
+                format!("{{ {} }}", parts.join(" , "))
+            }
+            Value::Array(items) => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|i| scrambled(i, seed.rotate_left(3)))
+                    .collect();
+                format!("[ {} ]", parts.join(" ,"))
+            }
+            other => serde_json::to_string(other).unwrap(),
+        }
+    }
+
+    #[test]
+    fn canonical_from_text_handles_repeated_keys_numbers_and_escapes() {
+        for text in [
+            r#"{"b":1,"a":2,"b":3}"#,
+            r#"{"a":{"z":1e2,"y":-0,"x":1.50,"w":18446744073709551616}}"#,
+            r#"["\u00e9\n\"",{"":null},[],{}]"#,
+            r#"{"k":[1,2,{"b":true,"a":false}],"é":"\ud83d\ude00"}"#,
+        ] {
+            let parsed: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                String::from_utf8(canonical_from_slice(text.as_bytes()).unwrap()).unwrap(),
+                String::from_utf8(canonical_json(&parsed)).unwrap(),
+                "{text}"
+            );
+        }
+        assert!(canonical_from_slice(br#"{"a":1} x"#).is_err());
     }
 }

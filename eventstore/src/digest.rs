@@ -110,7 +110,7 @@ pub async fn check_ledger(
         up_to,
         (LedgerVerifier::new(), MerkleBuilder::new()),
         |(chains, tree), event| {
-            chains.check(event);
+            chains.check_canonical(event);
             tree.push(event.global_position, &event.hash);
         },
         progress,

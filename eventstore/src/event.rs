@@ -207,9 +207,11 @@ impl NewEvent {
     }
 }
 
-/// An event as stored, with its position and hash chain.
+/// An event as stored, with its position and hash chain. Its documents are
+/// JSON values; verification reads them as canonical bytes instead
+/// ([`crate::CanonicalEvent`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecordedEvent {
+pub struct RecordedEvent<D = Value> {
     /// Position in `$all`.
     pub global_position: Position,
     /// The stream.
@@ -223,9 +225,9 @@ pub struct RecordedEvent {
     /// The payload's schema version.
     pub schema_version: u32,
     /// The payload, as stored.
-    pub payload: Value,
+    pub payload: D,
     /// The metadata document exactly as stored; [`RecordedEvent::metadata`] parses it.
-    pub metadata: Value,
+    pub metadata: D,
     /// When the store recorded it (UTC, microsecond precision).
     pub recorded_at: DateTime<Utc>,
     /// Version of the canonical encoding the hash covers.

@@ -43,7 +43,9 @@ pub mod testing;
 use async_trait::async_trait;
 use futures::StreamExt;
 
-pub use chain::{verify_events, ChainVerifier, ExcerptVerifier, LedgerVerifier, Verification};
+pub use chain::{
+    verify_events, CanonicalEvent, ChainVerifier, ExcerptVerifier, LedgerVerifier, Verification,
+};
 pub use error::StoreError;
 pub use event::{
     Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,
@@ -113,6 +115,18 @@ pub trait EventStore: Send + Sync + 'static {
         Ok(page)
     }
 
+    /// [`EventStore::read_range`] as verification reads it: payload and
+    /// metadata in canonical form.
+    async fn read_range_canonical(
+        &self,
+        from_position: Position,
+        to_position: Position,
+        limit: usize,
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let page = self.read_range(from_position, to_position, limit).await?;
+        Ok(page.iter().map(CanonicalEvent::of).collect())
+    }
+
     /// The position of the last event readers can see (0 when there is none):
     /// every event up to it is readable, none below it can still appear.
     async fn head_position(&self) -> Result<Position, StoreError>;
@@ -152,7 +166,7 @@ pub async fn verify_ledger(
         store,
         head,
         LedgerVerifier::new(),
-        LedgerVerifier::check,
+        LedgerVerifier::check_canonical,
         progress,
     )
     .await?;
@@ -168,11 +182,11 @@ pub(crate) async fn scan<S: Send + 'static>(
     store: &dyn EventStore,
     up_to: Position,
     state: S,
-    each: fn(&mut S, &RecordedEvent),
+    each: fn(&mut S, &CanonicalEvent),
     mut progress: impl FnMut(Position, Position),
 ) -> Result<S, StoreError> {
     const PAGE: u64 = 1_000;
-    let (pages, mut received) = tokio::sync::mpsc::channel::<Vec<RecordedEvent>>(1);
+    let (pages, mut received) = tokio::sync::mpsc::channel::<Vec<CanonicalEvent>>(1);
     let worker = tokio::task::spawn_blocking(move || {
         let mut state = state;
         while let Some(page) = received.blocking_recv() {
@@ -186,7 +200,7 @@ pub(crate) async fn scan<S: Send + 'static>(
     });
     let mut reads = futures::stream::iter(ranges)
         .map(|(from, to)| async move {
-            let page = store.read_range(from, to, PAGE as usize).await?;
+            let page = store.read_range_canonical(from, to, PAGE as usize).await?;
             Ok::<_, StoreError>((to, page))
         })
         .buffered(2);

@@ -265,6 +265,16 @@ impl EventStore for PostgresEventStore {
         rows::read_range(&client, from_position, to_position, limit).await
     }
 
+    async fn read_range_canonical(
+        &self,
+        from_position: Position,
+        to_position: Position,
+        limit: usize,
+    ) -> Result<Vec<crate::CanonicalEvent>, StoreError> {
+        let client = self.inner.pool.get().await?;
+        rows::read_range_canonical(&client, from_position, to_position, limit).await
+    }
+
     async fn head_position(&self) -> Result<Position, StoreError> {
         let client = self.inner.pool.get().await?;
         rows::head_position(&client).await

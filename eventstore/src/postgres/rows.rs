@@ -3,7 +3,35 @@
 use deadpool_postgres::Client;
 use tokio_postgres::Row;
 
+use crate::chain::{canonical_from_slice, CanonicalEvent};
 use crate::{Position, RecordedEvent, StoreError, StreamId};
+
+/// A `jsonb` (or `json`) column's JSON text, not parsed.
+struct JsonText<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for JsonText<'a> {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == tokio_postgres::types::Type::JSONB {
+            // jsonb's binary format: a version byte (1), then the text.
+            match raw.split_first() {
+                Some((1, text)) => Ok(Self(text)),
+                _ => Err("unsupported jsonb binary format version".into()),
+            }
+        } else {
+            Ok(Self(raw))
+        }
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        matches!(
+            *ty,
+            tokio_postgres::types::Type::JSONB | tokio_postgres::types::Type::JSON
+        )
+    }
+}
 
 /// The columns of an event row, in the order [`decode`] expects.
 pub const EVENT_COLUMNS: &str =
@@ -32,16 +60,50 @@ pub(crate) async fn read_range(
     to: Position,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
+    range_rows(client, from, to, limit)
+        .await?
+        .iter()
+        .map(decode)
+        .collect()
+}
+
+/// The rows of events in `[from, to]`, at most `limit`.
+async fn range_rows(
+    client: &Client,
+    from: Position,
+    to: Position,
+    limit: usize,
+) -> Result<Vec<Row>, StoreError> {
     let sql = format!(
         "SELECT {EVENT_COLUMNS} FROM events WHERE global_position BETWEEN $1 AND $2 \
          ORDER BY global_position LIMIT $3"
     );
     let statement = client.prepare_cached(&sql).await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client
+    Ok(client
         .query(&statement, &[&to_i64(from), &to_i64(to), &limit])
-        .await?;
-    rows.iter().map(decode).collect()
+        .await?)
+}
+
+/// [`read_range`] for verification: documents canonical, straight from
+/// their JSON text.
+pub(crate) async fn read_range_canonical(
+    client: &Client,
+    from: Position,
+    to: Position,
+    limit: usize,
+) -> Result<Vec<CanonicalEvent>, StoreError> {
+    range_rows(client, from, to, limit)
+        .await?
+        .iter()
+        .map(decode_canonical)
+        .collect()
+}
+
+fn decode_canonical(row: &Row) -> Result<CanonicalEvent, StoreError> {
+    decode_with(row, |text: JsonText, corrupt| {
+        canonical_from_slice(text.0).map_err(|e| corrupt(format!("stored JSON: {e}")))
+    })
 }
 
 pub(crate) async fn read_stream(
@@ -84,6 +146,18 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 /// Decodes a row selected with [`EVENT_COLUMNS`].
 pub fn decode(row: &Row) -> Result<RecordedEvent, StoreError> {
+    decode_with(row, |value, _| Ok(value))
+}
+
+/// A row selected with [`EVENT_COLUMNS`], its two documents read as `R`
+/// and turned into `D` by `document`.
+fn decode_with<'r, R, D>(
+    row: &'r Row,
+    document: impl Fn(R, &dyn Fn(String) -> StoreError) -> Result<D, StoreError>,
+) -> Result<RecordedEvent<D>, StoreError>
+where
+    R: tokio_postgres::types::FromSql<'r>,
+{
     let position: i64 = row.try_get(0)?;
     let corrupt = |reason: String| StoreError::Corrupt {
         position: position as u64,
@@ -103,8 +177,8 @@ pub fn decode(row: &Row) -> Result<RecordedEvent, StoreError> {
         event_id: row.try_get(3)?,
         event_type: row.try_get(4)?,
         schema_version: row.try_get::<_, i32>(5)? as u32,
-        payload: row.try_get(6)?,
-        metadata: row.try_get(7)?,
+        payload: document(row.try_get(6)?, &corrupt)?,
+        metadata: document(row.try_get(7)?, &corrupt)?,
         recorded_at: row.try_get(8)?,
         hash_version: row.try_get::<_, i16>(9)? as u16,
         prev_hash: hash_of(10)?,
