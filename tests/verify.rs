@@ -7,6 +7,18 @@ use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
 use common::agentledger;
 
+/// Runs `sql` as the owner with the immutability triggers off, as an
+/// attacker with the database's keys could.
+async fn tamper(db: &TestDatabase, sql: &str) {
+    db.admin_client()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE events DISABLE TRIGGER USER; {sql}; ALTER TABLE events ENABLE TRIGGER USER;"
+        ))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn verify_reports_an_intact_ledger_and_names_a_changed_event() {
     let db = TestDatabase::create().await;
@@ -52,15 +64,11 @@ async fn verify_reports_an_intact_ledger_and_names_a_changed_event() {
         "workflow 0190a1b2-0000-7000-8000-000000000001: ok, 10 events checked"
     );
 
-    let admin = db.admin_client().await;
-    admin
-        .batch_execute(
-            "ALTER TABLE events DISABLE TRIGGER USER;
-             UPDATE events SET payload = jsonb_set(payload, '{text}', '\"검투\"') WHERE global_position = 4;
-             ALTER TABLE events ENABLE TRIGGER USER;",
-        )
-        .await
-        .unwrap();
+    tamper(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{text}', '\"검투\"') WHERE global_position = 4",
+    )
+    .await;
     let broken = agentledger(&["verify"], &db.service_url());
     assert!(!broken.status.success());
     let stderr = String::from_utf8_lossy(&broken.stderr);
@@ -257,15 +265,11 @@ async fn a_signed_digest_from_the_api_is_proven_by_the_cli_until_the_ledger_chan
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("is not the trusted public key"));
 
     // One byte of one covered event changed: the digest fails and says where.
-    let admin = db.admin_client().await;
-    admin
-        .batch_execute(
-            "ALTER TABLE events DISABLE TRIGGER USER;
-             UPDATE events SET payload = jsonb_set(payload, '{priority}', '\"HIGH\"') WHERE global_position = 1;
-             ALTER TABLE events ENABLE TRIGGER USER;",
-        )
-        .await
-        .unwrap();
+    tamper(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{priority}', '\"HIGH\"') WHERE global_position = 1",
+    )
+    .await;
     let broken = agentledger(&["verify", "--digest", file], &db.service_url());
     assert!(!broken.status.success());
     let stderr = String::from_utf8_lossy(&broken.stderr);

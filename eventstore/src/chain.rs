@@ -366,6 +366,19 @@ pub struct Verification {
     pub reason: Option<String>,
 }
 
+impl Verification {
+    /// The verdict after `checked` events, broken at a position or not.
+    fn of(checked: u64, broken: Option<(Position, String)>) -> Self {
+        let (first_broken_position, reason) = broken.unzip();
+        Self {
+            ok: first_broken_position.is_none(),
+            checked_events: checked,
+            first_broken_position,
+            reason,
+        }
+    }
+}
+
 /// Recomputes a stream's chain incrementally, one event at a time, in version order.
 #[derive(Debug)]
 pub struct ChainVerifier {
@@ -428,16 +441,7 @@ impl ChainVerifier {
 
     /// The verdict so far.
     pub fn finish(self) -> Verification {
-        let (first_broken_position, reason) = match self.broken {
-            Some((p, r)) => (Some(p), Some(r)),
-            None => (None, None),
-        };
-        Verification {
-            ok: first_broken_position.is_none(),
-            checked_events: self.checked,
-            first_broken_position,
-            reason,
-        }
+        Verification::of(self.checked, self.broken)
     }
 }
 
@@ -546,16 +550,7 @@ impl ExcerptVerifier {
 
     /// The verdict.
     pub fn finish(self) -> Verification {
-        let (first_broken_position, reason) = match self.broken {
-            Some((p, r)) => (Some(p), Some(r)),
-            None => (None, None),
-        };
-        Verification {
-            ok: first_broken_position.is_none(),
-            checked_events: self.checked,
-            first_broken_position,
-            reason,
-        }
+        Verification::of(self.checked, self.broken)
     }
 }
 
