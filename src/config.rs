@@ -13,10 +13,22 @@
 //! max_depth = 12
 //! max_complexity = 2000
 //! read_your_writes_ms = 5000
+//! introspection = true       # default: true, false in the prod profile
 //!
 //! [agents]
 //! max_workflows = 64         # workflows driven at once by this process
 //! lease_seconds = 30
+//!
+//! [auth]
+//! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
+//! jwt_issuer = "https://id.example.com/realms/acme"
+//! jwt_audience = "agentledger"
+//! jwks = "https://id.example.com/realms/acme/protocol/openid-connect/certs"  # or a file
+//! jwt_hs256_secret_file = "/run/secrets/jwt"   # HS256 for small setups
+//! roles_claim = "realm_access.roles"           # default "roles"
+//! tenant_claim = "tenant"                      # default "tenant"
+//! allow_self_approval = false                  # the submitter may decide its own escalation
+//! # Each key may also be set as AGENTLEDGER_AUTH_<KEY>, e.g. AGENTLEDGER_AUTH_JWKS.
 //!
 //! [privacy]
 //! # Free text sealed under the data subject's key when a workflow is
@@ -43,6 +55,104 @@ pub struct FileConfig {
     pub agents: AgentsSection,
     #[serde(default)]
     pub privacy: PrivacySection,
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: who may call (docs/security.md).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub mode: Option<AuthMode>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwks: Option<String>,
+    pub jwt_hs256_secret_file: Option<std::path::PathBuf>,
+    pub roles_claim: Option<String>,
+    pub tenant_claim: Option<String>,
+    pub allow_self_approval: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Off,
+    Required,
+}
+
+impl AuthSection {
+    /// The file's section with `AGENTLEDGER_AUTH_<KEY>` variables over it.
+    pub fn with_env(mut self) -> anyhow::Result<Self> {
+        let var = |key: &str| std::env::var(format!("AGENTLEDGER_AUTH_{key}")).ok();
+        if let Some(mode) = var("MODE") {
+            self.mode = Some(match mode.to_ascii_lowercase().as_str() {
+                "off" => AuthMode::Off,
+                "required" => AuthMode::Required,
+                other => anyhow::bail!("AGENTLEDGER_AUTH_MODE is {other:?}: use off or required"),
+            });
+        }
+        let text = |field: &mut Option<String>, key: &str| {
+            if let Some(value) = var(key) {
+                *field = Some(value);
+            }
+        };
+        text(&mut self.jwt_issuer, "JWT_ISSUER");
+        text(&mut self.jwt_audience, "JWT_AUDIENCE");
+        text(&mut self.jwks, "JWKS");
+        text(&mut self.roles_claim, "ROLES_CLAIM");
+        text(&mut self.tenant_claim, "TENANT_CLAIM");
+        if let Some(path) = var("JWT_HS256_SECRET_FILE") {
+            self.jwt_hs256_secret_file = Some(path.into());
+        }
+        if let Some(allow) = var("ALLOW_SELF_APPROVAL") {
+            self.allow_self_approval = Some(allow.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "AGENTLEDGER_AUTH_ALLOW_SELF_APPROVAL is {allow:?}: use true or false"
+                )
+            })?);
+        }
+        Ok(self)
+    }
+
+    /// The authentication settings. Defaults: required in staging and prod
+    /// (`hardened`), off otherwise; self-approval only in dev.
+    pub fn config(&self, hardened: bool, dev: bool) -> anyhow::Result<agentledger_api::AuthConfig> {
+        use agentledger_api::auth::{JwksSource, JwtConfig, Mode};
+        let mode = match self.mode {
+            Some(AuthMode::Off) => Mode::Off,
+            Some(AuthMode::Required) => Mode::Required,
+            None if hardened => Mode::Required,
+            None => Mode::Off,
+        };
+        let hs256_secret = match &self.jwt_hs256_secret_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("reading the HS256 secret {}", path.display()))?
+                    .trim_ascii()
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        let jwks = self
+            .jwks
+            .as_deref()
+            .map(JwksSource::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let jwt = (jwks.is_some() || hs256_secret.is_some()).then(|| JwtConfig {
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            jwks,
+            hs256_secret,
+            roles_claim: self.roles_claim.clone().unwrap_or_else(|| "roles".into()),
+            tenant_claim: self.tenant_claim.clone().unwrap_or_else(|| "tenant".into()),
+        });
+        Ok(agentledger_api::AuthConfig {
+            mode,
+            jwt,
+            allow_self_approval: self.allow_self_approval.unwrap_or(dev),
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +175,8 @@ pub struct GraphqlSection {
     pub max_depth: Option<usize>,
     pub max_complexity: Option<usize>,
     pub read_your_writes_ms: Option<u64>,
+    /// Answer introspection (`__schema`); default: yes, but not in prod.
+    pub introspection: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,8 +207,8 @@ impl FileConfig {
         }
     }
 
-    /// The GraphQL limits.
-    pub fn limits(&self) -> agentledger_api::Limits {
+    /// The GraphQL limits; introspection is off in prod unless enabled.
+    pub fn limits(&self, prod: bool) -> agentledger_api::Limits {
         let defaults = agentledger_api::Limits::default();
         let g = &self.graphql;
         agentledger_api::Limits {
@@ -106,6 +218,8 @@ impl FileConfig {
             read_your_writes: g
                 .read_your_writes_ms
                 .map_or(defaults.read_your_writes, Duration::from_millis),
+            introspection: g.introspection.unwrap_or(!prod),
+            ..defaults
         }
     }
 

@@ -182,9 +182,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             runtime
                 .decide_escalation(
                     id,
-                    true,
-                    "checked: only duplicate tags".into(),
-                    "demo-reviewer",
+                    agentledger_agents::HumanDecision {
+                        approve: true,
+                        comment: "checked: only duplicate tags".into(),
+                        by: agentledger_eventstore::Actor::human("demo-reviewer"),
+                        expected_position: None,
+                        allow_self: true,
+                    },
                 )
                 .await?;
         }

@@ -1,5 +1,6 @@
 //! The `agentledger` command: runs the service and the operational verbs.
 
+mod apikey;
 mod bench;
 mod config;
 mod demo;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use agentledger_agents::{
     InMemoryWorkQueue, PostgresWorkQueue, Runtime, SystemClock, ToolRegistry,
 };
+use agentledger_eventstore::api_keys::{ApiKeys, InMemoryApiKeys, PostgresApiKeys};
 use agentledger_eventstore::signing::{InMemoryLedgerKeys, LedgerKeys, PostgresLedgerKeys};
 use agentledger_eventstore::subject_keys::{InMemorySubjectKeys, PostgresSubjectKeys, SubjectKeys};
 use agentledger_eventstore::{
@@ -41,6 +43,9 @@ struct Cli {
 enum Command {
     /// Run the service. Without DATABASE_URL it keeps everything in memory (dev mode).
     Serve(ServeArgs),
+    /// Create, list and revoke API keys (owner role: works without a running server).
+    #[command(subcommand)]
+    Apikey(apikey::ApikeyCommand),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
     /// Print the GraphQL schema (SDL).
@@ -145,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", agentledger_api::sdl());
             Ok(())
         }
+        Command::Apikey(command) => command.run().await,
         Command::Verify(args) => verify::run(args).await,
         Command::Digest(args) => digest::run(args).await,
         Command::Replay(args) => replay::run(args).await,
@@ -182,7 +188,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .expect("no skipped variants")
         .get_name()
         .to_string();
-    if args.profile == Profile::Dev && !args.listen.ip().is_loopback() {
+    let dev = args.profile == Profile::Dev;
+    let hardened = matches!(args.profile, Profile::Staging | Profile::Prod);
+    if dev && !args.listen.ip().is_loopback() {
         if !args.allow_non_loopback_dev {
             bail!(
                 "the dev profile has no authentication and will not listen on {}; \
@@ -200,10 +208,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              (the in-memory store is for the dev and test profiles)"
         );
     }
+    if hardened && args.database.admin_database_url.is_none() {
+        bail!(
+            "the {profile} profile runs as the least-privileged service role: set \
+             AGENTLEDGER_ADMIN_DATABASE_URL (the owner role) for migrations, and DATABASE_URL to \
+             the service role"
+        );
+    }
     let file = match &args.config {
         Some(path) => config::FileConfig::load(path)?,
         None => config::FileConfig::default(),
     };
+    let auth_config = file.auth.clone().with_env()?.config(hardened, dev)?;
+    if hardened && auth_config.mode == agentledger_api::auth::Mode::Off {
+        bail!(
+            "the {profile} profile will not serve with authentication off ([auth] mode = \"off\")"
+        );
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     let mut background = Vec::new();
     let Backend {
@@ -212,13 +233,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         read_models,
         ledger_keys,
         subject_keys,
+        api_keys,
         kind: store_kind,
     } = match &args.database.database_url {
         Some(url) => {
             let admin = args.database.admin_url().expect("DATABASE_URL is set");
             let applied = migrate::run(admin).await.context("applying migrations")?;
             tracing::info!(applied = applied.len(), "database migrated");
-            let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
+            let options = PostgresOptions {
+                statement_timeout: Some(std::time::Duration::from_secs(30)),
+                ..PostgresOptions::default()
+            };
+            let store = PostgresEventStore::connect(url, options).await?;
+            if !dev {
+                refuse_privileged_role(&store).await?;
+            }
             let checkpoints = Checkpoints::default();
             background.push(tokio::spawn(
                 checkpoints.clone().follow(url.clone(), stop.clone()),
@@ -246,6 +275,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Backend {
                 ledger_keys: Arc::new(PostgresLedgerKeys::new(store.pool().clone())),
                 subject_keys: Arc::new(PostgresSubjectKeys::new(store.pool().clone())),
+                api_keys: Arc::new(PostgresApiKeys::new(store.pool().clone())),
                 store: Arc::new(store),
                 queue,
                 read_models: Arc::new(models),
@@ -265,11 +295,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 read_models: Arc::new(models),
                 ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
                 subject_keys: Arc::new(InMemorySubjectKeys::default()),
+                api_keys: Arc::new(InMemoryApiKeys::default()),
                 kind: "in-memory",
             }
         }
     };
     tracing::info!(head = store.head_position().await?, "event store ready");
+    let auth = authenticator(auth_config, api_keys, hardened).await?;
     // The digest signing key exists from the first start on, so that
     // /.well-known/agentledger-key always has one to publish.
     let (key_id, _) = ledger_keys
@@ -308,10 +340,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             runtime,
             store,
             read_models,
-            limits: file.limits(),
+            limits: file.limits(args.profile == Profile::Prod),
             ledger_keys,
             shutdown: stop.clone(),
             open_subscriptions: Arc::default(),
+            auth,
+            ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
         },
         file.http(args.ready_max_lag),
     );
@@ -329,6 +363,80 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The authenticator `serve` runs with: says at start how callers
+/// authenticate, and refuses (in staging and prod) to start when no caller
+/// could.
+async fn authenticator(
+    config: agentledger_api::AuthConfig,
+    api_keys: Arc<dyn ApiKeys>,
+    hardened: bool,
+) -> anyhow::Result<Arc<agentledger_api::Authenticator>> {
+    use agentledger_api::auth::Mode;
+    let mode = config.mode;
+    let self_approval = config.allow_self_approval;
+    let jwt = config.jwt.is_some();
+    let keys = api_keys.list().await.context("reading the API keys")?;
+    let usable = keys
+        .iter()
+        .filter(|k| k.usable_at(chrono::Utc::now()))
+        .count();
+    let auth = agentledger_api::Authenticator::new(config, api_keys).map_err(anyhow::Error::msg)?;
+    if let Some(n) = auth.load_jwks().await.map_err(anyhow::Error::msg)? {
+        tracing::info!(keys = n, "JWT verification keys loaded");
+    }
+    match mode {
+        Mode::Off => tracing::warn!(
+            "authentication is OFF: every caller is `anonymous` with every role \
+             (set [auth] mode = \"required\" or another profile to require credentials)"
+        ),
+        Mode::Required => {
+            if hardened && !jwt && usable == 0 {
+                bail!(
+                    "authentication is required but no caller could authenticate: configure JWT \
+                     verification ([auth] jwks or jwt_hs256_secret_file) or create a key first: \
+                     agentledger apikey create --name admin --role admin"
+                );
+            }
+            tracing::info!(api_keys = usable, jwt, "authentication required");
+        }
+    }
+    if self_approval && hardened {
+        tracing::warn!("allow_self_approval is on: a submitter may decide its own escalation");
+    }
+    Ok(Arc::new(auth))
+}
+
+/// Outside dev the service must not be able to undo its own guarantees: a
+/// superuser or the owner of `events` could disable the triggers that
+/// refuse UPDATE and DELETE.
+async fn refuse_privileged_role(store: &PostgresEventStore) -> anyhow::Result<()> {
+    let client = store.pool().get().await?;
+    let row = client
+        .query_one(
+            "SELECT r.rolsuper,
+                    coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE')
+                                FROM pg_class c WHERE c.oid = to_regclass('events')), false),
+                    current_user::text
+               FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (superuser, owner, role): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
+    if superuser || owner {
+        bail!(
+            "DATABASE_URL connects as {role}, {}: outside the dev profile the service runs as \
+             its least-privileged role (agentledger_service), with AGENTLEDGER_ADMIN_DATABASE_URL \
+             for migrations",
+            if superuser {
+                "a superuser"
+            } else {
+                "the owner of the events table"
+            }
+        );
+    }
+    Ok(())
+}
+
 /// The store, queue and read models `serve` runs on.
 struct Backend {
     store: Arc<dyn EventStore>,
@@ -336,6 +444,7 @@ struct Backend {
     read_models: Arc<dyn agentledger_projections::ReadModels>,
     ledger_keys: Arc<dyn LedgerKeys>,
     subject_keys: Arc<dyn SubjectKeys>,
+    api_keys: Arc<dyn ApiKeys>,
     /// `postgres` or `in-memory`.
     kind: &'static str,
 }

@@ -53,13 +53,16 @@ async fn replay_at_every_position_equals_the_read_model_right_after_that_event()
         ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
         shutdown: Default::default(),
         open_subscriptions: Arc::default(),
+        auth: Arc::new(agentledger_api::Authenticator::off()),
+        ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let schema = agentledger_api::schema(services);
     let run = |query: String, variables: Value| {
         let schema = schema.clone();
         async move {
             let request = async_graphql::Request::new(query)
-                .variables(async_graphql::Variables::from_json(variables));
+                .variables(async_graphql::Variables::from_json(variables))
+                .data(agentledger_api::Principal::anonymous());
             let response = schema.execute(request).await;
             assert!(response.errors.is_empty(), "{:?}", response.errors);
             response.data.into_json().unwrap()

@@ -20,7 +20,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use faults::{FaultPlan, FaultPoint};
 pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
 pub use runtime::{
-    fingerprint, stream_of, workflow_id_for_key, History, Runtime, RuntimeConfig, RuntimeError,
-    Submission, Submitted, PRIVACY_STREAM,
+    fingerprint, stream_of, workflow_id_for_key, History, HumanDecision, Runtime, RuntimeConfig,
+    RuntimeError, Submission, Submitted, PRIVACY_STREAM, STREAM_PREFIX,
 };
 pub use tool::{Tool, ToolCall, ToolFailure, ToolRegistry};

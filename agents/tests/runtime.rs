@@ -13,7 +13,7 @@ use agentledger_agents::{
 use agentledger_domain::policy::gitcode::GitCodeConfig;
 use agentledger_domain::tools::ToolSpec;
 use agentledger_domain::workflow::{FailureKind, Verdict, WorkflowEvent, WorkflowState};
-use agentledger_eventstore::{EventStore, InMemoryEventStore};
+use agentledger_eventstore::{Actor, EventStore, InMemoryEventStore};
 use async_trait::async_trait;
 use common::*;
 
@@ -105,12 +105,18 @@ async fn an_escalated_workflow_waits_for_a_person_and_resumes() {
 
     running
         .runtime
-        .decide_escalation(approved, true, "checked: only duplicates".into(), "kim")
+        .decide_escalation(
+            approved,
+            decision(true, "checked: only duplicates".into(), "kim"),
+        )
         .await
         .unwrap();
     running
         .runtime
-        .decide_escalation(refused, false, "not without a backup".into(), "lee")
+        .decide_escalation(
+            refused,
+            decision(false, "not without a backup".into(), "lee"),
+        )
         .await
         .unwrap();
     let seen = follow_until(
@@ -133,7 +139,7 @@ async fn an_escalated_workflow_waits_for_a_person_and_resumes() {
     // A second decision is refused: the workflow is no longer waiting.
     let again = running
         .runtime
-        .decide_escalation(approved, true, String::new(), "kim")
+        .decide_escalation(approved, decision(true, String::new(), "kim"))
         .await;
     assert!(again.is_err());
     running.stop().await;
@@ -269,7 +275,7 @@ async fn a_cancelled_workflow_stops() {
     settle(&*store, &[id]).await; // escalated: waiting for a person
     running
         .runtime
-        .cancel(id, Some("no longer needed".into()), "kim")
+        .cancel(id, Some("no longer needed".into()), &Actor::human("kim"))
         .await
         .unwrap();
     let seen = follow_until(&*store, &[id], std::time::Duration::from_secs(60), |w| {
@@ -278,7 +284,11 @@ async fn a_cancelled_workflow_stops() {
     .await;
     assert_eq!(seen[&id].workflow.state, WorkflowState::Cancelled);
     assert!(
-        running.runtime.cancel(id, None, "kim").await.is_err(),
+        running
+            .runtime
+            .cancel(id, None, &Actor::human("kim"))
+            .await
+            .is_err(),
         "final states cannot be cancelled"
     );
     running.stop().await;
@@ -384,7 +394,7 @@ async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_fo
 
     let forgotten = running
         .runtime
-        .forget_subject("상담자-17", "dpo")
+        .forget_subject("상담자-17", &Actor::human("dpo"))
         .await
         .unwrap();
     assert!(forgotten.key_id.is_some());
@@ -400,7 +410,7 @@ async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_fo
     assert_eq!(store.head_position().await.unwrap(), head + 1);
     let again = running
         .runtime
-        .forget_subject("상담자-17", "dpo")
+        .forget_subject("상담자-17", &Actor::human("dpo"))
         .await
         .unwrap();
     assert_eq!(again.key_id, None, "nothing left to destroy");
@@ -435,4 +445,16 @@ async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_fo
     ));
     assert_eq!(plain_store.head_position().await.unwrap(), 0);
     plain.stop().await;
+}
+
+/// A person's decision as the tests make it: by `by`, no position check,
+/// self-approval allowed (the submitter here is `anonymous`).
+fn decision(approve: bool, comment: String, by: &str) -> agentledger_agents::HumanDecision {
+    agentledger_agents::HumanDecision {
+        approve,
+        comment,
+        by: Actor::human(by),
+        expected_position: None,
+        allow_self: true,
+    }
 }

@@ -3,11 +3,18 @@
 //! `/graphql/ws` in both the `graphql-transport-ws` and the legacy
 //! `graphql-ws` subprotocols), `GET /health`, `GET /ready`, `GET /metrics`.
 //!
+//! Every GraphQL request is authenticated first (`auth`): a plain request
+//! without a valid credential is answered 401 before its body is read, a
+//! WebSocket authenticates on its upgrade request or in `connection_init`
+//! (close 4401 when it cannot).
+//!
 //! This is the only crate that knows axum and async-graphql; it converts
 //! domain and read-model types at its edge and never talks SQL itself.
 
+pub mod auth;
 pub mod graphql;
 pub mod metrics;
+mod ws;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,10 +23,11 @@ use std::sync::Arc;
 use agentledger_projections::lag;
 use async_graphql::http::GraphiQLSource;
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::extract::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -27,7 +35,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 
-pub use graphql::{schema, sdl, AgentledgerSchema, Caller, Limits, Services};
+pub use auth::{AuthConfig, Authenticator, Principal};
+pub use graphql::{schema, sdl, AgentledgerSchema, Limits, Services};
 
 /// What `/health` reports besides being alive.
 #[derive(Debug, Clone)]
@@ -84,9 +93,22 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         http: Arc::default(),
     };
     let http = state.http.clone();
-    Router::new()
-        .route("/graphql", get(graphiql).post(graphql_request))
+    // GraphiQL exists to explore the schema: where introspection is off
+    // (prod by default) it is not served either.
+    let page = if state.services.limits.introspection {
+        get(graphiql)
+    } else {
+        axum::routing::MethodRouter::new()
+    };
+    let graphql = Router::new()
+        .route("/graphql", page.post(graphql_request))
         .route("/graphql/ws", get(graphql_ws))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .merge(graphql)
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
@@ -152,11 +174,91 @@ async fn graphiql() -> Html<String> {
     )
 }
 
+/// The caller of a GraphQL request, found before its body is read: a
+/// request with a bad credential (or none, where one is required) is
+/// refused here. A WebSocket upgrade without one may still authenticate in
+/// `connection_init`.
+#[derive(Clone)]
+struct Caller(Option<Principal>);
+
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let auth = &state.services.auth;
+    let headers = request.headers();
+    // A page on another site can POST a form or text/plain without asking
+    // first; it cannot send JSON without a CORS preflight. So a POST must be
+    // JSON, and a browser elsewhere cannot drive the service.
+    if request.method() == axum::http::Method::POST && !is_json(headers) {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({ "errors": [{
+                "message": "POST /graphql takes a JSON body: send content-type: application/json",
+                "extensions": { "code": "BAD_INPUT" },
+            }] })),
+        )
+            .into_response();
+    }
+    let websocket = request.uri().path() == "/graphql/ws";
+    let graphiql = request.method() == axum::http::Method::GET && !websocket;
+    let caller = if (websocket || graphiql) && !Authenticator::has_credential(headers) {
+        // GraphiQL is a page; it sends its own credential with each request.
+        None
+    } else {
+        match auth.authenticate_headers(headers).await {
+            Ok(principal) => Some(principal),
+            Err(e) => return refusal(&e),
+        }
+    };
+    request.extensions_mut().insert(Caller(caller));
+    next.run(request).await
+}
+
+/// Whether the request's body is declared JSON (`application/json`, with
+/// or without parameters such as a charset).
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A GraphQL error response for a caller that is not let in: 401 (with
+/// `WWW-Authenticate`) or 503 when the credential could not be checked.
+fn refusal(e: &auth::AuthError) -> Response {
+    let (status, code) = match e {
+        auth::AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+        auth::AuthError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+    };
+    let body = Json(json!({
+        "errors": [{ "message": e.to_string(), "extensions": { "code": code } }]
+    }));
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    match e {
+        auth::AuthError::Unauthenticated(_) => {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("a header value"),
+            );
+        }
+        auth::AuthError::Unavailable(_) => {
+            headers.insert(header::RETRY_AFTER, "1".parse().expect("a header value"));
+        }
+    }
+    response
+}
+
 async fn graphql_request(
     State(state): State<AppState>,
+    axum::Extension(Caller(caller)): axum::Extension<Caller>,
     request: GraphQLRequest,
-) -> GraphQLResponse {
-    let request = request.into_inner().data(Caller::anonymous());
+) -> Response {
+    let Some(principal) = caller else {
+        return refusal(&auth::AuthError::Unauthenticated(
+            "this server requires a credential".into(),
+        ));
+    };
+    let request = request.into_inner().data(principal);
     let response = state.schema.execute(request).await;
     state
         .counters
@@ -168,7 +270,7 @@ async fn graphql_request(
             .graphql_errors
             .fetch_add(1, Ordering::Relaxed);
     }
-    response.into()
+    GraphQLResponse::from(response).into_response()
 }
 
 /// Buffers of one WebSocket connection. Subscription messages are small;
@@ -180,21 +282,38 @@ const WS_BUFFER_BYTES: usize = 8 * 1024;
 /// (`graphql-transport-ws` or `graphql-ws`).
 async fn graphql_ws(
     State(state): State<AppState>,
-    protocol: GraphQLProtocol,
+    axum::Extension(Caller(caller)): axum::Extension<Caller>,
+    headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    use std::str::FromStr;
+    let protocol = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|protocols| {
+            protocols
+                .split(',')
+                .find_map(|p| async_graphql::http::WebSocketProtocols::from_str(p.trim()).ok())
+        });
+    let Some(protocol) = protocol else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "ask for the graphql-transport-ws or graphql-ws subprotocol",
+        )
+            .into_response();
+    };
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .read_buffer_size(WS_BUFFER_BYTES)
         .write_buffer_size(WS_BUFFER_BYTES)
-        .on_upgrade(move |stream| {
-            GraphQLWebSocket::new(stream, state.schema, protocol)
-                .with_data({
-                    let mut data = async_graphql::Data::default();
-                    data.insert(Caller::anonymous());
-                    data
-                })
-                .serve()
+        .on_upgrade(move |socket| {
+            ws::serve(
+                socket,
+                state.schema,
+                protocol,
+                caller,
+                state.services.auth.clone(),
+            )
         })
 }
 

@@ -42,12 +42,13 @@ impl ReadModels for Counting {
     }
     async fn workflows(
         &self,
+        tenant: Option<&str>,
         state: Option<WorkflowState>,
         after: Option<WorkflowCursor>,
         limit: usize,
     ) -> Result<Vec<WorkflowStatus>, ReadError> {
         self.count();
-        self.inner.workflows(state, after, limit).await
+        self.inner.workflows(tenant, state, after, limit).await
     }
     async fn audit_trail(
         &self,
@@ -120,10 +121,12 @@ async fn a_page_of_100_workflows_with_subtasks_and_decisions_takes_a_bounded_num
         ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
         shutdown: Default::default(),
         open_subscriptions: Arc::default(),
+        auth: Arc::new(agentledger_api::Authenticator::off()),
+        ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     models.calls.store(0, Ordering::SeqCst);
     let response = schema
-        .execute("{ workflows(first: 100) { edges { node { id state subtasks { id } decisions { kind } } } } }")
+        .execute(anonymous("{ workflows(first: 100) { edges { node { id state subtasks { id } decisions { kind } } } } }"))
         .await;
     assert!(response.errors.is_empty(), "{:?}", response.errors);
     let data = response.data.into_json().unwrap();
@@ -166,10 +169,13 @@ async fn an_open_subscription_is_counted_until_it_is_dropped_and_ends_on_shutdow
         ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
         shutdown: Default::default(),
         open_subscriptions: Arc::default(),
+        auth: Arc::new(agentledger_api::Authenticator::off()),
+        ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let schema = agentledger_api::schema(services.clone());
-    let mut stream =
-        schema.execute_stream("subscription { workflowEvents(fromPosition: 1) { position } }");
+    let mut stream = schema.execute_stream(anonymous(
+        "subscription { workflowEvents(fromPosition: 1) { position } }",
+    ));
     let first = stream.next().await.unwrap();
     assert!(first.errors.is_empty(), "{:?}", first.errors);
     assert_eq!(services.open_subscriptions.load(Ordering::SeqCst), 1);
@@ -202,6 +208,8 @@ async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written()
         ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
         shutdown: Default::default(),
         open_subscriptions: Arc::default(),
+        auth: Arc::new(agentledger_api::Authenticator::off()),
+        ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let long = "x".repeat(300);
     for query in [
@@ -213,7 +221,7 @@ async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written()
         r#"mutation { forgetSubject(subjectId: "") { destroyed } }"#.to_string(),
         "{ ledgerDigest(atPosition: 5) { root } }".to_string(),
     ] {
-        let response = schema.execute(query.as_str()).await;
+        let response = schema.execute(anonymous(query.as_str())).await;
         let code = response
             .errors
             .first()
@@ -229,7 +237,9 @@ async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written()
     assert_eq!(store.head_position().await.unwrap(), 0, "nothing written");
     // Forgetting a subject that never had a key is not an error: nothing to destroy.
     let response = schema
-        .execute(r#"mutation { forgetSubject(subjectId: "nobody") { destroyed vacuumed } }"#)
+        .execute(anonymous(
+            r#"mutation { forgetSubject(subjectId: "nobody") { destroyed vacuumed } }"#,
+        ))
         .await;
     assert!(response.errors.is_empty(), "{:?}", response.errors);
     assert_eq!(
@@ -237,4 +247,9 @@ async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written()
         false
     );
     assert_eq!(store.head_position().await.unwrap(), 0);
+}
+
+/// `query` as the anonymous caller of authentication off (every role).
+fn anonymous(query: &str) -> async_graphql::Request {
+    async_graphql::Request::new(query).data(agentledger_api::Principal::anonymous())
 }

@@ -109,15 +109,59 @@ pub struct Actor {
     /// The agent's version; empty for humans.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
+    /// The stable identity behind `name` (an authenticated person's
+    /// `apikey:<key id>` or `jwt:<issuer>#<sub>`); empty for agents, the
+    /// system and events recorded before authentication existed. Display
+    /// names change; this does not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
+    /// How `subject` proved who it is: `api_key`, `jwt`, or `none` (auth
+    /// off); empty where `subject` is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
 }
 
 impl Actor {
+    /// An agent (`sena`, an external worker, …) at `version`.
+    pub fn agent(name: impl Into<String>, version: impl Into<String>) -> Self {
+        Self {
+            kind: ActorKind::Agent,
+            name: name.into(),
+            version: version.into(),
+            subject: String::new(),
+            method: String::new(),
+        }
+    }
+
+    /// A person known only by `name` (tests, the demo, the CLI).
+    pub fn human(name: impl Into<String>) -> Self {
+        Self {
+            kind: ActorKind::Human,
+            name: name.into(),
+            version: String::new(),
+            subject: String::new(),
+            method: String::new(),
+        }
+    }
+
+    /// The stable identity of this actor: its subject where it has one,
+    /// else its name.
+    pub fn identity(&self) -> &str {
+        if self.subject.is_empty() {
+            &self.name
+        } else {
+            &self.subject
+        }
+    }
+
     /// The service itself.
     pub fn system() -> Self {
         Self {
             kind: ActorKind::System,
             name: "agentledger".into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            subject: String::new(),
+            method: String::new(),
         }
     }
 }

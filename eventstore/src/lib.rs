@@ -25,6 +25,7 @@
 //! # }
 //! ```
 
+pub mod api_keys;
 mod append;
 pub mod chain;
 pub mod digest;

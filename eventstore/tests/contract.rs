@@ -78,11 +78,7 @@ fn events(n: usize, tag: &str) -> Vec<NewEvent> {
 async fn appended_events_read_back_in_order_with_a_verifying_chain(backend: Backend) {
     let store = backend.open().await;
     let s = stream("workflow-a");
-    let mut metadata = Metadata::new(Actor {
-        kind: ActorKind::Agent,
-        name: "sena".into(),
-        version: "1.0.0".into(),
-    });
+    let mut metadata = Metadata::new(Actor::agent("sena", "1.0.0"));
     metadata.correlation_id = Some(uuid::Uuid::now_v7());
     let batch = vec![
         NewEvent::new(

@@ -18,11 +18,7 @@ fn stream(name: &str) -> StreamId {
 fn events(n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|i| {
-            let mut metadata = Metadata::new(Actor {
-                kind: ActorKind::Agent,
-                name: "lubit".into(),
-                version: "1".into(),
-            });
+            let mut metadata = Metadata::new(Actor::agent("lubit", "1"));
             metadata.correlation_id = Some(uuid::Uuid::now_v7());
             NewEvent::new(
                 format!("Step{i}"),

@@ -121,6 +121,7 @@ impl ReadModels for InMemoryReadModels {
 
     async fn workflows(
         &self,
+        tenant: Option<&str>,
         state: Option<WorkflowState>,
         after: Option<WorkflowCursor>,
         limit: usize,
@@ -130,6 +131,7 @@ impl ReadModels for InMemoryReadModels {
             .folds
             .values()
             .map(|f| f.status())
+            .filter(|s| tenant.is_none_or(|t| s.tenant == t))
             .filter(|s| state.is_none_or(|wanted| s.state == wanted))
             .filter(|s| after.is_none_or(|c| (s.created_at, s.id) < (c.created_at, c.id)))
             .collect();

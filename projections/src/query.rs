@@ -23,6 +23,8 @@ pub struct WorkflowCursor {
 /// Which audit entries to list; every field narrows.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
+    /// Only this tenant's entries (the API always sets it).
+    pub tenant: Option<String>,
     pub workflow: Option<Uuid>,
     pub actor: Option<String>,
     pub role: Option<AgentRole>,
@@ -38,7 +40,8 @@ pub struct AuditFilter {
 impl AuditFilter {
     /// Whether `entry` passes the filter.
     pub fn admits(&self, entry: &AuditEntry) -> bool {
-        self.workflow.is_none_or(|w| entry.workflow_id == w)
+        self.tenant.as_ref().is_none_or(|t| &entry.tenant == t)
+            && self.workflow.is_none_or(|w| entry.workflow_id == w)
             && self.actor.as_ref().is_none_or(|a| &entry.actor == a)
             && self.role.is_none_or(|r| entry.role == Some(r))
             && self.kind.as_ref().is_none_or(|k| &entry.kind == k)
@@ -69,9 +72,10 @@ pub trait ReadModels: Send + Sync + 'static {
     async fn workflow(&self, id: Uuid) -> Result<Option<WorkflowStatus>, ReadError>;
 
     /// Up to `limit` workflows (with subtasks), newest first (creation time,
-    /// then id), optionally in one state, after `after`.
+    /// then id), optionally of one tenant and in one state, after `after`.
     async fn workflows(
         &self,
+        tenant: Option<&str>,
         state: Option<WorkflowState>,
         after: Option<WorkflowCursor>,
         limit: usize,

@@ -105,7 +105,7 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
     let mut seen: Vec<WorkflowStatus> = Vec::new();
     let mut after = None;
     loop {
-        let page = models.workflows(None, after, 4).await.unwrap();
+        let page = models.workflows(None, None, after, 4).await.unwrap();
         if page.is_empty() {
             break;
         }
@@ -120,7 +120,7 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
         .windows(2)
         .all(|w| (w[0].created_at, w[0].id) > (w[1].created_at, w[1].id)));
     let rejected = models
-        .workflows(Some(WorkflowState::Rejected), None, 100)
+        .workflows(None, Some(WorkflowState::Rejected), None, 100)
         .await
         .unwrap();
     assert_eq!(

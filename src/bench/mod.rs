@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentledger_eventstore::{
-    migrate, Actor, ActorKind, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresEventStore,
+    migrate, Actor, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresEventStore,
     PostgresOptions, StreamId,
 };
 use anyhow::Context;
@@ -86,11 +86,7 @@ fn payload(i: usize) -> serde_json::Value {
 }
 
 fn metadata() -> Metadata {
-    let mut metadata = Metadata::new(Actor {
-        kind: ActorKind::Agent,
-        name: "gitcode".into(),
-        version: "1.0.0".into(),
-    });
+    let mut metadata = Metadata::new(Actor::agent("gitcode", "1.0.0"));
     metadata.correlation_id = Some(uuid::Uuid::now_v7());
     metadata.causation_id = Some(uuid::Uuid::now_v7());
     metadata

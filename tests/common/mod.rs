@@ -14,6 +14,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_logging(env, Stdio::inherit())
+    }
+
+    /// [`Server::start`] with the server's log (stderr) going to `log`.
+    pub fn start_logging(env: &[(&str, &str)], log: impl Into<Stdio>) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_agentledger"));
         command
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -21,7 +26,7 @@ impl Server {
             .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         let mut child = command.spawn().expect("agentledger starts");
         // The server prints its address once it listens: the event to wait for.
         let mut line = String::new();

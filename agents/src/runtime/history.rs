@@ -36,6 +36,9 @@ pub struct Recorded {
     pub position: Position,
     pub event_id: Uuid,
     pub event: WorkflowEvent,
+    /// The event's chain hash (hex) when it was read from the store;
+    /// `None` for events this history appended itself.
+    pub hash: Option<String>,
 }
 
 /// A loaded workflow.
@@ -103,14 +106,18 @@ impl History {
                     &recorded.payload,
                 )
                 .map_err(|e| RuntimeError::Corrupt(format!("{stream}: {e}")))?;
-                decoded.push((recorded.global_position, recorded.event_id, event));
+                decoded.push((
+                    (recorded.global_position, recorded.event_id),
+                    event,
+                    hex::encode(recorded.hash),
+                ));
             }
             if page.len() < PAGE {
                 break;
             }
         }
         let sealing = match decoded.first() {
-            Some((_, _, WorkflowEvent::WorkflowSubmitted { sealing, .. })) => sealing.clone(),
+            Some((_, WorkflowEvent::WorkflowSubmitted { sealing, .. }, _)) => sealing.clone(),
             _ => None,
         };
         if sealing.is_some() && keys.is_none() && !sealed_ok {
@@ -121,27 +128,34 @@ impl History {
         if let (Some(keys), Some(sealing)) = (keys, &sealing) {
             let mut wanted: Vec<Uuid> = decoded
                 .iter()
-                .flat_map(|(_, _, e)| e.sealed_keys())
+                .flat_map(|(_, e, _)| e.sealed_keys())
                 .collect();
             wanted.push(sealing.key);
             wanted.sort_unstable();
             wanted.dedup();
             let secrets: HashMap<Uuid, SubjectKey> = keys.secrets(&wanted).await?;
-            decoded.iter_mut().for_each(|(_, _, e)| e.open(&secrets));
+            decoded.iter_mut().for_each(|(_, e, _)| e.open(&secrets));
             history.key = secrets.get(&sealing.key).copied();
         }
-        for (position, event_id, event) in decoded {
-            history.push(position, event_id, event);
+        for ((position, event_id), event, hash) in decoded {
+            history.push(position, event_id, event, Some(hash));
         }
         Ok((!history.events.is_empty()).then_some(history))
     }
 
-    fn push(&mut self, position: Position, event_id: Uuid, event: WorkflowEvent) {
+    fn push(
+        &mut self,
+        position: Position,
+        event_id: Uuid,
+        event: WorkflowEvent,
+        hash: Option<String>,
+    ) {
         self.workflow = std::mem::take(&mut self.workflow).apply(&event);
         self.events.push(Recorded {
             position,
             event_id,
             event,
+            hash,
         });
     }
 
@@ -229,7 +243,7 @@ impl History {
             appended.last_position - appended.first_position + 1 == events.len() as u64;
         if contiguous {
             for ((event, id), i) in events.into_iter().zip(ids).zip(0..) {
-                self.push(appended.first_position + i, id, event);
+                self.push(appended.first_position + i, id, event, None);
             }
         } else {
             // Positions of one append are taken as a block; should that ever

@@ -24,8 +24,8 @@ use agentledger_domain::privacy::{Sealing, TextField};
 use agentledger_domain::workflow::{Command, DomainError, Priority, Text, Workflow};
 use agentledger_eventstore::subject_keys::{Forgotten, SubjectKeys};
 use agentledger_eventstore::{
-    Actor, ActorKind, EventStore, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,
-    StoreError, StreamId,
+    Actor, EventStore, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position, StoreError,
+    StreamId,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -65,6 +65,34 @@ pub enum RuntimeError {
     /// (`CONFLICT`); nothing was written.
     #[error("this idempotency key was used for a different request")]
     KeyReused,
+    /// The person who submitted a workflow tried to decide its escalation
+    /// (four eyes); nothing was written (`FORBIDDEN`).
+    #[error(
+        "the submitter of a workflow cannot decide its escalation: another person must (four eyes)"
+    )]
+    SelfDecision,
+    /// The workflow moved past the position the decider saw; nothing was
+    /// written. Read it again and decide on what it is now (`CONFLICT`).
+    #[error("the workflow is at position {actual}, not {expected}: read it again before deciding")]
+    Moved {
+        expected: Position,
+        actual: Position,
+    },
+}
+
+/// A person's decision on an escalated workflow.
+#[derive(Debug, Clone)]
+pub struct HumanDecision {
+    pub approve: bool,
+    pub comment: String,
+    /// Who decides (kind human; `subject` is compared with the owner).
+    pub by: Actor,
+    /// The workflow's last position as the person saw it; when given and the
+    /// workflow has moved on, [`RuntimeError::Moved`] and nothing written.
+    pub expected_position: Option<Position>,
+    /// Whether the workflow's submitter may decide (never by default
+    /// outside dev).
+    pub allow_self: bool,
 }
 
 /// How the runtime behaves; every policy configuration is recorded (as a
@@ -124,8 +152,13 @@ pub struct Submission {
     pub request: String,
     pub input: Option<String>,
     pub priority: Priority,
-    /// The submitting principal (`anonymous` in dev).
+    /// The submitting principal's stable identity (`anonymous` in dev):
+    /// the workflow's owner.
     pub owner: Option<String>,
+    /// Who records the submission; a person named by `owner` when `None`.
+    pub actor: Option<Actor>,
+    /// The owner's tenant (`default` when `None`).
+    pub tenant: Option<String>,
     pub idempotency_key: Option<String>,
     /// The data subject the request is about: its personal text is sealed
     /// under the subject's key (see [`Runtime::forget_subject`]).
@@ -173,11 +206,7 @@ pub fn fingerprint(config: &impl Serialize) -> String {
 fn agent(name: &str, config: &impl Serialize) -> Recorder {
     let version = agentledger_domain::policy::VERSION.to_string();
     Recorder {
-        actor: Actor {
-            kind: ActorKind::Agent,
-            name: name.into(),
-            version: version.clone(),
-        },
+        actor: Actor::agent(name, version.clone()),
         policy: Some(PolicyRef {
             name: format!("{name}-reference"),
             version,
@@ -295,7 +324,7 @@ impl Runtime {
     pub async fn forget_subject(
         &self,
         subject: &str,
-        person: &str,
+        by: &Actor,
     ) -> Result<Forgotten, RuntimeError> {
         let keys = self.inner.keys().ok_or_else(|| {
             DomainError::BadInput("crypto-shredding is not configured on this runtime".into())
@@ -306,8 +335,8 @@ impl Runtime {
         // could destroy a key with no record of it.
         if let Some(key_id) = keys.find(subject).await? {
             let stream = StreamId::new(PRIVACY_STREAM).expect("a valid stream id");
-            let mut metadata = Metadata::new(human(person).actor);
-            metadata.owner = person.to_string();
+            let mut metadata = Metadata::new(by.clone());
+            metadata.owner = by.identity().to_string();
             let mut event = NewEvent::new(
                 "SubjectKeyDestroyed",
                 serde_json::json!({ "key_id": key_id }),
@@ -362,9 +391,17 @@ impl Runtime {
     pub async fn submit_recorded(&self, submission: Submission) -> Result<Submitted, RuntimeError> {
         let inner = &self.inner;
         let owner_name = submission.owner.unwrap_or_else(|| "anonymous".into());
+        let tenant = submission.tenant.unwrap_or_else(|| "default".into());
+        // Keys are scoped per tenant and owner; the default tenant's ids
+        // stay those derived before tenants existed.
+        let key_scope = if tenant == "default" {
+            owner_name.clone()
+        } else {
+            format!("{tenant}\u{0}{owner_name}")
+        };
         let id = match (&submission.workflow_id, &submission.idempotency_key) {
             (Some(id), _) => *id,
-            (None, Some(key)) => workflow_id_for_key(&owner_name, key),
+            (None, Some(key)) => workflow_id_for_key(&key_scope, key),
             (None, None) => Uuid::now_v7(),
         };
         let mut command = Command::Submit {
@@ -378,7 +415,7 @@ impl Runtime {
             stream: stream_of(id),
             workflow: Workflow::default(),
             events: Vec::new(),
-            tenant: "default".into(),
+            tenant,
             owner: owner_name,
             key: None,
         };
@@ -438,7 +475,10 @@ impl Runtime {
             Err(e) => return Err(e.into()),
         };
         inner.held.lock().expect("held lock").insert(id);
-        let recorder = human(&history.owner);
+        let recorder = match submission.actor {
+            Some(actor) => person(actor),
+            None => person(Actor::human(history.owner.clone())),
+        };
         let written = history
             .record_keyed(
                 &*inner.store,
@@ -523,27 +563,52 @@ impl Runtime {
     /// The queue row is written twice: before the append, claimable only
     /// after `orphan_grace` (so that a crash right after the append still
     /// resumes the workflow, late), and after it, claimable at once.
+    ///
+    /// The decision names the gate decision it answers (position and
+    /// hash); the submitter may not decide unless `allow_self`.
     pub async fn decide_escalation(
         &self,
         workflow: Uuid,
-        approve: bool,
-        comment: String,
-        person: &str,
+        decision: HumanDecision,
     ) -> Result<Position, RuntimeError> {
         let inner = &self.inner;
         let mut history = History::load(&*inner.store, inner.keys(), workflow)
             .await?
             .ok_or(DomainError::NotFound)?;
+        if !decision.allow_self && decision.by.identity() == history.owner {
+            return Err(RuntimeError::SelfDecision);
+        }
+        let last = history.last().map_or(0, |r| r.position);
+        if let Some(expected) = decision.expected_position.filter(|e| *e != last) {
+            return Err(RuntimeError::Moved {
+                expected,
+                actual: last,
+            });
+        }
+        let answers = history
+            .last_where(|e| {
+                matches!(
+                    e,
+                    agentledger_domain::workflow::WorkflowEvent::GateDecided { .. }
+                )
+            })
+            .and_then(|gate| {
+                Some(agentledger_domain::workflow::GateRef {
+                    position: gate.position,
+                    hash: gate.hash.clone()?,
+                })
+            });
         let command = Command::RecordHumanDecision {
-            approve,
-            comment: Text::new(comment),
+            approve: decision.approve,
+            comment: Text::new(decision.comment),
+            answers,
         };
         agentledger_domain::workflow::handle(&history.workflow, command.clone())?;
         let priority = history.workflow.priority;
         let now = inner.clock.now();
         let later = now + chrono::Duration::from_std(inner.config.orphan_grace).unwrap_or_default();
         inner.queue.enqueue(workflow, priority, later, now).await?;
-        let recorder = human(person);
+        let recorder = person(decision.by);
         let causation = history.last().map(|r| r.event_id);
         let inputs = history.last().map(|r| vec![r.position]).unwrap_or_default();
         if !history
@@ -563,7 +628,7 @@ impl Runtime {
         &self,
         workflow: Uuid,
         reason: Option<String>,
-        person: &str,
+        by: &Actor,
     ) -> Result<Position, RuntimeError> {
         let inner = &self.inner;
         let mut history = History::load(&*inner.store, inner.keys(), workflow)
@@ -576,7 +641,7 @@ impl Runtime {
         if !history
             .record(
                 &*inner.store,
-                &human(person),
+                &person(by.clone()),
                 vec![command],
                 causation,
                 vec![],
@@ -708,13 +773,9 @@ fn spawn_drive(
     ));
 }
 
-fn human(person: &str) -> Recorder {
+fn person(actor: Actor) -> Recorder {
     Recorder {
-        actor: Actor {
-            kind: ActorKind::Human,
-            name: person.into(),
-            version: String::new(),
-        },
+        actor,
         policy: None,
     }
 }

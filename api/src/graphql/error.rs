@@ -11,18 +11,48 @@ use async_graphql::ErrorExtensions;
 /// The codes clients can rely on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
+    /// The input breaks a documented rule; nothing was written. Fix it.
     BadInput,
+    /// No such thing in the caller's tenant.
     NotFound,
+    /// The state moved on (or a key was reused); read again and decide.
     Conflict,
+    /// No credential, or not a valid one (HTTP 401, WebSocket 4401).
+    Unauthenticated,
+    /// A valid credential without the role or right for this (WebSocket 4403).
+    Forbidden,
+    /// Too many requests; wait as `Retry-After` says.
+    RateLimited,
+    /// The database (or identity provider) cannot be reached now; the
+    /// request did not take effect or may be retried safely.
+    Unavailable,
+    /// A bug or corruption; logged.
     Internal,
 }
 
 impl Code {
-    fn as_str(self) -> &'static str {
+    /// Every code, as documented in docs/security.md and the README.
+    pub const ALL: [Code; 8] = [
+        Code::BadInput,
+        Code::NotFound,
+        Code::Conflict,
+        Code::Unauthenticated,
+        Code::Forbidden,
+        Code::RateLimited,
+        Code::Unavailable,
+        Code::Internal,
+    ];
+
+    /// The code as sent in `extensions.code`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::BadInput => "BAD_INPUT",
             Self::NotFound => "NOT_FOUND",
             Self::Conflict => "CONFLICT",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden => "FORBIDDEN",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::Unavailable => "UNAVAILABLE",
             Self::Internal => "INTERNAL",
         }
     }
@@ -46,8 +76,18 @@ pub fn from_runtime(e: RuntimeError) -> async_graphql::Error {
         RuntimeError::Rejected(e @ DomainError::InvalidTransition { .. }) => {
             error(Code::Conflict, e.to_string())
         }
-        RuntimeError::KeyReused | RuntimeError::Superseded => error(Code::Conflict, e.to_string()),
+        RuntimeError::KeyReused | RuntimeError::Superseded | RuntimeError::Moved { .. } => {
+            error(Code::Conflict, e.to_string())
+        }
+        RuntimeError::SelfDecision => error(Code::Forbidden, e.to_string()),
         RuntimeError::Store(e) => from_store(e),
+        RuntimeError::Queue(e) => {
+            tracing::warn!(error = %e, "task queue unavailable");
+            error(
+                Code::Unavailable,
+                "the task queue cannot be reached now; retry",
+            )
+        }
         other => internal(&other),
     }
 }
@@ -56,16 +96,32 @@ pub fn from_runtime(e: RuntimeError) -> async_graphql::Error {
 pub fn from_store(e: StoreError) -> async_graphql::Error {
     match e {
         StoreError::BadInput(why) => bad_input(why),
-        StoreError::Conflict { .. } | StoreError::IdempotencyMismatch { .. } => {
-            error(Code::Conflict, e.to_string())
+        StoreError::Conflict { .. }
+        | StoreError::IdempotencyMismatch { .. }
+        | StoreError::Contended { .. } => error(Code::Conflict, e.to_string()),
+        StoreError::Unavailable(_) | StoreError::Database(_) | StoreError::Closed => {
+            tracing::warn!(error = %e, "event store unavailable");
+            error(
+                Code::Unavailable,
+                "the database cannot be reached now; retrying is safe",
+            )
         }
         other => internal(&other),
     }
 }
 
-/// A read model error: always internal to the client.
+/// A read model error.
 pub fn from_read(e: ReadError) -> async_graphql::Error {
-    internal(&e)
+    match e {
+        ReadError::Unavailable(_) => {
+            tracing::warn!(error = %e, "read models unavailable");
+            error(
+                Code::Unavailable,
+                "the read models cannot be reached now; retry",
+            )
+        }
+        other => internal(&other),
+    }
 }
 
 /// Logs `e` and returns a generic `INTERNAL` error.

@@ -1,6 +1,14 @@
-//! The GraphQL schema of design §5 (all of it but what #6 owns: auditTrail,
-//! replay, verify*). Resolvers read the read models, send commands through
-//! the agents runtime, and stream from the event store.
+//! The GraphQL schema of design §5: queries (`query`), mutations
+//! (`mutation`) and subscriptions (`subscription`). Resolvers read the read
+//! models, send commands through the agents runtime, and stream from the
+//! event store. Who may call which root field is `auth::access::ACCESS`,
+//! enforced before any resolver runs; which rows a caller sees (its tenant,
+//! its own workflows) is decided here, by [`visible_stream`] and
+//! [`principal`].
+
+mod mutation;
+mod query;
+mod subscription;
 
 pub mod error;
 pub mod types;
@@ -9,46 +17,29 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentledger_agents::{stream_of, Runtime, Submission};
+use agentledger_agents::{stream_of, Runtime};
 use agentledger_eventstore::signing::LedgerKeys;
-use agentledger_eventstore::{EventStore, StreamId};
-use agentledger_projections::model::audit::AuditEntry;
-use agentledger_projections::model::status::StatusFold;
-use agentledger_projections::model::Fact;
+use agentledger_eventstore::{EventStore, RecordedEvent};
 use agentledger_projections::{ReadModels, WorkflowCursor};
-use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::dataloader::DataLoader;
-use async_graphql::{Context, Object, Schema, Subscription, ID};
+use async_graphql::{Context, Schema, ID};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use error::{bad_input, from_read, from_runtime, from_store, Code};
-use types::{
-    AgentMetrics, AgentRole, AuditLoader, ForgetResult, LedgerKey, Position, Priority,
-    RecordedEvent, ReplayStep, SignedDigest, SubjectKeyLoader, Verification, Workflow,
-    WorkflowState,
-};
+use crate::auth::access::ShapeLimits;
+use crate::auth::{AccessGuard, Authenticator, Principal, Role};
+use error::{bad_input, from_store, Code};
+use types::{AuditLoader, SubjectKeyLoader};
+
+pub use mutation::Mutation;
+pub use query::Query;
+use subscription::Followed;
+pub use subscription::SubscriptionRoot;
 
 /// The schema type.
 pub type AgentledgerSchema = Schema<Query, Mutation, SubscriptionRoot>;
-
-/// Who is calling: the one place a request's caller is known. Authentication
-/// (a later issue) fills it in; in dev every caller is `anonymous`.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-}
-
-impl Caller {
-    /// The unauthenticated caller of dev mode.
-    pub fn anonymous() -> Self {
-        Self {
-            name: "anonymous".into(),
-        }
-    }
-}
 
 /// Limits on what a request may ask.
 #[derive(Debug, Clone)]
@@ -60,6 +51,10 @@ pub struct Limits {
     pub max_complexity: usize,
     /// How long a mutation waits for the read models to show its write.
     pub read_your_writes: Duration,
+    /// Root fields and aliases per operation.
+    pub shape: ShapeLimits,
+    /// Whether introspection (`__schema`, `__type`) is answered.
+    pub introspection: bool,
 }
 
 impl Default for Limits {
@@ -69,6 +64,8 @@ impl Default for Limits {
             max_depth: 12,
             max_complexity: 2_000,
             read_your_writes: Duration::from_secs(5),
+            shape: ShapeLimits::default(),
+            introspection: true,
         }
     }
 }
@@ -86,6 +83,11 @@ pub struct Services {
     pub shutdown: CancellationToken,
     /// Subscriptions open now.
     pub open_subscriptions: Arc<AtomicI64>,
+    /// Who is calling, and the four-eyes setting.
+    pub auth: Arc<Authenticator>,
+    /// Whole-ledger work (verification, signing) runs one at a time per
+    /// process, however many callers or aliases ask.
+    pub ledger_work: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counts an open subscription for as long as it lives.
@@ -126,13 +128,14 @@ pub fn schema(services: Services) -> AgentledgerSchema {
         SubjectKeyLoader(services.runtime.subject_keys().cloned()),
         tokio::spawn,
     );
-    Schema::build(Query, Mutation, SubscriptionRoot)
+    let mut builder = Schema::build(Query, Mutation, SubscriptionRoot)
         .limit_depth(services.limits.max_depth)
         .limit_complexity(services.limits.max_complexity)
-        .data(loader)
-        .data(keys)
-        .data(services)
-        .finish()
+        .extension(AccessGuard(services.limits.shape));
+    if !services.limits.introspection {
+        builder = builder.disable_introspection();
+    }
+    builder.data(loader).data(keys).data(services).finish()
 }
 
 /// The schema's SDL (what `agentledger schema` prints).
@@ -146,10 +149,43 @@ fn services<'a>(ctx: &Context<'a>) -> &'a Services {
     ctx.data_unchecked::<Services>()
 }
 
-fn caller(ctx: &Context<'_>) -> Caller {
-    ctx.data_opt::<Caller>()
-        .cloned()
-        .unwrap_or_else(Caller::anonymous)
+/// The caller. The access guard has already refused a request without one.
+fn principal<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Principal> {
+    ctx.data_opt::<Principal>()
+        .ok_or_else(|| error::error(Code::Unauthenticated, "this request carries no credential"))
+}
+
+/// Whether `principal` may see `event`: its tenant's workflow events, and
+/// for auditors and admins its tenant's administrative records too.
+fn may_see(principal: &Principal, event: &RecordedEvent) -> bool {
+    let tenant = event.metadata.get("tenant").and_then(|t| t.as_str());
+    tenant == Some(principal.tenant.as_str())
+        && (event
+            .stream_id
+            .as_str()
+            .starts_with(agentledger_agents::STREAM_PREFIX)
+            || principal.roles.has(Role::Auditor)
+            || principal.roles.has(Role::Admin))
+}
+
+/// The events of workflow `id` from the store, when it exists in the
+/// caller's tenant; else `NOT_FOUND`, the same answer as for a workflow that
+/// does not exist, so that another tenant's ids do not leak.
+async fn visible_stream(
+    ctx: &Context<'_>,
+    id: Uuid,
+    limit: usize,
+) -> async_graphql::Result<Vec<RecordedEvent>> {
+    let principal = principal(ctx)?;
+    let events = services(ctx)
+        .store
+        .read_stream(&stream_of(id), 0, limit)
+        .await
+        .map_err(from_store)?;
+    match events.first() {
+        Some(first) if may_see(principal, first) => Ok(events),
+        _ => Err(error::error(Code::NotFound, "no such workflow")),
+    }
 }
 
 fn parse_id(id: &ID) -> async_graphql::Result<Uuid> {
@@ -190,536 +226,4 @@ fn decode_cursor(cursor: &str) -> async_graphql::Result<WorkflowCursor> {
         .ok_or_else(malformed)?,
         id: id.parse().map_err(|_| malformed())?,
     })
-}
-
-/// Queries.
-pub struct Query;
-
-#[Object]
-impl Query {
-    /// One workflow, from the read models.
-    async fn workflow(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Workflow>> {
-        let id = parse_id(&id)?;
-        let status = services(ctx)
-            .read_models
-            .workflow(id)
-            .await
-            .map_err(from_read)?;
-        Ok(status.map(|status| Workflow {
-            status,
-            decisions: None,
-        }))
-    }
-
-    /// Workflows, newest first, optionally in one state; a cursor connection.
-    async fn workflows(
-        &self,
-        ctx: &Context<'_>,
-        state: Option<WorkflowState>,
-        first: Option<i32>,
-        after: Option<String>,
-    ) -> async_graphql::Result<Connection<String, Workflow, EmptyFields, EmptyFields>> {
-        let services = services(ctx);
-        let size = page_size(first, &services.limits)?;
-        let cursor = after.as_deref().map(decode_cursor).transpose()?;
-        let mut page = services
-            .read_models
-            .workflows(state.map(WorkflowState::to_domain), cursor, size + 1)
-            .await
-            .map_err(from_read)?;
-        let has_next = page.len() > size;
-        page.truncate(size);
-        let mut connection = Connection::new(cursor.is_some(), has_next);
-        connection.edges.extend(page.into_iter().map(|status| {
-            Edge::new(
-                encode_cursor(&status),
-                Workflow {
-                    status,
-                    decisions: None,
-                },
-            )
-        }));
-        Ok(connection)
-    }
-
-    /// Recorded events from the store: of one workflow or of all, from a
-    /// position (inclusive).
-    async fn events(
-        &self,
-        ctx: &Context<'_>,
-        workflow_id: Option<ID>,
-        from_position: Option<Position>,
-        first: Option<i32>,
-    ) -> async_graphql::Result<Vec<RecordedEvent>> {
-        let services = services(ctx);
-        let size = page_size(first, &services.limits)?;
-        let from = from_position.map_or(1, |p| p.0.max(1));
-        let events = match workflow_id {
-            Some(id) => {
-                let stream = stream_of(parse_id(&id)?);
-                let mut all = services
-                    .store
-                    .read_stream(&stream, 0, 10_000)
-                    .await
-                    .map_err(from_store)?;
-                all.retain(|e| e.global_position >= from);
-                all.truncate(size);
-                all
-            }
-            None => services
-                .store
-                .read_all(from, size)
-                .await
-                .map_err(from_store)?,
-        };
-        Ok(events.iter().map(RecordedEvent::of).collect())
-    }
-
-    /// The audit trail, in position order: every recorded event in a
-    /// reviewer's words, filtered by workflow, actor, role, kind and time
-    /// range (`from` inclusive, `to` exclusive); a cursor connection.
-    #[allow(clippy::too_many_arguments)]
-    async fn audit_trail(
-        &self,
-        ctx: &Context<'_>,
-        workflow_id: Option<ID>,
-        actor: Option<String>,
-        role: Option<AgentRole>,
-        kind: Option<String>,
-        from: Option<DateTime<Utc>>,
-        to: Option<DateTime<Utc>>,
-        first: Option<i32>,
-        after: Option<String>,
-    ) -> async_graphql::Result<Connection<String, types::AuditTrailEntry, EmptyFields, EmptyFields>>
-    {
-        let services = services(ctx);
-        let size = page_size(first, &services.limits)?;
-        let after_position = after
-            .as_deref()
-            .map(|c| c.parse::<u64>().map_err(|_| bad_input("malformed cursor")))
-            .transpose()?;
-        let filter = agentledger_projections::AuditFilter {
-            workflow: workflow_id.as_ref().map(parse_id).transpose()?,
-            actor,
-            role: role.map(AgentRole::to_projection),
-            kind,
-            from,
-            to,
-            after: after_position,
-        };
-        let mut page = services
-            .read_models
-            .audit_trail(&filter, size + 1)
-            .await
-            .map_err(from_read)?;
-        let has_next = page.len() > size;
-        page.truncate(size);
-        let mut connection = Connection::new(after_position.is_some(), has_next);
-        connection.edges.extend(
-            page.iter()
-                .map(|e| Edge::new(e.position.to_string(), types::AuditTrailEntry::of(e))),
-        );
-        Ok(connection)
-    }
-
-    /// The workflow's events in order, each with the state after it, who
-    /// recorded it, what it was based on and why; up to `atPosition` when
-    /// given. Nothing is re-executed: the recorded events are folded again.
-    async fn replay(
-        &self,
-        ctx: &Context<'_>,
-        workflow_id: ID,
-        at_position: Option<Position>,
-    ) -> async_graphql::Result<Vec<ReplayStep>> {
-        let stream = stream_of(parse_id(&workflow_id)?);
-        let events = services(ctx)
-            .store
-            .read_stream(&stream, 0, 100_000)
-            .await
-            .map_err(from_store)?;
-        if events.is_empty() {
-            return Err(error::error(Code::NotFound, "no such workflow"));
-        }
-        let mut followed = Followed {
-            fold: None,
-            decisions: Vec::new(),
-        };
-        let mut steps = Vec::new();
-        for event in events
-            .iter()
-            .take_while(|e| at_position.is_none_or(|at| e.global_position <= at.0))
-        {
-            let fact = Fact::decode(event)
-                .map_err(|e| error::internal(&e))?
-                .ok_or_else(|| error::internal(&"not a workflow event"))?;
-            followed.apply(&fact);
-            let entry = AuditEntry::of(&fact);
-            steps.push(ReplayStep {
-                position: Position(event.global_position),
-                event: RecordedEvent::of(event),
-                state: followed.snapshot().expect("a fact was applied"),
-                actor: entry.actor,
-                role: entry.role.map(AgentRole::from_projection),
-                inputs: fact.metadata.inputs.iter().map(|p| Position(*p)).collect(),
-                summary: entry.summary,
-                rationale: entry.rationale,
-            });
-        }
-        Ok(steps)
-    }
-
-    /// Recomputes the hash chain of one workflow's stream.
-    async fn verify_workflow(
-        &self,
-        ctx: &Context<'_>,
-        id: ID,
-    ) -> async_graphql::Result<Verification> {
-        let stream = stream_of(parse_id(&id)?);
-        let verification = services(ctx)
-            .store
-            .verify_stream(&stream)
-            .await
-            .map_err(from_store)?;
-        if verification.checked_events == 0 {
-            return Err(error::error(Code::NotFound, "no such workflow"));
-        }
-        Ok(Verification::of(verification))
-    }
-
-    /// Recomputes every stream's hash chain, reading the ledger in pages.
-    async fn verify_ledger(&self, ctx: &Context<'_>) -> async_graphql::Result<Verification> {
-        let verification = agentledger_eventstore::verify_ledger(&*services(ctx).store, |_, _| {})
-            .await
-            .map_err(from_store)?;
-        Ok(Verification::of(verification))
-    }
-
-    /// The ledger's tree head at `atPosition` (default: the head), signed
-    /// with the deployment's Ed25519 key. Every chain up to the position is
-    /// recomputed first: a ledger that does not verify is not signed.
-    /// Keep the result outside the system; `agentledger verify --digest`
-    /// proves later that nothing up to the position changed.
-    async fn ledger_digest(
-        &self,
-        ctx: &Context<'_>,
-        at_position: Option<Position>,
-    ) -> async_graphql::Result<SignedDigest> {
-        let services = services(ctx);
-        let digest = agentledger_eventstore::signing::sign_ledger(
-            &*services.store,
-            &*services.ledger_keys,
-            at_position.map(|p| p.0),
-        )
-        .await
-        .map_err(from_store)?;
-        Ok(SignedDigest::of(digest))
-    }
-
-    /// The deployment's digest signing keys (public halves): the active key
-    /// first, then retired ones, which still verify what they signed. Also
-    /// served at `GET /.well-known/agentledger-key`.
-    async fn ledger_keys(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<LedgerKey>> {
-        let keys = services(ctx)
-            .ledger_keys
-            .public_keys()
-            .await
-            .map_err(from_store)?;
-        Ok(keys.into_iter().map(LedgerKey::of).collect())
-    }
-
-    /// Per agent, its figures over `[from, to)` (all time when omitted).
-    async fn agent_metrics(
-        &self,
-        ctx: &Context<'_>,
-        from: Option<DateTime<Utc>>,
-        to: Option<DateTime<Utc>>,
-    ) -> async_graphql::Result<Vec<AgentMetrics>> {
-        let rows = services(ctx)
-            .read_models
-            .agent_metrics(from, to)
-            .await
-            .map_err(from_read)?;
-        Ok(AgentMetrics::per_agent(rows))
-    }
-}
-
-/// Mutations: commands. Each returns the workflow as of its own write.
-pub struct Mutation;
-
-impl Mutation {
-    async fn after_write(
-        services: &Services,
-        id: Uuid,
-        position: u64,
-    ) -> async_graphql::Result<Workflow> {
-        services
-            .read_models
-            .wait_for(position, services.limits.read_your_writes)
-            .await
-            .map_err(from_read)?;
-        let status = services
-            .read_models
-            .workflow(id)
-            .await
-            .map_err(from_read)?
-            .ok_or_else(|| {
-                error::error(Code::Internal, "the workflow is not in the read models yet")
-            })?;
-        Ok(Workflow {
-            status,
-            decisions: None,
-        })
-    }
-}
-
-#[Object]
-impl Mutation {
-    /// Starts a workflow. The same `idempotencyKey` with the same request
-    /// returns the first workflow and writes nothing; with another request
-    /// it is a `CONFLICT`.
-    async fn submit_workflow(
-        &self,
-        ctx: &Context<'_>,
-        request: String,
-        priority: Option<Priority>,
-        idempotency_key: Option<String>,
-        input: Option<String>,
-        #[graphql(
-            desc = "The data subject the request is about: its personal text is stored sealed under the subject's key, and `forgetSubject` erases it."
-        )]
-        subject_id: Option<String>,
-    ) -> async_graphql::Result<Workflow> {
-        let services = services(ctx);
-        let submitted = services
-            .runtime
-            .submit_recorded(Submission {
-                workflow_id: None,
-                request,
-                input,
-                priority: priority.map_or(Default::default(), Priority::to_domain),
-                owner: Some(caller(ctx).name),
-                idempotency_key,
-                subject: subject_id,
-            })
-            .await
-            .map_err(from_runtime)?;
-        Self::after_write(services, submitted.id, submitted.position).await
-    }
-
-    /// Destroys the data subject's key (crypto-shredding): the personal
-    /// text of every workflow submitted for the subject reads as `[erased]`
-    /// from now on: in events, read models, replays and exports. The events
-    /// are untouched and still verify. The key table is vacuumed; backups
-    /// taken before still hold the key until they expire (docs/audit.md).
-    /// To become admin-only once roles exist.
-    async fn forget_subject(
-        &self,
-        ctx: &Context<'_>,
-        subject_id: String,
-    ) -> async_graphql::Result<ForgetResult> {
-        let forgotten = services(ctx)
-            .runtime
-            .forget_subject(&subject_id, &caller(ctx).name)
-            .await
-            .map_err(from_runtime)?;
-        Ok(ForgetResult {
-            subject_id,
-            destroyed: forgotten.key_id.is_some(),
-            key_id: forgotten.key_id.map(|k| ID(k.to_string())),
-            vacuumed: forgotten.vacuumed,
-        })
-    }
-
-    /// Cancels a workflow that has not ended.
-    async fn cancel_workflow(
-        &self,
-        ctx: &Context<'_>,
-        id: ID,
-        reason: Option<String>,
-    ) -> async_graphql::Result<Workflow> {
-        let services = services(ctx);
-        let id = parse_id(&id)?;
-        let position = services
-            .runtime
-            .cancel(id, reason, &caller(ctx).name)
-            .await
-            .map_err(from_runtime)?;
-        Self::after_write(services, id, position).await
-    }
-
-    /// A person's decision on an escalated workflow.
-    async fn decide_escalation(
-        &self,
-        ctx: &Context<'_>,
-        id: ID,
-        approve: bool,
-        comment: String,
-    ) -> async_graphql::Result<Workflow> {
-        let services = services(ctx);
-        let id = parse_id(&id)?;
-        let position = services
-            .runtime
-            .decide_escalation(id, approve, comment, &caller(ctx).name)
-            .await
-            .map_err(from_runtime)?;
-        Self::after_write(services, id, position).await
-    }
-}
-
-/// Waits (without polling) until the read models have applied `position`;
-/// past `patience` the snapshot goes out anyway (the fold is the truth) and
-/// the lag is logged.
-async fn settle(models: &dyn ReadModels, position: u64, patience: Duration) {
-    if let Err(e) = models.wait_for(position, patience).await {
-        tracing::warn!(error = %e, "read models behind; sending the snapshot anyway");
-    }
-}
-
-/// Subscriptions.
-pub struct SubscriptionRoot;
-
-/// The state of a followed workflow.
-struct Followed {
-    fold: Option<StatusFold>,
-    decisions: Vec<AuditEntry>,
-}
-
-impl Followed {
-    fn apply(&mut self, fact: &Fact) {
-        match &mut self.fold {
-            Some(fold) => fold.apply(fact),
-            None => self.fold = Some(StatusFold::start(fact)),
-        }
-        self.decisions.push(AuditEntry::of(fact));
-    }
-
-    fn snapshot(&self) -> Option<Workflow> {
-        self.fold.as_ref().map(|f| Workflow {
-            status: f.status().clone(),
-            decisions: Some(self.decisions.clone()),
-        })
-    }
-}
-
-#[Subscription]
-impl SubscriptionRoot {
-    /// The workflow now, then after each of its events, until a final state.
-    /// With `fromVersion`, every state from that version on (0: from the
-    /// first event), folded from the stream.
-    async fn workflow_progress(
-        &self,
-        ctx: &Context<'_>,
-        id: ID,
-        from_version: Option<i32>,
-    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<Workflow>>> {
-        let services = services(ctx).clone();
-        let id = parse_id(&id)?;
-        let stream: StreamId = stream_of(id);
-        let past = services
-            .store
-            .read_stream(&stream, 0, 100_000)
-            .await
-            .map_err(from_store)?;
-        if past.is_empty() {
-            return Err(error::error(Code::NotFound, "no such workflow"));
-        }
-        let mut followed = Followed {
-            fold: None,
-            decisions: Vec::new(),
-        };
-        let mut first: Vec<async_graphql::Result<Workflow>> = Vec::new();
-        for event in &past {
-            let fact = Fact::decode(event)
-                .map_err(|e| error::internal(&e))?
-                .ok_or_else(|| error::internal(&"not a workflow event"))?;
-            followed.apply(&fact);
-            if from_version.is_some_and(|v| event.stream_version as i64 >= i64::from(v)) {
-                first.extend(followed.snapshot().map(Ok));
-            }
-        }
-        if from_version.is_none() {
-            first.extend(followed.snapshot().map(Ok));
-        }
-        let ended = followed
-            .fold
-            .as_ref()
-            .is_some_and(|f| f.status().state.is_final());
-        let next_version = past.len() as u64;
-        let live = services.store.subscribe_stream(stream, next_version);
-        // Each snapshot is sent once the read models have applied its event,
-        // so a client that reads the workflow right after a snapshot (or
-        // after the subscription ended) sees at least that state.
-        let models = services.read_models.clone();
-        let patience = services.limits.read_your_writes;
-        if let Some(last) = past.last() {
-            settle(&*models, last.global_position, patience).await;
-        }
-        let live = futures::stream::unfold(
-            (live, followed, ended),
-            move |(mut live, mut followed, ended)| {
-                let models = models.clone();
-                async move {
-                    if ended {
-                        return None;
-                    }
-                    let event = match live.next().await? {
-                        Ok(event) => event,
-                        Err(e) => return Some((Err(from_store(e)), (live, followed, true))),
-                    };
-                    let fact = match Fact::decode(&event) {
-                        Ok(Some(fact)) => fact,
-                        Ok(None) => return None,
-                        Err(e) => return Some((Err(error::internal(&e)), (live, followed, true))),
-                    };
-                    followed.apply(&fact);
-                    let done = followed
-                        .fold
-                        .as_ref()
-                        .is_some_and(|f| f.status().state.is_final());
-                    let snapshot = followed.snapshot().expect("a fact was applied");
-                    settle(&*models, event.global_position, patience).await;
-                    Some((Ok(snapshot), (live, followed, done)))
-                }
-            },
-        );
-        Ok(tracked(&services, futures::stream::iter(first).chain(live)))
-    }
-
-    /// Recorded events, catch-up then live: of one workflow (all of its
-    /// events by default) or of all (from now by default); resumable with
-    /// `fromPosition` (inclusive).
-    async fn workflow_events(
-        &self,
-        ctx: &Context<'_>,
-        workflow_id: Option<ID>,
-        from_position: Option<Position>,
-    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RecordedEvent>>> {
-        let services = services(ctx).clone();
-        let from = from_position.map(|p| p.0.max(1));
-        let subscription = match workflow_id {
-            Some(id) => services
-                .store
-                .subscribe_stream(stream_of(parse_id(&id)?), 0),
-            None => {
-                let from = match from {
-                    Some(from) => from,
-                    None => services.store.head_position().await.map_err(from_store)? + 1,
-                };
-                services.store.subscribe_all(from)
-            }
-        };
-        let from = from.unwrap_or(1);
-        let events = subscription
-            .into_stream()
-            .filter_map(move |event| async move {
-                match event {
-                    Ok(event) if event.global_position >= from => {
-                        Some(Ok(RecordedEvent::of(&event)))
-                    }
-                    Ok(_) => None,
-                    Err(e) => Some(Err(from_store(e))),
-                }
-            });
-        Ok(tracked(&services, events))
-    }
 }

@@ -234,6 +234,32 @@ impl Loader<Uuid> for SubjectKeyLoader {
     }
 }
 
+/// The caller, as this request authenticated.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct Me {
+    /// Stable and unique: `apikey:<key id>`, `jwt:<issuer>#<sub>` or
+    /// `anonymous`; the owner of the workflows this caller submits.
+    pub subject: String,
+    /// The name recorded as the actor of this caller's decisions.
+    pub name: String,
+    pub tenant: String,
+    pub roles: Vec<String>,
+    /// `api_key`, `jwt` or `none` (authentication is off).
+    pub method: String,
+}
+
+impl Me {
+    pub fn of(p: &crate::auth::Principal) -> Self {
+        Self {
+            subject: p.subject.clone(),
+            name: p.name.clone(),
+            tenant: p.tenant.clone(),
+            roles: p.roles.names().into_iter().map(String::from).collect(),
+            method: p.method.as_str().into(),
+        }
+    }
+}
+
 /// What `forgetSubject` did.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct ForgetResult {

@@ -6,8 +6,8 @@ use thiserror::Error;
 use crate::privacy::Sealing;
 
 use super::{
-    EthicsScores, FailureKind, Priority, SubtaskPlan, SubtaskState, Text, Verdict, Workflow,
-    WorkflowEvent, WorkflowState,
+    EthicsScores, FailureKind, GateRef, Priority, SubtaskPlan, SubtaskState, Text, Verdict,
+    Workflow, WorkflowEvent, WorkflowState,
 };
 
 /// Revision rounds Lubit may ask for; after them it must decide.
@@ -44,6 +44,8 @@ pub enum Command {
     RecordHumanDecision {
         approve: bool,
         comment: Text,
+        /// The gate decision the person saw (see [`GateRef`]).
+        answers: Option<GateRef>,
     },
     StartSubtask {
         subtask: String,
@@ -187,8 +189,16 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             }
             Ok(events)
         }
-        C::RecordHumanDecision { approve, comment } if state == S::AwaitingHuman => {
-            let mut events = vec![E::HumanDecisionRecorded { approve, comment }];
+        C::RecordHumanDecision {
+            approve,
+            comment,
+            answers,
+        } if state == S::AwaitingHuman => {
+            let mut events = vec![E::HumanDecisionRecorded {
+                approve,
+                comment,
+                answers,
+            }];
             if !approve {
                 events.push(E::WorkflowRejected {
                     reasons: vec!["rejected by a person".into()],

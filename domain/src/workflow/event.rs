@@ -10,6 +10,15 @@ use thiserror::Error;
 use super::{EthicsScores, Priority, SubtaskPlan, Text, Verdict};
 use crate::privacy::Sealing;
 
+/// Which recorded gate decision a person's decision answers: its global
+/// position and its hash (hex), so that an approval names exactly what it
+/// approved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateRef {
+    pub position: u64,
+    pub hash: String,
+}
+
 /// Every fact recorded about a workflow, in the words of design §3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all_fields = "snake_case")]
@@ -39,8 +48,14 @@ pub enum WorkflowEvent {
         reasons: Vec<Text>,
         rationale: Text,
     },
-    /// A person approved or rejected an escalated workflow.
-    HumanDecisionRecorded { approve: bool, comment: Text },
+    /// A person approved or rejected an escalated workflow. Schema 2 added
+    /// `answers`: the gate decision the person saw and decided on (schema 1
+    /// payloads load with none).
+    HumanDecisionRecorded {
+        approve: bool,
+        comment: Text,
+        answers: Option<GateRef>,
+    },
     /// GitCode began an attempt (1 to 3) at a subtask.
     SubtaskStarted { subtask: String, attempt: u8 },
     /// An attempt succeeded.
@@ -135,7 +150,7 @@ const SCHEMAS: &[(&str, u32)] = &[
     ("WorkflowSubmitted", 2),
     ("AnalysisProduced", 1),
     ("GateDecided", 2),
-    ("HumanDecisionRecorded", 1),
+    ("HumanDecisionRecorded", 2),
     ("SubtaskStarted", 1),
     ("SubtaskSucceeded", 1),
     ("SubtaskFailed", 3),
@@ -160,6 +175,9 @@ fn upcast_once(event_type: &str, version: u32, payload: &mut Map<String, Value>)
         }
         ("WorkflowSubmitted", 1) => {
             payload.insert("sealing".into(), Value::Null);
+        }
+        ("HumanDecisionRecorded", 1) => {
+            payload.insert("answers".into(), Value::Null);
         }
         _ => {}
     }

@@ -155,12 +155,14 @@ fn an_escalation_waits_for_a_person() {
     let approve = Command::RecordHumanDecision {
         approve: true,
         comment: Text::new("looks fine"),
+        answers: None,
     };
     let (approved, _) = given(vec![submit(), analysis(), gate(Verdict::Escalate), approve]);
     assert_eq!(approved.state, WorkflowState::Executing);
     let reject = Command::RecordHumanDecision {
         approve: false,
         comment: Text::new("no"),
+        answers: None,
     };
     let events = handle(&workflow, reject).unwrap();
     assert_eq!(
@@ -402,7 +404,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
         verdict.prop_map(gate),
         any::<bool>().prop_map(|approve| Command::RecordHumanDecision {
             approve,
-            comment: Text::new("c")
+            comment: Text::new("c"),
+            answers: None,
         }),
         (id.clone(), 0u8..5)
             .prop_map(|(subtask, attempt)| Command::StartSubtask { subtask, attempt }),

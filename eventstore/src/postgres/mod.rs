@@ -62,6 +62,13 @@ pub struct PostgresOptions {
     /// A fault point for scripted tests: awaited after a group's rows are
     /// inserted and before its `COMMIT`, with the append lock held.
     pub before_commit: Option<CommitHook>,
+    /// `statement_timeout` of every connection (pool, writer lanes, tailer,
+    /// listener): no statement of the service may hold the database longer.
+    /// `None` keeps the server's setting (tools such as rebuild).
+    pub statement_timeout: Option<Duration>,
+    /// How long a caller waits for a pooled connection before the store
+    /// answers `Unavailable` rather than queueing without end.
+    pub pool_wait: Duration,
 }
 
 /// See [`PostgresOptions::before_commit`].
@@ -75,6 +82,8 @@ impl Default for PostgresOptions {
             max_group_events: 2_000,
             writer_lanes: 2,
             safety_poll: Duration::from_secs(1),
+            statement_timeout: None,
+            pool_wait: Duration::from_secs(10),
             notify_interval: Duration::from_millis(2),
             before_commit: None,
         }
@@ -108,10 +117,18 @@ impl PostgresEventStore {
     /// Connects to `database_url` (the service's role is enough) and starts
     /// the writer and tailer tasks. The schema must be migrated already.
     pub async fn connect(database_url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config =
+        let mut config: tokio_postgres::Config =
             database_url.parse().map_err(|e: tokio_postgres::Error| {
                 StoreError::BadInput(format!("DATABASE_URL: {e}"))
             })?;
+        if let Some(timeout) = options.statement_timeout {
+            let ours = format!("-c statement_timeout={}", timeout.as_millis().max(1));
+            let options = match config.get_options() {
+                Some(theirs) => format!("{theirs} {ours}"),
+                None => ours,
+            };
+            config.options(&options);
+        }
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -121,6 +138,8 @@ impl PostgresEventStore {
         );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(options.pool_wait))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let start = rows::head_position(&pool.get().await?).await?;

@@ -14,6 +14,8 @@ use super::{AgentRole, Fact};
 pub struct AuditEntry {
     pub position: u64,
     pub workflow_id: Uuid,
+    /// The workflow's tenant, from the event's envelope.
+    pub tenant: String,
     pub version: u64,
     pub event_type: String,
     /// What happened, as a stable dotted name: `gate.approve`,
@@ -41,6 +43,7 @@ impl AuditEntry {
         Self {
             position: fact.recorded.global_position,
             workflow_id: fact.workflow,
+            tenant: fact.metadata.tenant.clone(),
             version: fact.recorded.stream_version,
             event_type: fact.recorded.event_type.clone(),
             kind: kind(&fact.event).to_string(),
@@ -169,7 +172,9 @@ pub fn summary(event: &WorkflowEvent) -> String {
             };
             format!("verdict {verdict:?}, priority {priority:?}, risk {risk:.2}{why}")
         }
-        E::HumanDecisionRecorded { approve, comment } => {
+        E::HumanDecisionRecorded {
+            approve, comment, ..
+        } => {
             format!(
                 "person {}: {}",
                 if *approve { "approved" } else { "rejected" },

@@ -186,6 +186,9 @@ pub fn audit_query(
         params.push(param);
         conditions.push(condition.replace('?', &format!("${}", params.len())));
     };
+    if let Some(tenant) = &filter.tenant {
+        add("tenant = ?", Box::new(tenant.clone()));
+    }
     if let Some(workflow) = filter.workflow {
         add("workflow_id = ?", Box::new(workflow));
     }
@@ -221,7 +224,7 @@ pub fn audit_query(
 }
 
 const AUDIT_COLUMNS: &str = "position, workflow_id, version, event_type, kind, actor_kind, actor,
-    actor_version, role, summary, rationale, policy_fingerprint, recorded_at, hash";
+    actor_version, role, summary, rationale, policy_fingerprint, recorded_at, hash, tenant";
 
 fn audit_of(row: &Row) -> Result<AuditEntry, ReadError> {
     let role: Option<String> = row.get(8);
@@ -243,6 +246,7 @@ fn audit_of(row: &Row) -> Result<AuditEntry, ReadError> {
         policy_fingerprint: row.get(11),
         recorded_at: row.get(12),
         hash: row.get(13),
+        tenant: row.get(14),
     })
 }
 
@@ -291,6 +295,7 @@ impl ReadModels for PostgresReadModels {
 
     async fn workflows(
         &self,
+        tenant: Option<&str>,
         state: Option<WorkflowState>,
         after: Option<WorkflowCursor>,
         limit: usize,
@@ -300,28 +305,58 @@ impl ReadModels for PostgresReadModels {
         let (after_at, after_id): (Option<DateTime<Utc>>, Option<Uuid>) =
             (after.map(|c| c.created_at), after.map(|c| c.id));
         let limit = limit as i64;
-        // Two statements so that each uses its index (a state filter, or none).
-        let rows = match state {
-            Some(state) => client
-                .query(
-                    &format!(
-                        "SELECT {STATUS_COLUMNS} FROM workflow_status
-                          WHERE state = $1 AND ($2::timestamptz IS NULL OR (created_at, workflow_id) < ($2, $3))
-                          ORDER BY state, created_at DESC, workflow_id DESC LIMIT $4"
-                    ),
-                    &[&state, &after_at, &after_id, &limit],
-                )
-                .await,
-            None => client
-                .query(
-                    &format!(
-                        "SELECT {STATUS_COLUMNS} FROM workflow_status
-                          WHERE ($1::timestamptz IS NULL OR (created_at, workflow_id) < ($1, $2))
-                          ORDER BY created_at DESC, workflow_id DESC LIMIT $3"
-                    ),
-                    &[&after_at, &after_id, &limit],
-                )
-                .await,
+        // One statement per combination, so that each is planned on its own
+        // index (tenant and state, tenant, state, or none).
+        let page = "($1::timestamptz IS NULL OR (created_at, workflow_id) < ($1, $2))";
+        let newest = "created_at DESC, workflow_id DESC";
+        let rows = match (tenant, state) {
+            (Some(tenant), Some(state)) => {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {STATUS_COLUMNS} FROM workflow_status
+                          WHERE tenant = $4 AND state = $5 AND {page}
+                          ORDER BY tenant, state, {newest} LIMIT $3"
+                        ),
+                        &[&after_at, &after_id, &limit, &tenant, &state],
+                    )
+                    .await
+            }
+            (Some(tenant), None) => {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {STATUS_COLUMNS} FROM workflow_status
+                          WHERE tenant = $4 AND {page}
+                          ORDER BY tenant, {newest} LIMIT $3"
+                        ),
+                        &[&after_at, &after_id, &limit, &tenant],
+                    )
+                    .await
+            }
+            (None, Some(state)) => {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {STATUS_COLUMNS} FROM workflow_status
+                          WHERE state = $4 AND {page}
+                          ORDER BY state, {newest} LIMIT $3"
+                        ),
+                        &[&after_at, &after_id, &limit, &state],
+                    )
+                    .await
+            }
+            (None, None) => {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {STATUS_COLUMNS} FROM workflow_status
+                          WHERE {page} ORDER BY {newest} LIMIT $3"
+                        ),
+                        &[&after_at, &after_id, &limit],
+                    )
+                    .await
+            }
         }
         .map_err(unavailable)?;
         drop(client);

@@ -403,22 +403,26 @@ impl Projection for AuditProjection {
                 .collect::<Vec<_>>(),
             entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>(),
             entries.iter().map(|e| e.hash.as_str()).collect::<Vec<_>>(),
+            entries
+                .iter()
+                .map(|e| e.tenant.as_str())
+                .collect::<Vec<_>>(),
         );
         // No ON CONFLICT: an event applied twice is a bug, and fails loudly.
         let insert = format!(
             "INSERT INTO audit_trail{suffix} (position, workflow_id, version, event_type, kind,
                  actor_kind, actor, actor_version, role, summary, rationale, policy_fingerprint,
-                 recorded_at, hash)
+                 recorded_at, hash, tenant)
              SELECT * FROM unnest($1::int8[], $2::uuid[], $3::int8[], $4::text[], $5::text[],
                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                 $12::text[], $13::timestamptz[], $14::text[])"
+                 $12::text[], $13::timestamptz[], $14::text[], $15::text[])"
         );
         let statement = self.prepared.get(tx, &insert).await?;
         tx.execute(
             &statement,
             &[
                 &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8,
-                &cols.9, &cols.10, &cols.11, &cols.12, &cols.13,
+                &cols.9, &cols.10, &cols.11, &cols.12, &cols.13, &cols.14,
             ],
         )
         .await?;

@@ -1,0 +1,184 @@
+//! Mutations: commands, each recorded with the authenticated caller as its
+//! actor and the caller's tenant on the workflow.
+
+use agentledger_agents::{HumanDecision, Submission};
+use async_graphql::{Context, Object, ID};
+use uuid::Uuid;
+
+use super::error::{self, from_read, from_runtime, Code};
+use super::types::{ForgetResult, Position, Priority, Workflow};
+use super::{parse_id, principal, services, Services};
+use crate::auth::Role;
+
+/// Mutations: commands. Each returns the workflow as of its own write.
+pub struct Mutation;
+
+impl Mutation {
+    async fn after_write(
+        services: &Services,
+        id: Uuid,
+        position: u64,
+    ) -> async_graphql::Result<Workflow> {
+        services
+            .read_models
+            .wait_for(position, services.limits.read_your_writes)
+            .await
+            .map_err(from_read)?;
+        let status = services
+            .read_models
+            .workflow(id)
+            .await
+            .map_err(from_read)?
+            .ok_or_else(|| {
+                error::error(Code::Internal, "the workflow is not in the read models yet")
+            })?;
+        Ok(Workflow {
+            status,
+            decisions: None,
+        })
+    }
+}
+
+#[Object]
+impl Mutation {
+    /// Starts a workflow. The same `idempotencyKey` with the same request
+    /// returns the first workflow and writes nothing; with another request
+    /// it is a `CONFLICT`.
+    async fn submit_workflow(
+        &self,
+        ctx: &Context<'_>,
+        request: String,
+        priority: Option<Priority>,
+        idempotency_key: Option<String>,
+        input: Option<String>,
+        #[graphql(
+            desc = "The data subject the request is about: its personal text is stored sealed under the subject's key, and `forgetSubject` erases it."
+        )]
+        subject_id: Option<String>,
+    ) -> async_graphql::Result<Workflow> {
+        let services = services(ctx);
+        let principal = principal(ctx)?;
+        let priority = priority.map_or(Default::default(), Priority::to_domain);
+        // Jumping the queue is an operator's call.
+        if priority == agentledger_domain::workflow::Priority::Critical
+            && !(principal.roles.has(Role::Operator) || principal.roles.has(Role::Admin))
+        {
+            return Err(error::error(
+                Code::Forbidden,
+                "priority CRITICAL needs the operator or admin role",
+            ));
+        }
+        let submitted = services
+            .runtime
+            .submit_recorded(Submission {
+                workflow_id: None,
+                request,
+                input,
+                priority,
+                owner: Some(principal.subject.clone()),
+                actor: Some(principal.actor()),
+                tenant: Some(principal.tenant.clone()),
+                idempotency_key,
+                subject: subject_id,
+            })
+            .await
+            .map_err(from_runtime)?;
+        Self::after_write(services, submitted.id, submitted.position).await
+    }
+
+    /// Destroys the data subject's key (crypto-shredding): the personal
+    /// text of every workflow submitted for the subject reads as `[erased]`
+    /// from now on: in events, read models, replays and exports. The events
+    /// are untouched and still verify. The key table is vacuumed; backups
+    /// taken before still hold the key until they expire (docs/audit.md).
+    /// Admin only.
+    async fn forget_subject(
+        &self,
+        ctx: &Context<'_>,
+        subject_id: String,
+    ) -> async_graphql::Result<ForgetResult> {
+        let forgotten = services(ctx)
+            .runtime
+            .forget_subject(&subject_id, &principal(ctx)?.actor())
+            .await
+            .map_err(from_runtime)?;
+        Ok(ForgetResult {
+            subject_id,
+            destroyed: forgotten.key_id.is_some(),
+            key_id: forgotten.key_id.map(|k| ID(k.to_string())),
+            vacuumed: forgotten.vacuumed,
+        })
+    }
+
+    /// Cancels a workflow that has not ended: a submitter its own, an
+    /// operator any of its tenant's.
+    async fn cancel_workflow(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        reason: Option<String>,
+    ) -> async_graphql::Result<Workflow> {
+        let services = services(ctx);
+        let principal = principal(ctx)?;
+        let id = parse_id(&id)?;
+        let owner = owner_in_tenant(ctx, id).await?;
+        let any = principal.roles.has(Role::Operator) || principal.roles.has(Role::Admin);
+        if !any && owner != principal.subject {
+            return Err(error::error(
+                Code::Forbidden,
+                "a submitter cancels only its own workflows; this one is another's",
+            ));
+        }
+        let position = services
+            .runtime
+            .cancel(id, reason, &principal.actor())
+            .await
+            .map_err(from_runtime)?;
+        Self::after_write(services, id, position).await
+    }
+
+    /// A person's decision on an escalated workflow, recorded with the
+    /// caller as its actor and naming the gate decision it answers. The
+    /// workflow's submitter may not decide it (four eyes) unless the server
+    /// allows self-approval. With `expectedPosition` (the workflow's
+    /// `lastPosition` as the person saw it), a workflow that has moved on
+    /// is a `CONFLICT` and nothing is written.
+    async fn decide_escalation(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        approve: bool,
+        comment: String,
+        expected_position: Option<Position>,
+    ) -> async_graphql::Result<Workflow> {
+        let services = services(ctx);
+        let principal = principal(ctx)?;
+        let id = parse_id(&id)?;
+        owner_in_tenant(ctx, id).await?;
+        let decision = HumanDecision {
+            approve,
+            comment,
+            by: principal.actor(),
+            expected_position: expected_position.map(|p| p.0),
+            allow_self: services.auth.config().allow_self_approval,
+        };
+        let position = services
+            .runtime
+            .decide_escalation(id, decision)
+            .await
+            .map_err(from_runtime)?;
+        Self::after_write(services, id, position).await
+    }
+}
+
+/// The owner of workflow `id` when it is in the caller's tenant; else
+/// `NOT_FOUND`, as for a workflow that does not exist.
+async fn owner_in_tenant(ctx: &Context<'_>, id: Uuid) -> async_graphql::Result<String> {
+    let first = super::visible_stream(ctx, id, 1).await?;
+    Ok(first[0]
+        .metadata
+        .get("owner")
+        .and_then(|o| o.as_str())
+        .unwrap_or_default()
+        .to_string())
+}

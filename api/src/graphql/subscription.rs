@@ -1,0 +1,175 @@
+//! Subscriptions: a workflow's progress and recorded events, catch-up then
+//! live, confined to the caller's tenant.
+
+use std::time::Duration;
+
+use agentledger_agents::stream_of;
+use agentledger_eventstore::StreamId;
+use agentledger_projections::model::audit::AuditEntry;
+use agentledger_projections::model::status::StatusFold;
+use agentledger_projections::model::Fact;
+use agentledger_projections::ReadModels;
+use async_graphql::{Context, Subscription, ID};
+use futures::{Stream, StreamExt};
+
+use super::error::{self, from_store};
+use super::types::{Position, RecordedEvent, Workflow};
+use super::{may_see, parse_id, principal, services, tracked, visible_stream};
+
+/// Waits (without polling) until the read models have applied `position`;
+/// past `patience` the snapshot goes out anyway (the fold is the truth) and
+/// the lag is logged.
+async fn settle(models: &dyn ReadModels, position: u64, patience: Duration) {
+    if let Err(e) = models.wait_for(position, patience).await {
+        tracing::warn!(error = %e, "read models behind; sending the snapshot anyway");
+    }
+}
+
+/// Subscriptions.
+pub struct SubscriptionRoot;
+
+/// The state of a followed workflow.
+pub(super) struct Followed {
+    pub(super) fold: Option<StatusFold>,
+    pub(super) decisions: Vec<AuditEntry>,
+}
+
+impl Followed {
+    pub(super) fn apply(&mut self, fact: &Fact) {
+        match &mut self.fold {
+            Some(fold) => fold.apply(fact),
+            None => self.fold = Some(StatusFold::start(fact)),
+        }
+        self.decisions.push(AuditEntry::of(fact));
+    }
+
+    pub(super) fn snapshot(&self) -> Option<Workflow> {
+        self.fold.as_ref().map(|f| Workflow {
+            status: f.status().clone(),
+            decisions: Some(self.decisions.clone()),
+        })
+    }
+}
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// The workflow now, then after each of its events, until a final state.
+    /// With `fromVersion`, every state from that version on (0: from the
+    /// first event), folded from the stream.
+    async fn workflow_progress(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        from_version: Option<i32>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<Workflow>>> {
+        let services = services(ctx).clone();
+        let id = parse_id(&id)?;
+        let stream: StreamId = stream_of(id);
+        let past = visible_stream(ctx, id, 100_000).await?;
+        let mut followed = Followed {
+            fold: None,
+            decisions: Vec::new(),
+        };
+        let mut first: Vec<async_graphql::Result<Workflow>> = Vec::new();
+        for event in &past {
+            let fact = Fact::decode(event)
+                .map_err(|e| error::internal(&e))?
+                .ok_or_else(|| error::internal(&"not a workflow event"))?;
+            followed.apply(&fact);
+            if from_version.is_some_and(|v| event.stream_version as i64 >= i64::from(v)) {
+                first.extend(followed.snapshot().map(Ok));
+            }
+        }
+        if from_version.is_none() {
+            first.extend(followed.snapshot().map(Ok));
+        }
+        let ended = followed
+            .fold
+            .as_ref()
+            .is_some_and(|f| f.status().state.is_final());
+        let next_version = past.len() as u64;
+        let live = services.store.subscribe_stream(stream, next_version);
+        // Each snapshot is sent once the read models have applied its event,
+        // so a client that reads the workflow right after a snapshot (or
+        // after the subscription ended) sees at least that state.
+        let models = services.read_models.clone();
+        let patience = services.limits.read_your_writes;
+        if let Some(last) = past.last() {
+            settle(&*models, last.global_position, patience).await;
+        }
+        let live = futures::stream::unfold(
+            (live, followed, ended),
+            move |(mut live, mut followed, ended)| {
+                let models = models.clone();
+                async move {
+                    if ended {
+                        return None;
+                    }
+                    let event = match live.next().await? {
+                        Ok(event) => event,
+                        Err(e) => return Some((Err(from_store(e)), (live, followed, true))),
+                    };
+                    let fact = match Fact::decode(&event) {
+                        Ok(Some(fact)) => fact,
+                        Ok(None) => return None,
+                        Err(e) => return Some((Err(error::internal(&e)), (live, followed, true))),
+                    };
+                    followed.apply(&fact);
+                    let done = followed
+                        .fold
+                        .as_ref()
+                        .is_some_and(|f| f.status().state.is_final());
+                    let snapshot = followed.snapshot().expect("a fact was applied");
+                    settle(&*models, event.global_position, patience).await;
+                    Some((Ok(snapshot), (live, followed, done)))
+                }
+            },
+        );
+        Ok(tracked(&services, futures::stream::iter(first).chain(live)))
+    }
+
+    /// Recorded events, catch-up then live: of one workflow (all of its
+    /// events by default) or of all (from now by default); resumable with
+    /// `fromPosition` (inclusive).
+    async fn workflow_events(
+        &self,
+        ctx: &Context<'_>,
+        workflow_id: Option<ID>,
+        from_position: Option<Position>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RecordedEvent>>> {
+        let services = services(ctx).clone();
+        let principal = principal(ctx)?.clone();
+        let from = from_position.map(|p| p.0.max(1));
+        let subscription = match workflow_id {
+            Some(id) => {
+                let id = parse_id(&id)?;
+                visible_stream(ctx, id, 1).await?;
+                services.store.subscribe_stream(stream_of(id), 0)
+            }
+            None => {
+                let from = match from {
+                    Some(from) => from,
+                    None => services.store.head_position().await.map_err(from_store)? + 1,
+                };
+                services.store.subscribe_all(from)
+            }
+        };
+        let from = from.unwrap_or(1);
+        let events = subscription.into_stream().filter_map(move |event| {
+            // Other tenants' events are dropped here, in the fan-out of
+            // the one tailer's feed: no query per subscriber.
+            let visible = event.as_ref().map_or(true, |e| may_see(&principal, e));
+            async move {
+                match event {
+                    Ok(_) if !visible => None,
+                    Ok(event) if event.global_position >= from => {
+                        Some(Ok(RecordedEvent::of(&event)))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(from_store(e))),
+                }
+            }
+        });
+        Ok(tracked(&services, events))
+    }
+}
