@@ -7,6 +7,19 @@
 //! [server]
 //! max_body_bytes = 2097152   # GraphQL request body limit
 //! ready_max_lag = 10000      # /ready fails when a projection lags more events
+//! request_timeout_ms = 30000 # longest a plain request may take
+//! max_concurrent_requests = 512
+//! allowed_origins = ["https://console.example.com"]  # CORS and WebSocket Origin allow-list
+//!
+//! [limits]                   # 0 turns a rate off
+//! credential_per_second = 1000   # requests and socket operations per credential
+//! credential_burst = 2000
+//! address_per_second = 2000      # requests per client address
+//! address_burst = 4000
+//! subscriptions_per_connection = 100
+//! connections_per_credential = 1000
+//! init_timeout_ms = 10000        # to send connection_init
+//! ping_interval_ms = 30000
 //!
 //! [graphql]
 //! max_page = 100
@@ -57,6 +70,22 @@ pub struct FileConfig {
     pub privacy: PrivacySection,
     #[serde(default)]
     pub auth: AuthSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: rates and socket caps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub credential_per_second: Option<u32>,
+    pub credential_burst: Option<u32>,
+    pub address_per_second: Option<u32>,
+    pub address_burst: Option<u32>,
+    pub subscriptions_per_connection: Option<usize>,
+    pub connections_per_credential: Option<usize>,
+    pub init_timeout_ms: Option<u64>,
+    pub ping_interval_ms: Option<u64>,
 }
 
 /// `[auth]`: who may call (docs/security.md).
@@ -166,6 +195,9 @@ pub struct PrivacySection {
 pub struct ServerSection {
     pub max_body_bytes: Option<usize>,
     pub ready_max_lag: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub max_concurrent_requests: Option<usize>,
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,15 +227,56 @@ impl FileConfig {
             .with_context(|| format!("in the configuration file {}", path.display()))
     }
 
-    /// The HTTP settings.
-    pub fn http(&self, ready_max_lag: Option<u64>) -> agentledger_api::HttpConfig {
+    /// The HTTP settings; `dev` also allows loopback browser origins.
+    pub fn http(&self, ready_max_lag: Option<u64>, dev: bool) -> agentledger_api::HttpConfig {
         let defaults = agentledger_api::HttpConfig::default();
+        let l = &self.limits;
+        let d = defaults.limits.clone();
+        let rate =
+            |per_second: Option<u32>, burst: Option<u32>, d: agentledger_api::limits::Rate| {
+                agentledger_api::limits::Rate {
+                    per_second: per_second.unwrap_or(d.per_second),
+                    burst: burst
+                        .or(per_second.map(|p| p.saturating_mul(2)))
+                        .unwrap_or(d.burst),
+                }
+            };
         agentledger_api::HttpConfig {
             max_body_bytes: self
                 .server
                 .max_body_bytes
                 .unwrap_or(defaults.max_body_bytes),
             max_lag: ready_max_lag.or(self.server.ready_max_lag),
+            limits: agentledger_api::limits::LimitsConfig {
+                per_credential: rate(
+                    l.credential_per_second,
+                    l.credential_burst,
+                    d.per_credential,
+                ),
+                per_address: rate(l.address_per_second, l.address_burst, d.per_address),
+                subscriptions_per_connection: l
+                    .subscriptions_per_connection
+                    .unwrap_or(d.subscriptions_per_connection),
+                connections_per_credential: l
+                    .connections_per_credential
+                    .unwrap_or(d.connections_per_credential),
+                init_timeout: l
+                    .init_timeout_ms
+                    .map_or(d.init_timeout, Duration::from_millis),
+                ping_interval: l
+                    .ping_interval_ms
+                    .map_or(d.ping_interval, Duration::from_millis),
+            },
+            request_timeout: self
+                .server
+                .request_timeout_ms
+                .map_or(defaults.request_timeout, Duration::from_millis),
+            max_concurrent_requests: self
+                .server
+                .max_concurrent_requests
+                .unwrap_or(defaults.max_concurrent_requests),
+            allowed_origins: self.server.allowed_origins.clone().unwrap_or_default(),
+            loopback_origins: dev,
         }
     }
 

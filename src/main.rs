@@ -347,7 +347,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             auth,
             ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
         },
-        file.http(args.ready_max_lag),
+        file.http(args.ready_max_lag, dev),
     );
     let stopping = stop.clone();
     agentledger_api::serve(listener, router, async move {

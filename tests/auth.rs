@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use agentledger_eventstore::testing::TestDatabase;
-use common::{agentledger, Server};
+use common::{agentledger, code, create_key, post, Server, TempFile};
 use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
@@ -34,34 +34,6 @@ struct Deployment {
     server: Server,
     keys: BTreeMap<String, String>,
     _secret_file: TempFile,
-}
-
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Creates an API key with the CLI; its secret (the last line of stdout).
-fn create_key(db: &TestDatabase, name: &str, roles: &[&str], tenant: &str) -> String {
-    let mut args = vec!["apikey", "create", "--name", name, "--tenant", tenant];
-    for role in roles {
-        args.extend(["--role", role]);
-    }
-    let out = agentledger(&args, db.admin_url());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let secret = stdout.lines().last().unwrap().to_string();
-    assert!(secret.starts_with("alk_"), "{stdout}");
-    // The secret appears once, alone on its line.
-    assert_eq!(stdout.matches(&secret).count(), 1);
-    secret
 }
 
 async fn deploy(extra_env: &[(&str, &str)], log: Option<std::fs::File>) -> Deployment {
@@ -135,33 +107,6 @@ fn jwt(roles: &[&str], change: impl FnOnce(&mut Value), secret: &str) -> String 
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
-}
-
-/// POST /graphql with `credential` as a bearer token: (status, body).
-async fn post(
-    base: &str,
-    credential: Option<&str>,
-    query: &str,
-    variables: &Value,
-) -> (u16, Value) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{base}/graphql"))
-        .header("content-type", "application/json");
-    if let Some(credential) = credential {
-        request = request.header("authorization", format!("Bearer {credential}"));
-    }
-    let response = request
-        .body(json!({ "query": query, "variables": variables }).to_string())
-        .send()
-        .await
-        .expect("POST /graphql");
-    let status = response.status().as_u16();
-    let body = serde_json::from_str(&response.text().await.unwrap()).expect("JSON");
-    (status, body)
-}
-
-fn code(body: &Value) -> Option<&str> {
-    body["errors"][0]["extensions"]["code"].as_str()
 }
 
 /// What a WebSocket subscription attempt came to.
@@ -454,7 +399,15 @@ async fn every_field_refuses_whoever_may_not_call_it_and_writes_nothing() {
         |_| {},
         "not the server's secret, but just as long as it",
     );
-    let unauthenticated: [(&str, Option<String>); 5] = [
+    let audienceless = jwt(
+        &everything,
+        |c| {
+            c.as_object_mut().unwrap().remove("aud");
+        },
+        JWT_SECRET,
+    );
+    let unauthenticated: [(&str, Option<String>); 6] = [
+        ("JWT without an audience", Some(audienceless)),
         ("no credential", None),
         ("expired JWT", Some(expired)),
         ("JWT for another audience", Some(foreign)),
@@ -776,6 +729,25 @@ async fn tenants_see_only_their_own_workflows_events_and_subscriptions() {
         assert!(!body.to_string().contains(foreign.as_str()), "{body}");
         assert!(body.to_string().contains(own.as_str()), "{body}");
     }
+    // Data subjects are per tenant too: another tenant's admin forgetting a
+    // subject of the same name destroys nothing of this tenant's.
+    let submit = "mutation { submitWorkflow(request: \"Count the words of alice's note.\", subjectId: \"alice\") { id } }";
+    let (_, body) = post(&base, Some(&d.keys["submitter"]), submit, &json!({})).await;
+    let sealed = body["data"]["submitWorkflow"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_string();
+    let forget = "mutation { forgetSubject(subjectId: \"alice\") { destroyed } }";
+    let (_, body) = post(&base, Some(&d.keys["other-admin"]), forget, &json!({})).await;
+    assert_eq!(body["data"]["forgetSubject"]["destroyed"], false, "{body}");
+    let read = "query($id: ID!) { workflow(id: $id) { request } }";
+    let (_, body) = post(&base, Some(&d.keys["viewer"]), read, &json!({"id": sealed})).await;
+    assert_eq!(
+        body["data"]["workflow"]["request"], "Count the words of alice's note.",
+        "{body}"
+    );
+    let (_, body) = post(&base, Some(&d.keys["admin"]), forget, &json!({})).await;
+    assert_eq!(body["data"]["forgetSubject"]["destroyed"], true, "{body}");
     assert!(d.server.stop().success());
 }
 
@@ -800,6 +772,23 @@ async fn a_revoked_key_is_refused_within_two_seconds_and_secrets_stay_out_of_the
     let wrong = format!("{}x", &temporary[..temporary.len() - 1]);
     post(&base, Some(&wrong), me, &json!({})).await;
 
+    // A socket opened with the key before it is revoked.
+    let url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let init = json!({"type": "connection_init", "payload": {"X-API-Key": temporary}});
+    ws.send(Message::Text(init.to_string().into()))
+        .await
+        .unwrap();
+    let follow = json!({"id": "1", "type": "subscribe", "payload": {"query": "subscription { workflowEvents { position } }"}});
+    ws.send(Message::Text(follow.to_string().into()))
+        .await
+        .unwrap();
+
     let out = agentledger(&["apikey", "revoke", "temporary"], d.db.admin_url());
     assert!(out.status.success());
     let revoked = Instant::now();
@@ -815,6 +804,21 @@ async fn a_revoked_key_is_refused_within_two_seconds_and_secrets_stay_out_of_the
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("revoked key refused after {:?}", revoked.elapsed());
+    // ... and the socket it opened is closed, with 4401.
+    let closed = loop {
+        let m = tokio::time::timeout(Duration::from_secs(3), ws.next())
+            .await
+            .expect("closed within 3 s of the revocation");
+        match m {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(4401));
+    let took = revoked.elapsed();
+    println!("its socket closed after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
     // The ledger records who granted and revoked the key, never its secret.
     let listed = agentledger(&["apikey", "list", "--json"], d.db.admin_url());
     let listed = String::from_utf8(listed.stdout).unwrap();

@@ -394,7 +394,7 @@ async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_fo
 
     let forgotten = running
         .runtime
-        .forget_subject("상담자-17", &Actor::human("dpo"))
+        .forget_subject("default", "상담자-17", &Actor::human("dpo"))
         .await
         .unwrap();
     assert!(forgotten.key_id.is_some());
@@ -410,7 +410,7 @@ async fn a_subjects_text_is_sealed_at_rest_used_by_the_agents_and_erased_when_fo
     assert_eq!(store.head_position().await.unwrap(), head + 1);
     let again = running
         .runtime
-        .forget_subject("상담자-17", &Actor::human("dpo"))
+        .forget_subject("default", "상담자-17", &Actor::human("dpo"))
         .await
         .unwrap();
     assert_eq!(again.key_id, None, "nothing left to destroy");

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod graphql;
+pub mod limits;
 pub mod metrics;
 mod ws;
 
@@ -22,7 +23,6 @@ use std::sync::Arc;
 
 use agentledger_projections::lag;
 use async_graphql::http::GraphiQLSource;
-use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::extract::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -50,10 +50,22 @@ pub struct ServiceInfo {
 /// HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes; also the largest WebSocket message
+    /// and frame.
     pub max_body_bytes: usize,
     /// `/ready` fails when a projection lags more events than this.
     pub max_lag: Option<u64>,
+    /// Rates and socket caps.
+    pub limits: limits::LimitsConfig,
+    /// Longest a plain request may take.
+    pub request_timeout: std::time::Duration,
+    /// Plain requests handled at once; more wait (WebSockets are not counted).
+    pub max_concurrent_requests: usize,
+    /// Browser origins allowed to call the API (CORS) and to open
+    /// WebSockets, e.g. `https://console.example.com`.
+    pub allowed_origins: Vec<String>,
+    /// Also allow `http://localhost:*` and `http://127.0.0.1:*` origins (dev).
+    pub loopback_origins: bool,
 }
 
 impl Default for HttpConfig {
@@ -61,7 +73,45 @@ impl Default for HttpConfig {
         Self {
             max_body_bytes: 2 * 1024 * 1024,
             max_lag: None,
+            limits: limits::LimitsConfig::default(),
+            request_timeout: std::time::Duration::from_secs(30),
+            max_concurrent_requests: 512,
+            allowed_origins: Vec::new(),
+            loopback_origins: false,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Whether a browser page at `origin` may call the API: an allowed
+    /// origin, a loopback one where those are allowed, or the API's own
+    /// (`host`: the request's `Host`).
+    fn admits(&self, origin: &str, host: Option<&str>) -> bool {
+        let origin = origin.trim_end_matches('/');
+        if self
+            .allowed_origins
+            .iter()
+            .any(|o| o.trim_end_matches('/') == origin)
+        {
+            return true;
+        }
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .unwrap_or_default();
+        if host.is_some_and(|h| h == authority) {
+            return true;
+        }
+        let hostname = authority.rsplit_once(':').map_or(authority, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        });
+        self.loopback_origins
+            && origin.starts_with("http://")
+            && matches!(hostname, "localhost" | "127.0.0.1" | "[::1]")
     }
 }
 
@@ -73,6 +123,7 @@ struct AppState {
     config: HttpConfig,
     counters: Arc<Counters>,
     http: Arc<metrics::HttpMetrics>,
+    limiters: Arc<limits::Limiters>,
 }
 
 #[derive(Default)]
@@ -91,6 +142,7 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         config: config.clone(),
         counters: Arc::default(),
         http: Arc::default(),
+        limiters: Arc::new(limits::Limiters::new(config.limits.clone())),
     };
     let http = state.http.clone();
     // GraphiQL exists to explore the schema: where introspection is off
@@ -100,13 +152,22 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
     } else {
         axum::routing::MethodRouter::new()
     };
+    let plain = tower::ServiceBuilder::new()
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config.request_timeout,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            config.max_concurrent_requests.max(1),
+        ));
     let graphql = Router::new()
-        .route("/graphql", page.post(graphql_request))
+        .route("/graphql", page.post(graphql_request).layer(plain))
         .route("/graphql/ws", get(graphql_ws))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
-        ));
+        ))
+        .layer(cors(&config));
     Router::new()
         .merge(graphql)
         .route("/health", get(health))
@@ -183,6 +244,15 @@ struct Caller(Option<Principal>);
 
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let auth = &state.services.auth;
+    let address = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(address) = address {
+        if let Err(wait) = state.limiters.check_address(address) {
+            return too_many(wait);
+        }
+    }
     let headers = request.headers();
     // A page on another site can POST a form or text/plain without asking
     // first; it cannot send JSON without a CORS preflight. So a POST must be
@@ -198,6 +268,20 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
             .into_response();
     }
     let websocket = request.uri().path() == "/graphql/ws";
+    // A browser page elsewhere must not open a socket with the user's
+    // cookies or network position: WebSockets are not covered by CORS.
+    if websocket {
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            if !state.config.admits(origin, host) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    format!("WebSockets from the origin {origin} are not allowed"),
+                )
+                    .into_response();
+            }
+        }
+    }
     let graphiql = request.method() == axum::http::Method::GET && !websocket;
     let caller = if (websocket || graphiql) && !Authenticator::has_credential(headers) {
         // GraphiQL is a page; it sends its own credential with each request.
@@ -208,8 +292,56 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
             Err(e) => return refusal(&e),
         }
     };
+    if let Some(principal) = &caller {
+        if let Err(wait) = state.limiters.check_credential(&principal.subject) {
+            return too_many(wait);
+        }
+    }
     request.extensions_mut().insert(Caller(caller));
     next.run(request).await
+}
+
+/// 429 with `Retry-After` and a GraphQL error `RATE_LIMITED`.
+fn too_many(wait: limits::RetryAfter) -> Response {
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({ "errors": [{
+            "message": format!("too many requests; retry in {} s", wait.seconds()),
+            "extensions": { "code": "RATE_LIMITED" },
+        }] })),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        wait.seconds()
+            .to_string()
+            .parse()
+            .expect("a number is a header value"),
+    );
+    response
+}
+
+/// The CORS policy: the allowed origins (and loopback ones in dev), JSON
+/// POSTs with credentials in headers; no other origin gets an answer a
+/// browser would let a page read.
+fn cors(config: &HttpConfig) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let config = config.clone();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, request| {
+            let host = request
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok());
+            origin.to_str().is_ok_and(|o| config.admits(o, host))
+        }))
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            "x-api-key".parse().expect("a header name"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Whether the request's body is declared JSON (`application/json`, with
@@ -258,7 +390,14 @@ async fn graphql_request(
             "this server requires a credential".into(),
         ));
     };
-    let request = request.into_inner().data(principal);
+    let request = match auth::authorize(
+        request.into_inner(),
+        &principal,
+        state.services.limits.shape,
+    ) {
+        Ok(request) => request,
+        Err(refused) => return GraphQLResponse::from(*refused).into_response(),
+    };
     let response = state.schema.execute(request).await;
     state
         .counters
@@ -302,17 +441,27 @@ async fn graphql_ws(
         )
             .into_response();
     };
+    let credential = Authenticator::credential_of(&headers)
+        .ok()
+        .flatten()
+        .map(str::to_string);
+    // Answer with the subprotocol this side will speak (the client's first
+    // known one), not the server's first match in the client's list.
     upgrade
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .protocols([protocol.sec_websocket_protocol()])
         .read_buffer_size(WS_BUFFER_BYTES)
         .write_buffer_size(WS_BUFFER_BYTES)
+        // tungstenite's defaults take 64 MiB messages and 16 MiB frames.
+        .max_message_size(state.config.max_body_bytes)
+        .max_frame_size(state.config.max_body_bytes)
         .on_upgrade(move |socket| {
             ws::serve(
                 socket,
                 state.schema,
                 protocol,
-                caller,
+                (caller, credential),
                 state.services.auth.clone(),
+                state.limiters.clone(),
             )
         })
 }
@@ -433,7 +582,10 @@ pub async fn serve(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -134,6 +134,11 @@ fn check_new(key: &NewApiKey) -> Result<(), StoreError> {
             "a key name has 1 to {MAX_NAME_CHARS} characters, without leading or trailing spaces"
         )));
     }
+    if key.name.parse::<Uuid>().is_ok() {
+        return Err(StoreError::BadInput(
+            "a key name may not look like a key id (a UUID): revoke takes either".into(),
+        ));
+    }
     if key.name.chars().any(char::is_control) {
         return Err(StoreError::BadInput(
             "a key name has no control characters".into(),

@@ -41,8 +41,38 @@ pub trait SubjectKeys: Send + Sync + 'static {
     async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError>;
 }
 
+/// Where tenant and subject meet in a filed id (a control character, which
+/// subject ids may not hold).
+const TENANT_SEPARATOR: char = '\u{1f}';
+
+/// The id a tenant's subject is filed under: the subject itself in the
+/// default tenant (as before tenants existed), else `tenant ‖ U+001F ‖
+/// subject`, so that two tenants' subjects of one name have two keys and
+/// forgetting one leaves the other.
+pub fn filed_subject(tenant: &str, subject: &str) -> Result<String, StoreError> {
+    let subject = normalize_subject(subject)?;
+    Ok(if tenant == "default" {
+        subject
+    } else {
+        format!("{tenant}{TENANT_SEPARATOR}{subject}")
+    })
+}
+
+/// A filed id as the store takes it: NFC, trimmed, not empty, at most
+/// twice [`MAX_SUBJECT_ID_BYTES`] (tenant and subject), no NUL.
+fn normalize_filed(filed: &str) -> Result<String, StoreError> {
+    use unicode_normalization::UnicodeNormalization;
+    let filed: String = filed.trim().nfc().collect();
+    if filed.is_empty() || filed.len() > 2 * MAX_SUBJECT_ID_BYTES || filed.contains('\0') {
+        return Err(StoreError::BadInput(
+            "a subject id is 1 to 256 bytes of text".into(),
+        ));
+    }
+    Ok(filed)
+}
+
 /// The subject id as keys are filed under: Unicode NFC, trimmed. Refuses
-/// empty, oversized or NUL-carrying ids.
+/// empty, oversized or control-character-carrying ids.
 pub fn normalize_subject(subject: &str) -> Result<String, StoreError> {
     use unicode_normalization::UnicodeNormalization;
     let subject: String = subject.trim().nfc().collect();
@@ -54,9 +84,9 @@ pub fn normalize_subject(subject: &str) -> Result<String, StoreError> {
             "the subject id is longer than {MAX_SUBJECT_ID_BYTES} bytes"
         )));
     }
-    if subject.contains('\0') {
+    if subject.chars().any(char::is_control) {
         return Err(StoreError::BadInput(
-            "the subject id contains a NUL character".into(),
+            "the subject id contains a control character".into(),
         ));
     }
     Ok(subject)
@@ -91,7 +121,7 @@ impl PostgresSubjectKeys {
 #[async_trait]
 impl SubjectKeys for PostgresSubjectKeys {
     async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError> {
-        let subject = normalize_subject(subject)?;
+        let subject = normalize_filed(subject)?;
         let client = self.pool.get().await?;
         // Concurrent first uses race on the unique subject id: one insert
         // wins, every caller reads the winner's key. A forget between the
@@ -118,7 +148,7 @@ impl SubjectKeys for PostgresSubjectKeys {
     }
 
     async fn find(&self, subject: &str) -> Result<Option<Uuid>, StoreError> {
-        let subject = normalize_subject(subject)?;
+        let subject = normalize_filed(subject)?;
         let client = self.pool.get().await?;
         Ok(client
             .query_opt(
@@ -146,7 +176,7 @@ impl SubjectKeys for PostgresSubjectKeys {
     }
 
     async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError> {
-        let subject = normalize_subject(subject)?;
+        let subject = normalize_filed(subject)?;
         let client = self.pool.get().await?;
         let key_id: Option<Uuid> = client
             .query_opt(
@@ -196,7 +226,7 @@ pub struct InMemorySubjectKeys {
 #[async_trait]
 impl SubjectKeys for InMemorySubjectKeys {
     async fn key_for(&self, subject: &str) -> Result<(Uuid, [u8; 32]), StoreError> {
-        let subject = normalize_subject(subject)?;
+        let subject = normalize_filed(subject)?;
         let mut keys = self.keys.lock().expect("not poisoned");
         Ok(*keys
             .entry(subject)
@@ -204,7 +234,7 @@ impl SubjectKeys for InMemorySubjectKeys {
     }
 
     async fn find(&self, subject: &str) -> Result<Option<Uuid>, StoreError> {
-        let subject = normalize_subject(subject)?;
+        let subject = normalize_filed(subject)?;
         let keys = self.keys.lock().expect("not poisoned");
         Ok(keys.get(&subject).map(|(id, _)| *id))
     }
@@ -219,7 +249,7 @@ impl SubjectKeys for InMemorySubjectKeys {
     }
 
     async fn forget(&self, subject: &str) -> Result<Forgotten, StoreError> {
-        let subject = normalize_subject(subject)?;
+        let subject = normalize_filed(subject)?;
         let removed = self.keys.lock().expect("not poisoned").remove(&subject);
         Ok(Forgotten {
             key_id: removed.map(|(id, _)| id),

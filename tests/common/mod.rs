@@ -123,3 +123,64 @@ pub async fn complete_workflows(
     running.await.unwrap();
     ids
 }
+
+/// Creates an API key with the CLI; its secret (the last line of stdout).
+pub fn create_key(
+    db: &agentledger_eventstore::testing::TestDatabase,
+    name: &str,
+    roles: &[&str],
+    tenant: &str,
+) -> String {
+    let mut args = vec!["apikey", "create", "--name", name, "--tenant", tenant];
+    for role in roles {
+        args.extend(["--role", role]);
+    }
+    let out = agentledger(&args, db.admin_url());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let secret = stdout.lines().last().unwrap().to_string();
+    assert!(secret.starts_with("alk_"), "{stdout}");
+    // The secret appears once, alone on its line.
+    assert_eq!(stdout.matches(&secret).count(), 1);
+    secret
+}
+
+/// POST /graphql with `credential` as a bearer token: (status, body).
+pub async fn post(
+    base: &str,
+    credential: Option<&str>,
+    query: &str,
+    variables: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{base}/graphql"))
+        .header("content-type", "application/json");
+    if let Some(credential) = credential {
+        request = request.header("authorization", format!("Bearer {credential}"));
+    }
+    let response = request
+        .body(serde_json::json!({ "query": query, "variables": variables }).to_string())
+        .send()
+        .await
+        .expect("POST /graphql");
+    let status = response.status().as_u16();
+    let body = serde_json::from_str(&response.text().await.unwrap()).expect("JSON");
+    (status, body)
+}
+
+pub fn code(body: &serde_json::Value) -> Option<&str> {
+    body["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// A file removed when dropped.
+pub struct TempFile(pub std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

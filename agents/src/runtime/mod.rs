@@ -321,11 +321,17 @@ impl Runtime {
     /// `privacy-keys` stream by key id (never the subject id), just before
     /// the key is deleted, so an auditor sees when and by whom a key was
     /// destroyed. Safe to retry.
+    ///
+    /// Subjects are per tenant: forgetting `subject` in `tenant` leaves a
+    /// subject of the same name in another tenant alone, and the record
+    /// carries `tenant`.
     pub async fn forget_subject(
         &self,
+        tenant: &str,
         subject: &str,
         by: &Actor,
     ) -> Result<Forgotten, RuntimeError> {
+        let subject = &agentledger_eventstore::subject_keys::filed_subject(tenant, subject)?;
         let keys = self.inner.keys().ok_or_else(|| {
             DomainError::BadInput("crypto-shredding is not configured on this runtime".into())
         })?;
@@ -337,6 +343,7 @@ impl Runtime {
             let stream = StreamId::new(PRIVACY_STREAM).expect("a valid stream id");
             let mut metadata = Metadata::new(by.clone());
             metadata.owner = by.identity().to_string();
+            metadata.tenant = tenant.to_string();
             let mut event = NewEvent::new(
                 "SubjectKeyDestroyed",
                 serde_json::json!({ "key_id": key_id }),
@@ -431,7 +438,7 @@ impl Runtime {
                 })?;
                 Some((
                     keys,
-                    agentledger_eventstore::subject_keys::normalize_subject(subject)?,
+                    agentledger_eventstore::subject_keys::filed_subject(&history.tenant, subject)?,
                 ))
             }
         };

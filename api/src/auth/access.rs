@@ -1,23 +1,24 @@
 //! What each role may call: one table, [`ACCESS`], with an entry for every
 //! root field of the schema (a test enumerates the schema and fails on a
-//! field without one), enforced by [`AccessGuard`] before an operation runs.
+//! field without one), enforced by [`authorize`] before an operation runs,
+//! at both doors: `POST /graphql` and every operation on a WebSocket.
 //!
-//! The guard reads the parsed document, so it sees every root field of
-//! queries, mutations and subscriptions alike, through fragments and
-//! aliases, and refuses the whole operation (nothing runs, nothing is
-//! written) when any field is not allowed. It also caps root fields and
-//! aliases per operation, so that one request cannot ask for the same
-//! expensive field a thousand times. Which rows a caller sees (its tenant,
-//! its own workflows) is for the resolvers.
+//! It reads the parsed document, so it sees every root field of queries,
+//! mutations and subscriptions alike, through fragments and aliases, and
+//! refuses the whole request (nothing runs, nothing is written) when any
+//! field is not allowed. It also caps root fields and aliases per
+//! operation, so that one request cannot ask for the same expensive field
+//! a thousand times. (It is not an async-graphql extension: any extension
+//! makes the executor wrap every field's resolution, which made a page of
+//! 100 workflows more than ten times slower.) Which rows a caller sees (its
+//! tenant, its own workflows) is for the resolvers.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
-use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
 use async_graphql::parser::types::{
     DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
 };
-use async_graphql::{ErrorExtensions, ServerError, ServerResult, Variables};
+use async_graphql::{ErrorExtensions, ServerError, ServerResult};
 
 use super::{Principal, Role, Roles};
 
@@ -115,38 +116,20 @@ impl Default for ShapeLimits {
     }
 }
 
-/// The extension that enforces [`ACCESS`] and [`ShapeLimits`]. The caller
-/// is the [`Principal`] in the request's (or the WebSocket connection's)
-/// data; without one, everything is refused.
-pub struct AccessGuard(pub ShapeLimits);
-
-impl ExtensionFactory for AccessGuard {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(AccessCheck(self.0))
+/// Refuses `request` unless `principal` may call every root field of it
+/// and it keeps to `limits`; then the request carries `principal` for the
+/// resolvers. The document is parsed here once and kept in the request. One
+/// that does not parse runs nothing: the executor reports why.
+pub fn authorize(
+    mut request: async_graphql::Request,
+    principal: &Principal,
+    limits: ShapeLimits,
+) -> Result<async_graphql::Request, Box<async_graphql::Response>> {
+    if let Ok(document) = request.parsed_query() {
+        check(document, principal, limits)
+            .map_err(|e| Box::new(async_graphql::Response::from_errors(vec![e])))?;
     }
-}
-
-struct AccessCheck(ShapeLimits);
-
-#[async_trait::async_trait]
-impl Extension for AccessCheck {
-    async fn parse_query(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        let document = next.run(ctx, query, variables).await?;
-        let principal = ctx.data_opt::<Principal>().ok_or_else(|| {
-            refusal(
-                "UNAUTHENTICATED",
-                "this request carries no credential".into(),
-            )
-        })?;
-        check(&document, principal, self.0)?;
-        Ok(document)
-    }
+    Ok(request.data(principal.clone()))
 }
 
 fn refusal(code: &'static str, message: String) -> ServerError {

@@ -54,8 +54,8 @@ impl JwksSource {
     }
 }
 
-/// How tokens are verified and read.
-#[derive(Debug, Clone)]
+/// How tokens are verified and read. Its `Debug` leaves the secret out.
+#[derive(Clone)]
 pub struct JwtConfig {
     /// The expected `iss` (required with a JWKS).
     pub issuer: Option<String>,
@@ -69,6 +69,19 @@ pub struct JwtConfig {
     pub roles_claim: String,
     /// The claim with the tenant (default `tenant`); `default` when absent.
     pub tenant_claim: String,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("jwks", &self.jwks)
+            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "…"))
+            .field("roles_claim", &self.roles_claim)
+            .field("tenant_claim", &self.tenant_claim)
+            .finish()
+    }
 }
 
 /// Verifies tokens against [`JwtConfig`].
@@ -219,15 +232,25 @@ impl JwtVerifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken compares `iss` and `aud` only when a token has them:
+        // a configured one must therefore also be required, or a token
+        // without it (one minted for another client) would pass.
+        let mut required = vec!["exp", "sub"];
         match &self.config.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &self.config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind as K;
@@ -250,7 +273,14 @@ impl JwtVerifier {
         let sub = text("sub")
             .filter(|s| !s.is_empty())
             .ok_or_else(|| AuthError::Unauthenticated("the token has no sub claim".into()))?;
-        let issuer = text("iss").unwrap_or_default();
+        // The configured issuer where there is one: then every token of
+        // one person names the same subject.
+        let issuer = self
+            .config
+            .issuer
+            .as_deref()
+            .or_else(|| text("iss"))
+            .unwrap_or_default();
         let roles = match claim(claims, &self.config.roles_claim) {
             Some(Value::Array(items)) => items
                 .iter()
@@ -368,6 +398,16 @@ mod tests {
         for (t, why) in cases {
             let refused = v.verify(&t).await.unwrap_err();
             assert!(refused.to_string().contains(why), "{why}: {refused}");
+        }
+        // A token without the configured audience or issuer is refused too.
+        for missing in ["aud", "iss"] {
+            let mut c = base.clone();
+            c.as_object_mut().unwrap().remove(missing);
+            let refused = v.verify(&token(c, SECRET)).await.unwrap_err();
+            assert!(
+                refused.to_string().contains(missing),
+                "{missing}: {refused}"
+            );
         }
         // Within the leeway an expired token still passes.
         assert!(v

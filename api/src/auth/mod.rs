@@ -24,7 +24,7 @@ use agentledger_eventstore::{Actor, ActorKind};
 use axum::http::HeaderMap;
 use chrono::Utc;
 
-pub use access::{Access, AccessGuard};
+pub use access::{authorize, Access};
 pub use jwt::{JwksSource, JwtConfig, JwtVerifier};
 
 /// A role, as named in keys, tokens and the docs.
@@ -213,7 +213,7 @@ impl AuthError {
     }
 }
 
-/// The authentication settings.
+/// The authentication settings (`Debug` leaves secrets out).
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub mode: Mode,
@@ -307,6 +307,13 @@ impl Authenticator {
         if self.config.mode == Mode::Off {
             return Ok(Principal::anonymous());
         }
+        let credential = Self::credential_of(headers)?;
+        self.authenticate(credential).await
+    }
+
+    /// The credential `headers` carry: `Authorization: Bearer …` or
+    /// `X-API-Key`.
+    pub fn credential_of(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
         let header = |name: &str| -> Result<Option<&str>, AuthError> {
             headers
                 .get(name)
@@ -317,12 +324,11 @@ impl Authenticator {
                 })
                 .transpose()
         };
-        let credential = match (header("authorization")?, header("x-api-key")?) {
+        Ok(match (header("authorization")?, header("x-api-key")?) {
             (Some(authorization), _) => Some(bearer(authorization)?),
             (None, Some(key)) => Some(key.trim()),
             (None, None) => None,
-        };
-        self.authenticate(credential).await
+        })
     }
 
     /// The caller of a WebSocket connection: the upgrade request's headers
@@ -353,6 +359,22 @@ impl Authenticator {
             (None, None) => None,
         };
         self.authenticate(credential).await
+    }
+
+    /// The credential in a `connection_init` payload, if it carries one.
+    pub fn credential_in_init(payload: &serde_json::Value) -> Option<String> {
+        let object = payload.as_object()?;
+        let field = |wanted: &str| {
+            object
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(wanted))
+                .and_then(|(_, v)| v.as_str())
+        };
+        match (field("authorization"), field("x-api-key")) {
+            (Some(authorization), _) => bearer(authorization).ok().map(str::to_string),
+            (None, Some(key)) => Some(key.trim().to_string()),
+            (None, None) => None,
+        }
     }
 
     /// Whether a request with `headers` carries a credential at all.
@@ -399,17 +421,22 @@ impl Authenticator {
                     tracing::warn!(error = %e, "cannot check an API key");
                     AuthError::Unavailable("cannot check the API key now; retry".into())
                 })?;
-                let mut cache = self.cache.lock().expect("key cache lock");
-                if cache.len() >= KEY_CACHE_MAX {
-                    cache.clear();
+                // Only keys that exist are cached: made-up ones cannot push
+                // real ones out (they cost a lookup each, within the
+                // address's rate limit).
+                if key.is_some() {
+                    let mut cache = self.cache.lock().expect("key cache lock");
+                    if cache.len() >= KEY_CACHE_MAX {
+                        cache.clear();
+                    }
+                    cache.insert(
+                        cache_key,
+                        CachedKey {
+                            key: key.clone(),
+                            read_at: Instant::now(),
+                        },
+                    );
                 }
-                cache.insert(
-                    cache_key,
-                    CachedKey {
-                        key: key.clone(),
-                        read_at: Instant::now(),
-                    },
-                );
                 key
             }
         };

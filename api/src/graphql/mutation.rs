@@ -97,9 +97,10 @@ impl Mutation {
         ctx: &Context<'_>,
         subject_id: String,
     ) -> async_graphql::Result<ForgetResult> {
+        let principal = principal(ctx)?;
         let forgotten = services(ctx)
             .runtime
-            .forget_subject(&subject_id, &principal(ctx)?.actor())
+            .forget_subject(&principal.tenant, &subject_id, &principal.actor())
             .await
             .map_err(from_runtime)?;
         Ok(ForgetResult {
