@@ -28,11 +28,11 @@ pub struct DigestArgs {
 }
 
 pub async fn run(args: DigestArgs) -> anyhow::Result<()> {
+    // Signing reads the key's secret half: the owner role's to read.
     let url = args
         .database
-        .database_url
-        .as_deref()
-        .context("DATABASE_URL is not set")?;
+        .admin_url()
+        .context("AGENTLEDGER_ADMIN_DATABASE_URL or DATABASE_URL is not set")?;
     let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
     let keys = PostgresLedgerKeys::new(store.pool().clone());
     if args.keys {

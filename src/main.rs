@@ -272,8 +272,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }));
             let models = PostgresReadModels::new(store.pool().clone(), &checkpoints);
             let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
+            // Signing needs the owner role: the service role may not read
+            // the secret half of the key (migration V6).
+            let signer = agentledger_eventstore::postgres::pool(admin, 2)?;
             Backend {
-                ledger_keys: Arc::new(PostgresLedgerKeys::new(store.pool().clone())),
+                ledger_keys: Arc::new(PostgresLedgerKeys::with_signer(
+                    store.pool().clone(),
+                    signer,
+                )),
                 subject_keys: Arc::new(PostgresSubjectKeys::new(store.pool().clone())),
                 api_keys: Arc::new(PostgresApiKeys::new(store.pool().clone())),
                 store: Arc::new(store),

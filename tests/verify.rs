@@ -241,11 +241,12 @@ async fn a_signed_digest_from_the_api_is_proven_by_the_cli_until_the_ledger_chan
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
-    // The CLI signs too, with the same key.
+    // The CLI signs too, with the same key (and the owner role: the
+    // service role may not read the secret half).
     let cli = dir.join("cli.json");
     let signed = agentledger(
         &["digest", "--output", cli.to_str().unwrap()],
-        &db.service_url(),
+        db.admin_url(),
     );
     assert!(
         signed.status.success(),

@@ -297,17 +297,32 @@ async fn ledger_len(store: &dyn EventStore, head: Position) -> Result<u64, Store
 }
 
 /// The keys in PostgreSQL (`ledger_keys`).
+///
+/// The public halves are read with the service's pool; the secret half is
+/// read, and keys are created and rotated, with the owner's (`signer`): the
+/// service role may read public keys only (migration V6).
 #[derive(Clone)]
 pub struct PostgresLedgerKeys {
     pool: Pool,
+    signer: Pool,
 }
 
 /// Serialises key creation across nodes: `hashtext('agentledger_ledger_keys')`.
 const KEY_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('agentledger_ledger_keys'))";
 
 impl PostgresLedgerKeys {
+    /// Keys read and signed with one pool (the owner role's: tools, tests).
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            signer: pool.clone(),
+            pool,
+        }
+    }
+
+    /// Public keys read with the service's `pool`, signing with the owner's
+    /// `signer`.
+    pub fn with_signer(pool: Pool, signer: Pool) -> Self {
+        Self { pool, signer }
     }
 
     async fn insert(
@@ -341,7 +356,7 @@ impl LedgerKeys for PostgresLedgerKeys {
             })?;
             Ok((row.get(0), SigningKey::from_bytes(&secret)))
         };
-        let mut client = self.pool.get().await?;
+        let mut client = self.signer.get().await?;
         if let Some(row) = client.query_opt(read, &[]).await? {
             return parse(row);
         }
@@ -382,7 +397,7 @@ impl LedgerKeys for PostgresLedgerKeys {
     }
 
     async fn rotate(&self) -> Result<LedgerKey, StoreError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.signer.get().await?;
         let tx = client.transaction().await?;
         tx.execute(KEY_LOCK, &[]).await?;
         tx.execute(

@@ -65,6 +65,13 @@ impl TestDatabase {
         with_database(&self.admin_url, &self.name, Some(SERVICE_ROLE))
     }
 
+    /// The deployment's signing keys as `serve` holds them: public halves
+    /// read by the service role of `store`, signing with the owner role.
+    pub fn ledger_keys(&self, store: &PostgresEventStore) -> crate::signing::PostgresLedgerKeys {
+        let owner = crate::postgres::pool(&self.admin_url, 2).expect("the owner's pool");
+        crate::signing::PostgresLedgerKeys::with_signer(store.pool().clone(), owner)
+    }
+
     /// A connection as the owner.
     pub async fn admin_client(&self) -> Client {
         connect(&self.admin_url).await

@@ -543,7 +543,7 @@ async fn any_changed_column_in_a_thousand_events_is_found_by_the_chains_and_a_di
         "progress reaches the head"
     );
     // A signed digest taken before any change.
-    let keys = signing::PostgresLedgerKeys::new(store.pool().clone());
+    let keys = db.ledger_keys(&store);
     let digest = signing::sign_ledger(&store, &keys, None).await.unwrap();
     assert_eq!(digest.events, 1_000);
     let check = |digest: signing::SignedDigest| {
@@ -732,7 +732,7 @@ async fn a_tree_head_taken_before_notices_a_change_and_a_deleted_last_event() {
     seed_twenty_streams(&store2).await;
     let head2 = store2.head_position().await.unwrap();
     let (taken, _) = ledger_root(&store2, head2).await.unwrap();
-    let keys = signing::PostgresLedgerKeys::new(store2.pool().clone());
+    let keys = db2.ledger_keys(&store2);
     let signed = signing::sign_ledger(&store2, &keys, None).await.unwrap();
     assert_eq!(signed.root, hex::encode(taken));
     let last_of_first = store2
@@ -777,7 +777,12 @@ async fn one_signing_key_per_deployment_and_rotation_keeps_the_old_one() {
     let store = db.store().await;
     seed_twenty_streams(&store).await;
     let nodes: Vec<_> = (0..4)
-        .map(|_| signing::PostgresLedgerKeys::new(store.pool().clone()))
+        .map(|_| {
+            // Signing with the owner role, as serve does: the service
+            // role may not read the secret half.
+            let owner = agentledger_eventstore::postgres::pool(db.admin_url(), 2).unwrap();
+            signing::PostgresLedgerKeys::with_signer(store.pool().clone(), owner)
+        })
         .collect();
     let ids = futures::future::join_all(
         nodes
@@ -862,4 +867,50 @@ async fn a_subject_key_is_created_once_and_forgetting_destroys_it() {
         Some(composed_key)
     );
     assert_eq!(keys.find("김민수").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_service_role_appends_only_through_the_store_and_reads_no_signing_secret() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    seed_twenty_streams(&store).await;
+    let owner = agentledger_eventstore::postgres::pool(db.admin_url(), 1).unwrap();
+    signing::LedgerKeys::active(&signing::PostgresLedgerKeys::new(owner))
+        .await
+        .unwrap();
+    let service = connect(&db.service_url()).await;
+    let head: i64 = service
+        .query_one("SELECT events_head_position()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for (what, sql) in [
+        ("insert a row", "INSERT INTO events SELECT * FROM events LIMIT 1"),
+        ("move the position sequence", "SELECT setval('events_position_seq', 1)"),
+        ("take positions", "SELECT events_reserve(1)"),
+        ("read the signing secret", "SELECT secret_key FROM ledger_keys"),
+        ("create a signing key", "INSERT INTO ledger_keys (key_id, algorithm, public_key, secret_key) VALUES ('k', 'ed25519', '\\x00', '\\x00')"),
+        ("retire the signing key", "UPDATE ledger_keys SET retired_at = now(), secret_key = NULL"),
+    ] {
+        let refused = service.batch_execute(sql).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "the service role could {what}: {refused}"
+        );
+    }
+    // What it may do: read public keys, and append through the store.
+    service
+        .batch_execute("SELECT key_id, public_key FROM ledger_keys")
+        .await
+        .unwrap();
+    let appended = store
+        .append(
+            &StreamId::new("after-the-checks").unwrap(),
+            ExpectedVersion::NoStream,
+            events(1),
+        )
+        .await
+        .unwrap();
+    assert!(appended.first_position > head as u64);
 }

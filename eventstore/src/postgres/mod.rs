@@ -113,6 +113,27 @@ impl Drop for Inner {
     }
 }
 
+/// A small pool of connections to `database_url`, for what the service does
+/// with another role than its own (signing digests with the owner role).
+pub fn pool(database_url: &str, size: usize) -> Result<Pool, StoreError> {
+    let config: tokio_postgres::Config = database_url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::BadInput(format!("database URL: {e}")))?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
 impl PostgresEventStore {
     /// Connects to `database_url` (the service's role is enough) and starts
     /// the writer and tailer tasks. The schema must be migrated already.

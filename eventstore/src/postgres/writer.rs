@@ -2,7 +2,7 @@
 //!
 //! Every append waiting when the writer is free goes into one statement,
 //! which is its own transaction: it takes positions for its rows from
-//! `events_reserve` (a sequence, marked in flight for readers: see the
+//! `events_append` → `events_reserve` (a sequence, marked in flight for readers: see the
 //! migration and ARCHITECTURE.md) and inserts them. Appenders never wait for
 //! each other; the unique keys `(stream_id, stream_version)` and
 //! `(stream_id, event_id)` are what make a stale belief fail.
@@ -386,9 +386,7 @@ async fn write(
         client,
         statements: s,
     } = connection;
-    let count = rows.len() as i32;
-    let mut params = rows.params();
-    params.push(&count);
+    let params = rows.params();
     let inserted = match hook {
         None => client.query_one(&s.insert, &params).await?,
         Some(hook) => {
@@ -465,21 +463,13 @@ struct Connection {
     statements: Statements,
 }
 
-/// Takes a block of positions for the rows (`events_reserve`, once: a
-/// materialised CTE) and inserts the rows; returns the block's first
-/// position. (A data-modifying CTE always runs to completion.)
-const INSERT: &str = "WITH reserved AS MATERIALIZED (SELECT events_reserve($12) AS first), inserted AS ( \
-     INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, \
-         schema_version, payload, metadata, recorded_at, hash_version, prev_hash, hash) \
-     SELECT reserved.first + r.n - 1, \
-         r.stream_id, r.stream_version, r.event_id, r.event_type, r.schema_version, r.payload, r.metadata, \
-         r.recorded_at, r.hash_version, r.prev_hash, r.hash \
-     FROM reserved, \
-         unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::integer[], $6::jsonb[], $7::jsonb[], \
-             $8::timestamptz[], $9::smallint[], $10::bytea[], $11::bytea[]) WITH ORDINALITY \
-         AS r(stream_id, stream_version, event_id, event_type, schema_version, payload, metadata, \
-              recorded_at, hash_version, prev_hash, hash, n)) \
-     SELECT first FROM reserved";
+/// Takes a block of positions for the rows and inserts them, in
+/// `events_append` (a `SECURITY DEFINER` function: the service role may
+/// neither insert rows nor move the position sequence itself); returns the
+/// block's first position.
+const INSERT: &str = "SELECT events_append($1::text[], $2::bigint[], $3::uuid[], $4::text[], \
+     $5::integer[], $6::jsonb[], $7::jsonb[], $8::timestamptz[], $9::smallint[], $10::bytea[], \
+     $11::bytea[])";
 
 async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
     let (client, connection) = config.connect(NoTls).await?;
@@ -551,10 +541,6 @@ impl<'a> InsertRows<'a> {
         self.hash_version.push(HASH_VERSION as i16);
         self.prev_hash.push(record.prev_hash.to_vec());
         self.hash.push(record.hash.to_vec());
-    }
-
-    fn len(&self) -> usize {
-        self.event_id.len()
     }
 
     fn is_empty(&self) -> bool {
