@@ -10,6 +10,7 @@
 //! request_timeout_ms = 30000 # longest a plain request may take
 //! max_concurrent_requests = 512
 //! allowed_origins = ["https://console.example.com"]  # CORS and WebSocket Origin allow-list
+//! max_response_bytes = 8388608   # a larger GraphQL response is refused with BAD_INPUT
 //!
 //! [limits]                   # 0 turns a rate off
 //! credential_per_second = 1000   # requests and socket operations per credential
@@ -198,6 +199,7 @@ pub struct ServerSection {
     pub request_timeout_ms: Option<u64>,
     pub max_concurrent_requests: Option<usize>,
     pub allowed_origins: Option<Vec<String>>,
+    pub max_response_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +279,10 @@ impl FileConfig {
                 .unwrap_or(defaults.max_concurrent_requests),
             allowed_origins: self.server.allowed_origins.clone().unwrap_or_default(),
             loopback_origins: dev,
+            max_response_bytes: self
+                .server
+                .max_response_bytes
+                .unwrap_or(defaults.max_response_bytes),
         }
     }
 

@@ -307,3 +307,68 @@ async fn browsers_on_other_sites_cannot_drive_the_service() {
     assert_eq!(response.status(), 415);
     assert!(l.server.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graphql_over_http_answers_in_the_media_type_asked_for_within_a_byte_budget() {
+    let l = start("[server]\nmax_response_bytes = 600\n").await;
+    let base = l.server.base.clone();
+    let ask = |accept: Option<&'static str>, query: &'static str| {
+        let mut request = reqwest::Client::new()
+            .post(format!("{base}/graphql"))
+            .header("content-type", "application/json")
+            .header("x-api-key", &l.key);
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        async move {
+            let response = request
+                .body(json!({ "query": query }).to_string())
+                .send()
+                .await
+                .unwrap();
+            let media = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let status = response.status().as_u16();
+            let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+            (status, media, body)
+        }
+    };
+    let me = "{ me { name } }";
+    let (status, media, _) = ask(Some("application/json"), me).await;
+    assert_eq!(
+        (status, media.starts_with("application/json")),
+        (200, true),
+        "{media}"
+    );
+    let (status, media, _) = ask(None, me).await;
+    assert_eq!(
+        (status, media.starts_with("application/json")),
+        (200, true),
+        "{media}"
+    );
+    let modern = Some("application/graphql-response+json, application/json;q=0.9");
+    let (status, media, _) = ask(modern, me).await;
+    assert_eq!(
+        (
+            status,
+            media.starts_with("application/graphql-response+json")
+        ),
+        (200, true)
+    );
+    // Request errors are 4xx in the newer media type, 200 in the older.
+    assert_eq!(ask(modern, "{ me { name ").await.0, 400);
+    assert_eq!(ask(modern, "{ me { nope } }").await.0, 400);
+    assert_eq!(ask(modern, "{ verifyLedger { ok } }").await.0, 403);
+    let (status, _, body) = ask(Some("application/json"), "{ verifyLedger { ok } }").await;
+    assert_eq!((status, code(&body)), (200, Some("FORBIDDEN")));
+    // A response over the budget is refused whole.
+    let (_, _, body) = ask(None, "{ a: me { name subject tenant roles method } b: me { name subject tenant roles method } c: me { name subject tenant roles method } d: me { name subject tenant roles method } e: me { name subject tenant roles method } }").await;
+    assert_eq!(code(&body), Some("BAD_INPUT"), "{body}");
+    assert!(body["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 600"));
+    assert!(l.server.stop().success());
+}

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use agentledger_projections::lag;
 use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use async_graphql_axum::GraphQLRequest;
 use axum::extract::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -66,6 +66,8 @@ pub struct HttpConfig {
     pub allowed_origins: Vec<String>,
     /// Also allow `http://localhost:*` and `http://127.0.0.1:*` origins (dev).
     pub loopback_origins: bool,
+    /// Largest response body of a plain request, in bytes.
+    pub max_response_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -78,6 +80,7 @@ impl Default for HttpConfig {
             max_concurrent_requests: 512,
             allowed_origins: Vec::new(),
             loopback_origins: false,
+            max_response_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -383,8 +386,14 @@ fn refusal(e: &auth::AuthError) -> Response {
 async fn graphql_request(
     State(state): State<AppState>,
     axum::Extension(Caller(caller)): axum::Extension<Caller>,
+    headers: axum::http::HeaderMap,
     request: GraphQLRequest,
 ) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let budget = state.config.max_response_bytes;
     let Some(principal) = caller else {
         return refusal(&auth::AuthError::Unauthenticated(
             "this server requires a credential".into(),
@@ -396,7 +405,7 @@ async fn graphql_request(
         state.services.limits.shape,
     ) {
         Ok(request) => request,
-        Err(refused) => return GraphQLResponse::from(*refused).into_response(),
+        Err(refused) => return respond(&refused, accept.as_deref(), budget),
     };
     let response = state.schema.execute(request).await;
     state
@@ -409,7 +418,57 @@ async fn graphql_request(
             .graphql_errors
             .fetch_add(1, Ordering::Relaxed);
     }
-    GraphQLResponse::from(response).into_response()
+    respond(&response, accept.as_deref(), budget)
+}
+
+/// A GraphQL response over HTTP as the GraphQL-over-HTTP spec has it: in
+/// `application/graphql-response+json` to a client that accepts it (with a
+/// 4xx status when the request failed before execution: 403 for a refused
+/// field, 400 for the rest), else in `application/json` with 200. A body
+/// over `budget` bytes is replaced by a `BAD_INPUT` error.
+fn respond(response: &async_graphql::Response, accept: Option<&str>, budget: usize) -> Response {
+    let accepts = |media: &str| {
+        accept.is_some_and(|a| {
+            a.split(',').any(|m| {
+                m.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case(media))
+            })
+        })
+    };
+    let modern = accepts("application/graphql-response+json");
+    let mut body = serde_json::to_vec(response).expect("a GraphQL response serialises");
+    let mut failed_early =
+        response.data == async_graphql::Value::Null && !response.errors.is_empty();
+    let mut refused = response.errors.iter().any(|e| {
+        e.extensions
+            .as_ref()
+            .and_then(|x| x.get("code"))
+            .is_some_and(|c| *c == async_graphql::Value::String("FORBIDDEN".into()))
+    });
+    if body.len() > budget {
+        let message = format!(
+            "the response would be {} bytes; at most {budget}: ask for fewer fields or a smaller page",
+            body.len()
+        );
+        body = serde_json::to_vec(&json!({
+            "errors": [{ "message": message, "extensions": { "code": "BAD_INPUT" } }]
+        }))
+        .expect("JSON");
+        failed_early = true;
+        refused = false;
+    }
+    let status = match (modern, failed_early, refused) {
+        (true, true, true) => StatusCode::FORBIDDEN,
+        (true, true, false) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    };
+    let media = if modern {
+        "application/graphql-response+json; charset=utf-8"
+    } else {
+        "application/json; charset=utf-8"
+    };
+    (status, [(header::CONTENT_TYPE, media)], body).into_response()
 }
 
 /// Buffers of one WebSocket connection. Subscription messages are small;

@@ -26,6 +26,8 @@ use uuid::Uuid;
 struct Counting {
     inner: InMemoryReadModels,
     calls: AtomicUsize,
+    /// Play read models that lag: nothing applied, nothing found.
+    behind: bool,
 }
 
 impl Counting {
@@ -38,6 +40,9 @@ impl Counting {
 impl ReadModels for Counting {
     async fn workflow(&self, id: Uuid) -> Result<Option<WorkflowStatus>, ReadError> {
         self.count();
+        if self.behind {
+            return Ok(None);
+        }
         self.inner.workflow(id).await
     }
     async fn workflows(
@@ -78,6 +83,9 @@ impl ReadModels for Counting {
         self.inner.checkpoints().await
     }
     async fn wait_for(&self, position: u64, limit: Duration) -> Result<(), ReadError> {
+        if self.behind {
+            return Err(ReadError::Timeout(position));
+        }
         self.inner.wait_for(position, limit).await
     }
 }
@@ -89,6 +97,7 @@ async fn a_page_of_100_workflows_with_subtasks_and_decisions_takes_a_bounded_num
     let models = Arc::new(Counting {
         inner: InMemoryReadModels::start(store.clone()),
         calls: AtomicUsize::new(0),
+        behind: false,
     });
     let runtime = Runtime::new(
         store.clone(),
@@ -252,4 +261,53 @@ async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written()
 /// `query` as the anonymous caller of authentication off (every role).
 fn anonymous(query: &str) -> async_graphql::Request {
     async_graphql::Request::new(query).data(agentledger_api::Principal::anonymous())
+}
+
+/// A committed submission is never reported as a failure: when the read
+/// models lag past the wait, the answer is the state folded from the
+/// recorded events, flagged pending.
+#[tokio::test]
+async fn a_mutation_whose_read_models_lag_answers_pending_not_an_error() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+    let models = Arc::new(Counting {
+        inner: InMemoryReadModels::start(store.clone()),
+        calls: AtomicUsize::new(0),
+        behind: true,
+    });
+    let runtime = Runtime::new(
+        store.clone(),
+        Arc::new(InMemoryWorkQueue::default()),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    let schema = agentledger_api::schema(Services {
+        runtime,
+        store: store.clone(),
+        read_models: models,
+        limits: Limits::default(),
+        ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
+        shutdown: Default::default(),
+        open_subscriptions: Arc::default(),
+        auth: Arc::new(agentledger_api::Authenticator::off()),
+        ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+    });
+    let response = schema
+        .execute(anonymous(
+            r#"mutation { submitWorkflow(request: "정렬해 주세요.") { id state request pending } }"#,
+        ))
+        .await;
+    assert!(response.errors.is_empty(), "{:?}", response.errors);
+    let data = response.data.into_json().unwrap();
+    let workflow = &data["submitWorkflow"];
+    assert_eq!(workflow["pending"], true);
+    assert_eq!(workflow["state"], "SUBMITTED");
+    assert_eq!(workflow["request"], "정렬해 주세요.");
+    // And it is recorded: the id names a stream with the submission.
+    let id: Uuid = workflow["id"].as_str().unwrap().parse().unwrap();
+    let events = store
+        .read_stream(&agentledger_agents::stream_of(id), 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(events[0].event_type, "WorkflowSubmitted");
 }

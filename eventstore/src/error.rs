@@ -46,14 +46,14 @@ pub enum StoreError {
     BadInput(String),
 
     /// The database failed or could not be reached. The append may or may not
-    /// have committed: resend the same event ids, which is safe (`INTERNAL`).
+    /// have committed: resend the same event ids, which is safe (`UNAVAILABLE`).
     #[error("database error: {0}")]
     Database(#[from] tokio_postgres::Error),
 
     /// The database could not be used: no pooled connection, or a group
     /// commit this append shared failed (its first caller gets the database
     /// error itself). The append may or may not have committed: resending
-    /// the same event ids is safe (`INTERNAL`).
+    /// the same event ids is safe (`UNAVAILABLE`).
     #[error("database unavailable: {0}")]
     Unavailable(String),
 
@@ -66,7 +66,8 @@ pub enum StoreError {
         reason: String,
     },
 
-    /// The store is shutting down; the operation did not run (`INTERNAL`).
+    /// The store is shutting down; the operation did not run (`UNAVAILABLE`:
+    /// another node can take it).
     #[error("the event store is shut down")]
     Closed,
 }

@@ -60,7 +60,9 @@ pub enum ReadError {
     /// A stored row cannot be read (`INTERNAL`).
     #[error("corrupt read model row: {0}")]
     Corrupt(String),
-    /// Waiting for a position took longer than allowed.
+    /// Waiting for a position took longer than allowed (a mutation then
+    /// answers its workflow folded from the events, flagged `pending`;
+    /// elsewhere `INTERNAL`).
     #[error("projections did not reach position {0} in time")]
     Timeout(u64),
 }

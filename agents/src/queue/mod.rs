@@ -35,10 +35,10 @@ pub struct Claim {
 /// Why the queue could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    /// The database is unreachable or refused; retry later.
+    /// The database is unreachable or refused; retry later (`UNAVAILABLE`).
     #[error("task queue unavailable: {0}")]
     Unavailable(String),
-    /// Another runtime holds this workflow's row.
+    /// Another runtime holds this workflow's row (`UNAVAILABLE`: retry).
     #[error("workflow {0} is claimed by another runtime")]
     Held(Uuid),
 }

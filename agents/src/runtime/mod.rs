@@ -490,12 +490,13 @@ impl Runtime {
             .record_keyed(
                 &*inner.store,
                 &recorder,
-                vec![command],
+                vec![command.clone()],
                 None,
                 vec![],
                 submission.idempotency_key,
             )
             .await;
+        let mut unknown = false;
         let outcome = match written {
             Ok(true) => Ok(Submitted {
                 id,
@@ -503,12 +504,39 @@ impl Runtime {
                 existing: false,
             }),
             Ok(false) => Err(RuntimeError::Superseded),
+            // The database failed around the commit: it may have happened.
+            // Read the stream before deciding; a submission found there is
+            // a success.
+            Err(RuntimeError::Store(
+                e @ (StoreError::Database(_) | StoreError::Unavailable(_)),
+            )) => {
+                unknown = true;
+                match self
+                    .existing_submission(id, &command, history.key.is_some())
+                    .await
+                {
+                    Ok(Some(found)) => Ok(Submitted {
+                        existing: false,
+                        ..found
+                    }),
+                    _ => Err(RuntimeError::Store(e)),
+                }
+            }
             Err(e) => Err(e),
         };
         if outcome.is_err() {
             inner.forget(id);
-            let _ = inner.queue.remove(id).await;
+            // A row whose append surely failed goes; one whose append may
+            // have committed stays, unclaimed once its lease runs out: a
+            // claimer drives the workflow if its stream exists, and drops
+            // the row after `orphan_grace` if it never appears.
+            if !unknown {
+                let _ = inner.queue.remove(id).await;
+            }
             return outcome;
+        }
+        if unknown {
+            tracing::warn!(%id, "the submission's commit was in doubt; the stream has it");
         }
         // Drive it here if a slot is free; else let any runtime claim it.
         let handoff = inner.handoff.lock().expect("handoff lock").clone();

@@ -129,3 +129,149 @@ pub fn internal(e: &dyn std::fmt::Display) -> async_graphql::Error {
     tracing::error!(error = %e, "request failed");
     error(Code::Internal, "internal error; it has been logged")
 }
+
+/// The documented code of every error variant of every crate, as one
+/// table: matches without a wildcard, so a new variant does not compile
+/// until it is given its code here (and in the variant's doc). The tests
+/// check that the mapping functions above send exactly these.
+#[cfg(test)]
+mod table {
+    use agentledger_agents::RuntimeError;
+    use agentledger_domain::workflow::DomainError;
+    use agentledger_eventstore::StoreError;
+    use agentledger_projections::ReadError;
+
+    use super::*;
+
+    fn of_store(e: &StoreError) -> Code {
+        match e {
+            StoreError::Conflict { .. }
+            | StoreError::IdempotencyMismatch { .. }
+            | StoreError::Contended { .. } => Code::Conflict,
+            StoreError::BadInput(_) => Code::BadInput,
+            StoreError::Database(_) | StoreError::Unavailable(_) | StoreError::Closed => {
+                Code::Unavailable
+            }
+            StoreError::Corrupt { .. } => Code::Internal,
+        }
+    }
+
+    fn of_runtime(e: &RuntimeError) -> Code {
+        match e {
+            RuntimeError::Rejected(DomainError::BadInput(_)) => Code::BadInput,
+            RuntimeError::Rejected(DomainError::NotFound) => Code::NotFound,
+            RuntimeError::Rejected(DomainError::InvalidTransition { .. }) => Code::Conflict,
+            RuntimeError::Store(e) => of_store(e),
+            RuntimeError::Queue(agentledger_agents::queue::QueueError::Unavailable(_))
+            | RuntimeError::Queue(agentledger_agents::queue::QueueError::Held(_)) => {
+                Code::Unavailable
+            }
+            RuntimeError::Superseded | RuntimeError::KeyReused | RuntimeError::Moved { .. } => {
+                Code::Conflict
+            }
+            RuntimeError::SelfDecision => Code::Forbidden,
+            RuntimeError::Corrupt(_) => Code::Internal,
+        }
+    }
+
+    fn of_read(e: &ReadError) -> Code {
+        match e {
+            ReadError::Unavailable(_) => Code::Unavailable,
+            // A mutation whose read models lag answers `pending` instead.
+            ReadError::Corrupt(_) | ReadError::Timeout(_) => Code::Internal,
+        }
+    }
+
+    fn sent(e: async_graphql::Error) -> String {
+        let extensions = e.extensions.expect("every error carries a code");
+        match extensions.get("code") {
+            Some(async_graphql::Value::String(code)) => code.clone(),
+            other => panic!("code {other:?}"),
+        }
+    }
+
+    fn stores() -> Vec<StoreError> {
+        let stream = agentledger_eventstore::StreamId::new("workflow-x").unwrap();
+        vec![
+            StoreError::Conflict {
+                stream: stream.clone(),
+                expected: agentledger_eventstore::ExpectedVersion::NoStream,
+                actual: Some(1),
+            },
+            StoreError::IdempotencyMismatch {
+                stream,
+                event_id: uuid::Uuid::nil(),
+            },
+            StoreError::Contended { attempts: 3 },
+            StoreError::BadInput("x".into()),
+            StoreError::Unavailable("pool".into()),
+            StoreError::Corrupt {
+                position: 1,
+                reason: "x".into(),
+            },
+            StoreError::Closed,
+        ]
+    }
+
+    #[test]
+    fn every_variant_is_sent_with_its_documented_code() {
+        for e in stores() {
+            let expected = of_store(&e).as_str();
+            assert_eq!(sent(from_store(e)), expected);
+        }
+        let runtimes = || {
+            let mut all: Vec<RuntimeError> =
+                stores().into_iter().map(RuntimeError::Store).collect();
+            all.extend([
+                RuntimeError::Rejected(DomainError::BadInput("x".into())),
+                RuntimeError::Rejected(DomainError::NotFound),
+                RuntimeError::Rejected(DomainError::InvalidTransition {
+                    command: "cancel",
+                    state: agentledger_domain::workflow::WorkflowState::Completed,
+                }),
+                RuntimeError::Queue(agentledger_agents::queue::QueueError::Unavailable(
+                    "x".into(),
+                )),
+                RuntimeError::Queue(agentledger_agents::queue::QueueError::Held(
+                    uuid::Uuid::nil(),
+                )),
+                RuntimeError::Superseded,
+                RuntimeError::KeyReused,
+                RuntimeError::Moved {
+                    expected: 1,
+                    actual: 2,
+                },
+                RuntimeError::SelfDecision,
+                RuntimeError::Corrupt("x".into()),
+            ]);
+            all
+        };
+        for (e, same) in runtimes().into_iter().zip(runtimes()) {
+            let expected = of_runtime(&same).as_str();
+            assert_eq!(sent(from_runtime(e)), expected, "{same}");
+        }
+        for e in [
+            ReadError::Unavailable("x".into()),
+            ReadError::Corrupt("x".into()),
+            ReadError::Timeout(1),
+        ] {
+            let expected = of_read(&e).as_str();
+            assert_eq!(sent(from_read(e)), expected);
+        }
+    }
+
+    #[test]
+    fn every_code_is_documented() {
+        let docs = concat!(
+            include_str!("../../../README.md"),
+            include_str!("../../../docs/security.md")
+        );
+        for code in Code::ALL {
+            assert!(
+                docs.contains(code.as_str()),
+                "{} is not documented",
+                code.as_str()
+            );
+        }
+    }
+}

@@ -5,37 +5,61 @@ use agentledger_agents::{HumanDecision, Submission};
 use async_graphql::{Context, Object, ID};
 use uuid::Uuid;
 
-use super::error::{self, from_read, from_runtime, Code};
+use agentledger_agents::stream_of;
+use agentledger_projections::model::Fact;
+
+use super::error::{self, from_runtime, from_store, Code};
 use super::types::{ForgetResult, Position, Priority, Workflow};
-use super::{parse_id, principal, services, Services};
+use super::{parse_id, principal, services, Followed, Services};
 use crate::auth::Role;
 
 /// Mutations: commands. Each returns the workflow as of its own write.
 pub struct Mutation;
 
 impl Mutation {
+    /// The workflow as of the write at `position`: from the read models once
+    /// they applied it. A committed write is never reported as a failure:
+    /// when they lag past the wait (or cannot be read), the state is folded
+    /// from the recorded events and flagged `pending`.
     async fn after_write(
         services: &Services,
         id: Uuid,
         position: u64,
     ) -> async_graphql::Result<Workflow> {
-        services
+        let applied = services
             .read_models
             .wait_for(position, services.limits.read_your_writes)
+            .await;
+        let read = match applied {
+            Ok(()) => services.read_models.workflow(id).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(Some(status)) => return Ok(Workflow::of(status)),
+            Ok(None) => tracing::warn!(%id, position, "applied but not in the read models"),
+            Err(e) => {
+                tracing::warn!(%id, position, error = %e, "read models behind a committed write")
+            }
+        }
+        let events = services
+            .store
+            .read_stream(&stream_of(id), 0, 100_000)
             .await
-            .map_err(from_read)?;
-        let status = services
-            .read_models
-            .workflow(id)
-            .await
-            .map_err(from_read)?
-            .ok_or_else(|| {
-                error::error(Code::Internal, "the workflow is not in the read models yet")
-            })?;
-        Ok(Workflow {
-            status,
-            decisions: None,
-        })
+            .map_err(from_store)?;
+        let mut followed = Followed {
+            fold: None,
+            decisions: Vec::new(),
+        };
+        for event in &events {
+            if let Some(fact) = Fact::decode(event).map_err(|e| error::internal(&e))? {
+                followed.apply(&fact);
+            }
+        }
+        let mut workflow = followed
+            .snapshot()
+            .ok_or_else(|| error::error(Code::Internal, "the written workflow has no events"))?;
+        workflow.pending = true;
+        Ok(workflow)
     }
 }
 

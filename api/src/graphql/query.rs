@@ -38,12 +38,7 @@ impl Query {
             .workflow(id)
             .await
             .map_err(from_read)?;
-        Ok(status
-            .filter(|s| &s.tenant == tenant)
-            .map(|status| Workflow {
-                status,
-                decisions: None,
-            }))
+        Ok(status.filter(|s| &s.tenant == tenant).map(Workflow::of))
     }
 
     /// Workflows, newest first, optionally in one state; a cursor connection.
@@ -72,15 +67,10 @@ impl Query {
         let has_next = page.len() > size;
         page.truncate(size);
         let mut connection = Connection::new(cursor.is_some(), has_next);
-        connection.edges.extend(page.into_iter().map(|status| {
-            Edge::new(
-                encode_cursor(&status),
-                Workflow {
-                    status,
-                    decisions: None,
-                },
-            )
-        }));
+        connection.edges.extend(
+            page.into_iter()
+                .map(|status| Edge::new(encode_cursor(&status), Workflow::of(status))),
+        );
         Ok(connection)
     }
 

@@ -47,6 +47,7 @@ impl Followed {
         self.fold.as_ref().map(|f| Workflow {
             status: f.status().clone(),
             decisions: Some(self.decisions.clone()),
+            pending: false,
         })
     }
 }

@@ -305,10 +305,30 @@ pub struct Workflow {
     /// Known already (a subscription folds them from the stream); else
     /// loaded from the audit trail, batched across a page.
     pub decisions: Option<Vec<AuditEntry>>,
+    /// The read models had not applied this write when the answer went out.
+    pub pending: bool,
+}
+
+impl Workflow {
+    /// A workflow as the read models have it.
+    pub fn of(status: WorkflowStatus) -> Self {
+        Self {
+            status,
+            decisions: None,
+            pending: false,
+        }
+    }
 }
 
 #[Object(name = "Workflow")]
 impl Workflow {
+    /// True when a mutation answers before the read models applied its
+    /// write (they lagged past the wait): the write is committed, and the
+    /// state shown is folded from the recorded events.
+    async fn pending(&self) -> bool {
+        self.pending
+    }
+
     async fn id(&self) -> ID {
         ID(self.status.id.to_string())
     }
