@@ -729,6 +729,27 @@ async fn tenants_see_only_their_own_workflows_events_and_subscriptions() {
         assert!(!body.to_string().contains(foreign.as_str()), "{body}");
         assert!(body.to_string().contains(own.as_str()), "{body}");
     }
+    // Agent metrics are per tenant: once each tenant sees Sena's analysis
+    // of its own workflow, neither sees the other's.
+    let sena = |body: &Value| {
+        body["data"]["agentMetrics"]
+            .as_array()
+            .and_then(|agents| agents.iter().find(|a| a["agent"] == "sena"))
+            .map_or(0, |a| a["decisions"].as_i64().unwrap())
+    };
+    let metrics = "{ agentMetrics { agent decisions } }";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, ours) = post(&base, Some(&d.keys["viewer"]), metrics, &json!({})).await;
+        let (_, theirs) = post(&base, Some(&d.keys["other-viewer"]), metrics, &json!({})).await;
+        if sena(&ours) >= 1 && sena(&theirs) >= 1 {
+            assert_eq!((sena(&ours), sena(&theirs)), (1, 1), "{ours} {theirs}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ours} {theirs}");
+        // The metrics projection is polled: no event reaches this client.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Data subjects are per tenant too: another tenant's admin forgetting a
     // subject of the same name destroys nothing of this tenant's.
     let submit = "mutation { submitWorkflow(request: \"Count the words of alice's note.\", subjectId: \"alice\") { id } }";

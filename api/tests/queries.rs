@@ -65,11 +65,12 @@ impl ReadModels for Counting {
     }
     async fn agent_metrics(
         &self,
+        tenant: Option<&str>,
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<AgentMetrics>, ReadError> {
         self.count();
-        self.inner.agent_metrics(from, to).await
+        self.inner.agent_metrics(tenant, from, to).await
     }
     async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
         self.count();
@@ -90,7 +91,10 @@ impl ReadModels for Counting {
     }
 }
 
-#[tokio::test]
+// Paused time: the loader's batching window (a tokio timer) closes only
+// once every resolver that can run has run, however busy the machine is;
+// on real time a loaded machine split the batch by chance.
+#[tokio::test(start_paused = true)]
 async fn a_page_of_100_workflows_with_subtasks_and_decisions_takes_a_bounded_number_of_read_model_calls(
 ) {
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());

@@ -23,7 +23,7 @@ struct State {
     folds: HashMap<Uuid, StatusFold>,
     timelines: HashMap<Uuid, Timeline>,
     audit: BTreeMap<u64, AuditEntry>,
-    metrics: BTreeMap<(String, DateTime<Utc>), AgentMetrics>,
+    metrics: BTreeMap<(String, String, DateTime<Utc>), AgentMetrics>,
     position: u64,
 }
 
@@ -158,16 +158,20 @@ impl ReadModels for InMemoryReadModels {
 
     async fn agent_metrics(
         &self,
+        tenant: Option<&str>,
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<AgentMetrics>, ReadError> {
-        Ok(self
+        let mut rows: Vec<AgentMetrics> = self
             .read()
             .metrics
             .values()
+            .filter(|m| tenant.is_none_or(|t| m.tenant == t))
             .filter(|m| from.is_none_or(|f| m.bucket >= f) && to.is_none_or(|t| m.bucket < t))
             .cloned()
-            .collect())
+            .collect();
+        rows.sort_by(|a, b| (&a.agent, a.bucket, &a.tenant).cmp(&(&b.agent, b.bucket, &b.tenant)));
+        Ok(rows)
     }
 
     async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {

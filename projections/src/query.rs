@@ -90,9 +90,11 @@ pub trait ReadModels: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<AuditEntry>, ReadError>;
 
-    /// Per agent and minute, the minutes in `[from, to)`, by agent then minute.
+    /// Per agent and minute, the minutes in `[from, to)`, by agent then
+    /// minute; of one tenant, or of all (a row per tenant).
     async fn agent_metrics(
         &self,
+        tenant: Option<&str>,
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<AgentMetrics>, ReadError>;

@@ -198,7 +198,7 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
     );
 
     // Agent metrics add up to what the trail shows.
-    let metrics = models.agent_metrics(None, None).await.unwrap();
+    let metrics = models.agent_metrics(None, None, None).await.unwrap();
     let sum = |agent: &str,
                f: fn(&agentledger_projections::model::metrics::AgentMetrics) -> i64| {
         metrics
@@ -224,7 +224,11 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
     let lubit_rows: Vec<_> = metrics.iter().filter(|m| m.agent == "lubit").collect();
     assert!(lubit_rows.iter().all(|m| m.latency_p95_ms().is_some()));
     assert!(models
-        .agent_metrics(Some(chrono::Utc::now() + chrono::Duration::hours(1)), None)
+        .agent_metrics(
+            None,
+            Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+            None
+        )
         .await
         .unwrap()
         .is_empty());

@@ -32,6 +32,16 @@ pub struct ApiArgs {
     /// Submission rate, workflows/s (open loop).
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
+    /// Run the server with authentication required, the client with an API
+    /// key (roles submitter and viewer) on every request and socket.
+    #[arg(long)]
+    auth: bool,
+}
+
+/// The credential the client presents, and the owner its workflows get.
+struct Client {
+    key: Option<String>,
+    owner: String,
 }
 
 pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
@@ -42,14 +52,37 @@ pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut serve = Command::new(std::env::current_exe()?);
+    serve
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("DATABASE_URL", url)
         .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
         .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting agentledger serve")?;
+        .stdout(Stdio::piped());
+    let client = if args.auth {
+        use agentledger_eventstore::api_keys::{ApiKeys, NewApiKey, PostgresApiKeys};
+        agentledger_eventstore::migrate::run(url).await?;
+        let keys = PostgresApiKeys::new(agentledger_eventstore::postgres::pool(url, 1)?);
+        let (key, secret) = keys
+            .create(NewApiKey {
+                name: "bench".into(),
+                roles: vec!["submitter".into(), "viewer".into()],
+                tenant: "default".into(),
+                expires_at: None,
+            })
+            .await?;
+        serve.env("AGENTLEDGER_AUTH_MODE", "required");
+        Client {
+            key: Some(secret),
+            owner: format!("apikey:{}", key.key_id),
+        }
+    } else {
+        Client {
+            key: None,
+            owner: "anonymous".into(),
+        }
+    };
+    let mut child = serve.spawn().context("starting agentledger serve")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let base = line
@@ -57,7 +90,7 @@ async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
         .strip_prefix("listening on ")
         .context("serve did not print its address")?
         .to_string();
-    let result = drive(args, &base, child.id()).await;
+    let result = drive(args, &base, child.id(), &client).await;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -65,7 +98,7 @@ async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
     result
 }
 
-async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
+async fn drive(args: &ApiArgs, base: &str, pid: u32, client: &Client) -> anyhow::Result<()> {
     let rss_idle = rss_kib(pid);
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -74,7 +107,7 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..args.subscriptions {
         let key = format!("bench-{i}");
-        let id = workflow_id_for_key("anonymous", &key);
+        let id = workflow_id_for_key(&client.owner, &key);
         keys.push(key);
         let mut request = ws_url.as_str().into_client_request()?;
         request
@@ -84,7 +117,9 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
             .await
             .context("WebSocket")?;
         ws.send(Message::Text(
-            json!({"type": "connection_init"}).to_string().into(),
+            json!({"type": "connection_init", "payload": {"X-API-Key": client.key}})
+                .to_string()
+                .into(),
         ))
         .await?;
         let _ack = ws.next().await;
@@ -129,21 +164,26 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         rss_idle / 1024
     );
     let rss_open = rss_kib(pid);
-    let client = reqwest::Client::new();
+    let http = reqwest::Client::new();
     let started = Instant::now();
     let mut submits = tokio::task::JoinSet::new();
     for (i, key) in keys.iter().enumerate() {
         let due = started + Duration::from_secs_f64(i as f64 / args.rate);
         tokio::time::sleep_until(due.into()).await;
-        let (client, base, key) = (client.clone(), base.to_string(), key.clone());
+        let (http, base, key) = (http.clone(), base.to_string(), key.clone());
+        let credential = client.key.clone();
         submits.spawn(async move {
             let body = json!({
                 "query": "mutation($r: String!, $k: String) { submitWorkflow(request: $r, idempotencyKey: $k) { id } }",
                 "variables": { "r": REQUEST, "k": key },
             });
-            client
+            let mut request = http
                 .post(format!("{base}/graphql"))
-                .header("content-type", "application/json")
+                .header("content-type", "application/json");
+            if let Some(credential) = credential {
+                request = request.header("x-api-key", credential);
+            }
+            request
                 .body(body.to_string())
                 .send()
                 .await

@@ -299,7 +299,7 @@ impl Query {
     ) -> async_graphql::Result<Vec<AgentMetrics>> {
         let rows = services(ctx)
             .read_models
-            .agent_metrics(from, to)
+            .agent_metrics(Some(&principal(ctx)?.tenant), from, to)
             .await
             .map_err(from_read)?;
         Ok(AgentMetrics::per_agent(rows))

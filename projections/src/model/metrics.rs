@@ -24,6 +24,8 @@ pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
 /// One agent's figures for one minute.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AgentMetrics {
+    /// The tenant of the workflows these decisions were made in.
+    pub tenant: String,
     pub agent: String,
     /// The minute, truncated.
     pub bucket: DateTime<Utc>,
@@ -57,8 +59,9 @@ fn millionths(score: f64) -> i64 {
 }
 
 impl AgentMetrics {
-    fn empty(agent: &str, bucket: DateTime<Utc>) -> Self {
+    fn empty(tenant: &str, agent: &str, bucket: DateTime<Utc>) -> Self {
         Self {
+            tenant: tenant.to_string(),
             agent: agent.to_string(),
             bucket,
             latency_buckets: vec![0; LATENCY_BUCKETS],
@@ -157,7 +160,8 @@ pub fn minute_of(at: DateTime<Utc>) -> DateTime<Utc> {
 /// Figures added up from a batch of events, by (agent, minute).
 #[derive(Debug, Default)]
 pub struct MetricsBatch {
-    pub rows: BTreeMap<(String, DateTime<Utc>), AgentMetrics>,
+    /// By tenant, agent and minute.
+    pub rows: BTreeMap<(String, String, DateTime<Utc>), AgentMetrics>,
 }
 
 impl MetricsBatch {
@@ -175,8 +179,8 @@ impl MetricsBatch {
         let bucket = minute_of(at);
         let row = self
             .rows
-            .entry((actor.name.clone(), bucket))
-            .or_insert_with(|| AgentMetrics::empty(&actor.name, bucket));
+            .entry((fact.metadata.tenant.clone(), actor.name.clone(), bucket))
+            .or_insert_with(|| AgentMetrics::empty(&fact.metadata.tenant, &actor.name, bucket));
         let decision = match &fact.event {
             E::AnalysisProduced { .. } | E::ExecutionFinished { .. } => true,
             E::GateDecided { verdict, .. } => {
@@ -264,7 +268,7 @@ mod tests {
 
     #[test]
     fn p95_reads_the_bucket_holding_the_95th_percentile() {
-        let mut m = AgentMetrics::empty("lubit", Utc::now());
+        let mut m = AgentMetrics::empty("default", "lubit", Utc::now());
         for _ in 0..94 {
             m.observe_latency(3_000);
         }
@@ -279,7 +283,7 @@ mod tests {
         );
         m.observe_latency(5_000_000);
         assert_eq!(m.latency_p95_ms(), Some(200.0), "the bucket's bound");
-        let mut other = AgentMetrics::empty("lubit", Utc::now());
+        let mut other = AgentMetrics::empty("default", "lubit", Utc::now());
         other.observe_latency(20_000_000);
         m.merge(&other);
         assert_eq!(m.latency_count, 102);

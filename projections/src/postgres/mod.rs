@@ -252,7 +252,8 @@ fn audit_of(row: &Row) -> Result<AuditEntry, ReadError> {
 
 const METRICS_COLUMNS: &str = "agent, bucket, decisions, approvals, rejections, revisions,
     escalations, retries, failures, flagged, latency_count, latency_sum_us, latency_max_us,
-    latency_buckets, ethics_count, transparency_sum, collaboration_sum, autonomy_sum, fairness_sum";
+    latency_buckets, ethics_count, transparency_sum, collaboration_sum, autonomy_sum, fairness_sum,
+    tenant";
 
 fn metrics_of(row: &Row) -> AgentMetrics {
     AgentMetrics {
@@ -275,6 +276,7 @@ fn metrics_of(row: &Row) -> AgentMetrics {
         collaboration_sum: row.get(16),
         autonomy_sum: row.get(17),
         fairness_sum: row.get(18),
+        tenant: row.get(19),
     }
 }
 
@@ -377,6 +379,7 @@ impl ReadModels for PostgresReadModels {
 
     async fn agent_metrics(
         &self,
+        tenant: Option<&str>,
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<AgentMetrics>, ReadError> {
@@ -385,11 +388,12 @@ impl ReadModels for PostgresReadModels {
             .query(
                 &format!(
                     "SELECT {METRICS_COLUMNS} FROM agent_metrics
-                      WHERE ($1::timestamptz IS NULL OR bucket >= $1)
+                      WHERE ($3::text IS NULL OR tenant = $3)
+                        AND ($1::timestamptz IS NULL OR bucket >= $1)
                         AND ($2::timestamptz IS NULL OR bucket < $2)
-                      ORDER BY agent, bucket"
+                      ORDER BY agent, bucket, tenant"
                 ),
-                &[&from, &to],
+                &[&from, &to, &tenant],
             )
             .await
             .map_err(unavailable)?;

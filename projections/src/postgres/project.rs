@@ -451,7 +451,7 @@ impl Projection for MetricsProjection {
     }
 
     fn key(&self, _: &str) -> (&'static str, bool) {
-        ("agent, bucket", true)
+        ("tenant, agent, bucket", true)
     }
 
     fn lock_key(&self) -> i64 {
@@ -499,9 +499,9 @@ impl Projection for MetricsProjection {
             "INSERT INTO agent_metrics{suffix} AS m (agent, bucket, decisions, approvals, rejections,
                  revisions, escalations, retries, failures, flagged, latency_count, latency_sum_us,
                  latency_max_us, latency_buckets, ethics_count, transparency_sum, collaboration_sum,
-                 autonomy_sum, fairness_sum)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-             ON CONFLICT (agent, bucket) DO UPDATE SET
+                 autonomy_sum, fairness_sum, tenant)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+             ON CONFLICT (tenant, agent, bucket) DO UPDATE SET
                  decisions = m.decisions + EXCLUDED.decisions,
                  approvals = m.approvals + EXCLUDED.approvals,
                  rejections = m.rejections + EXCLUDED.rejections,
@@ -544,6 +544,7 @@ impl Projection for MetricsProjection {
                     &row.collaboration_sum,
                     &row.autonomy_sum,
                     &row.fairness_sum,
+                    &row.tenant,
                 ],
             )
             .await?;
