@@ -952,3 +952,74 @@ async fn a_thousand_aliases_of_verify_ledger_are_refused_and_work_goes_on() {
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert!(d.server.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_can_be_followed_before_it_exists_and_only_by_its_tenant() {
+    let d = deploy(&[], None).await;
+    let base = d.server.base.clone();
+    let (_, me) = post(
+        &base,
+        Some(&d.keys["submitter"]),
+        "{ me { subject } }",
+        &json!({}),
+    )
+    .await;
+    let owner = me["data"]["me"]["subject"].as_str().unwrap().to_string();
+    let id = agentledger_agents::workflow_id_for_key(&owner, "order-17").to_string();
+    let follow = "subscription($id: ID) { workflowEvents(workflowId: $id) { type } }";
+    let url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
+    let mut sockets = Vec::new();
+    for viewer in ["viewer", "other-viewer"] {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let init = json!({"type": "connection_init", "payload": {"X-API-Key": d.keys[viewer]}});
+        ws.send(Message::Text(init.to_string().into()))
+            .await
+            .unwrap();
+        let sub = json!({"id": "1", "type": "subscribe", "payload": {"query": follow, "variables": {"id": id}}});
+        ws.send(Message::Text(sub.to_string().into()))
+            .await
+            .unwrap();
+        sockets.push(ws);
+    }
+    let (_, body) = post(&base, Some(&d.keys["submitter"]), "mutation { submitWorkflow(request: \"Count the words.\", idempotencyKey: \"order-17\") { id } }", &json!({})).await;
+    assert_eq!(body["data"]["submitWorkflow"]["id"], id.as_str(), "{body}");
+    // The owner's tenant sees the submission arrive.
+    let first = loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), sockets[0].next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "next" {
+                break v;
+            }
+        }
+    };
+    assert_eq!(
+        first["payload"]["data"]["workflowEvents"]["type"], "WorkflowSubmitted",
+        "{first}"
+    );
+    // Another tenant's subscriber gets nothing of it.
+    let nothing = tokio::time::timeout(Duration::from_millis(1_500), async {
+        loop {
+            match sockets[1].next().await {
+                Some(Ok(Message::Text(t))) if t.contains("\"next\"") => return t.to_string(),
+                Some(Ok(_)) => {}
+                _ => return String::new(),
+            }
+        }
+    })
+    .await;
+    assert!(
+        nothing.is_err() || nothing.as_deref() == Ok(""),
+        "{nothing:?}"
+    );
+    assert!(d.server.stop().success());
+}

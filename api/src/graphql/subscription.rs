@@ -144,7 +144,18 @@ impl SubscriptionRoot {
         let subscription = match workflow_id {
             Some(id) => {
                 let id = parse_id(&id)?;
-                visible_stream(ctx, id, 1).await?;
+                // A client may follow a workflow before it exists (ids
+                // derived from idempotency keys): then the tenant filter
+                // below judges each event as it comes. One that exists in
+                // another tenant is NOT_FOUND at once.
+                let first = services
+                    .store
+                    .read_stream(&stream_of(id), 0, 1)
+                    .await
+                    .map_err(from_store)?;
+                if first.first().is_some_and(|e| !may_see(&principal, e)) {
+                    return Err(error::error(error::Code::NotFound, "no such workflow"));
+                }
                 services.store.subscribe_stream(stream_of(id), 0)
             }
             None => {
