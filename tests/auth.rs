@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use agentledger_eventstore::testing::TestDatabase;
-use common::{agentledger, code, create_key, post, Server, TempFile};
+use common::{agentledger, code, count_events, create_key, post, Server, TempFile};
 use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Value};
@@ -293,15 +293,6 @@ fn schema_fields() -> Vec<String> {
         }
     }
     fields
-}
-
-async fn count_events(db: &TestDatabase) -> i64 {
-    db.admin_client()
-        .await
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// Waits until workflow `id` reaches `state`, as `viewer` sees it.

@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use agentledger_eventstore::testing::TestDatabase;
-use common::{create_key, Server};
+use common::{count_events, create_key, Server};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -166,15 +166,6 @@ fn body(rng: &mut Rng) -> Vec<u8> {
 
 fn rng_pick(rng: &mut Rng) -> &'static str {
     DOCUMENTS[rng.below(DOCUMENTS.len())]
-}
-
-async fn count_events(db: &TestDatabase) -> i64 {
-    db.admin_client()
-        .await
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -184,3 +184,13 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// How many events the ledger holds, read as the owner.
+pub async fn count_events(db: &agentledger_eventstore::testing::TestDatabase) -> i64 {
+    db.admin_client()
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
