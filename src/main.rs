@@ -244,6 +244,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 statement_timeout: Some(std::time::Duration::from_secs(30)),
                 ..PostgresOptions::default()
             };
+            for (name, url) in [
+                ("DATABASE_URL", url.as_str()),
+                ("admin database URL", admin),
+            ] {
+                report_database_tls(name, url, hardened)?;
+            }
             let store = PostgresEventStore::connect(url, options).await?;
             if !dev {
                 refuse_privileged_role(&store).await?;
@@ -366,6 +372,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = task.await;
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Says how the connection to the database is protected, and warns in
+/// staging and prod when it crosses a network without a verified
+/// certificate (see `DatabaseUrl` for the `sslmode` values).
+fn report_database_tls(name: &str, url: &str, hardened: bool) -> anyhow::Result<()> {
+    use agentledger_eventstore::postgres::{DatabaseUrl, TlsMode};
+    use tokio_postgres::config::Host;
+    let parsed = DatabaseUrl::parse(url).with_context(|| format!("{name} cannot be used"))?;
+    let mode = parsed.tls_mode();
+    let local = parsed.config().get_hosts().iter().all(|host| match host {
+        Host::Unix(_) => true,
+        Host::Tcp(h) => {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    });
+    tracing::info!(database = name, sslmode = %mode, "database connection");
+    if hardened && !local && mode != TlsMode::VerifyFull {
+        tracing::warn!(
+            database = name,
+            sslmode = %mode,
+            "the database is reached over the network without a verified certificate; \
+             add sslmode=verify-full&sslrootcert=FILE to the URL"
+        );
+    }
     Ok(())
 }
 

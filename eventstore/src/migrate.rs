@@ -3,8 +3,6 @@
 //! refinery takes no lock of its own, and several processes may start at
 //! once, so the run holds a session advisory lock on a dedicated connection.
 
-use tokio_postgres::NoTls;
-
 mod embedded {
     refinery::embed_migrations!("../migrations");
 }
@@ -21,12 +19,16 @@ pub enum MigrateError {
     /// A migration failed; it was rolled back.
     #[error("migration: {0}")]
     Migration(#[from] refinery::Error),
+    /// The database URL could not be used.
+    #[error("{0}")]
+    Url(#[from] crate::StoreError),
 }
 
 /// Applies every pending migration to the database at `database_url` (the
 /// owner role) and returns the names of those applied.
 pub async fn run(database_url: &str) -> Result<Vec<String>, MigrateError> {
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let url = crate::postgres::DatabaseUrl::parse(database_url)?;
+    let (mut client, connection) = url.connect().await?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "migration connection closed with an error");

@@ -5,7 +5,7 @@
 //! a superuser). Each [`TestDatabase`] is a fresh, migrated database that is
 //! dropped when the value is dropped, so tests run in parallel.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::{PostgresEventStore, PostgresOptions};
 
@@ -116,9 +116,12 @@ impl Drop for TestDatabase {
 
 /// Connects and drives the connection in the background.
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    let parsed =
+        crate::postgres::DatabaseUrl::parse(url).unwrap_or_else(|e| panic!("database URL: {e}"));
+    let (client, connection) = parsed
+        .connect()
         .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        .unwrap_or_else(|e| panic!("connect to {:?}: {e}", parsed.config()));
     tokio::spawn(async move {
         let _ = connection.await;
     });

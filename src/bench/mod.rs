@@ -12,7 +12,7 @@ use agentledger_eventstore::{
 use anyhow::Context;
 use serde_json::json;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 mod api;
 mod rebuild;
@@ -282,13 +282,10 @@ async fn store_append(
 }
 
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    agentledger_eventstore::postgres::DatabaseUrl::parse(url)?
+        .connect_spawned()
         .await
-        .with_context(|| "connecting to DATABASE_URL")?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+        .with_context(|| "connecting to DATABASE_URL")
 }
 
 /// A migrated database that exists for one measurement.

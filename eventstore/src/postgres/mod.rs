@@ -14,6 +14,7 @@
 
 mod rows;
 mod tailer;
+mod tls;
 mod writer;
 
 use std::sync::{Arc, OnceLock};
@@ -23,7 +24,6 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::prepare::{prepare, Limits};
@@ -34,6 +34,7 @@ use crate::{
 };
 
 pub use rows::EVENT_COLUMNS;
+pub use tls::{Connection, DatabaseUrl, TlsMode};
 
 /// The channel other processes' commits are announced on.
 pub const NOTIFY_CHANNEL: &str = "agentledger_events";
@@ -116,12 +117,10 @@ impl Drop for Inner {
 /// A small pool of connections to `database_url`, for what the service does
 /// with another role than its own (signing digests with the owner role).
 pub fn pool(database_url: &str, size: usize) -> Result<Pool, StoreError> {
-    let config: tokio_postgres::Config = database_url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::BadInput(format!("database URL: {e}")))?;
+    let url = DatabaseUrl::parse(database_url)?;
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        url.config().clone(),
+        url.connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -138,10 +137,8 @@ impl PostgresEventStore {
     /// Connects to `database_url` (the service's role is enough) and starts
     /// the writer and tailer tasks. The schema must be migrated already.
     pub async fn connect(database_url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config =
-            database_url.parse().map_err(|e: tokio_postgres::Error| {
-                StoreError::BadInput(format!("DATABASE_URL: {e}"))
-            })?;
+        let mut url = DatabaseUrl::parse(database_url)?;
+        let config = url.config_mut();
         if let Some(timeout) = options.statement_timeout {
             let ours = format!("-c statement_timeout={}", timeout.as_millis().max(1));
             let options = match config.get_options() {
@@ -151,8 +148,8 @@ impl PostgresEventStore {
             config.options(&options);
         }
         let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+            url.config().clone(),
+            url.connector(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -172,7 +169,7 @@ impl PostgresEventStore {
             .map(|_| {
                 let (appends, requests) = mpsc::channel(1_024);
                 let writer = writer::Writer::new(
-                    config.clone(),
+                    url.clone(),
                     options.max_group_events,
                     committed.clone(),
                     options.before_commit.clone(),
@@ -182,7 +179,7 @@ impl PostgresEventStore {
             })
             .collect();
         let tailer = tailer::Tailer {
-            config,
+            url,
             pool: pool.clone(),
             live: live.clone(),
             committed,
@@ -219,10 +216,9 @@ pub fn connection_string(
     user: Option<&str>,
 ) -> Result<String, StoreError> {
     use tokio_postgres::config::Host;
-    let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        StoreError::BadInput(format!("connection string: {e}"))
-    })?;
-    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+    let parsed = DatabaseUrl::parse(url)?;
+    let config = parsed.config();
+    let quote = tls::quote;
     let mut parts = Vec::new();
     if let Some(host) = config.get_hosts().first() {
         match host {
@@ -243,6 +239,7 @@ pub fn connection_string(
         ));
     }
     parts.push(format!("dbname={}", quote(database)));
+    parts.extend(parsed.tls_pairs());
     Ok(parts.join(" "))
 }
 

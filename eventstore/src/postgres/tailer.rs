@@ -14,18 +14,18 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::{broadcast, Notify};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::rows::read_all;
-use super::NOTIFY_CHANNEL;
+use super::{DatabaseUrl, NOTIFY_CHANNEL};
 use crate::{Position, RecordedEvent, StoreError};
 
 const PAGE: usize = 1_000;
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
 pub(crate) struct Tailer {
-    pub config: tokio_postgres::Config,
+    pub url: DatabaseUrl,
     pub pool: Pool,
     pub live: broadcast::Sender<Arc<RecordedEvent>>,
     /// Signalled by this process's writer after each commit.
@@ -49,7 +49,7 @@ impl Tailer {
         let mut listener: Option<Client> = None;
         loop {
             if listener.as_ref().is_none_or(Client::is_closed) {
-                listener = match listen(&self.config, remote.clone()).await {
+                listener = match listen(&self.url, remote.clone()).await {
                     Ok(client) => Some(client),
                     Err(e) => {
                         tracing::warn!(error = %e, "event listener could not connect; retrying");
@@ -98,11 +98,8 @@ impl Tailer {
 }
 
 /// Opens the `LISTEN` connection; each notification signals `remote`.
-async fn listen(
-    config: &tokio_postgres::Config,
-    remote: Arc<Notify>,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+async fn listen(url: &DatabaseUrl, remote: Arc<Notify>) -> Result<Client, tokio_postgres::Error> {
+    let (client, mut connection) = url.connect().await?;
     let notifications = remote.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

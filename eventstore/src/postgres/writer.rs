@@ -27,7 +27,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+
+use super::DatabaseUrl;
 use uuid::Uuid;
 
 use super::rows::{decode, to_i64, EVENT_COLUMNS};
@@ -56,7 +58,7 @@ type Request = (StreamId, ExpectedVersion, Vec<PreparedEvent>);
 type Results = Vec<Result<AppendResult, StoreError>>;
 
 pub(crate) struct Writer {
-    config: tokio_postgres::Config,
+    url: DatabaseUrl,
     max_group_events: usize,
     committed: Arc<Notify>,
     before_commit: Option<CommitHook>,
@@ -85,13 +87,13 @@ impl Memory {
 
 impl Writer {
     pub fn new(
-        config: tokio_postgres::Config,
+        url: DatabaseUrl,
         max_group_events: usize,
         committed: Arc<Notify>,
         before_commit: Option<CommitHook>,
     ) -> Self {
         Self {
-            config,
+            url,
             max_group_events,
             committed,
             before_commit,
@@ -181,7 +183,7 @@ impl Writer {
             // What memory holds was learnt on the old connection: if the
             // server lost acknowledged commits (failover, restore), it is ahead.
             self.memory = Memory::default();
-            self.connection = Some(connect(&self.config).await?);
+            self.connection = Some(connect(&self.url).await?);
         }
         let connection = self.connection.as_ref().expect("just connected");
         let hook = self.before_commit.as_ref();
@@ -471,8 +473,8 @@ const INSERT: &str = "SELECT events_append($1::text[], $2::bigint[], $3::uuid[],
      $5::integer[], $6::jsonb[], $7::jsonb[], $8::timestamptz[], $9::smallint[], $10::bytea[], \
      $11::bytea[])";
 
-async fn connect(config: &tokio_postgres::Config) -> Result<Connection, StoreError> {
-    let (client, connection) = config.connect(NoTls).await?;
+async fn connect(url: &DatabaseUrl) -> Result<Connection, StoreError> {
+    let (client, connection) = url.connect().await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "append connection closed with an error");

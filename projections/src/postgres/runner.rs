@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentledger_eventstore::postgres::DatabaseUrl;
 use agentledger_eventstore::{EventStore, Subscription};
 use futures::FutureExt;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -155,8 +156,8 @@ impl Checkpoints {
         &self,
         url: &str,
         stop: &CancellationToken,
-    ) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    ) -> Result<(), ProjectionError> {
+        let (client, mut connection) = DatabaseUrl::parse(url)?.connect().await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -199,18 +200,14 @@ impl Checkpoints {
 
 /// Connects with keepalives, so that the server notices a dead peer (and
 /// releases its advisory lock) within seconds.
-pub async fn connect_lease(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    config
+pub async fn connect_lease(url: &DatabaseUrl) -> Result<Client, tokio_postgres::Error> {
+    let mut url = url.clone();
+    url.config_mut()
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(5))
         .keepalives_interval(Duration::from_secs(1))
         .keepalives_retries(3);
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    url.connect_spawned().await
 }
 
 /// One projection's runner. Start with [`ProjectionRunner::spawn`].
@@ -234,6 +231,7 @@ impl ProjectionRunner {
     ) -> Result<Self, ProjectionError> {
         let projection =
             projection(name, store.clone()).ok_or_else(|| ProjectionError::Unknown(name.into()))?;
+        let url = DatabaseUrl::parse(&url)?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             projection,
@@ -261,7 +259,7 @@ impl ProjectionRunner {
 
 async fn run(
     mut projection: Box<dyn Projection>,
-    url: String,
+    url: DatabaseUrl,
     store: Arc<dyn EventStore>,
     checkpoints: Checkpoints,
     config: RunnerConfig,
@@ -297,7 +295,7 @@ async fn run(
 /// Takes the lease and applies batches until an error or `stop`.
 async fn lead(
     projection: &mut dyn Projection,
-    url: &str,
+    url: &DatabaseUrl,
     store: &dyn EventStore,
     checkpoints: &Checkpoints,
     config: &RunnerConfig,
