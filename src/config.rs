@@ -11,6 +11,8 @@
 //! max_concurrent_requests = 512
 //! allowed_origins = ["https://console.example.com"]  # CORS and WebSocket Origin allow-list
 //! max_response_bytes = 8388608   # a larger GraphQL response is refused with BAD_INPUT
+//! header_read_timeout_ms = 10000 # a request's header must arrive within this
+//! max_connections = 10000        # open connections at once; more wait in the backlog
 //!
 //! [limits]                   # 0 turns a rate off
 //! credential_per_second = 1000   # requests and socket operations per credential
@@ -200,6 +202,8 @@ pub struct ServerSection {
     pub max_concurrent_requests: Option<usize>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_response_bytes: Option<usize>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,6 +287,21 @@ impl FileConfig {
                 .server
                 .max_response_bytes
                 .unwrap_or(defaults.max_response_bytes),
+        }
+    }
+
+    /// How connections are accepted.
+    pub fn connections(&self) -> agentledger_api::ConnectionLimits {
+        let defaults = agentledger_api::ConnectionLimits::default();
+        agentledger_api::ConnectionLimits {
+            header_read_timeout: self
+                .server
+                .header_read_timeout_ms
+                .map_or(defaults.header_read_timeout, Duration::from_millis),
+            max_connections: self
+                .server
+                .max_connections
+                .unwrap_or(defaults.max_connections),
         }
     }
 

@@ -362,7 +362,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         file.http(args.ready_max_lag, dev),
     );
     let stopping = stop.clone();
-    agentledger_api::serve(listener, router, async move {
+    agentledger_api::serve(listener, router, file.connections(), async move {
         shutdown_signal().await;
         stopping.cancel();
     })

@@ -372,3 +372,68 @@ async fn graphql_over_http_answers_in_the_media_type_asked_for_within_a_byte_bud
         .contains("at most 600"));
     assert!(l.server.stop().success());
 }
+
+/// Reads until the server closes the connection; what it sent.
+async fn read_to_close(tcp: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    match tokio::time::timeout(within, tcp.read_to_end(&mut out)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_sends_its_header_slowly_is_cut_off_and_others_go_on() {
+    use tokio::io::AsyncWriteExt;
+    let limited = start("[server]\nheader_read_timeout_ms = 400\nmax_connections = 40\n").await;
+    let base = &limited.server.base;
+    let address = base.strip_prefix("http://").unwrap();
+
+    // Half a header, then nothing: the server closes the connection.
+    let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = read_to_close(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("the server closes a connection whose header never ends");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "closed after {waited:?}"
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // Connections beyond the cap wait; the ones admitted are served.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    // A well-behaved client gets its answer once the slow ones are cut off.
+    let started = Instant::now();
+    let health = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("served after the slow connections are closed");
+    assert_eq!(health.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    // Work goes on.
+    assert!(completes(base, &limited.key).await < Duration::from_secs(10));
+    for mut tcp in held {
+        assert!(read_to_close(&mut tcp, Duration::from_secs(10))
+            .await
+            .is_some());
+    }
+}
