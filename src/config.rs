@@ -34,6 +34,7 @@
 //! [agents]
 //! max_workflows = 64         # workflows driven at once by this process
 //! lease_seconds = 30
+//! max_tool_output_bytes = 1048576  # a larger tool output fails its subtask, with no retry
 //!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
@@ -222,6 +223,7 @@ pub struct GraphqlSection {
 pub struct AgentsSection {
     pub max_workflows: Option<usize>,
     pub lease_seconds: Option<u64>,
+    pub max_tool_output_bytes: Option<usize>,
 }
 
 impl FileConfig {
@@ -337,6 +339,13 @@ impl FileConfig {
                 .personal_fields
                 .clone()
                 .unwrap_or(defaults.personal_fields.clone()),
+            gitcode: agentledger_domain::policy::gitcode::GitCodeConfig {
+                max_output_bytes: self
+                    .agents
+                    .max_tool_output_bytes
+                    .unwrap_or(defaults.gitcode.max_output_bytes),
+                ..defaults.gitcode.clone()
+            },
             ..defaults
         }
     }

@@ -287,3 +287,96 @@ impl Tool for SharedTool {
         self.0.run(call).await
     }
 }
+
+/// Answers with `bytes` bytes of Korean text (three bytes a character).
+struct Verbose {
+    bytes: usize,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Tool for Verbose {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "verbose",
+            description: "talks at length",
+            keywords: &["verbose"],
+        }
+    }
+
+    async fn run(&self, _call: ToolCall) -> Result<String, ToolFailure> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok("가".repeat(self.bytes / 3))
+    }
+}
+
+#[tokio::test]
+async fn a_tool_output_over_the_cap_fails_its_subtask_once_and_the_workflow_ends() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let cap = 60_000;
+    let config = RuntimeConfig {
+        gitcode: GitCodeConfig {
+            max_output_bytes: cap,
+            ..GitCodeConfig::default()
+        },
+        ..RuntimeConfig::default()
+    };
+    let mut ended = Vec::new();
+    for bytes in [cap, cap + 3] {
+        let verbose = Arc::new(Verbose {
+            bytes,
+            calls: AtomicU32::new(0),
+        });
+        struct Shared(Arc<Verbose>);
+        #[async_trait]
+        impl Tool for Shared {
+            fn spec(&self) -> ToolSpec {
+                self.0.spec()
+            }
+            async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
+                self.0.run(call).await
+            }
+        }
+        let running = Running::start(
+            store.clone(),
+            queue.clone(),
+            ToolRegistry::default().register(Shared(verbose.clone())),
+            Arc::new(SystemClock),
+            config.clone(),
+        );
+        let id = running
+            .runtime
+            .submit(Submission {
+                request: "Run the verbose step.".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let seen = settle(&*store, &[id]).await;
+        running.stop().await;
+        ended.push((
+            seen[&id].workflow.state,
+            verbose.calls.load(Ordering::SeqCst),
+            seen[&id].decoded.clone(),
+        ));
+    }
+    // Exactly at the cap: recorded whole.
+    assert_eq!(ended[0].0, WorkflowState::Completed);
+    assert!(ended[0].2.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskSucceeded { output, .. } if output.as_str().len() == cap
+    )));
+    // Over it: one attempt, failed as invalid with the reason, nothing stored.
+    assert_eq!(ended[1].0, WorkflowState::Failed);
+    assert_eq!(ended[1].1, 1, "no retry of an output that cannot be stored");
+    assert!(ended[1].2.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskFailed { kind: FailureKind::Invalid, will_retry: false, error, .. }
+            if error.as_str().contains("over the cap")
+    )));
+    assert!(!ended[1]
+        .2
+        .iter()
+        .any(|e| matches!(e, WorkflowEvent::SubtaskSucceeded { .. })));
+}

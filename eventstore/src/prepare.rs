@@ -13,7 +13,8 @@ use crate::{NewEvent, StoreError, StreamId, MAX_EVENT_TYPE_LEN};
 /// [`StoreError::BadInput`] and nothing is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest payload of one event, in bytes of compact JSON (default 1 MiB).
+    /// Largest payload of one event, in bytes of compact JSON (default
+    /// 2 MiB: room for a tool output at its 1 MiB cap, sealed).
     pub max_payload_bytes: usize,
     /// Largest metadata document of one event, in bytes of compact JSON (default 64 KiB).
     pub max_metadata_bytes: usize,
@@ -24,7 +25,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_payload_bytes: 1 << 20,
+            max_payload_bytes: 2 << 20,
             max_metadata_bytes: 64 << 10,
             max_events_per_append: 1_000,
         }

@@ -504,7 +504,10 @@ fn run_tool<'a>(
         };
         let limit = inner.config.gitcode.attempt_timeout();
         let result = match clock::timeout(&*inner.clock, limit, tool.run(call)).await {
-            Some(Ok(output)) => Ok(output),
+            Some(Ok(output)) => match inner.config.gitcode.refuse_output(&output) {
+                None => Ok(output),
+                Some(why) => Err((FailureKind::Invalid, why)),
+            },
             Some(Err(ToolFailure::Error(e))) => Err((FailureKind::Error, e)),
             Some(Err(ToolFailure::Invalid(e))) => Err((FailureKind::Invalid, e)),
             None => {

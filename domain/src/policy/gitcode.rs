@@ -20,6 +20,10 @@ pub struct GitCodeConfig {
     pub backoff_initial_ms: u64,
     /// Longest wait between attempts.
     pub backoff_max_ms: u64,
+    /// Largest output one tool may give, in bytes as stored (JSON-escaped
+    /// text); a larger one fails the attempt as invalid input, without a
+    /// retry, instead of an event the store would refuse.
+    pub max_output_bytes: usize,
 }
 
 impl Default for GitCodeConfig {
@@ -29,11 +33,27 @@ impl Default for GitCodeConfig {
             attempt_timeout_ms: 10_000,
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
+            max_output_bytes: 1 << 20,
         }
     }
 }
 
 impl GitCodeConfig {
+    /// Why `output` may not be recorded, if it is over the cap.
+    pub fn refuse_output(&self, output: &str) -> Option<String> {
+        // Escaping can only lengthen text; skip the count when it cannot matter.
+        if output.len().saturating_mul(6) <= self.max_output_bytes {
+            return None;
+        }
+        let stored = serde_json::to_string(output).map_or(usize::MAX, |s| s.len() - 2);
+        (stored > self.max_output_bytes).then(|| {
+            format!(
+                "the output is {stored} bytes, over the cap of {} bytes ([agents] max_tool_output_bytes)",
+                self.max_output_bytes
+            )
+        })
+    }
+
     /// The deadline of one attempt.
     pub fn attempt_timeout(&self) -> Duration {
         Duration::from_millis(self.attempt_timeout_ms)
