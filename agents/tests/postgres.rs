@@ -275,10 +275,10 @@ async fn retries_are_recorded_attempt_by_attempt_on_postgres() {
 }
 
 /// A tool shared with the test, so that it can count calls.
-struct SharedTool(Arc<Flaky>);
+struct SharedTool<T>(Arc<T>);
 
 #[async_trait]
-impl Tool for SharedTool {
+impl<T: Tool> Tool for SharedTool<T> {
     fn spec(&self) -> ToolSpec {
         self.0.spec()
     }
@@ -328,20 +328,10 @@ async fn a_tool_output_over_the_cap_fails_its_subtask_once_and_the_workflow_ends
             bytes,
             calls: AtomicU32::new(0),
         });
-        struct Shared(Arc<Verbose>);
-        #[async_trait]
-        impl Tool for Shared {
-            fn spec(&self) -> ToolSpec {
-                self.0.spec()
-            }
-            async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
-                self.0.run(call).await
-            }
-        }
         let running = Running::start(
             store.clone(),
             queue.clone(),
-            ToolRegistry::default().register(Shared(verbose.clone())),
+            ToolRegistry::default().register(SharedTool(verbose.clone())),
             Arc::new(SystemClock),
             config.clone(),
         );
