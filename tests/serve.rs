@@ -150,3 +150,105 @@ async fn limits_come_from_the_configuration_file() {
     assert!(server.stop().success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// GraphiQL loads nothing from another origin: every script and stylesheet
+/// the page names is a path on this service, served from the binary with the
+/// bytes `ops/vendor-graphiql.sh` fetched (SHA256SUMS), under a policy that
+/// forbids other origins. Where introspection is off, none of it is served.
+#[tokio::test]
+async fn graphiql_is_served_from_the_binary_and_only_where_introspection_is_on() {
+    use sha2::Digest;
+    let server = Server::start(&[]);
+    let client = reqwest::Client::new();
+    let page = client
+        .get(format!("{}/graphql", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(policy.contains("script-src 'self'"), "{policy}");
+    assert!(policy.contains("connect-src 'self'"), "{policy}");
+    let html = page.text().await.unwrap();
+    let references: Vec<&str> = html
+        .split(['"', '\''])
+        .filter(|s| s.ends_with(".js") || s.ends_with(".css"))
+        .collect();
+    assert!(references.len() >= 5, "the page names its assets: {html}");
+    assert!(
+        !html.contains("//unpkg") && !html.contains("https://"),
+        "{html}"
+    );
+
+    let sums = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/api/assets/graphiql/SHA256SUMS"
+    ))
+    .unwrap();
+    let mut vendored = 0;
+    for path in &references {
+        assert!(path.starts_with("/graphql/assets/"), "same origin: {path}");
+        let response = client
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let kind = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            kind.starts_with(if path.ends_with(".js") {
+                "text/javascript"
+            } else {
+                "text/css"
+            }),
+            "{path}: {kind}"
+        );
+        let body = response.bytes().await.unwrap();
+        let name = path.rsplit('/').next().unwrap();
+        if let Some(line) = sums.lines().find(|l| l.ends_with(&format!("  {name}"))) {
+            assert_eq!(
+                hex::encode(sha2::Sha256::digest(&body)),
+                line.split_whitespace().next().unwrap(),
+                "{name} is the file fetched from the registry"
+            );
+            vendored += 1;
+        }
+    }
+    assert_eq!(vendored, 4, "graphiql, its stylesheet, react and react-dom");
+    let missing = client
+        .get(format!("{}/graphql/assets/..%2FCargo.toml", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(server.stop().success());
+
+    let server = Server::start(&[("AGENTLEDGER_CONFIG", &closed_config())]);
+    for path in ["/graphql", "/graphql/assets/graphiql.min.js"] {
+        let response = client
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status() == 404 || response.status() == 405,
+            "{path} is not served without introspection: {}",
+            response.status()
+        );
+    }
+    assert!(server.stop().success());
+}
+
+fn closed_config() -> String {
+    let dir = std::env::temp_dir().join(format!("agentledger-closed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("closed.toml");
+    std::fs::write(&path, "[graphql]\nintrospection = false\n").unwrap();
+    path.to_str().unwrap().to_owned()
+}

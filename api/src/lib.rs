@@ -12,6 +12,7 @@
 //! domain and read-model types at its edge and never talks SQL itself.
 
 pub mod auth;
+mod graphiql;
 pub mod graphql;
 pub mod limits;
 pub mod metrics;
@@ -22,13 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use agentledger_projections::lag;
-use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::GraphQLRequest;
 use axum::extract::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -150,10 +150,13 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
     let http = state.http.clone();
     // GraphiQL exists to explore the schema: where introspection is off
     // (prod by default) it is not served either.
-    let page = if state.services.limits.introspection {
-        get(graphiql)
+    let (page, assets) = if state.services.limits.introspection {
+        (get(graphiql::page), get(graphiql::asset))
     } else {
-        axum::routing::MethodRouter::new()
+        (
+            axum::routing::MethodRouter::new(),
+            axum::routing::MethodRouter::new(),
+        )
     };
     let plain = tower::ServiceBuilder::new()
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -173,6 +176,7 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         .layer(cors(&config));
     Router::new()
         .merge(graphql)
+        .route("/graphql/assets/{name}", assets)
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
@@ -227,15 +231,6 @@ async fn ledger_key(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
-}
-
-async fn graphiql() -> Html<String> {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql/ws")
-            .finish(),
-    )
 }
 
 /// The caller of a GraphQL request, found before its body is read: a
