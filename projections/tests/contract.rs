@@ -52,7 +52,7 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
             .unwrap()
             .expect("a row per workflow");
         assert_eq!(status.state, folded.state, "{id}");
-        assert_eq!(status.request, folded.request.as_str());
+        assert_eq!(&*status.request, folded.request.as_str());
         assert_eq!(status.version, recorded.len() as u64 - 1);
         assert_eq!(
             status.last_position,

@@ -5,6 +5,8 @@
 use agentledger_domain::workflow::{
     EthicsScores, Priority, SubtaskState, Text, Verdict, Workflow, WorkflowEvent, WorkflowState,
 };
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -31,7 +33,9 @@ pub struct SubtaskStatus {
     pub depends_on: Vec<String>,
     pub state: SubtaskState,
     pub attempts: i16,
-    pub output: Option<String>,
+    /// Shared, not copied: a fold (and every replay step or progress
+    /// update cloned from it) holds the same text.
+    pub output: Option<Arc<str>>,
     /// When its first attempt started.
     pub started_at: Option<DateTime<Utc>>,
     /// When it succeeded, failed for good or was skipped.
@@ -44,7 +48,8 @@ pub struct WorkflowStatus {
     pub id: Uuid,
     pub state: WorkflowState,
     pub priority: Priority,
-    pub request: String,
+    /// Shared like subtask outputs; set by the submission alone.
+    pub request: Arc<str>,
     pub round: i16,
     pub progress_done: i32,
     pub progress_total: i32,
@@ -79,7 +84,7 @@ impl StatusFold {
                 id: fact.workflow,
                 state: WorkflowState::New,
                 priority: Priority::Normal,
-                request: String::new(),
+                request: Arc::from(""),
                 round: 0,
                 progress_done: 0,
                 progress_total: 0,
@@ -123,6 +128,13 @@ impl StatusFold {
         } else {
             std::mem::take(&mut status.subtasks)
         };
+        // Only a plan sets titles and only a success sets an output: the
+        // other events reuse what the fold holds instead of re-encoding
+        // every subtask's text once per event.
+        let succeeded = match &fact.event {
+            E::SubtaskSucceeded { subtask, .. } => Some(subtask.as_str()),
+            _ => None,
+        };
         status.subtasks = w
             .subtasks
             .iter()
@@ -130,15 +142,22 @@ impl StatusFold {
             .filter_map(|(i, s)| {
                 let plan = s.plan.as_ref()?;
                 let before = previous.iter().find(|p| p.id == plan.id);
+                let output = match before {
+                    Some(b) if succeeded != Some(plan.id.as_str()) => b.output.clone(),
+                    _ => s.output.as_ref().map(|t| Arc::from(t.to_column())),
+                };
                 Some(SubtaskStatus {
                     id: plan.id.clone(),
                     ordinal: i as i32,
-                    title: plan.title.to_column(),
+                    title: match before {
+                        Some(b) => b.title.clone(),
+                        None => plan.title.to_column(),
+                    },
                     tool: plan.tool.clone(),
                     depends_on: plan.depends_on.clone(),
                     state: s.state,
                     attempts: i16::from(s.attempts),
-                    output: s.output.as_ref().map(Text::to_column),
+                    output,
                     started_at: before.and_then(|b| b.started_at),
                     finished_at: before.and_then(|b| b.finished_at),
                 })
@@ -180,7 +199,9 @@ impl StatusFold {
         let (done, total) = w.progress();
         status.state = w.state;
         status.priority = w.priority;
-        status.request = w.request.to_column();
+        if matches!(fact.event, E::WorkflowSubmitted { .. }) {
+            status.request = Arc::from(w.request.to_column());
+        }
         status.round = i16::from(w.round);
         status.progress_done = done as i32;
         status.progress_total = total as i32;

@@ -7,6 +7,7 @@ pub mod rebuild;
 pub mod runner;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentledger_domain::workflow::WorkflowState;
@@ -119,7 +120,7 @@ impl PostgresReadModels {
                     depends_on: row.get(5),
                     state: parse_enum(&state).ok_or_else(|| corrupt("subtask state", &state))?,
                     attempts: row.get(7),
-                    output: row.get(8),
+                    output: row.get::<_, Option<&str>>(8).map(Arc::from),
                     started_at: row.get(9),
                     finished_at: row.get(10),
                 });
@@ -152,7 +153,7 @@ fn status_of(row: &Row) -> Result<WorkflowStatus, ReadError> {
         id: row.get(0),
         state: parse_state(&state).ok_or_else(|| corrupt("state", &state))?,
         priority: parse_enum(&priority).ok_or_else(|| corrupt("priority", &priority))?,
-        request: row.get(3),
+        request: Arc::from(row.get::<_, &str>(3)),
         round: row.get(4),
         progress_done: row.get(5),
         progress_total: row.get(6),

@@ -188,10 +188,7 @@ impl Projection for StatusProjection {
                 .iter()
                 .map(|s| enum_name(&s.priority))
                 .collect::<Vec<_>>(),
-            statuses
-                .iter()
-                .map(|s| s.request.as_str())
-                .collect::<Vec<_>>(),
+            statuses.iter().map(|s| &*s.request).collect::<Vec<_>>(),
             statuses.iter().map(|s| s.round).collect::<Vec<_>>(),
             statuses.iter().map(|s| s.progress_done).collect::<Vec<_>>(),
             statuses
