@@ -10,7 +10,7 @@
 //! request_timeout_ms = 30000 # longest a plain request may take
 //! max_concurrent_requests = 512
 //! allowed_origins = ["https://console.example.com"]  # CORS and WebSocket Origin allow-list
-//! max_response_bytes = 8388608   # a larger GraphQL response is refused with BAD_INPUT
+//! max_response_bytes = 8388608   # a larger GraphQL response (or subscription message) is refused with BAD_INPUT
 //! header_read_timeout_ms = 10000 # a request's header must arrive within this
 //! max_connections = 10000        # open connections at once; more wait in the backlog
 //!
@@ -285,10 +285,6 @@ impl FileConfig {
                 .unwrap_or(defaults.max_concurrent_requests),
             allowed_origins: self.server.allowed_origins.clone().unwrap_or_default(),
             loopback_origins: dev,
-            max_response_bytes: self
-                .server
-                .max_response_bytes
-                .unwrap_or(defaults.max_response_bytes),
         }
     }
 
@@ -319,6 +315,10 @@ impl FileConfig {
                 .read_your_writes_ms
                 .map_or(defaults.read_your_writes, Duration::from_millis),
             introspection: g.introspection.unwrap_or(!prod),
+            max_response_bytes: self
+                .server
+                .max_response_bytes
+                .unwrap_or(defaults.max_response_bytes),
             ..defaults
         }
     }

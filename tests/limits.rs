@@ -437,3 +437,124 @@ async fn a_client_that_sends_its_header_slowly_is_cut_off_and_others_go_on() {
             .is_some());
     }
 }
+
+/// The response budget holds while a response is built: a replay whose
+/// every step carries the subtask outputs (hundreds of KB each) is refused
+/// by the meter (`would exceed`) before it is assembled, while the same
+/// workflow read once, the replay without outputs, and every progress
+/// update with outputs (each message within the budget) are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_of_large_outputs_is_refused_while_it_is_built_and_smaller_reads_pass() {
+    let budget = 2 * 1024 * 1024;
+    let l = start(&format!("[server]\nmax_response_bytes = {budget}\n")).await;
+    let auditor = create_key(&l._db, "reviewer", &["auditor"], "default");
+    let base = l.server.base.clone();
+    // 20,000 distinct lines, listed backwards: both tools output ~400 KB.
+    let input: String = (0..20_000)
+        .rev()
+        .map(|i| format!("line {i:08} of the ledger\n"))
+        .collect();
+    let (_, body) = post(
+        &base,
+        Some(&l.key),
+        "mutation($input: String!) { submitWorkflow(request: \"Sort the lines. Then remove duplicate lines.\", input: $input) { id } }",
+        &json!({ "input": input }),
+    )
+    .await;
+    let id = body["data"]["submitWorkflow"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_string();
+
+    // Every state from the first event, with the outputs: each message is
+    // within the budget, so each arrives.
+    let mut ws = open(&base, None).await.unwrap();
+    init(&mut ws, &l.key).await.unwrap();
+    ws.send(text(json!({"id": "p", "type": "subscribe", "payload": {
+        "query": "subscription($id: ID!) { workflowProgress(id: $id, fromVersion: 0) { state version subtasks { output } } }",
+        "variables": { "id": id },
+    }})))
+    .await
+    .unwrap();
+    let mut updates = Vec::new();
+    loop {
+        let m = next(&mut ws).await.expect("progress");
+        if m["type"] == "complete" {
+            break;
+        }
+        assert_eq!(m["type"], "next", "{m}");
+        assert!(
+            m["payload"]["errors"].is_null(),
+            "{}",
+            &m.to_string()[..300.min(m.to_string().len())]
+        );
+        updates.push(m["payload"]["data"]["workflowProgress"].clone());
+    }
+    let last = updates.last().expect("updates");
+    assert_eq!(last["state"], "COMPLETED", "{}", last["state"]);
+    let outputs: usize = last["subtasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["output"].as_str().map_or(0, str::len))
+        .sum();
+    assert!(
+        outputs > 600_000,
+        "the tools wrote large outputs: {outputs} bytes"
+    );
+    let carried: usize = updates.iter().map(|u| u.to_string().len()).sum();
+    assert!(
+        carried > budget,
+        "together the updates exceed one budget: {carried}"
+    );
+
+    let replay = |fields: &'static str| {
+        let (base, auditor, id) = (base.clone(), auditor.clone(), id.clone());
+        async move {
+            post(
+                &base,
+                Some(&auditor),
+                &format!("query($id: ID!) {{ replay(workflowId: $id) {{ position {fields} }} }}"),
+                &json!({ "id": id }),
+            )
+            .await
+            .1
+        }
+    };
+    let whole = replay("state { state subtasks { output } }").await;
+    assert_eq!(
+        code(&whole),
+        Some("BAD_INPUT"),
+        "{}",
+        &whole.to_string()[..300.min(whole.to_string().len())]
+    );
+    let message = whole["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("would exceed its budget, at most 2097152 bytes"),
+        "refused while being built, not after: {message}"
+    );
+    assert!(
+        whole["data"].is_null(),
+        "nothing partial: {}",
+        whole["data"]
+    );
+    assert_eq!(whole["errors"].as_array().unwrap().len(), 1);
+
+    let slim = replay("state { state version }").await;
+    let steps = slim["data"]["replay"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{slim}"));
+    assert_eq!(steps.len(), updates.len(), "a step per event");
+    assert_eq!(steps.last().unwrap()["state"]["state"], "COMPLETED");
+
+    let (_, read) = post(
+        &base,
+        Some(&l.key),
+        "query($id: ID!) { workflow(id: $id) { subtasks { output } } }",
+        &json!({ "id": id }),
+    )
+    .await;
+    assert!(read["errors"].is_null(), "one read of the outputs fits");
+    assert_eq!(read["data"]["workflow"]["subtasks"], last["subtasks"]);
+    assert!(l.server.stop().success());
+}

@@ -66,8 +66,6 @@ pub struct HttpConfig {
     pub allowed_origins: Vec<String>,
     /// Also allow `http://localhost:*` and `http://127.0.0.1:*` origins (dev).
     pub loopback_origins: bool,
-    /// Largest response body of a plain request, in bytes.
-    pub max_response_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -80,7 +78,6 @@ impl Default for HttpConfig {
             max_concurrent_requests: 512,
             allowed_origins: Vec::new(),
             loopback_origins: false,
-            max_response_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -388,7 +385,7 @@ async fn graphql_request(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let budget = state.config.max_response_bytes;
+    let budget = state.services.limits.max_response_bytes;
     let Some(principal) = caller else {
         return refusal(&auth::AuthError::Unauthenticated(
             "this server requires a credential".into(),

@@ -6,6 +6,7 @@
 //! its own workflows) is decided here, by [`visible_stream`] and
 //! [`principal`].
 
+mod budget;
 mod mutation;
 mod query;
 mod subscription;
@@ -35,8 +36,8 @@ use types::{AuditLoader, SubjectKeyLoader};
 
 pub use mutation::Mutation;
 pub use query::Query;
-use subscription::Followed;
 pub use subscription::SubscriptionRoot;
+use subscription::{facts_of, Followed};
 
 /// The schema type.
 pub type AgentledgerSchema = Schema<Query, Mutation, SubscriptionRoot>;
@@ -55,6 +56,9 @@ pub struct Limits {
     pub shape: ShapeLimits,
     /// Whether introspection (`__schema`, `__type`) is answered.
     pub introspection: bool,
+    /// Largest GraphQL response (or subscription message), in bytes of
+    /// JSON, enforced while it is built.
+    pub max_response_bytes: usize,
 }
 
 impl Default for Limits {
@@ -66,6 +70,7 @@ impl Default for Limits {
             read_your_writes: Duration::from_secs(5),
             shape: ShapeLimits::default(),
             introspection: true,
+            max_response_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -130,7 +135,10 @@ pub fn schema(services: Services) -> AgentledgerSchema {
     );
     let mut builder = Schema::build(Query, Mutation, SubscriptionRoot)
         .limit_depth(services.limits.max_depth)
-        .limit_complexity(services.limits.max_complexity);
+        .limit_complexity(services.limits.max_complexity)
+        .extension(budget::ResponseBudget {
+            bytes: services.limits.max_response_bytes,
+        });
     if !services.limits.introspection {
         builder = builder.disable_introspection();
     }

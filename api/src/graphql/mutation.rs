@@ -46,14 +46,13 @@ impl Mutation {
             .read_stream(&stream_of(id), 0, 100_000)
             .await
             .map_err(from_store)?;
-        let mut followed = Followed {
-            fold: None,
-            decisions: Vec::new(),
-        };
+        let mut facts = Vec::with_capacity(events.len());
         for event in &events {
-            if let Some(fact) = Fact::decode(event).map_err(|e| error::internal(&e))? {
-                followed.apply(&fact);
-            }
+            facts.extend(Fact::decode(event).map_err(|e| error::internal(&e))?);
+        }
+        let mut followed = Followed::new(&facts);
+        for fact in &facts {
+            followed.apply(fact);
         }
         let mut workflow = followed
             .snapshot()

@@ -3,7 +3,6 @@
 
 use agentledger_agents::stream_of;
 use agentledger_projections::model::audit::AuditEntry;
-use agentledger_projections::model::Fact;
 use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, Object, ID};
 use chrono::{DateTime, Utc};
@@ -14,7 +13,7 @@ use super::types::{
     SignedDigest, Verification, Workflow, WorkflowState,
 };
 use super::{
-    decode_cursor, encode_cursor, may_see, page_size, parse_id, principal, services,
+    decode_cursor, encode_cursor, facts_of, may_see, page_size, parse_id, principal, services,
     visible_stream, Followed,
 };
 
@@ -183,21 +182,16 @@ impl Query {
         workflow_id: ID,
         at_position: Option<Position>,
     ) -> async_graphql::Result<Vec<ReplayStep>> {
-        let events = visible_stream(ctx, parse_id(&workflow_id)?, 100_000).await?;
-        let mut followed = Followed {
-            fold: None,
-            decisions: Vec::new(),
-        };
-        let mut steps = Vec::new();
-        for event in events
-            .iter()
-            .take_while(|e| at_position.is_none_or(|at| e.global_position <= at.0))
-        {
-            let fact = Fact::decode(event)
-                .map_err(|e| error::internal(&e))?
-                .ok_or_else(|| error::internal(&"not a workflow event"))?;
-            followed.apply(&fact);
-            let entry = AuditEntry::of(&fact);
+        let mut events = visible_stream(ctx, parse_id(&workflow_id)?, 100_000).await?;
+        if let Some(at) = at_position {
+            events.retain(|e| e.global_position <= at.0);
+        }
+        let facts = facts_of(&events)?;
+        let mut followed = Followed::new(&facts);
+        let mut steps = Vec::with_capacity(events.len());
+        for (event, fact) in events.iter().zip(&facts) {
+            followed.apply(fact);
+            let entry = AuditEntry::of(fact);
             steps.push(ReplayStep {
                 position: Position(event.global_position),
                 event: RecordedEvent::of(event),

@@ -1,6 +1,7 @@
 //! Subscriptions: a workflow's progress and recorded events, catch-up then
 //! live, confined to the caller's tenant.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentledger_agents::stream_of;
@@ -13,7 +14,7 @@ use async_graphql::{Context, Subscription, ID};
 use futures::{Stream, StreamExt};
 
 use super::error::{self, from_store};
-use super::types::{Position, RecordedEvent, Workflow};
+use super::types::{Decisions, Position, RecordedEvent, Workflow};
 use super::{may_see, parse_id, principal, services, tracked, visible_stream};
 
 /// Waits (without polling) until the read models have applied `position`;
@@ -28,28 +29,60 @@ async fn settle(models: &dyn ReadModels, position: u64, patience: Duration) {
 /// Subscriptions.
 pub struct SubscriptionRoot;
 
-/// The state of a followed workflow.
+/// The state of a followed workflow. Its decisions are one shared list:
+/// every state taken from it (a replay step, a progress update) holds the
+/// list and how much of it applies, never a copy of the earlier entries.
 pub(super) struct Followed {
     pub(super) fold: Option<StatusFold>,
-    pub(super) decisions: Vec<AuditEntry>,
+    decisions: Arc<Vec<AuditEntry>>,
+    applied: usize,
 }
 
 impl Followed {
+    /// A follower that will be shown `known` first, in order: their
+    /// entries are made once, up front.
+    pub(super) fn new(known: &[Fact]) -> Self {
+        Self {
+            fold: None,
+            decisions: Arc::new(known.iter().map(AuditEntry::of).collect()),
+            applied: 0,
+        }
+    }
+
     pub(super) fn apply(&mut self, fact: &Fact) {
         match &mut self.fold {
             Some(fold) => fold.apply(fact),
             None => self.fold = Some(StatusFold::start(fact)),
         }
-        self.decisions.push(AuditEntry::of(fact));
+        if self.applied == self.decisions.len() {
+            // A live event: the states already sent are usually gone, so
+            // this pushes in place.
+            Arc::make_mut(&mut self.decisions).push(AuditEntry::of(fact));
+        }
+        self.applied += 1;
     }
 
     pub(super) fn snapshot(&self) -> Option<Workflow> {
         self.fold.as_ref().map(|f| Workflow {
             status: f.status().clone(),
-            decisions: Some(self.decisions.clone()),
+            decisions: Some(Decisions::prefix(&self.decisions, self.applied)),
             pending: false,
         })
     }
+}
+
+/// Decodes a workflow's stored events.
+pub(super) fn facts_of(
+    events: &[agentledger_eventstore::RecordedEvent],
+) -> async_graphql::Result<Vec<Fact>> {
+    events
+        .iter()
+        .map(|event| {
+            Fact::decode(event)
+                .map_err(|e| error::internal(&e))?
+                .ok_or_else(|| error::internal(&"not a workflow event"))
+        })
+        .collect()
 }
 
 #[Subscription]
@@ -67,16 +100,11 @@ impl SubscriptionRoot {
         let id = parse_id(&id)?;
         let stream: StreamId = stream_of(id);
         let past = visible_stream(ctx, id, 100_000).await?;
-        let mut followed = Followed {
-            fold: None,
-            decisions: Vec::new(),
-        };
+        let facts = facts_of(&past)?;
+        let mut followed = Followed::new(&facts);
         let mut first: Vec<async_graphql::Result<Workflow>> = Vec::new();
-        for event in &past {
-            let fact = Fact::decode(event)
-                .map_err(|e| error::internal(&e))?
-                .ok_or_else(|| error::internal(&"not a workflow event"))?;
-            followed.apply(&fact);
+        for (event, fact) in past.iter().zip(&facts) {
+            followed.apply(fact);
             if from_version.is_some_and(|v| event.stream_version as i64 >= i64::from(v)) {
                 first.extend(followed.snapshot().map(Ok));
             }

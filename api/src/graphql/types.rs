@@ -298,13 +298,34 @@ pub struct EthicsScores {
     pub findings: Vec<String>,
 }
 
+/// The first `len` entries of a shared list of a workflow's decisions:
+/// the states of one replay or progress stream share one list.
+#[derive(Debug, Clone)]
+pub struct Decisions {
+    all: Arc<Vec<AuditEntry>>,
+    len: usize,
+}
+
+impl Decisions {
+    pub fn prefix(all: &Arc<Vec<AuditEntry>>, len: usize) -> Self {
+        Self {
+            all: all.clone(),
+            len: len.min(all.len()),
+        }
+    }
+
+    fn entries(&self) -> &[AuditEntry] {
+        &self.all[..self.len]
+    }
+}
+
 /// A workflow as the read models (or a fold of its stream) show it.
 #[derive(Debug, Clone)]
 pub struct Workflow {
     pub status: WorkflowStatus,
     /// Known already (a subscription folds them from the stream); else
     /// loaded from the audit trail, batched across a page.
-    pub decisions: Option<Vec<AuditEntry>>,
+    pub decisions: Option<Decisions>,
     /// The read models had not applied this write when the answer went out.
     pub pending: bool,
 }
@@ -367,13 +388,17 @@ impl Workflow {
     }
     /// Every recorded decision about the workflow, in order (the submission excluded).
     async fn decisions(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Decision>> {
+        let loaded;
         let entries = match &self.decisions {
-            Some(entries) => entries.clone(),
-            None => ctx
-                .data_unchecked::<DataLoader<AuditLoader>>()
-                .load_one(self.status.id)
-                .await?
-                .unwrap_or_default(),
+            Some(known) => known.entries(),
+            None => {
+                loaded = ctx
+                    .data_unchecked::<DataLoader<AuditLoader>>()
+                    .load_one(self.status.id)
+                    .await?
+                    .unwrap_or_default();
+                &loaded[..]
+            }
         };
         Ok(entries
             .iter()
