@@ -35,6 +35,7 @@
 //! max_workflows = 64         # workflows driven at once by this process
 //! lease_seconds = 30
 //! max_tool_output_bytes = 1048576  # a larger tool output fails its subtask, with no retry
+//! orphan_grace_ms = 30000    # a workflow waiting for an agent with no queue row this long is queued again
 //!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
@@ -224,6 +225,7 @@ pub struct AgentsSection {
     pub max_workflows: Option<usize>,
     pub lease_seconds: Option<u64>,
     pub max_tool_output_bytes: Option<usize>,
+    pub orphan_grace_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -334,6 +336,10 @@ impl FileConfig {
                 .agents
                 .lease_seconds
                 .map_or(defaults.lease, Duration::from_secs),
+            orphan_grace: self
+                .agents
+                .orphan_grace_ms
+                .map_or(defaults.orphan_grace, Duration::from_millis),
             personal_fields: self
                 .privacy
                 .personal_fields

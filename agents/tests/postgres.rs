@@ -160,7 +160,7 @@ async fn a_runtime_killed_mid_execution_leaves_its_workflow_to_another() {
         Arc::new(clock.clone()),
         config("survivor"),
     );
-    clock.sleepers_at_least(2).await; // its poll wait and its lease renewal
+    clock.sleepers_at_least(3).await; // its poll wait, its lease renewal and its sweep
     clock.advance(RuntimeConfig::default().lease + Duration::from_secs(1));
     let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
         w.state.is_final()

@@ -115,6 +115,17 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Rows in the queue (for readiness and metrics).
     async fn waiting(&self) -> Result<usize, QueueError>;
+
+    /// Up to `max` workflows that the status read model shows waiting for
+    /// an agent (submitted, analysing, gating, executing, reviewing), last
+    /// changed before `before`, with no row here: candidates for the
+    /// runtime's sweep, which folds each stream before it re-queues one
+    /// (the read model is a hint, the stream the truth). A queue beside no
+    /// read models has none.
+    async fn unqueued(&self, before: DateTime<Utc>, max: usize) -> Result<Vec<Uuid>, QueueError> {
+        let _ = (before, max);
+        Ok(Vec::new())
+    }
 }
 
 pub(crate) fn priority_code(priority: Priority) -> i16 {

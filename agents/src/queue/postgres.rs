@@ -256,4 +256,21 @@ impl WorkQueue for PostgresWorkQueue {
             .map_err(unavailable)?;
         Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
+
+    async fn unqueued(&self, before: DateTime<Utc>, max: usize) -> Result<Vec<Uuid>, QueueError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT s.workflow_id FROM workflow_status s
+                  WHERE s.state IN ('SUBMITTED', 'ANALYSING', 'GATING', 'EXECUTING', 'REVIEWING')
+                    AND s.updated_at < $1
+                    AND NOT EXISTS (SELECT 1 FROM agent_tasks t WHERE t.workflow_id = s.workflow_id)
+                  ORDER BY s.updated_at
+                  LIMIT $2",
+                &[&before, &(i64::try_from(max).unwrap_or(i64::MAX))],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
 }

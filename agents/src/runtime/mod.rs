@@ -703,6 +703,7 @@ impl Runtime {
         let (handoff, mut handed) = mpsc::unbounded_channel();
         *inner.handoff.lock().expect("handoff lock") = Some(handoff);
         let renewer = tokio::spawn(renew_leases(inner.clone()));
+        let sweeper = tokio::spawn(sweep_unqueued(inner.clone()));
         let woken = wake_on_new_work(inner.clone());
         tokio::pin!(shutdown);
         loop {
@@ -761,6 +762,7 @@ impl Runtime {
         let killed = inner.dead.is_cancelled();
         inner.dead.cancel();
         renewer.abort();
+        sweeper.abort();
         woken.abort();
         // Drives see `dead` at their next step and end; a killed runtime
         // leaves its leases to expire, a stopped one hands them back.
@@ -849,6 +851,65 @@ async fn renew_leases(inner: Arc<Inner>) {
         let until = crate::queue::lease_end(inner.clock.now(), inner.config.lease);
         if let Err(e) = inner.queue.renew(&inner.config.owner, &held, until).await {
             tracing::warn!(error = %e, "renewing leases failed");
+        }
+    }
+}
+
+/// Every `orphan_grace`, re-queues workflows that wait for an agent but
+/// have no queue row (an enqueue lost after its append committed, a row
+/// deleted by hand): the read model names candidates unchanged for longer
+/// than the grace, and each is folded from its stream first, so a final or
+/// escalated workflow (which rightly has no row) is left alone.
+async fn sweep_unqueued(inner: Arc<Inner>) {
+    use agentledger_domain::workflow::WorkflowState as S;
+    let grace = inner.config.orphan_grace.max(Duration::from_millis(100));
+    loop {
+        inner.clock.sleep(grace).await;
+        if inner.dead.is_cancelled() {
+            return;
+        }
+        let now = inner.clock.now();
+        let before = now - chrono::Duration::from_std(grace).unwrap_or_default();
+        let candidates = match inner.queue.unqueued(before, 100).await {
+            Ok(candidates) => candidates,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for workflows without a queue row failed");
+                continue;
+            }
+        };
+        let mut requeued = 0;
+        for id in candidates {
+            let history = match History::load(&*inner.store, inner.keys(), id).await {
+                Ok(Some(history)) => history,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(workflow = %id, error = %e, "reading a workflow to sweep failed");
+                    continue;
+                }
+            };
+            let waiting = matches!(
+                history.workflow.state,
+                S::Submitted | S::Analysing | S::Gating | S::Executing | S::Reviewing
+            );
+            if !waiting {
+                continue;
+            }
+            match inner
+                .queue
+                .enqueue(id, history.workflow.priority, now, now)
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(workflow = %id, state = ?history.workflow.state, "workflow had no queue row; queued it again");
+                    requeued += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(workflow = %id, error = %e, "re-queueing a workflow failed")
+                }
+            }
+        }
+        if requeued > 0 {
+            inner.wake.notify_one();
         }
     }
 }
