@@ -914,3 +914,53 @@ async fn the_service_role_appends_only_through_the_store_and_reads_no_signing_se
         .unwrap();
     assert!(appended.first_position > head as u64);
 }
+
+/// A statement that runs past the store's `statement_timeout` is cancelled
+/// by PostgreSQL with a clear error, and appends and reads on the same
+/// store go on while it runs: one heavy read cannot hold the service.
+#[tokio::test]
+async fn a_heavy_read_is_cut_off_by_the_statement_timeout_and_writes_go_on() {
+    let db = TestDatabase::create().await;
+    let store = db
+        .store_with(PostgresOptions {
+            statement_timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        })
+        .await;
+    let pooled = store.pool().get().await.unwrap();
+    let setting: String = pooled
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(setting, "300ms", "every pooled connection carries it");
+
+    let heavy = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let result = pooled.query_one("SELECT pg_sleep(30)", &[]).await;
+        (result.map(|_| ()), started.elapsed())
+    });
+    // Meanwhile the store appends and reads as usual.
+    let written = store
+        .append(
+            &stream("beside-the-heavy-read"),
+            ExpectedVersion::NoStream,
+            events(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(written.last_position - written.first_position, 2);
+    assert_eq!(store.read_all(1, 10).await.unwrap().len(), 3);
+
+    let (result, took) = heavy.await.unwrap();
+    let error = result.expect_err("cancelled by the timeout");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "cut off, not run out: {took:?}"
+    );
+}
