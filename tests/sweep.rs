@@ -51,10 +51,7 @@ async fn a_workflow_without_a_queue_row_is_found_and_finished() {
         RuntimeConfig::default(),
         Some(FaultPlan::at(FaultPoint::AfterAnalysis, 1)),
     );
-    let running = {
-        let doomed = doomed.clone();
-        tokio::spawn(async move { doomed.run(std::future::pending::<()>()).await })
-    };
+    let (_never, running) = common::run_in_background(&doomed);
     let lost = doomed
         .submit(Submission {
             request: "Count the words of this sentence.".into(),
@@ -76,17 +73,7 @@ async fn a_workflow_without_a_queue_row_is_found_and_finished() {
             RuntimeConfig::default(),
         );
         let mut events = store.subscribe_all(store.head_position().await.unwrap() + 1);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = {
-            let runtime = runtime.clone();
-            tokio::spawn(async move {
-                runtime
-                    .run(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-            })
-        };
+        let (stop, task) = common::run_in_background(&runtime);
         let id = runtime
             .submit(Submission {
                 request: "Delete the old notes.".into(),

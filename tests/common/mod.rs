@@ -94,17 +94,7 @@ pub async fn complete_workflows(
         RuntimeConfig::default(),
     );
     let mut events = store.subscribe_all(store.head_position().await.unwrap() + 1);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let runtime = runtime.clone();
-        tokio::spawn(async move {
-            runtime
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let (stop, running) = run_in_background(&runtime);
     let mut ids = Vec::new();
     for request in requests {
         let submission = Submission {
@@ -122,6 +112,26 @@ pub async fn complete_workflows(
     let _ = stop.send(());
     running.await.unwrap();
     ids
+}
+
+/// Runs `runtime`'s claim loop in a task until the sender fires (or the
+/// runtime dies by a fault); the task ends when the loop has stopped.
+pub fn run_in_background(
+    runtime: &agentledger_agents::Runtime,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = runtime.clone();
+    let task = tokio::spawn(async move {
+        runtime
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, task)
 }
 
 /// Creates an API key with the CLI; its secret (the last line of stdout).
