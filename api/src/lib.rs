@@ -399,7 +399,8 @@ async fn graphql_request(
         Ok(request) => request,
         Err(refused) => return respond(&refused, accept.as_deref(), budget),
     };
-    let response = state.schema.execute(request).await;
+    let (request, meter) = graphql::budget::Meter::attach(request, budget);
+    let response = meter.settle(state.schema.execute(request).await);
     state
         .counters
         .graphql_requests

@@ -25,6 +25,7 @@ use futures::{SinkExt, StreamExt};
 
 use crate::auth::access::ShapeLimits;
 use crate::auth::{Access, AuthError, Authenticator, Principal};
+use crate::graphql::budget::Meter;
 use crate::limits::{ConnectionSlot, Limiters, OpenCount};
 use crate::AgentledgerSchema;
 
@@ -50,6 +51,8 @@ struct SocketExecutor {
     open: OpenCount,
     max_open: usize,
     rate: Arc<Option<governor::DefaultDirectRateLimiter>>,
+    /// Bytes one response (or subscription message) may take.
+    budget: usize,
 }
 
 fn refused(code: &'static str, message: &str) -> async_graphql::Response {
@@ -89,7 +92,10 @@ impl SocketExecutor {
 impl Executor for SocketExecutor {
     async fn execute(&self, request: async_graphql::Request) -> async_graphql::Response {
         match self.authorize(request) {
-            Ok(request) => self.schema.execute(request).await,
+            Ok(request) => {
+                let (request, meter) = Meter::attach(request, self.budget);
+                meter.settle(self.schema.execute(request).await)
+            }
             Err(refusal) => *refusal,
         }
     }
@@ -110,12 +116,13 @@ impl Executor for SocketExecutor {
             );
             return futures::stream::once(async move { refused("RATE_LIMITED", &message) }).boxed();
         };
+        let (request, meter) = Meter::attach(request, self.budget);
         self.schema
             .execute_stream_with_session_data(request, session_data.unwrap_or_default())
             .map(move |response| {
                 // The place is given back when the subscription ends.
                 let _held = &place;
-                response
+                meter.settle(response)
             })
             .boxed()
     }
@@ -207,11 +214,13 @@ pub(crate) async fn serve(
             Err(async_graphql::Error::new(message))
         }
     };
+    let limits = schema
+        .data::<crate::graphql::Services>()
+        .map(|s| s.limits.clone())
+        .unwrap_or_default();
     let executor = SocketExecutor {
-        shape: schema
-            .data::<crate::graphql::Services>()
-            .map(|s| s.limits.shape)
-            .unwrap_or_default(),
+        shape: limits.shape,
+        budget: limits.max_response_bytes,
         schema,
         principal: caller.principal.clone(),
         open: OpenCount::default(),

@@ -1,38 +1,32 @@
 //! The response byte budget, kept while a response is built rather than
 //! checked once it is: a replay of many steps, each with the state and its
 //! subtask outputs, would otherwise be assembled whole in memory before it
-//! could be refused. Every resolved field is charged its key and, for a
-//! scalar, its value; past the budget the rest of the response is not
-//! resolved at all and the whole answer becomes one `BAD_INPUT` error.
-//! A subscription's budget applies to each message it sends.
+//! could be refused.
+//!
+//! Only what can be large is charged, by the resolvers that produce it:
+//! personal text (everything [`super::types::reveal`] opens: requests,
+//! titles, outputs, rationales, findings), a workflow's decisions, and an
+//! event's payload and metadata. Everything else is a few bytes a field,
+//! bounded by the complexity limit; the exact size of a finished HTTP body
+//! is checked once more when it is sent. Past the budget the charged
+//! fields stop resolving and the whole answer becomes one `BAD_INPUT`
+//! error. A subscription's budget applies to each message it sends.
+//!
+//! This is deliberately not an async-graphql extension: with any extension
+//! registered, every field of every list item goes through the extension
+//! chain, and a page of 100 workflows took 1.3× as long.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextResolve, NextSubscribe,
-    ResolveInfo,
-};
-use async_graphql::{QueryPathSegment, Response, ServerError, ServerResult, Value};
-use futures::stream::BoxStream;
-use futures::StreamExt;
+use async_graphql::{Context, Request, Response, ServerError};
 
-use super::error::Code;
+use super::error::{error, Code};
 
-/// The factory registered with the schema: one meter per request.
-pub(super) struct ResponseBudget {
-    pub(super) bytes: usize,
-}
-
-impl ExtensionFactory for ResponseBudget {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(Meter(Arc::new(Spent {
-            budget: self.bytes,
-            used: AtomicUsize::new(0),
-            over: AtomicBool::new(false),
-        })))
-    }
-}
+/// One operation's meter: attached to its request, read by the resolvers
+/// through the context, settled on each response.
+#[derive(Clone)]
+pub(crate) struct Meter(Arc<Spent>);
 
 struct Spent {
     budget: usize,
@@ -40,102 +34,84 @@ struct Spent {
     over: AtomicBool,
 }
 
-impl Spent {
-    fn refusal(&self) -> Response {
-        let mut error = ServerError::new(
-            format!(
-                "the response would exceed its budget, at most {} bytes: ask for fewer \
-                 fields, a smaller page or an earlier atPosition",
-                self.budget
-            ),
-            None,
-        );
-        let mut extensions = async_graphql::ErrorExtensionValues::default();
-        extensions.set("code", Code::BadInput.as_str());
-        error.extensions = Some(extensions);
-        Response::from_errors(vec![error])
+impl Meter {
+    /// `request` with a fresh meter of `budget` bytes, and the meter.
+    pub(crate) fn attach(request: Request, budget: usize) -> (Request, Self) {
+        let meter = Self(Arc::new(Spent {
+            budget,
+            used: AtomicUsize::new(0),
+            over: AtomicBool::new(false),
+        }));
+        (request.data(meter.clone()), meter)
+    }
+
+    fn message(&self) -> String {
+        format!(
+            "the response would exceed its budget, at most {} bytes: ask for fewer \
+             fields, a smaller page or an earlier atPosition",
+            self.0.budget
+        )
     }
 
     /// Settles one finished response: a refusal if it went over, and the
     /// meter reset for the next (a subscription's next message).
-    fn settle(&self, response: Response) -> Response {
-        self.used.store(0, Ordering::Relaxed);
-        if self.over.swap(false, Ordering::Relaxed) {
-            self.refusal()
-        } else {
-            response
+    pub(crate) fn settle(&self, response: Response) -> Response {
+        self.0.used.store(0, Ordering::Relaxed);
+        if !self.0.over.swap(false, Ordering::Relaxed) {
+            return response;
         }
+        let mut refusal = ServerError::new(self.message(), None);
+        let mut extensions = async_graphql::ErrorExtensionValues::default();
+        extensions.set("code", Code::BadInput.as_str());
+        refusal.extensions = Some(extensions);
+        Response::from_errors(vec![refusal])
     }
 }
 
-struct Meter(Arc<Spent>);
-
-/// About what `value` adds to the JSON text, not counting the objects and
-/// lists whose fields are charged on their own.
-fn size_of(value: &Value, return_type: &str) -> usize {
-    let base = return_type.trim_matches(|c| matches!(c, '[' | ']' | '!'));
-    match value {
-        Value::String(s) => s.len() + 2,
-        Value::Enum(name) => name.len() + 2,
-        Value::Number(_) => 20,
-        Value::Null | Value::Boolean(_) => 5,
-        Value::Binary(bytes) => bytes.len() * 2,
-        // A JSON scalar is a whole tree that no field resolver charges.
-        Value::List(_) | Value::Object(_) if base == "JSON" => {
-            value.clone().into_json().map_or(0, |j| j.to_string().len())
-        }
-        Value::List(_) | Value::Object(_) => 2,
+/// Charges `bytes` to the operation's meter; an error once the budget is
+/// spent (the field then resolves nothing, and [`Meter::settle`] replaces
+/// the whole answer). Requests run without a meter (in-process callers)
+/// are not charged.
+pub(crate) fn charge(ctx: &Context<'_>, bytes: usize) -> async_graphql::Result<()> {
+    let Some(meter) = ctx.data_opt::<Meter>() else {
+        return Ok(());
+    };
+    let spent = &meter.0;
+    if spent.over.load(Ordering::Relaxed) {
+        return Err(error(Code::BadInput, meter.message()));
     }
+    let used = spent.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if used > spent.budget {
+        spent.over.store(true, Ordering::Relaxed);
+        return Err(error(Code::BadInput, meter.message()));
+    }
+    Ok(())
 }
 
-#[async_trait::async_trait]
-impl Extension for Meter {
-    async fn execute(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        operation_name: Option<&str>,
-        next: NextExecute<'_>,
-    ) -> Response {
-        let response = next.run(ctx, operation_name).await;
-        self.0.settle(response)
-    }
-
-    fn subscribe<'s>(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        stream: BoxStream<'s, Response>,
-        next: NextSubscribe<'_>,
-    ) -> BoxStream<'s, Response> {
-        let spent = self.0.clone();
-        next.run(ctx, stream)
-            .map(move |response| spent.settle(response))
-            .boxed()
-    }
-
-    async fn resolve(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        info: ResolveInfo<'_>,
-        next: NextResolve<'_>,
-    ) -> ServerResult<Option<Value>> {
-        let spent = &self.0;
-        if spent.over.load(Ordering::Relaxed) {
-            // Already refused: resolve nothing more (a list item must still
-            // answer a value).
-            return Ok(Some(Value::Null));
+/// The length of `value` as compact JSON text, without building the text.
+pub(crate) fn json_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
         }
-        let key = match info.path_node.segment {
-            QueryPathSegment::Index(_) => 1,
-            QueryPathSegment::Name(name) => info.alias.unwrap_or(name).len() + 4,
-        };
-        let return_type = info.return_type;
-        let value = next.run(ctx, info).await?;
-        let cost = key + value.as_ref().map_or(5, |v| size_of(v, return_type));
-        let used = spent.used.fetch_add(cost, Ordering::Relaxed) + cost;
-        if used > spent.budget {
-            spent.over.store(true, Ordering::Relaxed);
-            return Ok(Some(Value::Null));
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
-        Ok(value)
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).expect("a JSON value serialises");
+    counter.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_len_is_the_length_of_the_compact_text() {
+        let value = serde_json::json!({"a": [1, "zwei", {"셋": null}], "b": 1.5});
+        assert_eq!(json_len(&value), value.to_string().len());
     }
 }

@@ -6,7 +6,7 @@
 //! its own workflows) is decided here, by [`visible_stream`] and
 //! [`principal`].
 
-mod budget;
+pub(crate) mod budget;
 mod mutation;
 mod query;
 mod subscription;
@@ -135,10 +135,7 @@ pub fn schema(services: Services) -> AgentledgerSchema {
     );
     let mut builder = Schema::build(Query, Mutation, SubscriptionRoot)
         .limit_depth(services.limits.max_depth)
-        .limit_complexity(services.limits.max_complexity)
-        .extension(budget::ResponseBudget {
-            bytes: services.limits.max_response_bytes,
-        });
+        .limit_complexity(services.limits.max_complexity);
     if !services.limits.introspection {
         builder = builder.disable_introspection();
     }

@@ -12,7 +12,7 @@ use agentledger_eventstore::subject_keys::SubjectKeys;
 use agentledger_eventstore::RecordedEvent as StoredEvent;
 use agentledger_projections::model::audit::AuditEntry;
 use agentledger_projections::model::metrics::AgentMetrics as MetricsRow;
-use agentledger_projections::model::status::{enum_name, WorkflowStatus};
+use agentledger_projections::model::status::{enum_name, SubtaskStatus, WorkflowStatus};
 use agentledger_projections::{AgentRole as ProjectionRole, ReadModels};
 use async_graphql::dataloader::{DataLoader, Loader};
 use async_graphql::{
@@ -21,6 +21,8 @@ use async_graphql::{
 };
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
+
+use super::budget;
 
 /// A global position (or a count of events): a non-negative 64-bit integer
 /// sent as a JSON number (GraphQL's `Int` is 32-bit).
@@ -161,17 +163,37 @@ pub struct Progress {
     pub total: i32,
 }
 
+#[derive(Debug, Clone)]
+pub struct Subtask(pub SubtaskStatus);
+
 /// A subtask of the current plan.
-#[derive(SimpleObject, Debug, Clone)]
-pub struct Subtask {
-    pub id: String,
-    pub title: String,
-    pub tool: String,
-    pub depends_on: Vec<String>,
+#[Object]
+impl Subtask {
+    async fn id(&self) -> &str {
+        &self.0.id
+    }
+    async fn title(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        reveal(ctx, &self.0.title).await
+    }
+    async fn tool(&self) -> &str {
+        &self.0.tool
+    }
+    async fn depends_on(&self) -> &[String] {
+        &self.0.depends_on
+    }
     /// `PENDING`, `RUNNING`, `RETRYING`, `SUCCEEDED`, `FAILED` or `SKIPPED`.
-    pub state: String,
-    pub attempts: i32,
-    pub output: Option<String>,
+    async fn state(&self) -> String {
+        enum_name(&self.0.state)
+    }
+    async fn attempts(&self) -> i32 {
+        i32::from(self.0.attempts)
+    }
+    async fn output(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<String>> {
+        match &self.0.output {
+            Some(output) => Ok(Some(reveal(ctx, output).await?)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// A recorded decision (or fact) about a workflow, in a reviewer's words.
@@ -216,7 +238,9 @@ pub async fn reveal(ctx: &Context<'_>, column: &str) -> async_graphql::Result<St
                 .unwrap_or_else(|| ERASED.to_string()),
         );
     }
-    Ok(shown.join(&separator))
+    let shown = shown.join(&separator);
+    budget::charge(ctx, shown.len() + 16)?;
+    Ok(shown)
 }
 
 /// Loads data-subject keys by id, batched across a response.
@@ -368,23 +392,8 @@ impl Workflow {
             total: self.status.progress_total,
         }
     }
-    async fn subtasks(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Subtask>> {
-        let mut subtasks = Vec::with_capacity(self.status.subtasks.len());
-        for s in &self.status.subtasks {
-            subtasks.push(Subtask {
-                id: s.id.clone(),
-                title: reveal(ctx, &s.title).await?,
-                tool: s.tool.clone(),
-                depends_on: s.depends_on.clone(),
-                state: enum_name(&s.state),
-                attempts: i32::from(s.attempts),
-                output: match &s.output {
-                    Some(output) => Some(reveal(ctx, output).await?),
-                    None => None,
-                },
-            });
-        }
-        Ok(subtasks)
+    async fn subtasks(&self) -> Vec<Subtask> {
+        self.status.subtasks.iter().cloned().map(Subtask).collect()
     }
     /// Every recorded decision about the workflow, in order (the submission excluded).
     async fn decisions(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Decision>> {
@@ -400,11 +409,19 @@ impl Workflow {
                 &loaded[..]
             }
         };
-        Ok(entries
+        let decisions: Vec<Decision> = entries
             .iter()
             .filter(|e| e.kind != "submitted")
             .map(Decision::of)
-            .collect())
+            .collect();
+        // What every entry's short fields add, rationales aside (their
+        // resolver charges them when they are asked for).
+        let bytes = decisions
+            .iter()
+            .map(|d| d.actor.len() + d.kind.len() + d.summary.len() + 120)
+            .sum();
+        budget::charge(ctx, bytes)?;
+        Ok(decisions)
     }
     async fn ethics(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<EthicsScores>> {
         let Some(e) = &self.status.ethics else {
@@ -465,16 +482,16 @@ impl Loader<Uuid> for AuditLoader {
     }
 }
 
-/// An event as stored, with its place in the chain.
-#[derive(SimpleObject, Debug, Clone)]
+/// An event as stored, with its place in the chain. Its payload and
+/// metadata are charged to the response budget when they are asked for.
+#[derive(Debug, Clone)]
 pub struct RecordedEvent {
     pub position: Position,
     pub stream_id: String,
     pub version: Position,
-    #[graphql(name = "type")]
     pub event_type: String,
-    pub payload: async_graphql::Json<serde_json::Value>,
-    pub metadata: async_graphql::Json<serde_json::Value>,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
     pub recorded_at: DateTime<Utc>,
     pub hash: String,
     pub prev_hash: String,
@@ -487,12 +504,53 @@ impl RecordedEvent {
             stream_id: e.stream_id.as_str().to_string(),
             version: Position(e.stream_version),
             event_type: e.event_type.clone(),
-            payload: async_graphql::Json(e.payload.clone()),
-            metadata: async_graphql::Json(e.metadata.clone()),
+            payload: e.payload.clone(),
+            metadata: e.metadata.clone(),
             recorded_at: e.recorded_at,
             hash: hex::encode(e.hash),
             prev_hash: hex::encode(e.prev_hash),
         }
+    }
+}
+
+/// An event as stored, with its place in the chain.
+#[Object(name = "RecordedEvent")]
+impl RecordedEvent {
+    async fn position(&self) -> Position {
+        self.position
+    }
+    async fn stream_id(&self) -> &str {
+        &self.stream_id
+    }
+    async fn version(&self) -> Position {
+        self.version
+    }
+    #[graphql(name = "type")]
+    async fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    async fn payload(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<async_graphql::Json<&serde_json::Value>> {
+        budget::charge(ctx, budget::json_len(&self.payload))?;
+        Ok(async_graphql::Json(&self.payload))
+    }
+    async fn metadata(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<async_graphql::Json<&serde_json::Value>> {
+        budget::charge(ctx, budget::json_len(&self.metadata))?;
+        Ok(async_graphql::Json(&self.metadata))
+    }
+    async fn recorded_at(&self) -> DateTime<Utc> {
+        self.recorded_at
+    }
+    async fn hash(&self) -> &str {
+        &self.hash
+    }
+    async fn prev_hash(&self) -> &str {
+        &self.prev_hash
     }
 }
 
