@@ -289,6 +289,62 @@ impl RecordedEvent {
     pub fn metadata(&self) -> Result<Metadata, serde_json::Error> {
         Metadata::deserialize(&self.metadata)
     }
+
+    /// The length of its payload and metadata as compact JSON text: what
+    /// the event weighs in a page.
+    pub fn document_bytes(&self) -> usize {
+        json_len(&self.payload) + json_len(&self.metadata)
+    }
+}
+
+/// The length of `value` as compact JSON text, without building the text.
+pub fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).expect("a JSON value serialises");
+    counter.0
+}
+
+/// Where a page of events starts: a position in `$all`, or a version in
+/// one stream.
+#[derive(Debug, Clone, Copy)]
+pub enum ReadFrom<'a> {
+    All(Position),
+    Stream(&'a StreamId, u64),
+}
+
+/// A page read by [`crate::EventStore::read_page`].
+#[derive(Debug, Default)]
+pub struct Page {
+    /// The events, in order.
+    pub events: Vec<RecordedEvent>,
+    /// True when the page stopped at its byte bound: more events may follow
+    /// even though it holds fewer than asked for.
+    pub cut: bool,
+}
+
+impl Page {
+    /// Keeps `events` up to and including the one that reaches `max_bytes`.
+    pub fn bounded(mut events: Vec<RecordedEvent>, max_bytes: usize) -> Self {
+        let mut bytes = 0;
+        for (i, event) in events.iter().enumerate() {
+            bytes += event.document_bytes();
+            if bytes >= max_bytes && i + 1 < events.len() {
+                events.truncate(i + 1);
+                return Self { events, cut: true };
+            }
+        }
+        Self { events, cut: false }
+    }
 }
 
 /// The outcome of a successful append.

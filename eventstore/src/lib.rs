@@ -49,8 +49,8 @@ pub use chain::{
 };
 pub use error::StoreError;
 pub use event::{
-    Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position,
-    RecordedEvent, StreamId, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
+    json_len, Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, Page, PolicyRef,
+    Position, ReadFrom, RecordedEvent, StreamId, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,
 };
 pub use memory::InMemoryEventStore;
 pub use postgres::{PostgresEventStore, PostgresOptions};
@@ -100,6 +100,24 @@ pub trait EventStore: Send + Sync + 'static {
         from_position: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// A page of [`EventStore::read_all`] or [`EventStore::read_stream`]
+    /// that also ends with the event that brings its payloads and metadata
+    /// to `max_bytes` (one event at least, whatever its size), so that a
+    /// reader holds a bounded page however large the events are; `cut`
+    /// says that it ended there. What subscriptions catch up with.
+    async fn read_page(
+        &self,
+        from: ReadFrom<'_>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        let events = match from {
+            ReadFrom::All(position) => self.read_all(position, limit).await?,
+            ReadFrom::Stream(stream, version) => self.read_stream(stream, version, limit).await?,
+        };
+        Ok(Page::bounded(events, max_bytes))
+    }
 
     /// Up to `limit` events with `from_position ≤ position ≤ to_position`,
     /// in position order. `to_position` must be a head position read

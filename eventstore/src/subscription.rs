@@ -10,7 +10,8 @@
 //! When the feed jumps ahead, or this subscriber fell so far behind that the
 //! broadcast overwrote events it had not taken yet, the subscription goes back
 //! to reading the table from where it stands. A slow consumer therefore holds
-//! at most one page in memory and never slows anyone else.
+//! at most one page in memory (bounded in events and in bytes) and never
+//! slows anyone else.
 //!
 //! **Stream subscribers wake for their stream only.** A [`StreamRouter`]
 //! per store follows the live feed and forwards each event to the channel of
@@ -23,10 +24,14 @@ use std::sync::{Arc, Mutex, Weak};
 use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::{EventStore, Position, RecordedEvent, StoreError, StreamId};
+use crate::{EventStore, Position, ReadFrom, RecordedEvent, StoreError, StreamId};
 
 /// Events read per catch-up query.
 pub const CATCH_UP_PAGE: usize = 500;
+
+/// Bytes of payload and metadata per catch-up page (one event at least):
+/// what a subscriber that is behind holds at most, beyond one event.
+pub const CATCH_UP_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone)]
 enum Cursor {
@@ -183,18 +188,20 @@ impl Subscription {
                 return Some(Ok(event));
             }
             if self.catching_up {
-                let page = match &self.cursor {
-                    Cursor::All { next } => self.store.read_all(*next, CATCH_UP_PAGE).await,
-                    Cursor::Stream { stream, next } => {
-                        self.store.read_stream(stream, *next, CATCH_UP_PAGE).await
-                    }
+                let from = match &self.cursor {
+                    Cursor::All { next } => ReadFrom::All(*next),
+                    Cursor::Stream { stream, next } => ReadFrom::Stream(stream, *next),
                 };
-                let page = match page {
+                let page = match self
+                    .store
+                    .read_page(from, CATCH_UP_PAGE, CATCH_UP_BYTES)
+                    .await
+                {
                     Ok(page) => page,
                     Err(e) => return Some(Err(e)),
                 };
-                self.catching_up = page.len() == CATCH_UP_PAGE;
-                self.buffer.extend(page.into_iter().map(Arc::new));
+                self.catching_up = page.cut || page.events.len() == CATCH_UP_PAGE;
+                self.buffer.extend(page.events.into_iter().map(Arc::new));
                 continue;
             }
             match self.live.recv().await {

@@ -55,6 +55,7 @@ contract!(
     same_event_id_with_other_content_is_refused,
     bad_input_is_refused_and_writes_nothing,
     read_all_is_inclusive_and_head_tracks_the_last_position,
+    pages_end_at_their_byte_bound_and_subscribers_of_large_events_see_them_all,
     subscribe_all_delivers_events_appended_during_catch_up_once,
     subscribe_stream_delivers_only_its_stream_across_the_seam,
     subscriber_that_fell_behind_the_live_buffer_still_sees_everything_once,
@@ -396,6 +397,76 @@ async fn read_all_is_inclusive_and_head_tracks_the_last_position(backend: Backen
     );
     assert_eq!(positions(store.read_all(4, 2).await.unwrap()), vec![4, 5]);
     assert!(store.read_all(7, 10).await.unwrap().is_empty());
+}
+
+async fn pages_end_at_their_byte_bound_and_subscribers_of_large_events_see_them_all(
+    backend: Backend,
+) {
+    let store = backend.open().await;
+    // 24 events of ~100 KB each (Korean text: 3 bytes a character), in two
+    // streams: 2.4 MB, more than two catch-up pages by bytes, far fewer
+    // than one by count.
+    let text = "감사 기록 ".repeat(7_500);
+    for round in 0..6 {
+        for name in ["big-a", "big-b"] {
+            let batch = (0..2)
+                .map(|i| event("Large", json!({"round": round, "i": i, "text": text})))
+                .collect();
+            store
+                .append(&stream(name), ExpectedVersion::Any, batch)
+                .await
+                .unwrap();
+        }
+    }
+    let weight = store.read_all(1, 1).await.unwrap()[0].document_bytes();
+    assert!(weight > 100_000, "{weight}");
+
+    let page = store
+        .read_page(ReadFrom::All(1), 500, weight * 5 / 2)
+        .await
+        .unwrap();
+    let positions: Vec<_> = page.events.iter().map(|e| e.global_position).collect();
+    assert_eq!(
+        positions,
+        vec![1, 2, 3],
+        "ends with the event past the bound"
+    );
+    assert!(page.cut);
+    let page = store
+        .read_page(ReadFrom::Stream(&stream("big-b"), 1), 500, weight * 5 / 2)
+        .await
+        .unwrap();
+    let versions: Vec<_> = page.events.iter().map(|e| e.stream_version).collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+    assert!(page.cut);
+    let one = store.read_page(ReadFrom::All(5), 500, 10).await.unwrap();
+    assert_eq!(one.events.len(), 1, "one event at least, whatever its size");
+    assert!(one.cut);
+    let whole = store
+        .read_page(ReadFrom::All(1), 500, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!((whole.events.len(), whole.cut), (24, false));
+    let short = store
+        .read_page(ReadFrom::All(1), 4, usize::MAX)
+        .await
+        .unwrap();
+    assert_eq!((short.events.len(), short.cut), (4, false));
+
+    // Nothing is appended while they catch up: a page cut by bytes is not
+    // mistaken for the end.
+    let mut all = store.subscribe_all(1);
+    for expected in 1..=24 {
+        assert_eq!(all.next().await.unwrap().unwrap().global_position, expected);
+    }
+    let mut one_stream = store.subscribe_stream(stream("big-a"), 0);
+    for expected in 0..12 {
+        assert_eq!(
+            one_stream.next().await.unwrap().unwrap().stream_version,
+            expected
+        );
+    }
+    assert!(all.next().now_or_never().is_none());
 }
 
 async fn subscribe_all_delivers_events_appended_during_catch_up_once(backend: Backend) {

@@ -87,31 +87,3 @@ pub(crate) fn charge(ctx: &Context<'_>, bytes: usize) -> async_graphql::Result<(
     }
     Ok(())
 }
-
-/// The length of `value` as compact JSON text, without building the text.
-pub(crate) fn json_len(value: &serde_json::Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    serde_json::to_writer(&mut counter, value).expect("a JSON value serialises");
-    counter.0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_len_is_the_length_of_the_compact_text() {
-        let value = serde_json::json!({"a": [1, "zwei", {"셋": null}], "b": 1.5});
-        assert_eq!(json_len(&value), value.to_string().len());
-    }
-}

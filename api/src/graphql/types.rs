@@ -533,14 +533,14 @@ impl RecordedEvent {
         &self,
         ctx: &Context<'_>,
     ) -> async_graphql::Result<async_graphql::Json<&serde_json::Value>> {
-        budget::charge(ctx, budget::json_len(&self.payload))?;
+        budget::charge(ctx, agentledger_eventstore::json_len(&self.payload))?;
         Ok(async_graphql::Json(&self.payload))
     }
     async fn metadata(
         &self,
         ctx: &Context<'_>,
     ) -> async_graphql::Result<async_graphql::Json<&serde_json::Value>> {
-        budget::charge(ctx, budget::json_len(&self.metadata))?;
+        budget::charge(ctx, agentledger_eventstore::json_len(&self.metadata))?;
         Ok(async_graphql::Json(&self.metadata))
     }
     async fn recorded_at(&self) -> DateTime<Utc> {

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::prepare::{prepare, Limits};
 use crate::subscription::{StreamRouter, Subscription};
 use crate::{
-    AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId,
+    AppendResult, EventStore, ExpectedVersion, NewEvent, Page, Position, ReadFrom, RecordedEvent,
+    StoreError, StreamId,
 };
 
 pub use rows::EVENT_COLUMNS;
@@ -290,6 +290,16 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let client = self.inner.pool.get().await?;
         rows::read_all(&client, from_position, limit).await
+    }
+
+    async fn read_page(
+        &self,
+        from: ReadFrom<'_>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        let client = self.inner.pool.get().await?;
+        rows::read_page(&client, from, limit, max_bytes).await
     }
 
     async fn read_range(

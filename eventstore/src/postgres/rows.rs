@@ -4,7 +4,7 @@ use deadpool_postgres::Client;
 use tokio_postgres::Row;
 
 use crate::chain::{canonical_from_slice, CanonicalEvent};
-use crate::{Position, RecordedEvent, StoreError, StreamId};
+use crate::{Page, Position, ReadFrom, RecordedEvent, StoreError, StreamId};
 
 /// A `jsonb` (or `json`) column's JSON text, not parsed.
 struct JsonText<'a>(&'a [u8]);
@@ -106,17 +106,61 @@ fn decode_canonical(row: &Row) -> Result<CanonicalEvent, StoreError> {
     })
 }
 
+/// A page from `from` that ends at `limit` events or with the event that
+/// brings the documents' wire size to `max_bytes`. Rows are decoded as they
+/// arrive; those after the cut are discarded by the connection unread.
+pub(crate) async fn read_page(
+    client: &Client,
+    from: ReadFrom<'_>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Page, StoreError> {
+    use futures::TryStreamExt;
+
+    let rows = match from {
+        ReadFrom::All(position) => {
+            let sql = format!("SELECT {EVENT_COLUMNS} FROM events_read_all($1, $2)");
+            let statement = client.prepare_cached(&sql).await?;
+            let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&to_i64(position), &limit];
+            client.query_raw(&statement, params).await?
+        }
+        ReadFrom::Stream(stream, version) => {
+            let statement = client.prepare_cached(&read_stream_sql()).await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&stream.as_str(), &to_i64(version), &to_i64(limit as u64)];
+            client.query_raw(&statement, params).await?
+        }
+    };
+    futures::pin_mut!(rows);
+    let mut page = Page::default();
+    let mut bytes = 0;
+    while let Some(row) = rows.try_next().await? {
+        bytes += row.try_get::<_, JsonText>(6)?.0.len() + row.try_get::<_, JsonText>(7)?.0.len();
+        page.events.push(decode(&row)?);
+        if bytes >= max_bytes && page.events.len() < limit {
+            page.cut = true;
+            break;
+        }
+    }
+    Ok(page)
+}
+
+fn read_stream_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version >= $2 \
+         ORDER BY stream_version LIMIT $3"
+    )
+}
+
 pub(crate) async fn read_stream(
     client: &Client,
     stream: &StreamId,
     from_version: u64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND stream_version >= $2 \
-         ORDER BY stream_version LIMIT $3"
-    );
-    let statement = client.prepare_cached(&sql).await?;
+    let statement = client.prepare_cached(&read_stream_sql()).await?;
     let rows = client
         .query(
             &statement,
