@@ -3,7 +3,9 @@
 //! over WebSocket (one per workflow, `workflowEvents`), submits workflows
 //! over HTTP, and reports workflows/s through GraphQL, the latency from an
 //! event's `recorded_at` to a subscriber receiving it, and the server's RSS
-//! with every subscription open.
+//! with every subscription open. With `--closed-loop`, C clients each
+//! submit a workflow and follow it to its end before the next
+//! (`closed_loop`), with what one workflow costs the database.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -17,15 +19,17 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::Scratch;
+use super::{closed_loop, Scratch};
 
-const REQUEST: &str = "1. Extract the figures from the text: 12, 7.5 and 30\n2. Sort them in descending order\n3. Compute their total";
+pub(super) const REQUEST: &str = "1. Extract the figures from the text: 12, 7.5 and 30\n2. Sort them in descending order\n3. Compute their total";
 
 #[derive(clap::Args)]
 pub struct ApiArgs {
-    /// A database on the server to measure (used to create a scratch database).
+    /// A database on the server to measure (used to create a scratch
+    /// database); with `--url`, the server's own database, whose
+    /// statistics give the per-workflow costs (optional there).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    database_url: Option<String>,
     /// Workflows, each followed by its own subscription.
     #[arg(long, default_value_t = 1_000)]
     subscriptions: usize,
@@ -36,6 +40,30 @@ pub struct ApiArgs {
     /// key (roles submitter and viewer) on every request and socket.
     #[arg(long)]
     auth: bool,
+    /// Closed loop: each client submits a workflow over HTTP, follows it
+    /// with `workflowProgress` until a final state, then submits the next.
+    #[arg(long)]
+    closed_loop: bool,
+    /// Closed loop: clients at once; several, comma-separated, run one
+    /// after the other, each on a fresh database and server.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    concurrency: Vec<usize>,
+    /// Closed loop: seconds measured per run (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Closed loop: runs per concurrency.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Closed loop: drive a running server at this address
+    /// (`http://host:port`) instead of starting one; `--key` is its credential.
+    #[arg(long)]
+    url: Option<String>,
+    /// Closed loop with `--url`: the API key to present.
+    #[arg(long, env = "AGENTLEDGER_API_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Closed loop: one JSON object per run on stdout, no progress bar.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The credential the client presents, and the owner its workflows get.
@@ -45,13 +73,163 @@ struct Client {
 }
 
 pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
-    let scratch = Scratch::create(&args.database_url).await?;
+    if args.closed_loop {
+        return closed_loop_runs(&args).await;
+    }
+    let database_url = args
+        .database_url
+        .as_deref()
+        .context("DATABASE_URL (or --database-url) is needed")?;
+    let scratch = Scratch::create(database_url).await?;
     let result = measure(&args, &scratch.url).await;
     scratch.drop_database().await?;
     result
 }
 
+async fn closed_loop_runs(args: &ApiArgs) -> anyhow::Result<()> {
+    for &concurrency in &args.concurrency {
+        for _ in 0..args.runs {
+            let duration = Duration::from_secs(args.seconds);
+            let report = match &args.url {
+                Some(url) => {
+                    let target = closed_loop::Target {
+                        base: url,
+                        key: args.key.as_deref(),
+                        concurrency,
+                        duration,
+                    };
+                    closed_loop_against(args, &target).await?
+                }
+                None => {
+                    let database_url = args
+                        .database_url
+                        .as_deref()
+                        .context("DATABASE_URL (or --database-url, or --url) is needed")?;
+                    let scratch = Scratch::create(database_url).await?;
+                    let result = closed_loop_own(args, &scratch, concurrency).await;
+                    scratch.drop_database().await?;
+                    result?
+                }
+            };
+            closed_loop::print(&report, args.json);
+        }
+    }
+    Ok(())
+}
+
+/// A closed-loop run against a server this bench starts on `scratch`; the
+/// database counts are read once that server has stopped.
+async fn closed_loop_own(
+    args: &ApiArgs,
+    scratch: &Scratch,
+    concurrency: usize,
+) -> anyhow::Result<Value> {
+    let stats = super::connect(&scratch.server).await?;
+    settle(&stats, &scratch.name).await?;
+    let before = closed_loop::Counters::read(&stats, &scratch.name).await?;
+    let (mut child, base, client) = start(args, &scratch.url).await?;
+    let ticks = closed_loop::process_ticks(child.id());
+    let target = closed_loop::Target {
+        base: &base,
+        key: client.key.as_deref(),
+        concurrency,
+        duration: Duration::from_secs(args.seconds),
+    };
+    let driven = closed_loop::drive(&target, args.json).await;
+    let server_ticks = closed_loop::process_ticks(child.id()).saturating_sub(ticks);
+    stop(&mut child);
+    let (report, all) = driven?;
+    settle(&stats, &scratch.name).await?;
+    let after = closed_loop::Counters::read(&stats, &scratch.name).await?;
+    Ok(report.to_json(Some((before, after, all)), Some(server_ticks)))
+}
+
+/// A closed-loop run against a running server; with DATABASE_URL, its
+/// counts after waiting for PostgreSQL to publish them.
+async fn closed_loop_against(
+    args: &ApiArgs,
+    target: &closed_loop::Target<'_>,
+) -> anyhow::Result<Value> {
+    let stats = match &args.database_url {
+        Some(url) => {
+            let client = super::connect(url).await?;
+            let name: String = client
+                .query_one("SELECT current_database()", &[])
+                .await?
+                .get(0);
+            Some((client, name))
+        }
+        None => None,
+    };
+    // Idle backends publish their counts within ten seconds.
+    let publish = Duration::from_secs(11);
+    let before = match &stats {
+        Some((client, name)) => {
+            eprintln!(
+                "waiting {} s for PostgreSQL's statistics",
+                publish.as_secs()
+            );
+            tokio::time::sleep(publish).await;
+            Some(closed_loop::Counters::read(client, name).await?)
+        }
+        None => None,
+    };
+    let (report, all) = closed_loop::drive(target, args.json).await?;
+    let costs = match (&stats, before) {
+        (Some((client, name)), Some(before)) => {
+            eprintln!(
+                "waiting {} s for PostgreSQL's statistics",
+                publish.as_secs()
+            );
+            tokio::time::sleep(publish).await;
+            Some((
+                before,
+                closed_loop::Counters::read(client, name).await?,
+                all,
+            ))
+        }
+        _ => None,
+    };
+    Ok(report.to_json(costs, None))
+}
+
+/// Waits until no backend is connected to database `name`: each has
+/// published its statistics on exit.
+async fn settle(stats: &tokio_postgres::Client, name: &str) -> anyhow::Result<()> {
+    for _ in 0..1_000 {
+        let connected: i64 = stats
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if connected == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("connections to {name} stayed open for 10 s after the server stopped")
+}
+
+/// Stops a server started by [`start`] and waits for it.
+fn stop(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
+    let (mut child, base, client) = start(args, url).await?;
+    let result = drive(args, &base, child.id(), &client).await;
+    stop(&mut child);
+    result
+}
+
+/// Starts `agentledger serve` on database `url`; its address and the
+/// credential to present.
+async fn start(args: &ApiArgs, url: &str) -> anyhow::Result<(std::process::Child, String, Client)> {
     let mut serve = Command::new(std::env::current_exe()?);
     serve
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -90,12 +268,7 @@ async fn measure(args: &ApiArgs, url: &str) -> anyhow::Result<()> {
         .strip_prefix("listening on ")
         .context("serve did not print its address")?
         .to_string();
-    let result = drive(args, &base, child.id(), &client).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    result
+    Ok((child, base, client))
 }
 
 async fn drive(args: &ApiArgs, base: &str, pid: u32, client: &Client) -> anyhow::Result<()> {

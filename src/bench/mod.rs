@@ -15,6 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 mod api;
+mod closed_loop;
 mod rebuild;
 mod verify;
 mod workflows;
@@ -290,8 +291,8 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Client> {
 
 /// A migrated database that exists for one measurement.
 pub(crate) struct Scratch {
-    server: String,
-    name: String,
+    pub(crate) server: String,
+    pub(crate) name: String,
     pub(crate) url: String,
 }
 
