@@ -367,24 +367,28 @@ async fn lead(
             drop(tx);
             return Err(ProjectionError::LeaseLost);
         }
+        // Announce at most once per interval, and always when caught up;
+        // inside the transaction, so that the announcement is delivered
+        // with the commit and costs no transaction of its own.
+        let announce = !full || announced.elapsed() >= config.announce_interval;
+        if announce {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHECKPOINT_CHANNEL, &format!("{name}:{last}")],
+            )
+            .await?;
+        }
         if strikes(RunnerFault::BeforeCommit) {
             return Err(ProjectionError::Fault);
         }
         tx.commit().await?;
+        if announce {
+            announced = Instant::now();
+        }
         position = last;
         checkpoints.advance(name, position);
         if strikes(RunnerFault::AfterCommit) {
             return Err(ProjectionError::Fault);
-        }
-        // Announce at most once per interval, and always when caught up.
-        if !full || announced.elapsed() >= config.announce_interval {
-            client
-                .execute(
-                    "SELECT pg_notify($1, $2)",
-                    &[&CHECKPOINT_CHANNEL, &format!("{name}:{position}")],
-                )
-                .await?;
-            announced = Instant::now();
         }
     }
 }
