@@ -94,7 +94,7 @@ impl Executor for SocketExecutor {
         match self.authorize(request) {
             Ok(request) => {
                 let (request, meter) = Meter::attach(request, self.budget);
-                meter.settle(self.schema.execute(request).await)
+                meter.settle_exactly(self.schema.execute(request).await)
             }
             Err(refusal) => *refusal,
         }
@@ -122,7 +122,7 @@ impl Executor for SocketExecutor {
             .map(move |response| {
                 // The place is given back when the subscription ends.
                 let _held = &place;
-                meter.settle(response)
+                meter.settle_exactly(response)
             })
             .boxed()
     }

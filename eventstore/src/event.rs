@@ -298,7 +298,7 @@ impl RecordedEvent {
 }
 
 /// The length of `value` as compact JSON text, without building the text.
-pub fn json_len(value: &Value) -> usize {
+pub fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -139,6 +139,8 @@ pub struct Subscription {
     cursor: Cursor,
     buffer: VecDeque<Arc<RecordedEvent>>,
     catching_up: bool,
+    /// Events asked for by the next catch-up read.
+    page_limit: usize,
 }
 
 impl Subscription {
@@ -175,6 +177,7 @@ impl Subscription {
             cursor,
             buffer: VecDeque::new(),
             catching_up: true,
+            page_limit: CATCH_UP_PAGE,
         }
     }
 
@@ -194,13 +197,21 @@ impl Subscription {
                 };
                 let page = match self
                     .store
-                    .read_page(from, CATCH_UP_PAGE, CATCH_UP_BYTES)
+                    .read_page(from, self.page_limit, CATCH_UP_BYTES)
                     .await
                 {
                     Ok(page) => page,
                     Err(e) => return Some(Err(e)),
                 };
-                self.catching_up = page.cut || page.events.len() == CATCH_UP_PAGE;
+                self.catching_up = page.cut || page.events.len() == self.page_limit;
+                // After a page cut by bytes, ask for about as many events as
+                // fitted (twice, to grow back): the store need not read 500
+                // large events to hand over a few.
+                self.page_limit = if page.cut {
+                    (page.events.len() * 2).clamp(1, CATCH_UP_PAGE)
+                } else {
+                    CATCH_UP_PAGE
+                };
                 self.buffer.extend(page.events.into_iter().map(Arc::new));
                 continue;
             }

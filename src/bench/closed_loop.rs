@@ -207,7 +207,9 @@ pub(super) async fn drive(target: &Target<'_>, json: bool) -> anyhow::Result<(Re
                 let id = submit(&http, &base, key.as_deref()).await?;
                 n += 1;
                 let sub = format!("{client}-{n}");
-                follow(&mut ws, &sub, &id).await?;
+                tokio::time::timeout(Duration::from_secs(120), follow(&mut ws, &sub, &id))
+                    .await
+                    .with_context(|| format!("workflow {id} did not finish within 120 s"))??;
                 let took = started.elapsed();
                 all += 1;
                 completed.fetch_add(1, Ordering::Relaxed);

@@ -167,6 +167,14 @@ pub fn check(
             true,
             &mut HashSet::new(),
         )?;
+        // GraphQL's "single root field" rule, which the executor does not
+        // enforce: one subscription is one stream (and one byte budget).
+        if kind == "Subscription" && walk.roots.len() != 1 {
+            return Err(refusal(
+                "BAD_INPUT",
+                "a subscription selects exactly one root field".to_string(),
+            ));
+        }
         for field in &walk.roots {
             let access = access_of(kind, field).ok_or_else(|| {
                 refusal(
@@ -338,6 +346,17 @@ mod tests {
         assert!(verdict(&format!("{{ {roots} }}"), &[Role::Viewer])
             .unwrap_err()
             .contains("root fields"));
+    }
+
+    #[test]
+    fn a_subscription_selects_one_root_field() {
+        let two = "subscription { a: workflowEvents { position } b: workflowEvents { position } }";
+        assert!(verdict(two, &[Role::Viewer])
+            .unwrap_err()
+            .contains("exactly one root field"));
+        let hidden = "subscription { workflowEvents { position } ...F } \
+                      fragment F on SubscriptionRoot { workflowEvents { hash } }";
+        assert!(verdict(hidden, &[Role::Viewer]).is_err());
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //!
 //! Only what can be large is charged, by the resolvers that produce it:
 //! personal text (everything [`super::types::reveal`] opens: requests,
-//! titles, outputs, rationales, findings), a workflow's decisions, and an
-//! event's payload and metadata. Everything else is a few bytes a field,
-//! bounded by the complexity limit; the exact size of a finished HTTP body
-//! is checked once more when it is sent. Past the budget the charged
+//! titles, outputs, rationales, findings), the items of every list that
+//! grows with the data (subtasks, decisions, replay steps, audit entries),
+//! and an event's payload and metadata. Everything else is a few bytes a
+//! field within items already charged; the exact size of a finished answer
+//! is checked once more before it is sent. Past the budget the charged
 //! fields stop resolving and the whole answer becomes one `BAD_INPUT`
 //! error. A subscription's budget applies to each message it sends.
 //!
@@ -60,6 +61,21 @@ impl Meter {
         if !self.0.over.swap(false, Ordering::Relaxed) {
             return response;
         }
+        self.refusal()
+    }
+
+    /// [`Meter::settle`], then the exact size of the response as JSON
+    /// against the budget: for a socket, where no later check sees the
+    /// message before it is sent (HTTP checks the body it serialised).
+    pub(crate) fn settle_exactly(&self, response: Response) -> Response {
+        let response = self.settle(response);
+        if agentledger_eventstore::json_len(&response) > self.0.budget {
+            return self.refusal();
+        }
+        response
+    }
+
+    fn refusal(&self) -> Response {
         let mut refusal = ServerError::new(self.message(), None);
         let mut extensions = async_graphql::ErrorExtensionValues::default();
         extensions.set("code", Code::BadInput.as_str());

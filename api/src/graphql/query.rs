@@ -7,6 +7,7 @@ use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, Object, ID};
 use chrono::{DateTime, Utc};
 
+use super::budget;
 use super::error::{self, bad_input, from_read, from_store, Code};
 use super::types::{
     self, AgentMetrics, AgentRole, LedgerKey, Me, Position, RecordedEvent, ReplayStep,
@@ -164,6 +165,13 @@ impl Query {
             .map_err(from_read)?;
         let has_next = page.len() > size;
         page.truncate(size);
+        // Each entry's short fields, its rationale aside (charged when asked for).
+        budget::charge(
+            ctx,
+            page.iter()
+                .map(|e| e.summary.len() + e.actor.len() + e.actor_version.len() + 300)
+                .sum(),
+        )?;
         let mut connection = Connection::new(after_position.is_some(), has_next);
         connection.edges.extend(
             page.iter()
@@ -192,6 +200,12 @@ impl Query {
         for (event, fact) in events.iter().zip(&facts) {
             followed.apply(fact);
             let entry = AuditEntry::of(fact);
+            // The step's own short fields; its event's documents, its state
+            // and its rationale are charged as they are resolved.
+            budget::charge(
+                ctx,
+                entry.summary.len() + entry.actor.len() + 24 * fact.metadata.inputs.len() + 300,
+            )?;
             steps.push(ReplayStep {
                 position: Position(event.global_position),
                 event: RecordedEvent::of(event),

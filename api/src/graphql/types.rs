@@ -392,8 +392,21 @@ impl Workflow {
             total: self.status.progress_total,
         }
     }
-    async fn subtasks(&self) -> Vec<Subtask> {
-        self.status.subtasks.iter().cloned().map(Subtask).collect()
+    async fn subtasks(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Subtask>> {
+        // Their short fields; titles and outputs are charged when asked for.
+        let bytes = self
+            .status
+            .subtasks
+            .iter()
+            .map(|s| {
+                s.id.len()
+                    + s.tool.len()
+                    + s.depends_on.iter().map(|d| d.len() + 3).sum::<usize>()
+                    + 120
+            })
+            .sum();
+        budget::charge(ctx, bytes)?;
+        Ok(self.status.subtasks.iter().cloned().map(Subtask).collect())
     }
     /// Every recorded decision about the workflow, in order (the submission excluded).
     async fn decisions(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Decision>> {

@@ -108,7 +108,8 @@ fn decode_canonical(row: &Row) -> Result<CanonicalEvent, StoreError> {
 
 /// A page from `from` that ends at `limit` events or with the event that
 /// brings the documents' wire size to `max_bytes`. Rows are decoded as they
-/// arrive; those after the cut are discarded by the connection unread.
+/// arrive; those after the cut still cross the connection and are dropped
+/// undecoded (a subscription asks for fewer after a cut).
 pub(crate) async fn read_page(
     client: &Client,
     from: ReadFrom<'_>,

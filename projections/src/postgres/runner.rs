@@ -31,7 +31,7 @@ pub enum RunnerFault {
     AfterRows,
     /// Rows and checkpoint written, not committed.
     BeforeCommit,
-    /// Committed, not yet announced.
+    /// Committed (and announced with the commit), the runner not yet on.
     AfterCommit,
 }
 
