@@ -16,7 +16,6 @@ use agentledger_agents::workflow_id_for_key;
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{closed_loop, Scratch};
@@ -282,20 +281,7 @@ async fn drive(args: &ApiArgs, base: &str, pid: u32, client: &Client) -> anyhow:
         let key = format!("bench-{i}");
         let id = workflow_id_for_key(&client.owner, &key);
         keys.push(key);
-        let mut request = ws_url.as_str().into_client_request()?;
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
-        let (mut ws, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .context("WebSocket")?;
-        ws.send(Message::Text(
-            json!({"type": "connection_init", "payload": {"X-API-Key": client.key}})
-                .to_string()
-                .into(),
-        ))
-        .await?;
-        let _ack = ws.next().await;
+        let mut ws = closed_loop::open(&ws_url, client.key.as_deref()).await?;
         let query = format!(
             "subscription {{ workflowEvents(workflowId: \"{id}\") {{ type recordedAt }} }}"
         );

@@ -258,7 +258,8 @@ pub(super) async fn drive(target: &Target<'_>, json: bool) -> anyhow::Result<(Re
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn open(url: &str, key: Option<&str>) -> anyhow::Result<Socket> {
+/// A `graphql-transport-ws` socket to `url`, initialised with `key`.
+pub(super) async fn open(url: &str, key: Option<&str>) -> anyhow::Result<Socket> {
     let mut request = url.into_client_request()?;
     request
         .headers_mut()
