@@ -258,23 +258,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             background.push(tokio::spawn(
                 checkpoints.clone().follow(url.clone(), stop.clone()),
             ));
-            let mut runners = Vec::new();
-            for name in agentledger_projections::PROJECTIONS {
-                runners.push(ProjectionRunner::spawn(
-                    name,
-                    url.clone(),
-                    Arc::new(store.clone()),
-                    checkpoints.clone(),
-                    RunnerConfig::default(),
-                    None,
-                )?);
-            }
+            // One runner for the three read models: a batch of events is
+            // one transaction and one checkpoint announcement, not three.
+            let runner = ProjectionRunner::spawn(
+                &agentledger_projections::PROJECTIONS,
+                url.clone(),
+                Arc::new(store.clone()),
+                checkpoints.clone(),
+                RunnerConfig::default(),
+                None,
+            )?;
             let stopping = stop.clone();
             background.push(tokio::spawn(async move {
                 stopping.cancelled().await;
-                for runner in runners {
-                    runner.stop().await;
-                }
+                runner.stop().await;
             }));
             let models = PostgresReadModels::new(store.pool().clone(), &checkpoints);
             let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));

@@ -265,7 +265,7 @@ async fn the_postgres_read_models_keep_the_contract() {
         .iter()
         .map(|name| {
             ProjectionRunner::spawn(
-                name,
+                &[name],
                 db.service_url(),
                 Arc::new(store.clone()),
                 checkpoints.clone(),

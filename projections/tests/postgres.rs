@@ -26,7 +26,7 @@ fn runner(
     fault: Option<RunnerFaultPlan>,
 ) -> ProjectionRunner {
     ProjectionRunner::spawn(
-        name,
+        &[name],
         db.service_url(),
         Arc::new(store.clone()),
         checkpoints.clone(),
@@ -85,7 +85,7 @@ async fn runners_killed_at_seeded_points_still_apply_every_event_once() {
             for round in 0..3u64 {
                 let plan = RunnerFaultPlan::from_seed(1_000 * p as u64 + round, 8);
                 let doomed = ProjectionRunner::spawn(
-                    name,
+                    &[name],
                     db_url.clone(),
                     Arc::new(store.clone()),
                     checkpoints.clone(),
@@ -101,7 +101,7 @@ async fn runners_killed_at_seeded_points_still_apply_every_event_once() {
                 crashes.fetch_add(1, Ordering::SeqCst);
             }
             ProjectionRunner::spawn(
-                name,
+                &[name],
                 db_url,
                 Arc::new(store.clone()),
                 checkpoints,

@@ -92,19 +92,14 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
     let runners: Vec<ProjectionRunner> = if args.no_projections {
         Vec::new()
     } else {
-        PROJECTIONS
-            .iter()
-            .map(|name| {
-                ProjectionRunner::spawn(
-                    name,
-                    url.to_string(),
-                    counting.clone(),
-                    checkpoints.clone(),
-                    RunnerConfig::default(),
-                    None,
-                )
-            })
-            .collect::<Result<_, _>>()?
+        vec![ProjectionRunner::spawn(
+            &PROJECTIONS,
+            url.to_string(),
+            counting.clone(),
+            checkpoints.clone(),
+            RunnerConfig::default(),
+            None,
+        )?]
     };
     let lag = LagRecorder::start(&counting.inner, &checkpoints).await?;
 

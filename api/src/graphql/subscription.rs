@@ -118,9 +118,12 @@ impl SubscriptionRoot {
             .is_some_and(|f| f.status().state.is_final());
         let next_version = past.len() as u64;
         let live = services.store.subscribe_stream(stream, next_version);
-        // Each snapshot is sent once the read models have applied its event,
-        // so a client that reads the workflow right after a snapshot (or
-        // after the subscription ended) sees at least that state.
+        // The first snapshot, and the final one, are sent once the read
+        // models have applied their event, so a client that reads the
+        // workflow right after them (or after the subscription ended) sees
+        // at least that state. The snapshots between go out at once: a
+        // wait there would make the read models commit every event on its
+        // own, and the snapshot itself is the state it shows.
         let models = services.read_models.clone();
         let patience = services.limits.read_your_writes;
         if let Some(last) = past.last() {
@@ -149,7 +152,9 @@ impl SubscriptionRoot {
                         .as_ref()
                         .is_some_and(|f| f.status().state.is_final());
                     let snapshot = followed.snapshot().expect("a fact was applied");
-                    settle(&*models, event.global_position, patience).await;
+                    if done {
+                        settle(&*models, event.global_position, patience).await;
+                    }
                     Some((Ok(snapshot), (live, followed, done)))
                 }
             },

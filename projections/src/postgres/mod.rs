@@ -70,6 +70,7 @@ fn describe(e: &tokio_postgres::Error) -> String {
 pub struct PostgresReadModels {
     pool: Pool,
     watches: HashMap<&'static str, watch::Receiver<u64>>,
+    checkpoints: runner::Checkpoints,
 }
 
 impl PostgresReadModels {
@@ -79,6 +80,7 @@ impl PostgresReadModels {
         Self {
             pool,
             watches: checkpoints.receivers(),
+            checkpoints: checkpoints.clone(),
         }
     }
 
@@ -454,6 +456,11 @@ impl ReadModels for PostgresReadModels {
 
     async fn wait_for(&self, position: u64, limit: Duration) -> Result<(), ReadError> {
         let watches: Vec<_> = self.watches.values().cloned().collect();
+        if watches.iter().any(|w| *w.borrow() < position) {
+            // Someone waits: a runner of this process lingering over a
+            // batch commits it now.
+            self.checkpoints.want(position);
+        }
         wait_all(&watches, position, limit).await
     }
 }

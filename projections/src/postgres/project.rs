@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::model::audit::AuditEntry;
 use crate::model::metrics::{MetricsBatch, Timeline};
-use crate::model::status::{enum_name, state_name, StatusFold};
+use crate::model::status::{enum_name, state_name, StatusFold, SubtaskStatus};
 use crate::model::{Fact, STREAM_PREFIX};
 
 use super::ProjectionError;
@@ -123,7 +123,7 @@ impl Projection for StatusProjection {
     fn key(&self, table: &str) -> (&'static str, bool) {
         match table {
             "workflow_status" => ("workflow_id", true),
-            _ => ("workflow_id, subtask_id", false),
+            _ => ("workflow_id, subtask_id", true),
         }
     }
 
@@ -142,8 +142,12 @@ impl Projection for StatusProjection {
         }
         let mut touched: Vec<Uuid> = Vec::new();
         let mut seen = HashSet::new();
+        // Each touched workflow's subtasks as the table holds them (the
+        // fold before this batch), so that only changed rows are written.
+        let mut before: HashMap<Uuid, Vec<SubtaskStatus>> = HashMap::new();
         for fact in facts {
-            if seen.insert(fact.workflow) {
+            let first_in_batch = seen.insert(fact.workflow);
+            if first_in_batch {
                 touched.push(fact.workflow);
             }
             let known = self
@@ -163,6 +167,15 @@ impl Projection for StatusProjection {
                 if let Some(fold) = fold {
                     self.folds.insert(fact.workflow, fold);
                 }
+            }
+            if first_in_batch {
+                let held = match self.folds.get(&fact.workflow) {
+                    Some(fold) if fact.recorded.stream_version > 0 => {
+                        fold.status().subtasks.clone()
+                    }
+                    _ => Vec::new(),
+                };
+                before.insert(fact.workflow, held);
             }
             match self.folds.get_mut(&fact.workflow) {
                 Some(fold) if fact.recorded.stream_version > 0 => fold.apply(fact),
@@ -252,16 +265,38 @@ impl Projection for StatusProjection {
         )
         .await?;
 
-        // The subtasks of the touched workflows are written afresh: a
-        // revision replaces the plan.
-        let delete = format!("DELETE FROM workflow_subtasks{suffix} WHERE workflow_id = ANY($1)");
-        let statement = self.prepared.get(tx, &delete).await?;
-        tx.execute(&statement, &[&touched]).await?;
-        let subtasks: Vec<(Uuid, &crate::model::status::SubtaskStatus)> = statuses
-            .iter()
-            .flat_map(|s| s.subtasks.iter().map(move |t| (s.id, t)))
-            .collect();
+        // Only the subtasks that changed are written: a start or a result
+        // rewrites one row, not the plan; a revision deletes the subtasks
+        // its new plan dropped.
+        let mut gone: (Vec<Uuid>, Vec<&str>) = (Vec::new(), Vec::new());
+        let mut subtasks: Vec<(Uuid, &crate::model::status::SubtaskStatus)> = Vec::new();
+        for status in &statuses {
+            let held = before.get(&status.id).map_or(&[][..], Vec::as_slice);
+            for old in held {
+                if !status.subtasks.iter().any(|t| t.id == old.id) {
+                    gone.0.push(status.id);
+                    gone.1.push(old.id.as_str());
+                }
+            }
+            subtasks.extend(
+                status
+                    .subtasks
+                    .iter()
+                    .filter(|t| !held.contains(t))
+                    .map(|t| (status.id, t)),
+            );
+        }
+        if !gone.0.is_empty() {
+            let delete = format!(
+                "DELETE FROM workflow_subtasks{suffix} AS t
+                  USING unnest($1::uuid[], $2::text[]) AS g(w, id)
+                  WHERE t.workflow_id = g.w AND t.subtask_id = g.id"
+            );
+            let statement = self.prepared.get(tx, &delete).await?;
+            tx.execute(&statement, &[&gone.0, &gone.1]).await?;
+        }
         if subtasks.is_empty() {
+            self.folds.retain(|_, f| !f.status().state.is_final());
             return Ok(());
         }
         let cols = (
@@ -307,7 +342,11 @@ impl Projection for StatusProjection {
              SELECT w, id, o, ti, tool, ARRAY(SELECT jsonb_array_elements_text(d)), st, a, out, s, f
                FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::jsonb[],
                            $7::text[], $8::int2[], $9::text[], $10::timestamptz[], $11::timestamptz[])
-                    AS t(w, id, o, ti, tool, d, st, a, out, s, f)"
+                    AS t(w, id, o, ti, tool, d, st, a, out, s, f)
+             ON CONFLICT (workflow_id, subtask_id) DO UPDATE SET ordinal = EXCLUDED.ordinal,
+                 title = EXCLUDED.title, tool = EXCLUDED.tool, depends_on = EXCLUDED.depends_on,
+                 state = EXCLUDED.state, attempts = EXCLUDED.attempts, output = EXCLUDED.output,
+                 started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at"
         );
         let statement = self.prepared.get(tx, &insert).await?;
         tx.execute(

@@ -1,8 +1,10 @@
-//! Keeping a projection live: one runner per projection per process, of
-//! which one at a time holds the lease (a session advisory lock on a
-//! dedicated connection with TCP keepalives, so a dead process's lock goes
-//! within seconds). The holder applies batches on that same connection,
-//! rows and checkpoint in one transaction, the checkpoint moved by a
+//! Keeping projections live: a runner applies one or more projections (by
+//! default all three, together), and per projection one runner at a time
+//! holds the lease (a session advisory lock on a dedicated connection with
+//! TCP keepalives, so a dead process's lock goes within seconds; a runner
+//! takes the leases of all its projections or none). The holder applies
+//! each batch on that same connection to all its projections, rows and
+//! checkpoints in one transaction, each checkpoint moved by a
 //! compare-and-set on (position, lease token): a runner whose lease moved
 //! (another runner took over, or a rebuild swapped the tables) cannot commit.
 
@@ -81,6 +83,11 @@ pub struct RunnerConfig {
     pub retry: Duration,
     /// Least time between two announcements of the checkpoint.
     pub announce_interval: Duration,
+    /// How long a batch waits for more events before it is written, unless
+    /// a reader of this process waits for one of its events (then at once)
+    /// or it is full. Fewer, larger transactions when events come one by
+    /// one; the read models of other processes' readers are this much later.
+    pub linger: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -89,6 +96,7 @@ impl Default for RunnerConfig {
             batch_size: 500,
             retry: Duration::from_secs(1),
             announce_interval: Duration::from_millis(2),
+            linger: Duration::from_millis(5),
         }
     }
 }
@@ -98,6 +106,8 @@ impl Default for RunnerConfig {
 #[derive(Clone)]
 pub struct Checkpoints {
     senders: Arc<HashMap<&'static str, watch::Sender<u64>>>,
+    /// The highest position a reader of this process waits for.
+    wanted: Arc<watch::Sender<u64>>,
 }
 
 impl Default for Checkpoints {
@@ -109,11 +119,22 @@ impl Default for Checkpoints {
                     .map(|p| (*p, watch::channel(0).0))
                     .collect(),
             ),
+            wanted: Arc::new(watch::channel(0).0),
         }
     }
 }
 
 impl Checkpoints {
+    /// A reader waits until every projection applied `position`: a runner
+    /// of this process holding that event back commits its batch now.
+    pub fn want(&self, position: u64) {
+        self.wanted.send_if_modified(|p| {
+            let more = position > *p;
+            *p = (*p).max(position);
+            more
+        });
+    }
+
     /// Receivers, one per projection.
     pub fn receivers(&self) -> HashMap<&'static str, watch::Receiver<u64>> {
         self.senders
@@ -189,9 +210,13 @@ impl Checkpoints {
                 driver.abort();
                 return Ok(());
             };
-            if let Some((name, position)) = payload.split_once(':') {
-                if let Ok(position) = position.parse() {
-                    self.advance(name, position);
+            // `name:position`, one per projection of the announcing
+            // runner, separated by commas.
+            for entry in payload.split(',') {
+                if let Some((name, position)) = entry.split_once(':') {
+                    if let Ok(position) = position.parse() {
+                        self.advance(name, position);
+                    }
                 }
             }
         }
@@ -210,31 +235,47 @@ pub async fn connect_lease(url: &DatabaseUrl) -> Result<Client, tokio_postgres::
     url.connect_spawned().await
 }
 
-/// One projection's runner. Start with [`ProjectionRunner::spawn`].
+/// A runner of one or more projections. Start with [`ProjectionRunner::spawn`].
 pub struct ProjectionRunner {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ProjectionRunner {
-    /// Runs projection `name` until stopped: waits for the lease, catches up
-    /// from the checkpoint, follows live. Errors are logged and retried
-    /// (after `config.retry`), except a fault point, which ends the runner
-    /// as a crash would.
+    /// Runs the projections `names` together until stopped: waits for all
+    /// their leases, catches each up from its checkpoint, follows live,
+    /// applying every batch to all of them in one transaction that moves
+    /// their checkpoints. Errors are logged and retried (after
+    /// `config.retry`), except a fault point, which ends the runner as a
+    /// crash would.
     pub fn spawn(
-        name: &str,
+        names: &[&str],
         url: String,
         store: Arc<dyn EventStore>,
         checkpoints: Checkpoints,
         config: RunnerConfig,
         fault: Option<RunnerFaultPlan>,
     ) -> Result<Self, ProjectionError> {
-        let projection =
-            projection(name, store.clone()).ok_or_else(|| ProjectionError::Unknown(name.into()))?;
+        if names.is_empty() {
+            return Err(ProjectionError::Unknown("(no projection named)".into()));
+        }
+        let mut projections = Vec::with_capacity(names.len());
+        for name in names {
+            if projections
+                .iter()
+                .any(|p: &Box<dyn Projection>| p.name() == *name)
+            {
+                return Err(ProjectionError::Unknown(format!("{name} (named twice)")));
+            }
+            projections.push(
+                projection(name, store.clone())
+                    .ok_or_else(|| ProjectionError::Unknown((*name).into()))?,
+            );
+        }
         let url = DatabaseUrl::parse(&url)?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
-            projection,
+            projections,
             url,
             store,
             checkpoints,
@@ -245,7 +286,7 @@ impl ProjectionRunner {
         Ok(Self { stop, task })
     }
 
-    /// Stops the runner and waits for it (its lease goes with its connection).
+    /// Stops the runner and waits for it (its leases go with its connection).
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
@@ -258,7 +299,7 @@ impl ProjectionRunner {
 }
 
 async fn run(
-    mut projection: Box<dyn Projection>,
+    mut projections: Vec<Box<dyn Projection>>,
     url: DatabaseUrl,
     store: Arc<dyn EventStore>,
     checkpoints: Checkpoints,
@@ -266,25 +307,33 @@ async fn run(
     fault: Option<RunnerFaultPlan>,
     stop: CancellationToken,
 ) {
-    let name = projection.name();
+    let names = projections
+        .iter()
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(",");
     loop {
         let result = tokio::select! {
             () = stop.cancelled() => return,
-            result = lead(&mut *projection, &url, &*store, &checkpoints, &config, fault.as_ref(), &stop) => result,
+            result = lead(&mut projections, &url, &*store, &checkpoints, &config, fault.as_ref(), &stop) => result,
         };
         match result {
             Ok(()) => return,
             Err(ProjectionError::Fault) => {
-                tracing::warn!(projection = name, "runner stopped at a fault point");
+                tracing::warn!(projection = names, "runner stopped at a fault point");
                 return;
             }
             Err(ProjectionError::Corrupt(e)) => {
-                tracing::error!(projection = name, error = %e, "projection stopped: unreadable event");
+                tracing::error!(projection = names, error = %e, "projection stopped: unreadable event");
                 return;
             }
-            Err(e) => tracing::warn!(projection = name, error = %e, "projection runner restarting"),
+            Err(e) => {
+                tracing::warn!(projection = names, error = %e, "projection runner restarting")
+            }
         }
-        projection.reset();
+        for projection in &mut projections {
+            projection.reset();
+        }
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(config.retry) => {}
@@ -292,9 +341,36 @@ async fn run(
     }
 }
 
-/// Takes the lease and applies batches until an error or `stop`.
+/// Takes every lease of `keys` on `client`, or none: a partial set is
+/// released, so that two runners wanting overlapping sets cannot hold
+/// each other off forever.
+async fn take_leases(client: &Client, keys: &[i64]) -> Result<bool, tokio_postgres::Error> {
+    let taken: Vec<i64> = client
+        .query(
+            "SELECT k FROM unnest($1::int8[]) AS k WHERE pg_try_advisory_lock(k)",
+            &[&keys],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if taken.len() == keys.len() {
+        return Ok(true);
+    }
+    if !taken.is_empty() {
+        client
+            .execute(
+                "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k",
+                &[&taken],
+            )
+            .await?;
+    }
+    Ok(false)
+}
+
+/// Takes the leases and applies batches until an error or `stop`.
 async fn lead(
-    projection: &mut dyn Projection,
+    projections: &mut [Box<dyn Projection>],
     url: &DatabaseUrl,
     store: &dyn EventStore,
     checkpoints: &Checkpoints,
@@ -302,41 +378,51 @@ async fn lead(
     fault: Option<&RunnerFaultPlan>,
     stop: &CancellationToken,
 ) -> Result<(), ProjectionError> {
-    let name = projection.name();
+    let names: Vec<&'static str> = projections.iter().map(|p| p.name()).collect();
+    let keys: Vec<i64> = projections.iter().map(|p| p.lock_key()).collect();
     let mut client = connect_lease(url).await?;
-    loop {
-        let held: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&projection.lock_key()])
-            .await?
-            .get(0);
-        if held {
-            break;
-        }
+    while !take_leases(&client, &keys).await? {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(config.retry) => {}
         }
     }
-    // The lease is ours: a new token fences out whoever held it before.
+    // The leases are ours: a new token fences out whoever held them before.
     let token = Uuid::new_v4();
-    let row = client
-        .query_one(
-            "INSERT INTO projection_checkpoints (name, position, lease_token) VALUES ($1, 0, $2)
+    let rows = client
+        .query(
+            "INSERT INTO projection_checkpoints (name, position, lease_token)
+             SELECT n, 0, $2 FROM unnest($1::text[]) AS n
              ON CONFLICT (name) DO UPDATE SET lease_token = EXCLUDED.lease_token
-             RETURNING position",
-            &[&name, &token],
+             RETURNING name, position",
+            &[&names, &token],
         )
         .await?;
-    let mut position = row.get::<_, i64>(0) as u64;
-    projection.reset();
-    checkpoints.advance(name, position);
-    tracing::info!(projection = name, position, "projection lease taken");
-    let mut events = store.subscribe_all(position + 1);
+    let mut positions: Vec<u64> = names
+        .iter()
+        .map(|name| {
+            rows.iter()
+                .find(|row| row.get::<_, &str>(0) == *name)
+                .map_or(0, |row| row.get::<_, i64>(1) as u64)
+        })
+        .collect();
+    for (projection, position) in projections.iter_mut().zip(&positions) {
+        projection.reset();
+        checkpoints.advance(projection.name(), *position);
+        tracing::info!(
+            projection = projection.name(),
+            position,
+            "projection lease taken"
+        );
+    }
+    let from = positions.iter().copied().min().unwrap_or(0);
+    let mut events = store.subscribe_all(from + 1);
+    let mut wanted = checkpoints.wanted.subscribe();
     let mut announced = Instant::now() - config.announce_interval;
     loop {
         let batch = tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            batch = next_batch(&mut events, config.batch_size) => batch?,
+            batch = next_batch(&mut events, config.batch_size, config.linger, &mut wanted) => batch?,
         };
         let full = batch.len() >= config.batch_size;
         let Some(last) = batch.last().map(|e| e.global_position) else {
@@ -352,31 +438,47 @@ async fn lead(
         let batch_no = fault.map(|f| f.batch_started());
         let strikes = |point| fault.is_some_and(|f| f.point == point && batch_no == Some(f.batch));
         let tx = client.transaction().await?;
-        projection.apply(&tx, "", &facts).await?;
+        // Each projection takes the facts past its own checkpoint (they
+        // differ after a rebuild of one of them); their statements share
+        // the connection's pipeline.
+        futures::future::try_join_all(projections.iter_mut().zip(&positions).map(
+            |(projection, position)| {
+                let from = facts.partition_point(|f| f.recorded.global_position <= *position);
+                projection.apply(&tx, "", &facts[from..])
+            },
+        ))
+        .await?;
         if strikes(RunnerFault::AfterRows) {
             return Err(ProjectionError::Fault);
         }
+        let moved_to: Vec<i64> = positions.iter().map(|p| (*p).max(last) as i64).collect();
+        let expected: Vec<i64> = positions.iter().map(|p| *p as i64).collect();
         let moved = tx
             .execute(
-                "UPDATE projection_checkpoints SET position = $3
-                  WHERE name = $1 AND position = $2 AND lease_token = $4",
-                &[&name, &(position as i64), &(last as i64), &token],
+                "UPDATE projection_checkpoints AS c SET position = u.moved_to
+                   FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(name, expected, moved_to)
+                  WHERE c.name = u.name AND c.position = u.expected AND c.lease_token = $4",
+                &[&names, &expected, &moved_to, &token],
             )
             .await?;
-        if moved != 1 {
+        if moved != names.len() as u64 {
             drop(tx);
             return Err(ProjectionError::LeaseLost);
         }
         // Announce at most once per interval, and always when caught up;
         // inside the transaction, so that the announcement is delivered
-        // with the commit and costs no transaction of its own.
+        // with the commit and costs no transaction of its own. One
+        // announcement carries every projection of the runner.
         let announce = !full || announced.elapsed() >= config.announce_interval;
         if announce {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHECKPOINT_CHANNEL, &format!("{name}:{last}")],
-            )
-            .await?;
+            let payload = names
+                .iter()
+                .zip(&moved_to)
+                .map(|(name, position)| format!("{name}:{position}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHECKPOINT_CHANNEL, &payload])
+                .await?;
         }
         if strikes(RunnerFault::BeforeCommit) {
             return Err(ProjectionError::Fault);
@@ -385,28 +487,53 @@ async fn lead(
         if announce {
             announced = Instant::now();
         }
-        position = last;
-        checkpoints.advance(name, position);
+        for ((name, position), moved_to) in names.iter().zip(&mut positions).zip(&moved_to) {
+            *position = *moved_to as u64;
+            checkpoints.advance(name, *position);
+        }
         if strikes(RunnerFault::AfterCommit) {
             return Err(ProjectionError::Fault);
         }
     }
 }
 
-/// The next batch: waits for one event, then takes what is ready, up to `max`.
+/// The next batch: waits for one event, takes what is ready, then waits up
+/// to `linger` for more, unless `max` is reached or a reader wants one of
+/// its events (`wanted` reaches the batch).
 async fn next_batch(
     events: &mut Subscription,
     max: usize,
+    linger: Duration,
+    wanted: &mut watch::Receiver<u64>,
 ) -> Result<Vec<Arc<agentledger_eventstore::RecordedEvent>>, ProjectionError> {
     let first = match events.next().await {
         Some(event) => event?,
         None => return Ok(Vec::new()),
     };
+    let start = first.global_position;
     let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + linger;
     while batch.len() < max {
-        match events.next().now_or_never() {
-            Some(Some(event)) => batch.push(event?),
-            _ => break,
+        if let Some(next) = events.next().now_or_never() {
+            match next {
+                Some(event) => batch.push(event?),
+                None => break,
+            }
+            continue;
+        }
+        if linger.is_zero() || *wanted.borrow_and_update() >= start {
+            break;
+        }
+        tokio::select! {
+            next = events.next() => match next {
+                Some(event) => batch.push(event?),
+                None => break,
+            },
+            changed = wanted.changed() => if changed.is_err() {
+                tokio::time::sleep_until(deadline).await;
+                break;
+            },
+            () = tokio::time::sleep_until(deadline) => break,
         }
     }
     Ok(batch)
