@@ -314,6 +314,127 @@ async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
     );
 }
 
+/// The same interleaving seen from the process that commits first: its
+/// tailer knows its own events without reading them, and they must still
+/// reach its subscribers only after another process's lower positions
+/// settled, in position order. (Subscribers check positions too and read
+/// the table when the feed jumps; this proves the whole, not the tailer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_holds_back_its_own_commit_behind_another_ones_unsettled_append() {
+    let db = TestDatabase::create().await;
+    let (inserted, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let hook: postgres::CommitHook = {
+        let (inserted, release) = (inserted.clone(), release.clone());
+        Arc::new(move || {
+            let (inserted, release) = (inserted.clone(), release.clone());
+            async move {
+                inserted.notify_one();
+                release.notified().await;
+            }
+            .boxed()
+        })
+    };
+    let a = db
+        .store_with(PostgresOptions {
+            before_commit: Some(hook),
+            ..Default::default()
+        })
+        .await;
+    let b = db.store().await;
+    let mut sub = b.subscribe_all(1);
+    // A first event, so that B's subscriber is caught up and live.
+    b.append(&stream("warm-up"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    assert_eq!(sub.next().await.unwrap().unwrap().global_position, 1);
+
+    let a_append = tokio::spawn(async move {
+        a.append(&stream("stream-a"), ExpectedVersion::Any, events(2))
+            .await
+    });
+    inserted.notified().await;
+    let b_result = b
+        .append(&stream("stream-b"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    assert!(b_result.first_position > 3);
+    // B's tailer has had its wake-up; give it the chance to misbehave.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        sub.next().now_or_never().is_none(),
+        "B passed on its own event past A's unsettled positions"
+    );
+    release.notify_one();
+    a_append.await.unwrap().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = sub.next().await.unwrap().unwrap();
+        seen.push((e.global_position, e.stream_id.to_string()));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (2, "stream-a".to_string()),
+            (3, "stream-a".to_string()),
+            (b_result.first_position, "stream-b".to_string())
+        ]
+    );
+}
+
+/// A process passes its own commits to its subscribers as the writer built
+/// them: they must equal what reading them back returns, field for field,
+/// whatever the documents hold (floats with and without fractions, big
+/// integers, Korean text, nesting, nulls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_passed_on_without_a_read_equal_the_stored_ones() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let mut sub = store.subscribe_all(1);
+    let documents = [
+        json!({"score": 2.0, "half": 0.5, "tiny": 1e-7, "big": 1e300}),
+        json!({"n": 12_345_678_901_234_u64, "neg": -3, "text": "한국어 요청을 분석합니다 ✓"}),
+        json!({"nested": {"b": 1, "a": [1.5, null, true, "x"]}, "empty": {}, "list": []}),
+    ];
+    let mut written = 0;
+    for (i, payload) in documents.iter().enumerate() {
+        let mut metadata = Metadata::new(Actor::agent("sena", "1.0"));
+        metadata.correlation_id = Some(uuid::Uuid::now_v7());
+        let event = NewEvent::new(format!("Kind{i}"), payload.clone(), metadata);
+        // Several appends in a row, and one of two events, so that groups
+        // follow on from each other.
+        let batch = if i == 2 {
+            vec![event.clone(), events(1).remove(0)]
+        } else {
+            vec![event]
+        };
+        written += batch.len();
+        store
+            .append(&stream(&format!("docs-{i}")), ExpectedVersion::Any, batch)
+            .await
+            .unwrap();
+    }
+    let mut live = Vec::new();
+    for _ in 0..written {
+        live.push(sub.next().await.unwrap().unwrap());
+    }
+    let stored = store.read_all(1, 100).await.unwrap();
+    assert_eq!(stored.len(), written);
+    for (live, stored) in live.iter().zip(&stored) {
+        assert_eq!(**live, *stored, "live and stored differ");
+        assert_eq!(
+            serde_json::to_string(&live.payload).unwrap(),
+            serde_json::to_string(&stored.payload).unwrap()
+        );
+    }
+    for i in 0..documents.len() {
+        let verification = store
+            .verify_stream(&stream(&format!("docs-{i}")))
+            .await
+            .unwrap();
+        assert!(verification.ok, "docs-{i}: {:?}", verification.reason);
+    }
+}
+
 /// The window between taking a position and marking it in flight: while a
 /// writer is inside it (gate held, position taken, not yet marked), a reader
 /// must wait at the gate instead of computing a mark that covers the

@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::BoxFuture;
-use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::prepare::{prepare, Limits};
@@ -163,7 +163,7 @@ impl PostgresEventStore {
         let start = rows::head_position(&pool.get().await?).await?;
 
         let stop = CancellationToken::new();
-        let committed = Arc::new(Notify::new());
+        let committed = Arc::new(writer::Commits::default());
         let (live, _) = broadcast::channel(crate::LIVE_BUFFER);
         let appends = (0..options.writer_lanes.max(1))
             .map(|_| {

@@ -1,12 +1,15 @@
 //! The tailer task: one per process, it reads committed events from the
 //! table in position order and broadcasts them to this process's subscribers.
 //!
-//! Wake-ups: this process's own commits (in-process), `NOTIFY` from any
+//! Wake-ups: this process's own commits (in-process: a group that follows
+//! on from the last position broadcast is passed on as the writer built it,
+//! without reading it back), `NOTIFY` from any
 //! process (a dedicated `LISTEN` connection: a pooled one would lose
 //! notifications), and a safety poll. After the listener (re)connects it
 //! reads again from its last position, because notifications sent while it
 //! was away are lost. The tailer also sends the coalesced `NOTIFY` for this
-//! process's commits, after they committed and at most one per interval.
+//! process's commits, after they committed and at most one per interval,
+//! with a payload naming this process, so that its own listener ignores it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +21,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use super::rows::read_all;
+use super::writer::Commits;
 use super::{DatabaseUrl, NOTIFY_CHANNEL};
 use crate::{Position, RecordedEvent, StoreError};
 
@@ -28,9 +32,11 @@ pub(crate) struct Tailer {
     pub url: DatabaseUrl,
     pub pool: Pool,
     pub live: broadcast::Sender<Arc<RecordedEvent>>,
-    /// Signalled by this process's writer after each commit.
-    pub committed: Arc<Notify>,
-    /// The last position broadcast.
+    /// This process's commits, from its writer lanes.
+    pub committed: Arc<Commits>,
+    /// The last position broadcast. Every position up to it is settled
+    /// (committed or never to be), and every event up to it was broadcast
+    /// (or came before this process started).
     pub last: Position,
     pub safety_poll: Duration,
     pub notify_interval: Duration,
@@ -40,16 +46,22 @@ impl Tailer {
     pub async fn run(mut self, stop: CancellationToken) {
         let remote = Arc::new(Notify::new());
         let announce = Arc::new(Notify::new());
+        // Our own announcements carry this id, so that our listener can
+        // tell them from other processes' (we know our commits already).
+        let origin = uuid::Uuid::new_v4().to_string();
         tokio::spawn(announce_commits(
             self.pool.clone(),
             announce.clone(),
             self.notify_interval,
+            origin.clone(),
             stop.clone(),
         ));
         let mut listener: Option<Client> = None;
+        let mut read = true;
         loop {
             if listener.as_ref().is_none_or(Client::is_closed) {
-                listener = match listen(&self.url, remote.clone()).await {
+                read = true;
+                listener = match listen(&self.url, remote.clone(), origin.clone()).await {
                     Ok(client) => Some(client),
                     Err(e) => {
                         tracing::warn!(error = %e, "event listener could not connect; retrying");
@@ -57,21 +69,64 @@ impl Tailer {
                     }
                 };
             }
-            if let Err(e) = self.catch_up().await {
-                tracing::warn!(error = %e, "tailer could not read new events; retrying");
+            if read {
+                if let Err(e) = self.catch_up().await {
+                    tracing::warn!(error = %e, "tailer could not read new events; retrying");
+                }
             }
             let wait = if listener.is_some() {
                 self.safety_poll
             } else {
                 RECONNECT_DELAY
             };
-            tokio::select! {
+            read = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = self.committed.notified() => announce.notify_one(),
-                _ = remote.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = self.committed.wake.notified() => {
+                    announce.notify_one();
+                    !self.pass_on_own_commits()
+                }
+                _ = remote.notified() => true,
+                _ = tokio::time::sleep(wait) => true,
+            };
+        }
+    }
+
+    /// Broadcasts this process's committed groups that follow on from
+    /// `last` without a read: positions up to `last` are settled, so a
+    /// group starting right after it leaves no gap. False when a read is
+    /// still needed: a group further on (another process, or another
+    /// lane, holds positions between), or a failed group whose positions
+    /// may hide another's commit.
+    fn pass_on_own_commits(&mut self) -> bool {
+        let mut groups = self.committed.take();
+        if self.live.receiver_count() == 0 {
+            // As in `catch_up`: nobody to tell, and a later read covers them.
+            return true;
+        }
+        if groups.iter().any(Vec::is_empty) {
+            // A failed group: its positions are settled now, and a commit
+            // of another process beyond them may have become visible.
+            return false;
+        }
+        groups.sort_by_key(|g| g.first().map(|e| e.global_position));
+        let mut complete = true;
+        for group in groups {
+            let (Some(first), Some(end)) = (group.first(), group.last()) else {
+                continue;
+            };
+            if end.global_position <= self.last {
+                continue; // a read already brought them
+            }
+            if first.global_position != self.last + 1 {
+                complete = false;
+                break;
+            }
+            self.last = end.global_position;
+            for event in group {
+                let _ = self.live.send(event);
             }
         }
+        complete
     }
 
     async fn catch_up(&mut self) -> Result<(), StoreError> {
@@ -97,14 +152,20 @@ impl Tailer {
     }
 }
 
-/// Opens the `LISTEN` connection; each notification signals `remote`.
-async fn listen(url: &DatabaseUrl, remote: Arc<Notify>) -> Result<Client, tokio_postgres::Error> {
+/// Opens the `LISTEN` connection; each notification from another process
+/// (one whose payload is not `origin`) signals `remote`.
+async fn listen(
+    url: &DatabaseUrl,
+    remote: Arc<Notify>,
+    origin: String,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, mut connection) = url.connect().await?;
     let notifications = remote.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
+                Ok(AsyncMessage::Notification(n)) if n.payload() == origin => {}
                 Ok(AsyncMessage::Notification(_)) => notifications.notify_one(),
                 Ok(_) => {}
                 Err(e) => {
@@ -127,6 +188,7 @@ async fn announce_commits(
     pool: Pool,
     announce: Arc<Notify>,
     interval: Duration,
+    origin: String,
     stop: CancellationToken,
 ) {
     loop {
@@ -137,7 +199,8 @@ async fn announce_commits(
         match pool.get().await {
             Ok(client) => {
                 if let Err(e) = client
-                    .batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}"))
+                    // `origin` is a UUID: nothing in it needs quoting.
+                    .batch_execute(&format!("NOTIFY {NOTIFY_CHANNEL}, '{origin}'"))
                     .await
                 {
                     tracing::warn!(error = %e, "NOTIFY failed; other processes will find the events by polling");

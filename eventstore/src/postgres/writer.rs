@@ -20,7 +20,7 @@
 //! races itself.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
@@ -37,6 +37,27 @@ use super::CommitHook;
 use crate::append::{decide, now_micros, written, Existing, NewRecord, Outcome, StreamHead};
 use crate::chain::HASH_VERSION;
 use crate::prepare::PreparedEvent;
+
+/// What the writer lanes of a process tell its tailer: each committed
+/// group's events (positions contiguous, in order), so that the tailer
+/// can pass them on without reading them back, or an empty group when it
+/// must read (a failed group settles its positions too); and a wake-up.
+#[derive(Default)]
+pub(crate) struct Commits {
+    pub wake: Notify,
+    groups: Mutex<Vec<Vec<Arc<RecordedEvent>>>>,
+}
+
+impl Commits {
+    fn push(&self, group: Vec<Arc<RecordedEvent>>) {
+        self.groups.lock().expect("commits lock").push(group);
+    }
+
+    /// The groups committed since the last call, in no particular order.
+    pub fn take(&self) -> Vec<Vec<Arc<RecordedEvent>>> {
+        std::mem::take(&mut *self.groups.lock().expect("commits lock"))
+    }
+}
 use crate::{AppendResult, ExpectedVersion, Position, RecordedEvent, StoreError, StreamId};
 
 /// Streams whose heads the writer remembers; beyond this it forgets them all
@@ -60,7 +81,7 @@ type Results = Vec<Result<AppendResult, StoreError>>;
 pub(crate) struct Writer {
     url: DatabaseUrl,
     max_group_events: usize,
-    committed: Arc<Notify>,
+    committed: Arc<Commits>,
     before_commit: Option<CommitHook>,
     connection: Option<Connection>,
     memory: Memory,
@@ -89,7 +110,7 @@ impl Writer {
     pub fn new(
         url: DatabaseUrl,
         max_group_events: usize,
-        committed: Arc<Notify>,
+        committed: Arc<Commits>,
         before_commit: Option<CommitHook>,
     ) -> Self {
         Self {
@@ -142,11 +163,17 @@ impl Writer {
             .map(|r| ((r.stream, r.expected, r.events), r.reply))
             .unzip();
         let outcome = self.commit(&requests).await;
+        // An empty group tells the tailer to read: nothing was written,
+        // or the group failed and its positions may hide another's commit.
+        self.committed.push(match &outcome {
+            Ok((_, Some(events))) => events.clone(),
+            _ => Vec::new(),
+        });
         // Even a failed group may have moved the low-water mark (its
         // positions are settled now): let the tailer and other processes look.
-        self.committed.notify_one();
+        self.committed.wake.notify_one();
         match outcome {
-            Ok(results) => {
+            Ok((results, _)) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     // The caller may have gone away; its append stands regardless.
                     let _ = reply.send(result);
@@ -170,8 +197,13 @@ impl Writer {
         }
     }
 
-    /// Commits a group; the error means the transaction failed as a whole.
-    async fn commit(&mut self, requests: &[Request]) -> Result<Results, StoreError> {
+    /// Commits a group, with the events it wrote when they are contiguous
+    /// (`None` when nothing was written); the error means the transaction
+    /// failed as a whole.
+    async fn commit(
+        &mut self,
+        requests: &[Request],
+    ) -> Result<(Results, Option<Vec<Arc<RecordedEvent>>>), StoreError> {
         if self
             .connection
             .as_ref()
@@ -191,9 +223,10 @@ impl Writer {
         if let Some(plan) = plan_from_memory(&self.memory, requests) {
             match write(connection, &plan.rows, hook).await {
                 Ok(first) => {
+                    let events = plan.rows.recorded(first);
                     let (results, heads) = plan.finish(first);
                     self.memory.remember(heads);
-                    return Ok(results);
+                    return Ok((results, events));
                 }
                 // Memory was wrong (another process wrote one of these streams,
                 // or an id was resent): nothing was written; check instead.
@@ -213,13 +246,14 @@ impl Writer {
                 .collect();
             let plan = plan(requests, heads, existing, now_micros());
             if plan.rows.is_empty() {
-                return Ok(plan.finish(0).0);
+                return Ok((plan.finish(0).0, None));
             }
             match write(connection, &plan.rows, hook).await {
                 Ok(first) => {
+                    let events = plan.rows.recorded(first);
                     let (results, heads) = plan.finish(first);
                     self.memory.remember(heads);
-                    return Ok(results);
+                    return Ok((results, events));
                 }
                 // A concurrent append got there first: read again.
                 Err(e) if stale_belief(&e) => continue,
@@ -547,6 +581,31 @@ impl<'a> InsertRows<'a> {
 
     fn is_empty(&self) -> bool {
         self.event_id.is_empty()
+    }
+
+    /// The rows as the store will read them back, row n at `first + n - 1`:
+    /// the documents are parsed from the bytes that were stored (canonical
+    /// JSON, which `jsonb` keeps equal as a value). `None` if one does not
+    /// parse (it cannot: the bytes were encoded here), so the tailer reads.
+    fn recorded(&self, first: Position) -> Option<Vec<Arc<RecordedEvent>>> {
+        (0..self.event_id.len())
+            .map(|i| {
+                Some(Arc::new(RecordedEvent {
+                    global_position: first + i as Position,
+                    stream_id: StreamId::new(self.stream_id[i]).ok()?,
+                    stream_version: self.stream_version[i] as u64,
+                    event_id: self.event_id[i],
+                    event_type: self.event_type[i].to_string(),
+                    schema_version: self.schema_version[i] as u32,
+                    payload: serde_json::from_slice(self.payload[i].0).ok()?,
+                    metadata: serde_json::from_slice(self.metadata[i].0).ok()?,
+                    recorded_at: self.recorded_at[i],
+                    hash_version: self.hash_version[i] as u16,
+                    prev_hash: self.prev_hash[i].as_slice().try_into().ok()?,
+                    hash: self.hash[i].as_slice().try_into().ok()?,
+                }))
+            })
+            .collect()
     }
 
     /// The eleven array parameters of [`INSERT`] (the row count is the twelfth).
