@@ -706,8 +706,27 @@ impl Runtime {
         let sweeper = tokio::spawn(sweep_unqueued(inner.clone()));
         let woken = wake_on_new_work(inner.clone());
         tokio::pin!(shutdown);
+        // The last claim found fewer rows than it asked for: the queue had
+        // nothing more. A slot freed since is no reason to ask again (that
+        // would cost a transaction per finished workflow); new work wakes
+        // the loop (`wake`: another process's records, a local requeue),
+        // and expired leases are found by the poll.
+        let mut drained = false;
         loop {
             while drives.try_join_next().is_some() {}
+            if drained {
+                tokio::select! {
+                    () = inner.wake.notified() => {}
+                    Some((claim, history, slot)) = handed.recv() => {
+                        spawn_drive(&mut drives, &inner, claim, history, slot);
+                        continue;
+                    }
+                    () = inner.clock.sleep(inner.config.poll_interval) => {}
+                    () = &mut shutdown => break,
+                    () = inner.dead.cancelled() => break,
+                }
+                drained = false;
+            }
             // Wait for a free slot, then claim as many rows as slots are free.
             let first = tokio::select! {
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
@@ -738,21 +757,12 @@ impl Runtime {
                     Vec::new()
                 }
             };
-            let idle = claims.is_empty();
+            drained = claims.len() < free.len();
             tracing::debug!(claimed = claims.len(), owner = %inner.config.owner, "claimed");
             for (claim, slot) in claims.into_iter().zip(free.drain(..)) {
                 spawn_drive(&mut drives, &inner, claim, None, slot);
             }
             drop(free);
-            if idle {
-                tokio::select! {
-                    () = inner.wake.notified() => {}
-                    Some((claim, history, slot)) = handed.recv() => spawn_drive(&mut drives, &inner, claim, history, slot),
-                    () = inner.clock.sleep(inner.config.poll_interval) => {}
-                    () = &mut shutdown => break,
-                    () = inner.dead.cancelled() => break,
-                }
-            }
         }
         *inner.handoff.lock().expect("handoff lock") = None;
         // Claims handed over but not started stay in `held`: they go back
@@ -925,10 +935,23 @@ fn wake_on_new_work(inner: Arc<Inner>) -> tokio::task::JoinHandle<()> {
         let mut events = inner.store.subscribe_all(from);
         while let Some(event) = events.next().await {
             let Ok(event) = event else { return };
-            if matches!(
+            if !matches!(
                 event.event_type.as_str(),
                 "WorkflowSubmitted" | "GateDecided" | "HumanDecisionRecorded"
             ) {
+                continue;
+            }
+            // A workflow this runtime holds is being driven here (its own
+            // submissions, its own gate verdicts): nothing in the queue is
+            // new for it, and a claim would cost a transaction to find
+            // nothing. A requeue here wakes the loop itself.
+            let local = event
+                .stream_id
+                .as_str()
+                .strip_prefix(STREAM_PREFIX)
+                .and_then(|id| id.parse::<Uuid>().ok())
+                .is_some_and(|id| inner.held.lock().expect("held lock").contains(&id));
+            if !local {
                 inner.wake.notify_one();
             }
         }
