@@ -256,7 +256,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             let checkpoints = Checkpoints::default();
             background.push(tokio::spawn(
-                checkpoints.clone().follow(url.clone(), stop.clone()),
+                checkpoints
+                    .clone()
+                    .follow_store(store.clone(), stop.clone()),
             ));
             // One runner for the three read models: a batch of events is
             // one transaction and one checkpoint announcement, not three.

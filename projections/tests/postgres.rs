@@ -387,3 +387,108 @@ async fn a_process_not_running_a_projection_waits_for_it_through_announcements()
         runner.stop().await;
     }
 }
+
+/// `serve` runs the three projections in one runner. Their checkpoints can
+/// differ (one was run alone, or rebuilt): each must then take only the
+/// events past its own, and all must end equal to a rebuild.
+#[tokio::test]
+async fn one_runner_for_all_three_starts_each_from_its_own_checkpoint() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let checkpoints = Checkpoints::default();
+    let agents = Agents::postgres(&store);
+    let spawn_all = || {
+        ProjectionRunner::spawn(
+            &PROJECTIONS,
+            db.service_url(),
+            Arc::new(store.clone()),
+            checkpoints.clone(),
+            RunnerConfig::default(),
+            None,
+        )
+        .unwrap()
+    };
+    let all = spawn_all();
+    agents.run_workflows(10).await;
+    wait_caught_up(&store, &checkpoints).await;
+    all.stop().await;
+
+    // The audit trail alone moves on.
+    let audit = runner(&db, &store, "audit_trail", &checkpoints, None);
+    agents.run_workflows(10).await;
+    let head = store.head_position().await.unwrap();
+    let mut watch = checkpoints.receivers()["audit_trail"].clone();
+    tokio::time::timeout(Duration::from_secs(30), watch.wait_for(|p| *p >= head))
+        .await
+        .expect("the audit trail catches up")
+        .unwrap();
+    audit.stop().await;
+    assert!(checkpoints.get("workflow_status") < head);
+
+    let all = spawn_all();
+    agents.run_workflows(5).await;
+    agents.stop().await;
+    wait_caught_up(&store, &checkpoints).await;
+    all.stop().await;
+    assert_live_equals_rebuild(&db, &store).await;
+}
+
+/// A process follows the checkpoints on the listener its store already
+/// keeps (one LISTEN connection per process, not two), and after that
+/// connection is cut it listens again and reads what it missed.
+#[tokio::test]
+async fn checkpoints_followed_on_the_stores_listener_survive_a_cut_connection() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let other = db.store().await;
+    let (running_view, other_view) = (Checkpoints::default(), Checkpoints::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let follower = tokio::spawn(other_view.clone().follow_store(other.clone(), stop.clone()));
+    let all = ProjectionRunner::spawn(
+        &PROJECTIONS,
+        db.service_url(),
+        Arc::new(store.clone()),
+        running_view.clone(),
+        RunnerConfig::default(),
+        None,
+    )
+    .unwrap();
+    let agents = Agents::postgres(&store);
+    let models = PostgresReadModels::new(other.pool().clone(), &other_view);
+    let admin = db.admin_client().await;
+    let listening = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    for round in 0..2 {
+        agents.run_workflows(10).await;
+        let head = store.head_position().await.unwrap();
+        models
+            .wait_for(head, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: not announced: {e}"));
+        // Two processes, one listening connection each.
+        assert_eq!(listening().await, 2, "round {round}");
+        if round == 0 {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+                    &[],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    agents.stop().await;
+    stop.cancel();
+    follower.await.unwrap();
+    all.stop().await;
+}

@@ -17,6 +17,7 @@ mod tailer;
 mod tls;
 mod writer;
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -38,6 +39,55 @@ pub use tls::{Connection, DatabaseUrl, TlsMode};
 
 /// The channel other processes' commits are announced on.
 pub const NOTIFY_CHANNEL: &str = "agentledger_events";
+
+/// What a process's one `LISTEN` connection hears on another channel
+/// ([`PostgresEventStore::notices`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A notification's payload.
+    Payload(String),
+    /// The listener is (again) listening on the channel: whatever was
+    /// announced while it was not is lost, so read the state afresh.
+    Resync,
+}
+
+/// The channels a process's listener serves besides the events' own.
+#[derive(Default)]
+pub(crate) struct Channels {
+    senders: std::sync::Mutex<HashMap<String, broadcast::Sender<Notice>>>,
+    /// Signalled when a channel is added.
+    pub added: tokio::sync::Notify,
+}
+
+impl Channels {
+    fn subscribe(&self, channel: &str) -> broadcast::Receiver<Notice> {
+        let mut senders = self.senders.lock().expect("channels lock");
+        if let Some(sender) = senders.get(channel) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = broadcast::channel(1_024);
+        senders.insert(channel.to_string(), sender);
+        drop(senders);
+        self.added.notify_one();
+        receiver
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.senders
+            .lock()
+            .expect("channels lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn send(&self, channel: &str, notice: Notice) {
+        if let Some(sender) = self.senders.lock().expect("channels lock").get(channel) {
+            // Nobody listening right now is fine.
+            let _ = sender.send(notice);
+        }
+    }
+}
 
 /// The advisory lock key of the gate between taking positions and computing
 /// the low-water mark (the value used by the migration's functions).
@@ -102,6 +152,7 @@ struct Inner {
     /// One queue per writer lane.
     appends: Vec<mpsc::Sender<writer::AppendRequest>>,
     live: broadcast::Sender<Arc<RecordedEvent>>,
+    channels: Arc<Channels>,
     /// Started on the first stream subscription (it needs a runtime).
     router: OnceLock<Arc<StreamRouter>>,
     limits: Limits,
@@ -178,8 +229,10 @@ impl PostgresEventStore {
                 appends
             })
             .collect();
+        let channels = Arc::new(Channels::default());
         let tailer = tailer::Tailer {
             url,
+            channels: channels.clone(),
             pool: pool.clone(),
             live: live.clone(),
             committed,
@@ -194,6 +247,7 @@ impl PostgresEventStore {
                 pool,
                 appends,
                 live,
+                channels,
                 router: OnceLock::new(),
                 limits: options.limits,
                 stop,
@@ -204,6 +258,26 @@ impl PostgresEventStore {
     /// The read pool (for tools and tests that need plain SQL).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// Notifications on `channel`, heard on the connection this process
+    /// already keeps for the events' own: every listening connection costs
+    /// the server a transaction per notification sent in the database, so
+    /// a process keeps one. A [`Notice::Resync`] comes each time the
+    /// listener starts listening on it (first, and after a reconnect).
+    /// Channel names are identifiers of ASCII letters, digits and `_`.
+    pub fn notices(&self, channel: &str) -> Result<broadcast::Receiver<Notice>, StoreError> {
+        if channel.is_empty()
+            || channel.len() > 63
+            || !channel
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(StoreError::BadInput(format!(
+                "{channel:?} is not a channel name"
+            )));
+        }
+        Ok(self.inner.channels.subscribe(channel))
     }
 }
 

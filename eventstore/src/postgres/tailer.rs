@@ -11,6 +11,7 @@
 //! process's commits, after they committed and at most one per interval,
 //! with a payload naming this process, so that its own listener ignores it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rows::read_all;
 use super::writer::Commits;
-use super::{DatabaseUrl, NOTIFY_CHANNEL};
+use super::{Channels, DatabaseUrl, Notice, NOTIFY_CHANNEL};
 use crate::{Position, RecordedEvent, StoreError};
 
 const PAGE: usize = 1_000;
@@ -30,6 +31,8 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
 pub(crate) struct Tailer {
     pub url: DatabaseUrl,
+    /// Other channels the listener serves ([`super::PostgresEventStore::notices`]).
+    pub channels: Arc<Channels>,
     pub pool: Pool,
     pub live: broadcast::Sender<Arc<RecordedEvent>>,
     /// This process's commits, from its writer lanes.
@@ -57,17 +60,40 @@ impl Tailer {
             stop.clone(),
         ));
         let mut listener: Option<Client> = None;
+        let mut heard: HashSet<String> = HashSet::new();
         let mut read = true;
         loop {
             if listener.as_ref().is_none_or(Client::is_closed) {
                 read = true;
-                listener = match listen(&self.url, remote.clone(), origin.clone()).await {
+                heard.clear();
+                listener = match listen(&self.url, remote.clone(), origin.clone(), &self.channels)
+                    .await
+                {
                     Ok(client) => Some(client),
                     Err(e) => {
                         tracing::warn!(error = %e, "event listener could not connect; retrying");
                         None
                     }
                 };
+            }
+            if let Some(client) = &listener {
+                for channel in self.channels.names() {
+                    if heard.contains(&channel) {
+                        continue;
+                    }
+                    // Checked by `notices`: a plain identifier.
+                    match client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                        Ok(()) => {
+                            self.channels.send(&channel, Notice::Resync);
+                            heard.insert(channel);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, channel, "LISTEN failed; reconnecting");
+                            listener = None;
+                            break;
+                        }
+                    }
+                }
             }
             if read {
                 if let Err(e) = self.catch_up().await {
@@ -86,6 +112,7 @@ impl Tailer {
                     !self.pass_on_own_commits()
                 }
                 _ = remote.notified() => true,
+                _ = self.channels.added.notified() => false,
                 _ = tokio::time::sleep(wait) => true,
             };
         }
@@ -152,19 +179,25 @@ impl Tailer {
     }
 }
 
-/// Opens the `LISTEN` connection; each notification from another process
-/// (one whose payload is not `origin`) signals `remote`.
+/// Opens the `LISTEN` connection; each notification of the events' channel
+/// from another process (one whose payload is not `origin`) signals
+/// `remote`; those of other channels go to their subscribers in `channels`.
 async fn listen(
     url: &DatabaseUrl,
     remote: Arc<Notify>,
     origin: String,
+    channels: &Arc<Channels>,
 ) -> Result<Client, tokio_postgres::Error> {
     let (client, mut connection) = url.connect().await?;
     let notifications = remote.clone();
+    let channels = channels.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
+                Ok(AsyncMessage::Notification(n)) if n.channel() != NOTIFY_CHANNEL => {
+                    channels.send(n.channel(), Notice::Payload(n.payload().to_string()));
+                }
                 Ok(AsyncMessage::Notification(n)) if n.payload() == origin => {}
                 Ok(AsyncMessage::Notification(_)) => notifications.notify_one(),
                 Ok(_) => {}

@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentledger_eventstore::postgres::DatabaseUrl;
+use agentledger_eventstore::postgres::{DatabaseUrl, Notice, PostgresEventStore};
+use agentledger_eventstore::StoreError;
 use agentledger_eventstore::{EventStore, Subscription};
 use futures::FutureExt;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -158,9 +160,71 @@ impl Checkpoints {
         }
     }
 
+    /// Follows the announcements of every process as `store`'s listener
+    /// hears them, reading the table whenever it (re)starts listening,
+    /// until `stop`. Costs no connection of its own.
+    pub async fn follow_store(self, store: PostgresEventStore, stop: CancellationToken) {
+        let mut notices = match store.notices(CHECKPOINT_CHANNEL) {
+            Ok(notices) => notices,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow checkpoints");
+                return;
+            }
+        };
+        loop {
+            let notice = tokio::select! {
+                () = stop.cancelled() => return,
+                notice = notices.recv() => notice,
+            };
+            match notice {
+                Ok(Notice::Payload(payload)) => self.apply_announcement(&payload),
+                // Listening (again), or announcements were dropped here:
+                // the table has what they said.
+                Ok(Notice::Resync) | Err(RecvError::Lagged(_)) => {
+                    while let Err(e) = self.read_table(&store).await {
+                        tracing::warn!(error = %e, "reading the checkpoints failed; retrying");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    async fn read_table(&self, store: &PostgresEventStore) -> Result<(), ProjectionError> {
+        let client = store
+            .pool()
+            .get()
+            .await
+            .map_err(|e| ProjectionError::Store(StoreError::Unavailable(e.to_string())))?;
+        for row in client
+            .query("SELECT name, position FROM projection_checkpoints", &[])
+            .await?
+        {
+            self.advance(row.get::<_, &str>(0), row.get::<_, i64>(1) as u64);
+        }
+        Ok(())
+    }
+
+    /// `name:position`, one per projection of the announcing runner,
+    /// separated by commas.
+    fn apply_announcement(&self, payload: &str) {
+        for entry in payload.split(',') {
+            if let Some((name, position)) = entry.split_once(':') {
+                if let Ok(position) = position.parse() {
+                    self.advance(name, position);
+                }
+            }
+        }
+    }
+
     /// Follows the table and the announcements of every process: reads the
     /// checkpoints, then listens (re-reading after every reconnect) until
-    /// `stop`. Owns a dedicated connection (LISTEN needs one).
+    /// `stop`, on a dedicated connection (LISTEN needs one). A process with
+    /// a [`PostgresEventStore`] uses [`Checkpoints::follow_store`] instead.
     pub async fn follow(self, url: String, stop: CancellationToken) {
         loop {
             if let Err(e) = self.follow_once(&url, &stop).await {
@@ -210,15 +274,7 @@ impl Checkpoints {
                 driver.abort();
                 return Ok(());
             };
-            // `name:position`, one per projection of the announcing
-            // runner, separated by commas.
-            for entry in payload.split(',') {
-                if let Some((name, position)) = entry.split_once(':') {
-                    if let Ok(position) = position.parse() {
-                        self.advance(name, position);
-                    }
-                }
-            }
+            self.apply_announcement(&payload);
         }
     }
 }
