@@ -181,6 +181,21 @@ impl Subscription {
         }
     }
 
+    /// A stream subscription whose caller, after opening it, read the
+    /// stream itself up to `next_version` (exclusive): it goes live from
+    /// there without reading the same events again. Sound only when the
+    /// read began after the subscription was opened (a later commit is then
+    /// in the live feed); a jump in the feed still makes it read. No effect
+    /// on a subscription to `$all`, whose positions have holes.
+    pub fn read_by_caller(&mut self, next_version: u64) {
+        if let Cursor::Stream { next, .. } = &mut self.cursor {
+            if self.buffer.is_empty() && *next <= next_version {
+                *next = next_version;
+                self.catching_up = false;
+            }
+        }
+    }
+
     /// The next event, waiting for one to be committed if need be.
     /// `None` when the store shut down; an error when a catch-up read failed
     /// (calling again retries from the same place).

@@ -58,6 +58,7 @@ contract!(
     pages_end_at_their_byte_bound_and_subscribers_of_large_events_see_them_all,
     subscribe_all_delivers_events_appended_during_catch_up_once,
     subscribe_stream_delivers_only_its_stream_across_the_seam,
+    a_stream_read_by_the_caller_after_subscribing_goes_on_without_gap_or_repeat,
     subscriber_that_fell_behind_the_live_buffer_still_sees_everything_once,
     concurrent_writers_and_a_tailing_reader_agree_on_one_gap_free_order,
 );
@@ -551,6 +552,50 @@ async fn subscribe_stream_delivers_only_its_stream_across_the_seam(backend: Back
     }
     assert_eq!(versions, vec![1, 2, 3, 4]);
     assert!(sub.next().now_or_never().is_none());
+}
+
+/// The progress subscription opens its stream subscription, reads the
+/// stream itself, and tells the subscription how far it read: the events
+/// committed after the read (one of them while the caller was still busy
+/// with what it read) arrive live, each once, in order.
+async fn a_stream_read_by_the_caller_after_subscribing_goes_on_without_gap_or_repeat(
+    backend: Backend,
+) {
+    let store = backend.open().await;
+    let mine = stream("workflow-read-by-caller");
+    store
+        .append(&mine, ExpectedVersion::Any, events(3, "before"))
+        .await
+        .unwrap();
+    let mut sub = store.subscribe_stream(mine.clone(), 0);
+    let read = store.read_stream(&mine, 0, 100).await.unwrap();
+    assert_eq!(read.len(), 3);
+    store
+        .append(&mine, ExpectedVersion::Any, events(1, "between"))
+        .await
+        .unwrap();
+    sub.read_by_caller(read.len() as u64);
+    store
+        .append(&mine, ExpectedVersion::Any, events(2, "after"))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = sub.next().await.unwrap().unwrap();
+        seen.push((
+            e.stream_version,
+            e.payload["tag"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (3, "between".to_string()),
+            (4, "after".to_string()),
+            (5, "after".to_string())
+        ]
+    );
+    assert!(sub.next().now_or_never().is_none(), "nothing twice");
 }
 
 async fn subscriber_that_fell_behind_the_live_buffer_still_sees_everything_once(backend: Backend) {

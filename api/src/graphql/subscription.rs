@@ -99,6 +99,9 @@ impl SubscriptionRoot {
         let services = services(ctx).clone();
         let id = parse_id(&id)?;
         let stream: StreamId = stream_of(id);
+        // Opened before the stream is read, so that the read leaves no gap
+        // before the live feed and need not be made twice.
+        let mut live = services.store.subscribe_stream(stream, 0);
         let past = visible_stream(ctx, id, 100_000).await?;
         let facts = facts_of(&past)?;
         let mut followed = Followed::new(&facts);
@@ -116,8 +119,7 @@ impl SubscriptionRoot {
             .fold
             .as_ref()
             .is_some_and(|f| f.status().state.is_final());
-        let next_version = past.len() as u64;
-        let live = services.store.subscribe_stream(stream, next_version);
+        live.read_by_caller(past.len() as u64);
         // The first snapshot, and the final one, are sent once the read
         // models have applied their event, so a client that reads the
         // workflow right after them (or after the subscription ended) sees

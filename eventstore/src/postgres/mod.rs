@@ -108,7 +108,10 @@ pub struct PostgresOptions {
     pub writer_lanes: usize,
     /// How often the tailer looks for new events when no wake-up came.
     pub safety_poll: Duration,
-    /// Least time between two NOTIFYs this process sends.
+    /// Least time between two NOTIFYs this process sends: the first commit
+    /// of a burst is announced at once, the rest at most this much later.
+    /// Every listening backend of the database pays a transaction per
+    /// NOTIFY, so a burst is announced once or twice, not per commit.
     pub notify_interval: Duration,
     /// A fault point for scripted tests: awaited after a group's rows are
     /// inserted and before its `COMMIT`, with the append lock held.
@@ -135,7 +138,7 @@ impl Default for PostgresOptions {
             safety_poll: Duration::from_secs(1),
             statement_timeout: None,
             pool_wait: Duration::from_secs(10),
-            notify_interval: Duration::from_millis(2),
+            notify_interval: Duration::from_millis(5),
             before_commit: None,
         }
     }
