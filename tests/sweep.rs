@@ -87,6 +87,16 @@ async fn a_workflow_without_a_queue_row_is_found_and_finished() {
                 break;
             }
         }
+        // The runtime settles the claim (deletes the row) after the
+        // verdict is recorded; subscribers may hear of the verdict first.
+        // Stopping before that would hand the row back instead. No event
+        // marks it: watch the table, bounded.
+        for _ in 0..1_000 {
+            if row_of(&db, id).await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = stop.send(());
         task.await.unwrap();
         id

@@ -175,6 +175,12 @@ fn may_see(principal: &Principal, event: &RecordedEvent) -> bool {
 /// The events of workflow `id` from the store, when it exists in the
 /// caller's tenant; else `NOT_FOUND`, the same answer as for a workflow that
 /// does not exist, so that another tenant's ids do not leak.
+/// Events [`visible_stream`] reads before it has checked who may see them
+/// (a workflow of the reference agents has a dozen or two), and the bytes
+/// of documents after which that first read ends sooner.
+const FIRST_READ: usize = 32;
+const FIRST_READ_BYTES: usize = 256 * 1024;
+
 async fn visible_stream(
     ctx: &Context<'_>,
     id: Uuid,
@@ -183,17 +189,26 @@ async fn visible_stream(
     let principal = principal(ctx)?;
     let store = &services(ctx).store;
     let stream = stream_of(id);
-    // The first event decides, before anything else is read: another
-    // tenant's workflow costs what a missing one does.
-    let mut events = store.read_stream(&stream, 0, 1).await.map_err(from_store)?;
+    // The first event decides, before more than a first page is read:
+    // another tenant's workflow costs about what a missing one does, and a
+    // workflow of usual length is read in one round trip.
+    let page = store
+        .read_page(
+            agentledger_eventstore::ReadFrom::Stream(&stream, 0),
+            limit.min(FIRST_READ),
+            FIRST_READ_BYTES,
+        )
+        .await
+        .map_err(from_store)?;
+    let mut events = page.events;
     match events.first() {
         Some(first) if may_see(principal, first) => {}
         _ => return Err(error::error(Code::NotFound, "no such workflow")),
     }
-    if limit > 1 {
+    if events.len() < limit && (page.cut || events.len() == FIRST_READ) {
         events.extend(
             store
-                .read_stream(&stream, 1, limit - 1)
+                .read_stream(&stream, events.len() as u64, limit - events.len())
                 .await
                 .map_err(from_store)?,
         );

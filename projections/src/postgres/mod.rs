@@ -110,28 +110,34 @@ impl PostgresReadModels {
             .map_err(unavailable)?;
         let mut by_workflow: HashMap<Uuid, Vec<SubtaskStatus>> = HashMap::new();
         for row in rows {
-            let state: String = row.get(6);
             by_workflow
                 .entry(row.get(0))
                 .or_default()
-                .push(SubtaskStatus {
-                    id: row.get(1),
-                    ordinal: row.get(2),
-                    title: row.get(3),
-                    tool: row.get(4),
-                    depends_on: row.get(5),
-                    state: parse_enum(&state).ok_or_else(|| corrupt("subtask state", &state))?,
-                    attempts: row.get(7),
-                    output: row.get::<_, Option<&str>>(8).map(Arc::from),
-                    started_at: row.get(9),
-                    finished_at: row.get(10),
-                });
+                .push(subtask_of(&row, 1)?);
         }
         for status in &mut statuses {
             status.subtasks = by_workflow.remove(&status.id).unwrap_or_default();
         }
         Ok(statuses)
     }
+}
+
+/// A subtask from the eleven subtask columns of `row` (without the
+/// workflow id), the first at `at`.
+fn subtask_of(row: &Row, at: usize) -> Result<SubtaskStatus, ReadError> {
+    let state: String = row.get(at + 5);
+    Ok(SubtaskStatus {
+        id: row.get(at),
+        ordinal: row.get(at + 1),
+        title: row.get(at + 2),
+        tool: row.get(at + 3),
+        depends_on: row.get(at + 4),
+        state: parse_enum(&state).ok_or_else(|| corrupt("subtask state", &state))?,
+        attempts: row.get(at + 6),
+        output: row.get::<_, Option<&str>>(at + 7).map(Arc::from),
+        started_at: row.get(at + 8),
+        finished_at: row.get(at + 9),
+    })
 }
 
 fn unavailable(e: tokio_postgres::Error) -> ReadError {
@@ -286,16 +292,40 @@ fn metrics_of(row: &Row) -> AgentMetrics {
 #[async_trait]
 impl ReadModels for PostgresReadModels {
     async fn workflow(&self, id: Uuid) -> Result<Option<WorkflowStatus>, ReadError> {
+        // One statement: the row and its subtasks from one snapshot (two
+        // reads could straddle a projection batch), in one round trip.
+        let columns = STATUS_COLUMNS
+            .split(',')
+            .map(|c| format!("w.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
         let client = self.client().await?;
         let rows = client
             .query(
-                &format!("SELECT {STATUS_COLUMNS} FROM workflow_status WHERE workflow_id = $1"),
+                &format!(
+                    "SELECT {columns}, t.subtask_id, t.ordinal, t.title, t.tool, t.depends_on,
+                            t.state, t.attempts, t.output, t.started_at, t.finished_at
+                       FROM workflow_status w
+                       LEFT JOIN workflow_subtasks t ON t.workflow_id = w.workflow_id
+                      WHERE w.workflow_id = $1
+                      ORDER BY t.ordinal"
+                ),
                 &[&id],
             )
             .await
             .map_err(unavailable)?;
         drop(client);
-        Ok(self.with_subtasks(rows).await?.pop())
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let mut status = status_of(first)?;
+        let at = STATUS_COLUMNS.split(',').count();
+        for row in &rows {
+            if row.get::<_, Option<&str>>(at).is_some() {
+                status.subtasks.push(subtask_of(row, at)?);
+            }
+        }
+        Ok(Some(status))
     }
 
     async fn workflows(
