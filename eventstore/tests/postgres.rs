@@ -1085,3 +1085,55 @@ async fn a_heavy_read_is_cut_off_by_the_statement_timeout_and_writes_go_on() {
         "cut off, not run out: {took:?}"
     );
 }
+
+/// Polls `condition` (state with no event to await), for at most 10 s.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..1_000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// A process alone on its database announces nothing (every listening
+/// backend pays a transaction for each NOTIFY); a process that starts
+/// listening says so at once, and the first announces its commits to it
+/// again without waiting for its next look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_alone_goes_quiet_and_one_that_joins_is_heard_at_once() {
+    let db = TestDatabase::create().await;
+    let a = db
+        .store_with(PostgresOptions {
+            presence_check: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .await;
+    let peers = a.peers();
+    eventually("a process alone goes quiet", || !peers.present()).await;
+
+    // B would find nothing by polling for an hour: only A's NOTIFY wakes it.
+    let b = db
+        .store_with(PostgresOptions {
+            safety_poll: Duration::from_secs(3_600),
+            ..Default::default()
+        })
+        .await;
+    let mut sub = b.subscribe_all(1);
+    assert!(sub.next().now_or_never().is_none());
+    eventually("A hears B join", || peers.present()).await;
+    let written = a
+        .append(&stream("after-join"), ExpectedVersion::Any, events(1))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("B learns of A's commit from A's NOTIFY")
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.global_position, written.first_position);
+    // With B there, A stays announcing, look after look.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(peers.present(), "A went quiet with B listening");
+}

@@ -40,6 +40,61 @@ pub use tls::{Connection, DatabaseUrl, TlsMode};
 /// The channel other processes' commits are announced on.
 pub const NOTIFY_CHANNEL: &str = "agentledger_events";
 
+/// The advisory lock every process holds, shared, on its listening
+/// connection: how a process learns whether another would hear its
+/// announcements (design: a process alone sends none).
+pub const PRESENCE_LOCK: i64 = 0x6167_6c65_6467_0004;
+
+/// Whether other processes listen on this process's database, as its
+/// listener last found out. Starts (and after every reconnect restarts)
+/// as "yes": a process goes quiet only after two checks a poll apart found
+/// no other holder of [`PRESENCE_LOCK`] and nothing was heard from another
+/// process between them; any other process's announcement (a joining
+/// process sends one as soon as it listens) makes it "yes" again at once.
+#[derive(Clone)]
+pub struct Peers(Arc<PeersInner>);
+
+struct PeersInner {
+    present: std::sync::atomic::AtomicBool,
+    /// Announcements heard from other processes, ever.
+    heard: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self(Arc::new(PeersInner {
+            present: std::sync::atomic::AtomicBool::new(true),
+            heard: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+}
+
+impl Peers {
+    /// True unless this process knows itself alone on the database.
+    pub fn present(&self) -> bool {
+        self.0.present.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn heard_from_one(&self) {
+        self.0
+            .heard
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .present
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn heard(&self) -> u64 {
+        self.0.heard.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set(&self, present: bool) {
+        self.0
+            .present
+            .store(present, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// What a process's one `LISTEN` connection hears on another channel
 /// ([`PostgresEventStore::notices`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +178,8 @@ pub struct PostgresOptions {
     /// How long a caller waits for a pooled connection before the store
     /// answers `Unavailable` rather than queueing without end.
     pub pool_wait: Duration,
+    /// How often the listener looks for other processes ([`Peers`]).
+    pub presence_check: Duration,
 }
 
 /// See [`PostgresOptions::before_commit`].
@@ -139,6 +196,7 @@ impl Default for PostgresOptions {
             statement_timeout: None,
             pool_wait: Duration::from_secs(10),
             notify_interval: Duration::from_millis(5),
+            presence_check: Duration::from_secs(1),
             before_commit: None,
         }
     }
@@ -156,6 +214,7 @@ struct Inner {
     appends: Vec<mpsc::Sender<writer::AppendRequest>>,
     live: broadcast::Sender<Arc<RecordedEvent>>,
     channels: Arc<Channels>,
+    peers: Peers,
     /// Started on the first stream subscription (it needs a runtime).
     router: OnceLock<Arc<StreamRouter>>,
     limits: Limits,
@@ -233,9 +292,12 @@ impl PostgresEventStore {
             })
             .collect();
         let channels = Arc::new(Channels::default());
+        let peers = Peers::default();
         let tailer = tailer::Tailer {
             url,
             channels: channels.clone(),
+            peers: peers.clone(),
+            presence_check: options.presence_check,
             pool: pool.clone(),
             live: live.clone(),
             committed,
@@ -251,6 +313,7 @@ impl PostgresEventStore {
                 appends,
                 live,
                 channels,
+                peers,
                 router: OnceLock::new(),
                 limits: options.limits,
                 stop,
@@ -261,6 +324,12 @@ impl PostgresEventStore {
     /// The read pool (for tools and tests that need plain SQL).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// Whether other processes listen on this database (see [`Peers`]):
+    /// announcements that only they would hear may be left out while not.
+    pub fn peers(&self) -> Peers {
+        self.inner.peers.clone()
     }
 
     /// Notifications on `channel`, heard on the connection this process

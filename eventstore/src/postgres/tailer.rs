@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rows::read_all;
 use super::writer::Commits;
-use super::{Channels, DatabaseUrl, Notice, NOTIFY_CHANNEL};
+use super::{Channels, DatabaseUrl, Notice, Peers, NOTIFY_CHANNEL, PRESENCE_LOCK};
 use crate::{Position, RecordedEvent, StoreError};
 
 const PAGE: usize = 1_000;
@@ -43,7 +43,16 @@ pub(crate) struct Tailer {
     pub last: Position,
     pub safety_poll: Duration,
     pub notify_interval: Duration,
+    /// Whether other processes listen, and how often to look.
+    pub peers: Peers,
+    pub presence_check: Duration,
 }
+
+/// Holders of the presence lock in this database, this process included.
+const PRESENCE_HOLDERS: &str = "SELECT count(*) FROM pg_locks
+     WHERE locktype = 'advisory' AND granted AND objsubid = 1
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND classid = $1 AND objid = $2";
 
 impl Tailer {
     pub async fn run(mut self, stop: CancellationToken) {
@@ -57,17 +66,32 @@ impl Tailer {
             announce.clone(),
             self.notify_interval,
             origin.clone(),
+            self.peers.clone(),
             stop.clone(),
         ));
         let mut listener: Option<Client> = None;
         let mut heard: HashSet<String> = HashSet::new();
         let mut read = true;
+        let mut presence_due = tokio::time::Instant::now() + self.presence_check;
+        // What `peers.heard()` was when the last check found no other
+        // process: a second such check with nothing heard between them
+        // makes this process quiet.
+        let mut lonely_since: Option<u64> = None;
         loop {
             if listener.as_ref().is_none_or(Client::is_closed) {
                 read = true;
                 heard.clear();
-                listener = match listen(&self.url, remote.clone(), origin.clone(), &self.channels)
-                    .await
+                // Until shown otherwise, someone may be listening.
+                self.peers.set(true);
+                lonely_since = None;
+                listener = match listen(
+                    &self.url,
+                    remote.clone(),
+                    origin.clone(),
+                    &self.channels,
+                    &self.peers,
+                )
+                .await
                 {
                     Ok(client) => Some(client),
                     Err(e) => {
@@ -95,6 +119,15 @@ impl Tailer {
                     }
                 }
             }
+            if tokio::time::Instant::now() >= presence_due {
+                presence_due = tokio::time::Instant::now() + self.presence_check;
+                if let Some(client) = &listener {
+                    match self.look_for_peers(client, &mut lonely_since).await {
+                        Ok(()) => {}
+                        Err(e) => tracing::warn!(error = %e, "looking for other processes failed"),
+                    }
+                }
+            }
             if read {
                 if let Err(e) = self.catch_up().await {
                     tracing::warn!(error = %e, "tailer could not read new events; retrying");
@@ -113,9 +146,36 @@ impl Tailer {
                 }
                 _ = remote.notified() => true,
                 _ = self.channels.added.notified() => false,
+                _ = tokio::time::sleep_until(presence_due) => false,
                 _ = tokio::time::sleep(wait) => true,
             };
         }
+    }
+
+    /// Counts the holders of the presence lock; see [`Peers`].
+    async fn look_for_peers(
+        &self,
+        client: &Client,
+        lonely_since: &mut Option<u64>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let heard_before = self.peers.heard();
+        let (high, low) = (
+            (PRESENCE_LOCK as u64 >> 32) as u32,
+            (PRESENCE_LOCK as u64 & 0xFFFF_FFFF) as u32,
+        );
+        let holders: i64 = client
+            .query_one(PRESENCE_HOLDERS, &[&high, &low])
+            .await?
+            .get(0);
+        if holders > 1 || self.peers.heard() != heard_before {
+            self.peers.set(true);
+            *lonely_since = None;
+        } else if *lonely_since == Some(heard_before) {
+            self.peers.set(false);
+        } else {
+            *lonely_since = Some(heard_before);
+        }
+        Ok(())
     }
 
     /// Broadcasts this process's committed groups that follow on from
@@ -187,10 +247,14 @@ async fn listen(
     remote: Arc<Notify>,
     origin: String,
     channels: &Arc<Channels>,
+    peers: &Peers,
 ) -> Result<Client, tokio_postgres::Error> {
     let (client, mut connection) = url.connect().await?;
     let notifications = remote.clone();
     let channels = channels.clone();
+    let peers = peers.clone();
+    // `origin` is a UUID: nothing in it needs quoting.
+    let origin_id = origin.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -199,7 +263,10 @@ async fn listen(
                     channels.send(n.channel(), Notice::Payload(n.payload().to_string()));
                 }
                 Ok(AsyncMessage::Notification(n)) if n.payload() == origin => {}
-                Ok(AsyncMessage::Notification(_)) => notifications.notify_one(),
+                Ok(AsyncMessage::Notification(_)) => {
+                    peers.heard_from_one();
+                    notifications.notify_one();
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "event listener connection lost");
@@ -210,24 +277,37 @@ async fn listen(
         // Wake the tailer so that it notices the closed client and reconnects.
         notifications.notify_one();
     });
+    // Present first, then listening, then said so: a process that counts
+    // the holders after this one's lock sees it, and one that counted
+    // before hears the announcement below.
     client
-        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .execute("SELECT pg_advisory_lock_shared($1)", &[&PRESENCE_LOCK])
+        .await?;
+    client
+        .batch_execute(&format!(
+            "LISTEN {NOTIFY_CHANNEL}; NOTIFY {NOTIFY_CHANNEL}, '{origin_id}'"
+        ))
         .await?;
     Ok(client)
 }
 
-/// Sends `NOTIFY` after local commits, at most once per `interval`.
+/// Sends `NOTIFY` after local commits, at most once per `interval`, and
+/// none while no other process listens.
 async fn announce_commits(
     pool: Pool,
     announce: Arc<Notify>,
     interval: Duration,
     origin: String,
+    peers: Peers,
     stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = announce.notified() => {}
+        }
+        if !peers.present() {
+            continue;
         }
         match pool.get().await {
             Ok(client) => {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentledger_eventstore::postgres::{DatabaseUrl, Notice, PostgresEventStore};
+use agentledger_eventstore::postgres::{DatabaseUrl, Notice, Peers, PostgresEventStore};
 use agentledger_eventstore::StoreError;
 use agentledger_eventstore::{EventStore, Subscription};
 use futures::FutureExt;
@@ -110,6 +110,9 @@ pub struct Checkpoints {
     senders: Arc<HashMap<&'static str, watch::Sender<u64>>>,
     /// The highest position a reader of this process waits for.
     wanted: Arc<watch::Sender<u64>>,
+    /// Whether other processes would hear an announcement (known once
+    /// [`Checkpoints::follow_store`] runs; until then, assumed).
+    peers: Arc<std::sync::OnceLock<Peers>>,
 }
 
 impl Default for Checkpoints {
@@ -122,11 +125,18 @@ impl Default for Checkpoints {
                     .collect(),
             ),
             wanted: Arc::new(watch::channel(0).0),
+            peers: Arc::new(std::sync::OnceLock::new()),
         }
     }
 }
 
 impl Checkpoints {
+    /// False only when this process knows no other listens: its runners
+    /// then leave out the announcements nobody would hear.
+    fn peers_present(&self) -> bool {
+        self.peers.get().is_none_or(Peers::present)
+    }
+
     /// A reader waits until every projection applied `position`: a runner
     /// of this process holding that event back commits its batch now.
     pub fn want(&self, position: u64) {
@@ -164,6 +174,7 @@ impl Checkpoints {
     /// hears them, reading the table whenever it (re)starts listening,
     /// until `stop`. Costs no connection of its own.
     pub async fn follow_store(self, store: PostgresEventStore, stop: CancellationToken) {
+        let _ = self.peers.set(store.peers());
         let mut notices = match store.notices(CHECKPOINT_CHANNEL) {
             Ok(notices) => notices,
             Err(e) => {
@@ -524,8 +535,11 @@ async fn lead(
         // Announce at most once per interval, and always when caught up;
         // inside the transaction, so that the announcement is delivered
         // with the commit and costs no transaction of its own. One
-        // announcement carries every projection of the runner.
-        let announce = !full || announced.elapsed() >= config.announce_interval;
+        // announcement carries every projection of the runner; none when
+        // no other process listens (this one's readers watch the
+        // checkpoints in memory).
+        let announce = (!full || announced.elapsed() >= config.announce_interval)
+            && checkpoints.peers_present();
         if announce {
             let payload = names
                 .iter()
