@@ -326,12 +326,9 @@ impl ProjectionRunner {
         if names.is_empty() {
             return Err(ProjectionError::Unknown("(no projection named)".into()));
         }
-        let mut projections = Vec::with_capacity(names.len());
+        let mut projections: Vec<Box<dyn Projection>> = Vec::with_capacity(names.len());
         for name in names {
-            if projections
-                .iter()
-                .any(|p: &Box<dyn Projection>| p.name() == *name)
-            {
+            if projections.iter().any(|p| p.name() == *name) {
                 return Err(ProjectionError::Unknown(format!("{name} (named twice)")));
             }
             projections.push(
