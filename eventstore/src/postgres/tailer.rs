@@ -128,6 +128,10 @@ impl Tailer {
                     }
                 }
             }
+            self.committed.wanted.store(
+                self.live.receiver_count() > 0,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if read {
                 if let Err(e) = self.catch_up().await {
                     tracing::warn!(error = %e, "tailer could not read new events; retrying");

@@ -46,9 +46,17 @@ use crate::prepare::PreparedEvent;
 pub(crate) struct Commits {
     pub wake: Notify,
     groups: Mutex<Vec<Vec<Arc<RecordedEvent>>>>,
+    /// Whether the tailer has subscribers to pass events to; without, the
+    /// writer does not build them (an empty group then asks for a read,
+    /// which is right should a subscriber have come meanwhile).
+    pub wanted: std::sync::atomic::AtomicBool,
 }
 
 impl Commits {
+    fn wanted(&self) -> bool {
+        self.wanted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn push(&self, group: Vec<Arc<RecordedEvent>>) {
         self.groups.lock().expect("commits lock").push(group);
     }
@@ -223,7 +231,11 @@ impl Writer {
         if let Some(plan) = plan_from_memory(&self.memory, requests) {
             match write(connection, &plan.rows, hook).await {
                 Ok(first) => {
-                    let events = plan.rows.recorded(first);
+                    let events = self
+                        .committed
+                        .wanted()
+                        .then(|| plan.rows.recorded(first))
+                        .flatten();
                     let (results, heads) = plan.finish(first);
                     self.memory.remember(heads);
                     return Ok((results, events));
@@ -250,7 +262,11 @@ impl Writer {
             }
             match write(connection, &plan.rows, hook).await {
                 Ok(first) => {
-                    let events = plan.rows.recorded(first);
+                    let events = self
+                        .committed
+                        .wanted()
+                        .then(|| plan.rows.recorded(first))
+                        .flatten();
                     let (results, heads) = plan.finish(first);
                     self.memory.remember(heads);
                     return Ok((results, events));
