@@ -1137,3 +1137,40 @@ async fn a_process_alone_goes_quiet_and_one_that_joins_is_heard_at_once() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(peers.present(), "A went quiet with B listening");
 }
+
+/// The safety poll is the last resort when an announcement is late or
+/// lost: it must fire even though the tailer wakes more often for other
+/// reasons (here its looks for other processes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_safety_poll_finds_an_unannounced_commit_while_the_tailer_keeps_waking() {
+    let db = TestDatabase::create().await;
+    // A announces its first commit at once, the next only an hour later.
+    let a = db
+        .store_with(PostgresOptions {
+            notify_interval: Duration::from_secs(3_600),
+            ..Default::default()
+        })
+        .await;
+    let b = db
+        .store_with(PostgresOptions {
+            safety_poll: Duration::from_millis(300),
+            presence_check: Duration::from_millis(100),
+            ..Default::default()
+        })
+        .await;
+    let mut sub = b.subscribe_all(1);
+    assert!(sub.next().now_or_never().is_none());
+    eventually("A knows B listens", || a.peers().present()).await;
+    for name in ["announced", "unannounced"] {
+        let written = a
+            .append(&stream(name), ExpectedVersion::Any, events(1))
+            .await
+            .unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("B never saw the {name} commit"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.global_position, written.first_position);
+    }
+}

@@ -302,6 +302,7 @@ impl PostgresEventStore {
             live: live.clone(),
             committed,
             last: start,
+            pending: Default::default(),
             safety_poll: options.safety_poll,
             notify_interval: options.notify_interval,
         };

@@ -11,7 +11,7 @@
 //! process's commits, after they committed and at most one per interval,
 //! with a payload naming this process, so that its own listener ignores it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ use super::{Channels, DatabaseUrl, Notice, Peers, NOTIFY_CHANNEL, PRESENCE_LOCK}
 use crate::{Position, RecordedEvent, StoreError};
 
 const PAGE: usize = 1_000;
+/// Own events held behind a gap at most; beyond, reads bring them.
+const MAX_PENDING: usize = 10_000;
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 
 pub(crate) struct Tailer {
@@ -41,6 +43,9 @@ pub(crate) struct Tailer {
     /// (committed or never to be), and every event up to it was broadcast
     /// (or came before this process started).
     pub last: Position,
+    /// This process's committed groups not yet broadcast, by first
+    /// position: they wait behind a gap.
+    pub pending: BTreeMap<Position, Vec<Arc<RecordedEvent>>>,
     pub safety_poll: Duration,
     pub notify_interval: Duration,
     /// Whether other processes listen, and how often to look.
@@ -72,6 +77,7 @@ impl Tailer {
         let mut listener: Option<Client> = None;
         let mut heard: HashSet<String> = HashSet::new();
         let mut read = true;
+        let mut poll_due = tokio::time::Instant::now();
         let mut presence_due = tokio::time::Instant::now() + self.presence_check;
         // What `peers.heard()` was when the last check found no other
         // process: a second such check with nothing heard between them
@@ -133,16 +139,28 @@ impl Tailer {
                 std::sync::atomic::Ordering::Relaxed,
             );
             if read {
-                if let Err(e) = self.catch_up().await {
-                    tracing::warn!(error = %e, "tailer could not read new events; retrying");
+                // The safety poll counts from the last read, whatever woke
+                // the tailer in between (own commits passed on, looks for
+                // peers): it must fire on a busy process too.
+                let wait = if listener.is_some() {
+                    self.safety_poll
+                } else {
+                    RECONNECT_DELAY
+                };
+                poll_due = tokio::time::Instant::now() + wait;
+                match self.catch_up().await {
+                    Ok(()) => {
+                        read = false;
+                        // What waited behind a gap the read has now closed.
+                        self.pass_on_pending();
+                    }
+                    // `read` stays set: the next wake-up tries again.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tailer could not read new events; retrying")
+                    }
                 }
             }
-            let wait = if listener.is_some() {
-                self.safety_poll
-            } else {
-                RECONNECT_DELAY
-            };
-            read = tokio::select! {
+            let woke_to_read = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.committed.wake.notified() => {
                     announce.notify_one();
@@ -151,8 +169,9 @@ impl Tailer {
                 _ = remote.notified() => true,
                 _ = self.channels.added.notified() => false,
                 _ = tokio::time::sleep_until(presence_due) => false,
-                _ = tokio::time::sleep(wait) => true,
+                _ = tokio::time::sleep_until(poll_due) => true,
             };
+            read |= woke_to_read;
         }
     }
 
@@ -176,6 +195,11 @@ impl Tailer {
             *lonely_since = None;
         } else if *lonely_since == Some(heard_before) {
             self.peers.set(false);
+            // An announcement heard meanwhile wins (it counts before it
+            // sets "present", so one of the two sees the other).
+            if self.peers.heard() != heard_before {
+                self.peers.set(true);
+            }
         } else {
             *lonely_since = Some(heard_before);
         }
@@ -189,35 +213,47 @@ impl Tailer {
     /// lane, holds positions between), or a failed group whose positions
     /// may hide another's commit.
     fn pass_on_own_commits(&mut self) -> bool {
-        let mut groups = self.committed.take();
+        let groups = self.committed.take();
         if self.live.receiver_count() == 0 {
             // As in `catch_up`: nobody to tell, and a later read covers them.
+            self.pending.clear();
             return true;
         }
-        if groups.iter().any(Vec::is_empty) {
-            // A failed group: its positions are settled now, and a commit
-            // of another process beyond them may have become visible.
-            return false;
+        // A failed group: its positions are settled now, and a commit of
+        // another process beyond them may have become visible.
+        let failed = groups.iter().any(Vec::is_empty);
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            self.pending.insert(group[0].global_position, group);
         }
-        groups.sort_by_key(|g| g.first().map(|e| e.global_position));
-        let mut complete = true;
-        for group in groups {
-            let (Some(first), Some(end)) = (group.first(), group.last()) else {
+        self.pass_on_pending();
+        !failed && self.pending.is_empty()
+    }
+
+    /// Broadcasts the held groups that now follow on from `last`, in
+    /// order; drops those a read already brought. Groups behind a gap stay
+    /// (a read, or the group that fills the gap, lets them go), up to a
+    /// bound beyond which reads alone are relied on.
+    fn pass_on_pending(&mut self) {
+        while let Some(entry) = self.pending.first_entry() {
+            let group = entry.get();
+            let end = group.last().map_or(0, |e| e.global_position);
+            if end <= self.last {
+                entry.remove(); // a read already brought them
                 continue;
-            };
-            if end.global_position <= self.last {
-                continue; // a read already brought them
             }
-            if first.global_position != self.last + 1 {
-                complete = false;
-                break;
+            if *entry.key() > self.last + 1 {
+                break; // a gap: another process's or lane's positions
             }
-            self.last = end.global_position;
-            for event in group {
-                let _ = self.live.send(event);
+            for event in entry.remove() {
+                if event.global_position > self.last {
+                    self.last = event.global_position;
+                    let _ = self.live.send(event);
+                }
             }
         }
-        complete
+        if self.pending.values().map(Vec::len).sum::<usize>() > MAX_PENDING {
+            self.pending.clear();
+        }
     }
 
     async fn catch_up(&mut self) -> Result<(), StoreError> {
