@@ -64,7 +64,7 @@ async fn an_expired_lease_is_claimed_by_another_owner(q: &dyn WorkQueue) {
     // The old owner can neither renew, release nor complete it any more.
     assert!(q.renew("a", &[id], at(100)).await.unwrap().is_empty());
     q.release("a", id, None, at(31)).await.unwrap();
-    q.complete("a", id, second[0].seq, at(31)).await.unwrap();
+    assert!(!q.complete("a", id, second[0].seq, at(31)).await.unwrap());
     assert!(
         q.claim("c", 1, at(40), LEASE).await.unwrap().is_empty(),
         "b still holds it"
@@ -105,9 +105,12 @@ async fn complete_keeps_work_enqueued_during_the_claim(q: &dyn WorkQueue) {
     // A person decides on `kept` while the worker still holds it.
     q.enqueue(kept, Priority::High, at(2), at(2)).await.unwrap();
     for claim in &claims {
-        q.complete("w", claim.workflow, claim.seq, at(3))
+        let released = q
+            .complete("w", claim.workflow, claim.seq, at(3))
             .await
             .unwrap();
+        // Kept for the newer work (a claimer must be woken), or gone.
+        assert_eq!(released, claim.workflow == kept, "{}", claim.workflow);
     }
     let again = q.claim("v", 5, at(3), LEASE).await.unwrap();
     assert_eq!(again.len(), 1);
@@ -115,7 +118,7 @@ async fn complete_keeps_work_enqueued_during_the_claim(q: &dyn WorkQueue) {
         (again[0].workflow, again[0].priority),
         (kept, Priority::High)
     );
-    q.complete("v", kept, again[0].seq, at(4)).await.unwrap();
+    assert!(!q.complete("v", kept, again[0].seq, at(4)).await.unwrap());
     assert_eq!(q.waiting().await.unwrap(), 0);
 }
 

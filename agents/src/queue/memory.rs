@@ -170,19 +170,20 @@ impl WorkQueue for InMemoryWorkQueue {
         workflow: Uuid,
         seq: i64,
         now: DateTime<Utc>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let mut rows = self.rows();
         match rows.get_mut(&workflow) {
             Some(row) if held_by(row, owner) && row.seq == seq => {
                 rows.remove(&workflow);
+                Ok(false)
             }
             Some(row) if held_by(row, owner) => {
                 row.lease = None;
                 row.available_at = row.available_at.min(now);
+                Ok(true)
             }
-            _ => {}
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     async fn remove(&self, workflow: Uuid) -> Result<(), QueueError> {

@@ -101,14 +101,15 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Removes the row when `owner` still holds it and nothing was enqueued
     /// since the claim (`seq` unchanged); otherwise releases it, so that the
-    /// newer work is claimed again.
+    /// newer work is claimed again. True when it released it so (the row
+    /// is claimable now: wake a claimer).
     async fn complete(
         &self,
         owner: &str,
         workflow: Uuid,
         seq: i64,
         now: DateTime<Utc>,
-    ) -> Result<(), QueueError>;
+    ) -> Result<bool, QueueError>;
 
     /// Removes the row whoever holds it (a submission whose append failed).
     async fn remove(&self, workflow: Uuid) -> Result<(), QueueError>;

@@ -226,14 +226,15 @@ impl WorkQueue for PostgresWorkQueue {
         workflow: Uuid,
         seq: i64,
         now: DateTime<Utc>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(COMPLETE).await.map_err(unavailable)?;
-        client
+        // The count is the release's (the outer UPDATE).
+        let released = client
             .execute(&statement, &[&owner, &workflow, &seq, &now])
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(released > 0)
     }
 
     async fn remove(&self, workflow: Uuid) -> Result<(), QueueError> {

@@ -58,9 +58,15 @@ pub(super) async fn drive(inner: &Inner, claim: Claim, history: Option<History>)
     let owner = &inner.config.owner;
     let now = inner.clock.now();
     let later = |d: Duration| now + chrono::Duration::from_std(d).unwrap_or_default();
-    let requeued = matches!(outcome, Outcome::Requeue(_) | Outcome::Superseded);
+    let mut requeued = matches!(outcome, Outcome::Requeue(_) | Outcome::Superseded);
     let result = match outcome {
-        Outcome::Settled => queue.complete(owner, id, claim.seq, now).await,
+        // Work enqueued while this claim ran (a person's decision) keeps the
+        // row: it is claimable at once, and its record's wake-up may have
+        // been skipped because this runtime held the workflow.
+        Outcome::Settled => queue
+            .complete(owner, id, claim.seq, now)
+            .await
+            .map(|released| requeued = released),
         Outcome::Requeue(priority) => queue.release(owner, id, Some(priority), now).await,
         Outcome::Superseded => queue.release(owner, id, None, now).await,
         Outcome::NoStream
@@ -68,7 +74,10 @@ pub(super) async fn drive(inner: &Inner, claim: Claim, history: Option<History>)
                 > chrono::Duration::from_std(inner.config.orphan_grace).unwrap_or_default() =>
         {
             tracing::warn!(workflow = %id, "queued workflow has no events; dropping its row");
-            queue.complete(owner, id, claim.seq, now).await
+            queue
+                .complete(owner, id, claim.seq, now)
+                .await
+                .map(|released| requeued = released)
         }
         // Its submission may not have committed yet.
         Outcome::NoStream => {

@@ -76,6 +76,9 @@ impl RunnerFaultPlan {
     }
 }
 
+/// How often a process reads every checkpoint besides the announcements.
+const REREAD: Duration = Duration::from_secs(1);
+
 /// Tuning for a runner.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -182,10 +185,16 @@ impl Checkpoints {
                 return;
             }
         };
+        // Announcements can be missed around a process joining (one that
+        // believed itself alone commits a batch it did not announce just
+        // after this one read the table): read it again now and then.
+        let mut reread = tokio::time::interval(REREAD);
+        reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let notice = tokio::select! {
                 () = stop.cancelled() => return,
                 notice = notices.recv() => notice,
+                _ = reread.tick() => Ok(Notice::Resync),
             };
             match notice {
                 Ok(Notice::Payload(payload)) => self.apply_announcement(&payload),
@@ -267,6 +276,13 @@ impl Checkpoints {
                 }
             }
         });
+        // Listening: so say, or a process alone would not announce.
+        client
+            .execute(
+                "SELECT pg_advisory_lock_shared($1)",
+                &[&agentledger_eventstore::postgres::PRESENCE_LOCK],
+            )
+            .await?;
         client
             .batch_execute(&format!("LISTEN {CHECKPOINT_CHANNEL}"))
             .await?;
