@@ -229,13 +229,10 @@ async fn until_a_session_waits_for_an_advisory_lock(db: &TestDatabase) {
     panic!("no session ever queued for an advisory lock");
 }
 
-/// The scripted interleaving behind the gap-safe order: process A holds an
-/// uncommitted append; process B appends later, takes a higher position and
-/// commits first. A reader must not see B's event while A's lower position
-/// can still commit, then must see both, in position order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
-    let db = TestDatabase::create().await;
+/// A commit hook that holds every append between its insert and its
+/// commit: `inserted` is signalled when the rows are in, and the commit
+/// waits for `release`.
+fn held_commit() -> (postgres::CommitHook, Arc<Notify>, Arc<Notify>) {
     let (inserted, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let hook: postgres::CommitHook = {
         let (inserted, release) = (inserted.clone(), release.clone());
@@ -248,6 +245,17 @@ async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
             .boxed()
         })
     };
+    (hook, inserted, release)
+}
+
+/// The scripted interleaving behind the gap-safe order: process A holds an
+/// uncommitted append; process B appends later, takes a higher position and
+/// commits first. A reader must not see B's event while A's lower position
+/// can still commit, then must see both, in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
+    let db = TestDatabase::create().await;
+    let (hook, inserted, release) = held_commit();
     let a = db
         .store_with(PostgresOptions {
             before_commit: Some(hook),
@@ -322,18 +330,7 @@ async fn a_later_commit_stays_invisible_until_the_earlier_append_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_holds_back_its_own_commit_behind_another_ones_unsettled_append() {
     let db = TestDatabase::create().await;
-    let (inserted, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let hook: postgres::CommitHook = {
-        let (inserted, release) = (inserted.clone(), release.clone());
-        Arc::new(move || {
-            let (inserted, release) = (inserted.clone(), release.clone());
-            async move {
-                inserted.notify_one();
-                release.notified().await;
-            }
-            .boxed()
-        })
-    };
+    let (hook, inserted, release) = held_commit();
     let a = db
         .store_with(PostgresOptions {
             before_commit: Some(hook),
