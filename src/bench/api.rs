@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentledger_agents::workflow_id_for_key;
+use agentledger_eventstore::{PostgresEventStore, PostgresOptions, RecordedEvent};
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -63,6 +64,11 @@ pub struct ApiArgs {
     /// Closed loop: one JSON object per run on stdout, no progress bar.
     #[arg(long)]
     json: bool,
+    /// Closed loop: before each run, load a ledger of this many events
+    /// (real workflow events replicated, with COPY) and project it, so
+    /// that the cost per workflow is measured on a full ledger.
+    #[arg(long, default_value_t = 0)]
+    preload: u64,
 }
 
 /// The credential the client presents, and the owner its workflows get.
@@ -86,6 +92,15 @@ pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
 }
 
 async fn closed_loop_runs(args: &ApiArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.preload == 0 || args.url.is_none(),
+        "--preload loads a scratch database: it cannot be used with --url"
+    );
+    let template = if args.preload > 0 {
+        super::rebuild::generate(PRELOAD_TEMPLATE).await?
+    } else {
+        Vec::new()
+    };
     for &concurrency in &args.concurrency {
         for _ in 0..args.runs {
             let duration = Duration::from_secs(args.seconds);
@@ -105,14 +120,47 @@ async fn closed_loop_runs(args: &ApiArgs) -> anyhow::Result<()> {
                         .as_deref()
                         .context("DATABASE_URL (or --database-url, or --url) is needed")?;
                     let scratch = Scratch::create(database_url).await?;
-                    let result = closed_loop_own(args, &scratch, concurrency).await;
+                    let result = match preload(&scratch.url, &template, args.preload).await {
+                        Ok(()) => closed_loop_own(args, &scratch, concurrency).await,
+                        Err(e) => Err(e),
+                    };
                     scratch.drop_database().await?;
-                    result?
+                    let mut report = result?;
+                    report["preloaded_events"] = args.preload.into();
+                    report
                 }
             };
             closed_loop::print(&report, args.json);
         }
     }
+    Ok(())
+}
+
+/// Events of real workflows a preloaded ledger is replicated from.
+const PRELOAD_TEMPLATE: u64 = 20_000;
+
+/// Loads `events` events replicated from `template` into the empty
+/// database at `url`, projects them into the read models (as `rebuild`
+/// does), and leaves the tables vacuumed and analysed, as a ledger that
+/// grew in service would be.
+async fn preload(url: &str, template: &[RecordedEvent], events: u64) -> anyhow::Result<()> {
+    if events == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut admin = super::connect(url).await?;
+    super::rebuild::copy_events(&admin, super::verify::replicas(template, events)).await?;
+    let store = PostgresEventStore::connect(url, PostgresOptions::default()).await?;
+    for name in agentledger_projections::PROJECTIONS {
+        crate::rebuild::rebuild_one(&mut admin, &store, name).await?;
+    }
+    for statement in ["VACUUM ANALYZE", "CHECKPOINT"] {
+        admin.batch_execute(statement).await.context(statement)?;
+    }
+    eprintln!(
+        "preloaded {events} events and their read models in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -143,7 +143,10 @@ async fn measure(url: &str, template: &[RecordedEvent], events: u64) -> anyhow::
 
 /// `events` events: copies of `template` under new stream ids and event
 /// ids, each stream's chain recomputed, made one at a time.
-fn replicas(template: &[RecordedEvent], events: u64) -> impl Iterator<Item = RecordedEvent> + '_ {
+pub(super) fn replicas(
+    template: &[RecordedEvent],
+    events: u64,
+) -> impl Iterator<Item = RecordedEvent> + '_ {
     let mut streams: HashMap<StreamId, (StreamId, [u8; 32])> = HashMap::new();
     (0..events).map(move |i| {
         let original = &template[(i % template.len() as u64) as usize];
