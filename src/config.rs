@@ -35,6 +35,7 @@
 //! max_workflows = 64         # workflows driven at once by this process
 //! lease_seconds = 30
 //! max_tool_output_bytes = 1048576  # a larger tool output fails its subtask, with no retry
+//! record_every_start = false # true: the start of every tool attempt is recorded before it runs, pure built-ins too
 //! orphan_grace_ms = 30000    # a workflow waiting for an agent with no queue row this long is queued again
 //!
 //! [auth]
@@ -226,6 +227,7 @@ pub struct AgentsSection {
     pub lease_seconds: Option<u64>,
     pub max_tool_output_bytes: Option<usize>,
     pub orphan_grace_ms: Option<u64>,
+    pub record_every_start: Option<bool>,
 }
 
 impl FileConfig {
@@ -350,6 +352,10 @@ impl FileConfig {
                     .agents
                     .max_tool_output_bytes
                     .unwrap_or(defaults.gitcode.max_output_bytes),
+                inline_pure_tools: !self
+                    .agents
+                    .record_every_start
+                    .unwrap_or(!defaults.gitcode.inline_pure_tools),
                 ..defaults.gitcode.clone()
             },
             ..defaults

@@ -45,6 +45,14 @@ pub trait Tool: Send + Sync + 'static {
     /// Runs one attempt. The executor enforces the deadline; the tool should
     /// also watch [`ToolCall::cancel`] if it can stop early.
     async fn run(&self, call: ToolCall) -> Result<String, ToolFailure>;
+    /// True for a tool without side effects whose output depends on its
+    /// call alone (the built-ins): the executor may run it before recording
+    /// its start, and record start and result in one append, since a crash
+    /// in between only means it runs again. The default is false: the start
+    /// of every attempt is recorded before the tool is called.
+    fn pure(&self) -> bool {
+        false
+    }
 }
 
 /// Inputs above this size run on the blocking pool, off the async workers.
@@ -56,6 +64,10 @@ struct Builtin(&'static BuiltinTool);
 impl Tool for Builtin {
     fn spec(&self) -> ToolSpec {
         self.0.spec
+    }
+
+    fn pure(&self) -> bool {
+        true
     }
 
     async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {

@@ -15,10 +15,14 @@ use agentledger_domain::policy::gitcode::GitCodeConfig;
 use agentledger_domain::tools::ToolSpec;
 use agentledger_domain::workflow::{FailureKind, WorkflowEvent, WorkflowState};
 use agentledger_eventstore::testing::TestDatabase;
-use agentledger_eventstore::EventStore;
+use agentledger_eventstore::{EventStore, RecordedEvent};
 use async_trait::async_trait;
 use common::*;
 use uuid::Uuid;
+
+/// Three built-in tools in a chain (as `bench workflows` runs).
+const THREE_STEPS: &str =
+    "1. Extract the figures from the text: 12, 7.5 and 30\n2. Sort them in descending order\n3. Compute their total";
 
 async fn postgres(db: &TestDatabase) -> (Arc<dyn EventStore>, Arc<dyn WorkQueue>) {
     let store = db.store().await;
@@ -112,6 +116,9 @@ async fn two_runtimes_on_one_database_record_each_decision_once() {
     }
 }
 
+/// A tool whose start is recorded before it runs (every tool but the pure
+/// built-ins, or all with `record_every_start`): a runtime that dies after
+/// recording the start leaves an attempt that the next owner abandons.
 #[tokio::test]
 async fn a_runtime_killed_mid_execution_leaves_its_workflow_to_another() {
     let db = TestDatabase::create().await;
@@ -120,6 +127,7 @@ async fn a_runtime_killed_mid_execution_leaves_its_workflow_to_another() {
         owner: owner.into(),
         gitcode: GitCodeConfig {
             backoff_initial_ms: 0,
+            inline_pure_tools: false,
             ..GitCodeConfig::default()
         },
         ..RuntimeConfig::default()
@@ -184,6 +192,160 @@ async fn a_runtime_killed_mid_execution_leaves_its_workflow_to_another() {
     assert_each_decision_once(id, followed);
     survivor.stop().await;
     assert_eq!(queue.waiting().await.unwrap(), 0);
+}
+
+/// Pure tools run before anything of the execution is recorded: a runtime
+/// that dies with their results in hand has recorded nothing of them, and
+/// the next owner runs them again, each start and result recorded once.
+#[tokio::test]
+async fn a_runtime_killed_before_recording_pure_tool_results_leaves_nothing_half_done() {
+    let db = TestDatabase::create().await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let config = |owner: &str| RuntimeConfig {
+        owner: owner.into(),
+        ..RuntimeConfig::default()
+    };
+    let (store, queue) = postgres(&db).await;
+    let doomed = Running::start_runtime(Runtime::with_faults(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("doomed"),
+        Some(FaultPlan::at(FaultPoint::BeforeSubtaskResult, 1)),
+    ));
+    let id = doomed
+        .runtime
+        .submit(Submission {
+            request: THREE_STEPS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let runtime = doomed.runtime.clone();
+    doomed.ended().await;
+    assert!(runtime.is_dead());
+    let history = runtime.load(id).await.unwrap().unwrap();
+    assert_eq!(history.workflow.state, WorkflowState::Executing);
+    assert!(
+        !history
+            .events
+            .iter()
+            .any(|r| matches!(r.event, WorkflowEvent::SubtaskStarted { .. })),
+        "nothing of the execution was recorded"
+    );
+
+    let survivor = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("survivor"),
+    );
+    clock.sleepers_at_least(3).await;
+    clock.advance(RuntimeConfig::default().lease + Duration::from_secs(1));
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state.is_final()
+    })
+    .await;
+    let followed = &seen[&id];
+    assert_eq!(followed.workflow.state, WorkflowState::Completed);
+    let attempts: Vec<_> = followed
+        .decoded
+        .iter()
+        .filter_map(|e| match e {
+            WorkflowEvent::SubtaskStarted { subtask, attempt } => {
+                Some(format!("start {subtask} {attempt}"))
+            }
+            WorkflowEvent::SubtaskSucceeded {
+                subtask, attempt, ..
+            } => Some(format!("ok {subtask} {attempt}")),
+            WorkflowEvent::SubtaskFailed { .. } => Some("failed".into()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            "start st-1 1",
+            "ok st-1 1",
+            "start st-2 1",
+            "ok st-2 1",
+            "start st-3 1",
+            "ok st-3 1"
+        ]
+    );
+    assert_each_decision_once(id, followed);
+    survivor.stop().await;
+}
+
+/// A chain of subtasks on pure tools costs the executor one append: every
+/// start, result and the end of execution share one transaction's
+/// positions, one causation (the approval) and one recorded time.
+#[tokio::test]
+async fn a_chain_of_pure_tools_is_recorded_in_one_append() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let running = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig::default(),
+    );
+    let id = running
+        .runtime
+        .submit(Submission {
+            request: THREE_STEPS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state.is_final()
+    })
+    .await;
+    let followed = &seen[&id];
+    assert_eq!(followed.workflow.state, WorkflowState::Completed);
+    let execution: Vec<&RecordedEvent> = followed
+        .events
+        .iter()
+        .map(|e| &**e)
+        .filter(|e| e.metadata().unwrap().actor.name == "gitcode")
+        .collect();
+    let types: Vec<&str> = execution.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "SubtaskStarted",
+            "SubtaskSucceeded",
+            "SubtaskStarted",
+            "SubtaskSucceeded",
+            "SubtaskStarted",
+            "SubtaskSucceeded",
+            "ExecutionFinished"
+        ]
+    );
+    let first = execution[0];
+    for (i, event) in execution.iter().enumerate() {
+        assert_eq!(event.global_position, first.global_position + i as u64);
+        assert_eq!(event.recorded_at, first.recorded_at, "one append");
+        assert_eq!(
+            event.metadata().unwrap().causation_id,
+            first.metadata().unwrap().causation_id
+        );
+    }
+    let approval = followed
+        .events
+        .iter()
+        .find(|e| e.event_type == "GateDecided")
+        .unwrap();
+    assert_eq!(
+        first.metadata().unwrap().causation_id,
+        Some(approval.event_id),
+        "the execution answers the approval"
+    );
+    running.stop().await;
 }
 
 /// Fails its first `failures` attempts, then succeeds.

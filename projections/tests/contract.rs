@@ -221,6 +221,11 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
         sum("lubit", |m| m.latency_count),
         sum("lubit", |m| m.decisions)
     );
+    // GitCode's run of a chain of built-in tools is one append: its first
+    // decision is timed from the approval, so every execution is timed.
+    assert!(count("execution.finished") > 0);
+    assert!(sum("gitcode", |m| m.latency_count) >= count("execution.finished"));
+    assert!(sum("gitcode", |m| m.latency_count) <= sum("gitcode", |m| m.decisions));
     let lubit_rows: Vec<_> = metrics.iter().filter(|m| m.agent == "lubit").collect();
     assert!(lubit_rows.iter().all(|m| m.latency_p95_ms().is_some()));
     assert!(models

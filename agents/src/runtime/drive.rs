@@ -302,55 +302,87 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
         let mut preview = history.workflow.clone();
         let mut source = None;
         if let Some((command, subtask, attempt)) = result.take() {
-            let events = handle(&preview, command.clone())?;
-            preview = events.iter().fold(preview, Workflow::apply);
-            commands.push(command);
+            plan(&mut preview, &mut commands, command)?;
             source = Some((subtask, attempt));
         }
         let mut starts = Vec::new();
         let mut finishing = false;
-        for action in gitcode::next_actions(config, &preview, &in_flight) {
-            match action {
-                gitcode::Action::Abandon { subtask, attempt } => {
-                    commands.push(Command::FailSubtask {
+        // Pure tools (the built-ins) run here, before anything is recorded:
+        // their start and result go into this append with what they
+        // unblock, so a chain of them costs one commit. A crash before the
+        // append loses only work that runs again the same (they have no
+        // side effects). Other tools have their start recorded first.
+        let mut look_again = true;
+        while look_again {
+            look_again = false;
+            for action in gitcode::next_actions(config, &preview, &in_flight) {
+                match action {
+                    gitcode::Action::Abandon { subtask, attempt } => plan(
+                        &mut preview,
+                        &mut commands,
+                        Command::FailSubtask {
+                            subtask,
+                            attempt,
+                            kind: FailureKind::Abandoned,
+                            error: "its worker stopped before it ended (lease expired)".into(),
+                        },
+                    )?,
+                    gitcode::Action::Skip { subtask, reason } => plan(
+                        &mut preview,
+                        &mut commands,
+                        Command::SkipSubtask { subtask, reason },
+                    )?,
+                    gitcode::Action::Start {
                         subtask,
                         attempt,
-                        kind: FailureKind::Abandoned,
-                        error: "its worker stopped before it ended (lease expired)".into(),
-                    })
-                }
-                gitcode::Action::Skip { subtask, reason } => {
-                    commands.push(Command::SkipSubtask { subtask, reason })
-                }
-                gitcode::Action::Start {
-                    subtask,
-                    attempt,
-                    delay,
-                } if delay.is_zero() => {
-                    commands.push(Command::StartSubtask {
-                        subtask: subtask.clone(),
-                        attempt,
-                    });
-                    starts.push((subtask, attempt));
-                }
-                gitcode::Action::Start {
-                    subtask,
-                    attempt,
-                    delay,
-                } => {
-                    in_flight.insert(subtask.clone());
-                    let sleep = inner.clock.sleep(delay);
-                    running.push(
-                        async move {
-                            sleep.await;
-                            Progress::Due { subtask, attempt }
+                        delay,
+                    } if delay.is_zero() => {
+                        let start = Command::StartSubtask {
+                            subtask: subtask.clone(),
+                            attempt,
+                        };
+                        if !(config.inline_pure_tools && runs_inline(inner, &preview, &subtask)) {
+                            in_flight.insert(subtask.clone());
+                            commands.push(start);
+                            starts.push((subtask, attempt));
+                            continue;
                         }
-                        .boxed(),
-                    );
-                }
-                gitcode::Action::Finish => {
-                    commands.push(Command::FinishExecution);
-                    finishing = true;
+                        plan(&mut preview, &mut commands, start)?;
+                        let Progress::Done {
+                            result: outcome, ..
+                        } = run_tool(inner, history.id, &preview, subtask.clone(), attempt).await
+                        else {
+                            unreachable!("a tool run ends with its result")
+                        };
+                        if inner.crash_at(FaultPoint::BeforeSubtaskResult) {
+                            return Ok(Some(Outcome::Dead));
+                        }
+                        plan(
+                            &mut preview,
+                            &mut commands,
+                            result_command(subtask, attempt, outcome),
+                        )?;
+                        look_again = true;
+                    }
+                    gitcode::Action::Start {
+                        subtask,
+                        attempt,
+                        delay,
+                    } => {
+                        in_flight.insert(subtask.clone());
+                        let sleep = inner.clock.sleep(delay);
+                        running.push(
+                            async move {
+                                sleep.await;
+                                Progress::Due { subtask, attempt }
+                            }
+                            .boxed(),
+                        );
+                    }
+                    gitcode::Action::Finish => {
+                        plan(&mut preview, &mut commands, Command::FinishExecution)?;
+                        finishing = true;
+                    }
                 }
             }
         }
@@ -370,8 +402,13 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             }
             let started = !starts.is_empty();
             for (subtask, attempt) in starts {
-                in_flight.insert(subtask.clone());
-                running.push(run_tool(inner, history, subtask, attempt));
+                running.push(run_tool(
+                    inner,
+                    history.id,
+                    &history.workflow,
+                    subtask,
+                    attempt,
+                ));
             }
             if started && inner.crash_at(FaultPoint::AfterSubtaskStarted) {
                 return Ok(Some(Outcome::Dead));
@@ -409,7 +446,13 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                 {
                     return Ok(Some(Outcome::Superseded));
                 }
-                running.push(run_tool(inner, history, subtask, attempt));
+                running.push(run_tool(
+                    inner,
+                    history.id,
+                    &history.workflow,
+                    subtask,
+                    attempt,
+                ));
                 if inner.crash_at(FaultPoint::AfterSubtaskStarted) {
                     return Ok(Some(Outcome::Dead));
                 }
@@ -423,19 +466,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                     return Ok(Some(Outcome::Dead));
                 }
                 in_flight.remove(&subtask);
-                let command = match outcome {
-                    Ok(output) => Command::CompleteSubtask {
-                        subtask: subtask.clone(),
-                        attempt,
-                        output: Text::new(output),
-                    },
-                    Err((kind, error)) => Command::FailSubtask {
-                        subtask: subtask.clone(),
-                        attempt,
-                        kind,
-                        error,
-                    },
-                };
+                let command = result_command(subtask.clone(), attempt, outcome);
                 result = Some((command, subtask, attempt));
             }
         }
@@ -469,19 +500,62 @@ fn gitcode_basis(
     (cause.map(|r| r.event_id), inputs)
 }
 
-/// One attempt of `subtask`'s tool, under the attempt deadline.
+/// Adds `command` to those of the next append, applied to `preview`, so
+/// that a second look at the plan sees what the append will record.
+fn plan(
+    preview: &mut Workflow,
+    commands: &mut Vec<Command>,
+    command: Command,
+) -> Result<(), RuntimeError> {
+    let events = handle(preview, command.clone())?;
+    *preview = events.iter().fold(preview.clone(), Workflow::apply);
+    commands.push(command);
+    Ok(())
+}
+
+/// The command that records an attempt's outcome.
+fn result_command(
+    subtask: String,
+    attempt: u8,
+    outcome: Result<String, (FailureKind, String)>,
+) -> Command {
+    match outcome {
+        Ok(output) => Command::CompleteSubtask {
+            subtask,
+            attempt,
+            output: Text::new(output),
+        },
+        Err((kind, error)) => Command::FailSubtask {
+            subtask,
+            attempt,
+            kind,
+            error,
+        },
+    }
+}
+
+/// Whether `subtask`'s tool is pure, so that it may run before its start
+/// is recorded.
+fn runs_inline(inner: &Inner, workflow: &Workflow, subtask: &str) -> bool {
+    workflow
+        .subtask(subtask)
+        .and_then(|s| s.plan.as_ref())
+        .and_then(|plan| inner.tools.get(&plan.tool))
+        .is_some_and(|tool| tool.pure())
+}
+
+/// One attempt of `subtask`'s tool, under the attempt deadline, with its
+/// input from `workflow` (workflow `id`).
 fn run_tool<'a>(
     inner: &'a Inner,
-    history: &History,
+    id: uuid::Uuid,
+    workflow: &Workflow,
     subtask: String,
     attempt: u8,
 ) -> BoxFuture<'a, Progress> {
-    let plan = history
-        .workflow
-        .subtask(&subtask)
-        .and_then(|s| s.plan.clone());
-    let input = gitcode::tool_input(&history.workflow, &subtask);
-    let workflow = history.id;
+    let plan = workflow.subtask(&subtask).and_then(|s| s.plan.clone());
+    let input = gitcode::tool_input(workflow, &subtask);
+    let workflow = id;
     async move {
         let Some(plan) = plan else {
             return Progress::Done {

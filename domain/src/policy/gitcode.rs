@@ -24,6 +24,10 @@ pub struct GitCodeConfig {
     /// text); a larger one fails the attempt as invalid input, without a
     /// retry, instead of an event the store would refuse.
     pub max_output_bytes: usize,
+    /// Pure tools (the built-ins) run before their start is recorded, and
+    /// their start and result go into one append with what they unblock.
+    /// False records every start before its tool runs.
+    pub inline_pure_tools: bool,
 }
 
 impl Default for GitCodeConfig {
@@ -34,6 +38,7 @@ impl Default for GitCodeConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
             max_output_bytes: 1 << 20,
+            inline_pure_tools: true,
         }
     }
 }

@@ -157,6 +157,22 @@ pub fn minute_of(at: DateTime<Utc>) -> DateTime<Utc> {
     at.duration_trunc(TimeDelta::minutes(1)).unwrap_or(at)
 }
 
+/// Whether `event` is an agent's decision (counted, and timed from its
+/// causation), rather than a step on the way to one.
+fn is_decision(event: &WorkflowEvent) -> bool {
+    use WorkflowEvent as E;
+    matches!(
+        event,
+        E::AnalysisProduced { .. }
+            | E::ExecutionFinished { .. }
+            | E::GateDecided { .. }
+            | E::SubtaskSucceeded { .. }
+            | E::SubtaskSkipped { .. }
+            | E::SubtaskFailed { .. }
+            | E::EthicsReviewed { .. }
+    )
+}
+
 /// Figures added up from a batch of events, by (agent, minute).
 #[derive(Debug, Default)]
 pub struct MetricsBatch {
@@ -167,8 +183,9 @@ pub struct MetricsBatch {
 impl MetricsBatch {
     /// Counts `fact`. `caused_at` is when the event it answers (its
     /// causation) was recorded, if known: the decision latency is the time
-    /// between. `first_of_append` is false for an event that shares its
-    /// causation with the one before it (one decision, several events).
+    /// between. `first_of_append` is false for a decision that shares its
+    /// causation with the decision before it (one append, several
+    /// decisions: only the first is timed).
     pub fn count(&mut self, fact: &Fact, caused_at: Option<DateTime<Utc>>, first_of_append: bool) {
         use WorkflowEvent as E;
         let actor = &fact.metadata.actor;
@@ -181,28 +198,15 @@ impl MetricsBatch {
             .rows
             .entry((fact.metadata.tenant.clone(), actor.name.clone(), bucket))
             .or_insert_with(|| AgentMetrics::empty(&fact.metadata.tenant, &actor.name, bucket));
-        let decision = match &fact.event {
-            E::AnalysisProduced { .. } | E::ExecutionFinished { .. } => true,
-            E::GateDecided { verdict, .. } => {
-                match verdict {
-                    Verdict::Approve => row.approvals += 1,
-                    Verdict::Reject => row.rejections += 1,
-                    Verdict::Revise => row.revisions += 1,
-                    Verdict::Escalate => row.escalations += 1,
-                }
-                true
-            }
-            E::SubtaskStarted { attempt, .. } => {
-                if *attempt > 1 {
-                    row.retries += 1;
-                }
-                false
-            }
-            E::SubtaskSucceeded { .. } | E::SubtaskSkipped { .. } => true,
-            E::SubtaskFailed { .. } => {
-                row.failures += 1;
-                true
-            }
+        match &fact.event {
+            E::GateDecided { verdict, .. } => match verdict {
+                Verdict::Approve => row.approvals += 1,
+                Verdict::Reject => row.rejections += 1,
+                Verdict::Revise => row.revisions += 1,
+                Verdict::Escalate => row.escalations += 1,
+            },
+            E::SubtaskStarted { attempt, .. } if *attempt > 1 => row.retries += 1,
+            E::SubtaskFailed { .. } => row.failures += 1,
             E::EthicsReviewed { scores, passed, .. } => {
                 row.ethics_count += 1;
                 row.transparency_sum += millionths(scores.transparency);
@@ -212,10 +216,10 @@ impl MetricsBatch {
                 if !passed {
                     row.flagged += 1;
                 }
-                true
             }
-            _ => false,
-        };
+            _ => {}
+        }
+        let decision = is_decision(&fact.event);
         if !decision {
             return;
         }
@@ -229,7 +233,7 @@ impl MetricsBatch {
 
 /// What the metrics projection remembers of a workflow: when each of its
 /// events was recorded (to time decisions by their causation), and the
-/// causation of its last event.
+/// causation of its last agent decision.
 #[derive(Debug, Clone, Default)]
 pub struct Timeline {
     pub times: Vec<(Uuid, DateTime<Utc>)>,
@@ -257,7 +261,9 @@ impl Timeline {
     pub fn remember(&mut self, fact: &Fact) {
         self.times
             .push((fact.recorded.event_id, fact.recorded.recorded_at));
-        self.last_causation = fact.metadata.causation_id;
+        if fact.metadata.actor.kind == ActorKind::Agent && is_decision(&fact.event) {
+            self.last_causation = fact.metadata.causation_id;
+        }
         self.version = Some(fact.recorded.stream_version);
     }
 }
