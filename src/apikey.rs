@@ -116,6 +116,7 @@ impl Owner {
             version: String::new(),
             subject: format!("os:{user}"),
             method: "database_owner".into(),
+            role: String::new(),
         };
         Ok((store, actor))
     }

@@ -37,6 +37,9 @@
 //! max_tool_output_bytes = 1048576  # a larger tool output fails its subtask, with no retry
 //! record_every_start = false # true: the start of every tool attempt is recorded before it runs, pure built-ins too
 //! orphan_grace_ms = 30000    # a workflow waiting for an agent with no queue row this long is queued again
+//! analyst = "builtin"        # or "external": workers decide through the API (claimAgentTask); the same
+//! gatekeeper = "builtin"     #   for gatekeeper and ethics (the executor's scheduling stays built in)
+//! ethics = "builtin"
 //!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
@@ -59,6 +62,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use agentledger_domain::names::AgentRole;
 use anyhow::Context;
 use serde::Deserialize;
 
@@ -228,6 +232,20 @@ pub struct AgentsSection {
     pub max_tool_output_bytes: Option<usize>,
     pub orphan_grace_ms: Option<u64>,
     pub record_every_start: Option<bool>,
+    pub analyst: Option<Serving>,
+    pub gatekeeper: Option<Serving>,
+    pub ethics: Option<Serving>,
+}
+
+/// Who makes a role's decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Serving {
+    /// The reference policy, in the service.
+    Builtin,
+    /// Workers outside the service, through `claimAgentTask` and
+    /// `submitAgentDecision` (role `agent`).
+    External,
 }
 
 impl FileConfig {
@@ -358,6 +376,15 @@ impl FileConfig {
                     .unwrap_or(!defaults.gitcode.inline_pure_tools),
                 ..defaults.gitcode.clone()
             },
+            external: [
+                (AgentRole::Analyst, self.agents.analyst),
+                (AgentRole::Gatekeeper, self.agents.gatekeeper),
+                (AgentRole::Ethics, self.agents.ethics),
+            ]
+            .into_iter()
+            .filter(|(_, serving)| *serving == Some(Serving::External))
+            .map(|(role, _)| role)
+            .collect(),
             ..defaults
         }
     }

@@ -11,6 +11,7 @@
 //! (time comes from the injected [`Clock`]).
 
 pub mod clock;
+pub mod decision;
 pub mod faults;
 pub mod queue;
 pub mod runtime;
@@ -20,7 +21,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use faults::{FaultPlan, FaultPoint};
 pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
 pub use runtime::{
-    fingerprint, stream_of, workflow_id_for_key, History, HumanDecision, Runtime, RuntimeConfig,
-    RuntimeError, Submission, Submitted, PRIVACY_STREAM, STREAM_PREFIX,
+    fingerprint, stream_of, workflow_id_for_key, AgentTask, DeclaredPolicy, History, HumanDecision,
+    Runtime, RuntimeConfig, RuntimeError, Submission, Submitted, TaskId, Worker, PRIVACY_STREAM,
+    STREAM_PREFIX,
 };
 pub use tool::{Tool, ToolCall, ToolFailure, ToolRegistry};

@@ -182,7 +182,11 @@ pub(crate) async fn serve(
                 }
             };
             let (code, message) = match found {
-                Ok(principal) if Access::Read.allows(principal.roles) => {
+                // Readers follow workflows; agent workers wait for tasks.
+                Ok(principal)
+                    if Access::Read.allows(principal.roles)
+                        || Access::Work.allows(principal.roles) =>
+                {
                     match limiters.open_connection(&principal.subject) {
                         Some(slot) => {
                             *caller.slot.lock().expect("slot lock") = Some(slot);

@@ -9,8 +9,11 @@
 //! - [`policy`]: Sena, Lubit, GitCode (as a plan) and RUNE, each described
 //!   in a paragraph in its module docs;
 //! - [`tools`]: the built-in tools;
-//! - [`text`]: sentence and word splitting for English and Korean.
+//! - [`text`]: sentence and word splitting for English and Korean;
+//! - [`names`]: stream prefixes, event names and agent roles that several
+//!   crates spell.
 
+pub mod names;
 pub mod policy;
 pub mod privacy;
 pub mod text;

@@ -152,9 +152,16 @@ impl WorkflowEvent {
             E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => {
                 vec![(F::Reason, reason)]
             }
-            E::EthicsReviewed { findings, .. }
-            | E::WorkflowFlagged { findings }
-            | E::WorkflowRejected { reasons: findings } => {
+            E::EthicsReviewed {
+                findings,
+                rationale,
+                ..
+            } => {
+                let mut texts: Vec<_> = findings.iter_mut().map(|f| (F::Reason, f)).collect();
+                texts.extend(rationale.as_mut().map(|r| (F::Rationale, r)));
+                texts
+            }
+            E::WorkflowFlagged { findings } | E::WorkflowRejected { reasons: findings } => {
                 findings.iter_mut().map(|f| (F::Reason, f)).collect()
             }
             E::WorkflowCancelled { reason } => reason

@@ -119,6 +119,11 @@ pub struct Actor {
     /// off); empty where `subject` is.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub method: String,
+    /// The agent role an agent decided in (`ANALYST`, …) when its name does
+    /// not say it: external workers and models; empty for the built-in
+    /// agents, people and the system.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
 }
 
 impl Actor {
@@ -130,6 +135,7 @@ impl Actor {
             version: version.into(),
             subject: String::new(),
             method: String::new(),
+            role: String::new(),
         }
     }
 
@@ -141,6 +147,7 @@ impl Actor {
             version: String::new(),
             subject: String::new(),
             method: String::new(),
+            role: String::new(),
         }
     }
 
@@ -162,6 +169,7 @@ impl Actor {
             version: env!("CARGO_PKG_VERSION").into(),
             subject: String::new(),
             method: String::new(),
+            role: String::new(),
         }
     }
 }

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use agentledger_domain::names::AgentRole;
 use agentledger_domain::workflow::Priority;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{lease_end, Claim, QueueError, WorkQueue};
+use super::{lease_end, Assignment, Claim, QueueError, TaskClaim, WorkQueue};
 
 #[derive(Debug, Clone)]
 struct Row {
@@ -20,6 +21,8 @@ struct Row {
     seq: i64,
     claims: i32,
     lease: Option<(String, DateTime<Utc>)>,
+    /// Set while external workers of a role have the row.
+    assignment: Option<Assignment>,
 }
 
 /// A task queue in memory.
@@ -55,6 +58,7 @@ impl WorkQueue for InMemoryWorkQueue {
             seq: -1,
             claims: 0,
             lease: None,
+            assignment: None,
         });
         row.priority = priority;
         row.available_at = available_at;
@@ -78,6 +82,7 @@ impl WorkQueue for InMemoryWorkQueue {
             seq: 0,
             claims: 0,
             lease: None,
+            assignment: None,
         });
         if row.lease.as_ref().is_some_and(|(_, until)| *until >= now) {
             return Err(QueueError::Held(workflow));
@@ -104,7 +109,9 @@ impl WorkQueue for InMemoryWorkQueue {
         let mut ready: Vec<(&Uuid, &mut Row)> = rows
             .iter_mut()
             .filter(|(_, r)| {
-                r.available_at <= now && r.lease.as_ref().is_none_or(|(_, t)| *t < now)
+                r.assignment.is_none()
+                    && r.available_at <= now
+                    && r.lease.as_ref().is_none_or(|(_, t)| *t < now)
             })
             .collect();
         ready.sort_by(|(a_id, a), (b_id, b)| {
@@ -193,5 +200,149 @@ impl WorkQueue for InMemoryWorkQueue {
 
     async fn waiting(&self) -> Result<usize, QueueError> {
         Ok(self.rows().len())
+    }
+
+    async fn assign(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        assignment: &Assignment,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let mut rows = self.rows();
+        let Some(row) = rows.get_mut(&workflow).filter(|r| held_by(r, owner)) else {
+            return Ok(false);
+        };
+        row.assignment = Some(assignment.clone());
+        row.lease = None;
+        row.claims = 0;
+        row.available_at = now;
+        Ok(true)
+    }
+
+    async fn claim_task(
+        &self,
+        role: AgentRole,
+        tenant: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<TaskClaim>, QueueError> {
+        let mut rows = self.rows();
+        let first = rows
+            .iter_mut()
+            .filter(|(_, r)| {
+                r.assignment
+                    .as_ref()
+                    .is_some_and(|a| a.role == role && a.tenant == tenant)
+                    && r.available_at <= now
+                    && r.lease.as_ref().is_none_or(|(_, t)| *t < now)
+            })
+            .min_by(|(a_id, a), (b_id, b)| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then(a.available_at.cmp(&b.available_at))
+                    .then(a_id.cmp(b_id))
+            });
+        Ok(first.map(|(id, row)| {
+            row.lease = Some((holder.to_string(), lease_end(now, lease)));
+            row.claims += 1;
+            task_claim(*id, row)
+        }))
+    }
+
+    async fn task(&self, task: Uuid) -> Result<Option<TaskClaim>, QueueError> {
+        let rows = self.rows();
+        Ok(find_task(&rows, task).map(|(id, row)| task_claim(id, row)))
+    }
+
+    async fn renew_task(
+        &self,
+        task: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let mut rows = self.rows();
+        let Some(id) = find_task(&rows, task).map(|(id, _)| id) else {
+            return Ok(false);
+        };
+        let row = rows.get_mut(&id).expect("found above");
+        if !row
+            .lease
+            .as_ref()
+            .is_some_and(|(h, t)| h == holder && *t >= now)
+        {
+            return Ok(false);
+        }
+        row.lease = Some((holder.to_string(), until));
+        Ok(true)
+    }
+
+    async fn release_task(
+        &self,
+        task: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        available_at: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let mut rows = self.rows();
+        let Some(id) = find_task(&rows, task).map(|(id, _)| id) else {
+            return Ok(false);
+        };
+        let row = rows.get_mut(&id).expect("found above");
+        if !row
+            .lease
+            .as_ref()
+            .is_some_and(|(h, t)| h == holder && *t >= now)
+        {
+            return Ok(false);
+        }
+        row.lease = None;
+        row.available_at = available_at;
+        Ok(true)
+    }
+
+    async fn finish_task(
+        &self,
+        task: Uuid,
+        next: Option<Priority>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let mut rows = self.rows();
+        let Some(id) = find_task(&rows, task).map(|(id, _)| id) else {
+            return Ok(false);
+        };
+        match next {
+            None => {
+                rows.remove(&id);
+            }
+            Some(priority) => {
+                let row = rows.get_mut(&id).expect("found above");
+                row.assignment = None;
+                row.lease = None;
+                row.claims = 0;
+                row.priority = priority;
+                row.available_at = now;
+                row.seq += 1;
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn find_task(rows: &HashMap<Uuid, Row>, task: Uuid) -> Option<(Uuid, &Row)> {
+    rows.iter()
+        .find(|(_, r)| r.assignment.as_ref().is_some_and(|a| a.task == task))
+        .map(|(id, r)| (*id, r))
+}
+
+fn task_claim(workflow: Uuid, row: &Row) -> TaskClaim {
+    TaskClaim {
+        workflow,
+        assignment: row.assignment.clone().expect("an assigned row"),
+        priority: row.priority,
+        attempt: row.claims,
+        lease: row.lease.clone(),
     }
 }

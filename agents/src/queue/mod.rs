@@ -12,6 +12,7 @@ mod postgres;
 
 use std::time::Duration;
 
+use agentledger_domain::names::AgentRole;
 use agentledger_domain::workflow::Priority;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -30,6 +31,34 @@ pub struct Claim {
     /// How many times the row has been claimed, this claim included.
     pub claims: i32,
     pub enqueued_at: DateTime<Utc>,
+}
+
+/// A workflow's row handed to the external workers of one role: the work
+/// of one decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub role: AgentRole,
+    /// The task's id: derived from the workflow, the role and `version`,
+    /// so that handing the same step over twice names the same task.
+    pub task: Uuid,
+    /// The stream version the decision is appended at (the number of
+    /// events the workflow had when it was handed over).
+    pub version: u64,
+    /// Only workers of this tenant see the task.
+    pub tenant: String,
+}
+
+/// An assigned row as a worker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskClaim {
+    pub workflow: Uuid,
+    pub assignment: Assignment,
+    pub priority: Priority,
+    /// Claims by workers since the hand-over, this one included.
+    pub attempt: i32,
+    /// Who holds it (`<subject>#<worker id>`) and until when; a lease in
+    /// the past is held by nobody.
+    pub lease: Option<(String, DateTime<Utc>)>,
 }
 
 /// Why the queue could not be used.
@@ -127,6 +156,63 @@ pub trait WorkQueue: Send + Sync + 'static {
         let _ = (before, max);
         Ok(Vec::new())
     }
+
+    /// Hands `owner`'s claim on `workflow` to the external workers of
+    /// `assignment.role`: the row stays, unleased and claimable at once, but
+    /// only by [`WorkQueue::claim_task`] for that role and tenant; runtimes
+    /// no longer claim it. False when `owner` no longer held the row.
+    async fn assign(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        assignment: &Assignment,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError>;
+
+    /// Claims for `holder` until `now + lease` the first available task of
+    /// `role` in `tenant` (highest priority, then oldest), if any.
+    async fn claim_task(
+        &self,
+        role: AgentRole,
+        tenant: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<TaskClaim>, QueueError>;
+
+    /// The row of task `task`, while it is assigned.
+    async fn task(&self, task: Uuid) -> Result<Option<TaskClaim>, QueueError>;
+
+    /// Extends `holder`'s lease on `task` to `until`; false when its lease
+    /// ran out (at `now`) or another holds it.
+    async fn renew_task(
+        &self,
+        task: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, QueueError>;
+
+    /// Gives `holder`'s task back to its role's queue, claimable from
+    /// `available_at`; false when `holder` did not hold it.
+    async fn release_task(
+        &self,
+        task: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        available_at: DateTime<Utc>,
+    ) -> Result<bool, QueueError>;
+
+    /// Ends task `task`: with `next`, the row goes back to the runtimes
+    /// (claimable at once, with that priority); without, it is removed (the
+    /// workflow ended or waits for a person). False when the row no longer
+    /// carries this task.
+    async fn finish_task(
+        &self,
+        task: Uuid,
+        next: Option<Priority>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError>;
 }
 
 pub(crate) fn priority_code(priority: Priority) -> i16 {

@@ -4,13 +4,17 @@
 
 use std::time::Duration;
 
+use agentledger_domain::names::AgentRole;
 use agentledger_domain::workflow::Priority;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use super::{lease_end, priority_code, priority_from_code, Claim, QueueError, WorkQueue};
+use super::{
+    lease_end, priority_code, priority_from_code, Assignment, Claim, QueueError, TaskClaim,
+    WorkQueue,
+};
 
 /// A task queue in PostgreSQL, over a pool with the service role.
 #[derive(Clone)]
@@ -33,7 +37,11 @@ impl PostgresWorkQueue {
 }
 
 fn unavailable(e: tokio_postgres::Error) -> QueueError {
-    QueueError::Unavailable(e.to_string())
+    // "db error" alone says nothing: name what the server said.
+    QueueError::Unavailable(match e.as_db_error() {
+        Some(db) => db.to_string(),
+        None => e.to_string(),
+    })
 }
 
 const ENQUEUE: &str = "
@@ -60,7 +68,8 @@ const ENQUEUE_CLAIMED: &str = "
 const CLAIM: &str = "
     WITH ready AS (
         SELECT workflow_id FROM agent_tasks
-         WHERE available_at <= $2 AND (lease_until IS NULL OR lease_until < $2)
+         WHERE role IS NULL
+           AND available_at <= $2 AND (lease_until IS NULL OR lease_until < $2)
          ORDER BY priority DESC, available_at, workflow_id
          LIMIT $4
          FOR UPDATE SKIP LOCKED)
@@ -91,6 +100,69 @@ const COMPLETE: &str = "
        SET lease_owner = NULL, lease_until = NULL, available_at = LEAST(available_at, $4)
      WHERE workflow_id = $2 AND lease_owner = $1 AND seq <> $3
        AND NOT EXISTS (SELECT 1 FROM gone)";
+
+const ASSIGN: &str = "
+    UPDATE agent_tasks
+       SET role = $3, task_id = $4, task_version = $5, tenant = $6,
+           lease_owner = NULL, lease_until = NULL, claims = 0, available_at = $7
+     WHERE workflow_id = $2 AND lease_owner = $1";
+
+const TASK_COLUMNS: &str =
+    "t.workflow_id, t.role, t.task_id, t.task_version, t.tenant, t.priority, \
+     t.claims, t.lease_owner, t.lease_until";
+
+fn claim_task_sql() -> String {
+    format!(
+        "WITH ready AS (
+            SELECT workflow_id FROM agent_tasks
+             WHERE role = $1 AND tenant = $2
+               AND available_at <= $4 AND (lease_until IS NULL OR lease_until < $4)
+             ORDER BY priority DESC, available_at, workflow_id
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED)
+        UPDATE agent_tasks t
+           SET lease_owner = $3, lease_until = $5, claims = t.claims + 1
+          FROM ready
+         WHERE t.workflow_id = ready.workflow_id
+        RETURNING {TASK_COLUMNS}"
+    )
+}
+
+// A lease in the past is nobody's: renewing or releasing it is refused.
+const RENEW_TASK: &str = "
+    UPDATE agent_tasks SET lease_until = $4
+     WHERE task_id = $1 AND lease_owner = $2 AND lease_until >= $3";
+
+const RELEASE_TASK: &str = "
+    UPDATE agent_tasks SET lease_owner = NULL, lease_until = NULL, available_at = $4
+     WHERE task_id = $1 AND lease_owner = $2 AND lease_until >= $3";
+
+const UNASSIGN: &str = "
+    UPDATE agent_tasks
+       SET role = NULL, task_id = NULL, task_version = NULL, tenant = NULL,
+           lease_owner = NULL, lease_until = NULL, claims = 0,
+           priority = $2, available_at = $3, seq = seq + 1
+     WHERE task_id = $1";
+
+fn task_claim(row: &tokio_postgres::Row) -> Result<TaskClaim, QueueError> {
+    let role: String = row.get(1);
+    let role = AgentRole::parse(&role)
+        .ok_or_else(|| QueueError::Unavailable(format!("unknown role {role:?} in agent_tasks")))?;
+    let owner: Option<String> = row.get(7);
+    let until: Option<DateTime<Utc>> = row.get(8);
+    Ok(TaskClaim {
+        workflow: row.get(0),
+        assignment: Assignment {
+            role,
+            task: row.get(2),
+            version: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+            tenant: row.get(4),
+        },
+        priority: priority_from_code(row.get(5)),
+        attempt: row.get(6),
+        lease: owner.zip(until),
+    })
+}
 
 #[async_trait]
 impl WorkQueue for PostgresWorkQueue {
@@ -273,5 +345,139 @@ impl WorkQueue for PostgresWorkQueue {
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn assign(
+        &self,
+        owner: &str,
+        workflow: Uuid,
+        assignment: &Assignment,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(ASSIGN).await.map_err(unavailable)?;
+        let version = i64::try_from(assignment.version).unwrap_or(i64::MAX);
+        let assigned = client
+            .execute(
+                &statement,
+                &[
+                    &owner,
+                    &workflow,
+                    &assignment.role.as_str(),
+                    &assignment.task,
+                    &version,
+                    &assignment.tenant,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(assigned > 0)
+    }
+
+    async fn claim_task(
+        &self,
+        role: AgentRole,
+        tenant: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<TaskClaim>, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&claim_task_sql())
+            .await
+            .map_err(unavailable)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &role.as_str(),
+                    &tenant,
+                    &holder,
+                    &now,
+                    &lease_end(now, lease),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(task_claim).transpose()
+    }
+
+    async fn task(&self, task: Uuid) -> Result<Option<TaskClaim>, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM agent_tasks t WHERE t.task_id = $1"
+            ))
+            .await
+            .map_err(unavailable)?;
+        let row = client
+            .query_opt(&statement, &[&task])
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(task_claim).transpose()
+    }
+
+    async fn renew_task(
+        &self,
+        task: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(RENEW_TASK)
+            .await
+            .map_err(unavailable)?;
+        let renewed = client
+            .execute(&statement, &[&task, &holder, &now, &until])
+            .await
+            .map_err(unavailable)?;
+        Ok(renewed > 0)
+    }
+
+    async fn release_task(
+        &self,
+        task: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        available_at: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(RELEASE_TASK)
+            .await
+            .map_err(unavailable)?;
+        let released = client
+            .execute(&statement, &[&task, &holder, &now, &available_at])
+            .await
+            .map_err(unavailable)?;
+        Ok(released > 0)
+    }
+
+    async fn finish_task(
+        &self,
+        task: Uuid,
+        next: Option<Priority>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, QueueError> {
+        let client = self.client().await?;
+        let finished = match next {
+            Some(priority) => {
+                let statement = client.prepare_cached(UNASSIGN).await.map_err(unavailable)?;
+                client
+                    .execute(&statement, &[&task, &priority_code(priority), &now])
+                    .await
+            }
+            None => {
+                client
+                    .execute("DELETE FROM agent_tasks WHERE task_id = $1", &[&task])
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        Ok(finished > 0)
     }
 }

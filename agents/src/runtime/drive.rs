@@ -21,7 +21,7 @@ use crate::tool::{ToolCall, ToolFailure};
 
 /// How a claim ended, and so what happens to its queue row.
 #[derive(Debug)]
-enum Outcome {
+pub(super) enum Outcome {
     /// Final or waiting for a person: the row goes (unless new work came).
     Settled,
     /// Approved: back in the queue, ordered by the gate's priority.
@@ -34,6 +34,8 @@ enum Outcome {
     Stuck,
     /// The runtime died or stopped: leave everything as it is.
     Dead,
+    /// Given to the external workers of a role: the row is theirs now.
+    HandedOver,
 }
 
 pub(super) async fn drive(inner: &Inner, claim: Claim, history: Option<History>) {
@@ -95,6 +97,7 @@ pub(super) async fn drive(inner: &Inner, claim: Claim, history: Option<History>)
                 .release(owner, id, None, later(inner.config.lease))
                 .await
         }
+        Outcome::HandedOver => Ok(()),
         Outcome::Dead => unreachable!("handled above"),
     };
     if let Err(e) = result {
@@ -125,6 +128,11 @@ async fn drive_claim(
     loop {
         if inner.dead.is_cancelled() {
             return Ok(Outcome::Dead);
+        }
+        if let Some(role) = super::stage_of(history.workflow.state)
+            .filter(|role| inner.config.external.contains(role))
+        {
+            return super::external::hand_over(inner, &history, role).await;
         }
         let step = match history.workflow.state {
             WorkflowState::Submitted | WorkflowState::Analysing => {
@@ -261,6 +269,7 @@ async fn review(inner: &Inner, history: &mut History) -> Result<Step, RuntimeErr
         scores: review.scores,
         passed: review.passed,
         findings: review.findings,
+        rationale: None,
     };
     let written = history
         .record(

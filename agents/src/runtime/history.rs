@@ -15,8 +15,7 @@ use uuid::Uuid;
 
 use super::RuntimeError;
 
-/// The prefix of every workflow stream id.
-pub const STREAM_PREFIX: &str = "workflow-";
+pub use agentledger_domain::names::STREAM_PREFIX;
 
 /// The stream of workflow `id`.
 pub fn stream_of(id: Uuid) -> StreamId {
@@ -194,6 +193,52 @@ impl History {
         inputs: Vec<Position>,
         idempotency_key: Option<String>,
     ) -> Result<bool, RuntimeError> {
+        self.append(
+            store,
+            recorder,
+            commands,
+            causation,
+            inputs,
+            idempotency_key,
+            None,
+        )
+        .await
+    }
+
+    /// [`History::record`] with the events' ids given by `ids` (by index):
+    /// resending the same decision then stores it once.
+    pub async fn record_with_ids(
+        &mut self,
+        store: &dyn EventStore,
+        recorder: &Recorder,
+        commands: Vec<Command>,
+        causation: Option<Uuid>,
+        inputs: Vec<Position>,
+        ids: &(dyn Fn(usize) -> Uuid + Sync),
+    ) -> Result<bool, RuntimeError> {
+        self.append(
+            store,
+            recorder,
+            commands,
+            causation,
+            inputs,
+            None,
+            Some(ids),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn append(
+        &mut self,
+        store: &dyn EventStore,
+        recorder: &Recorder,
+        commands: Vec<Command>,
+        causation: Option<Uuid>,
+        inputs: Vec<Position>,
+        idempotency_key: Option<String>,
+        ids: Option<&(dyn Fn(usize) -> Uuid + Sync)>,
+    ) -> Result<bool, RuntimeError> {
         let mut scratch = self.workflow.clone();
         let mut events = Vec::new();
         for command in commands {
@@ -216,7 +261,8 @@ impl History {
         let sealing = scratch.sealing.clone();
         let new: Vec<NewEvent> = events
             .iter()
-            .map(|event| {
+            .enumerate()
+            .map(|(index, event)| {
                 let stored = sealing.as_ref().map(|sealing| {
                     let mut stored = event.clone();
                     stored.seal(sealing, self.key.as_ref(), random_nonce);
@@ -226,6 +272,9 @@ impl History {
                     stored.as_ref().unwrap_or(event).encode();
                 let mut new = NewEvent::new(event_type, payload, metadata.clone());
                 new.schema_version = schema_version;
+                if let Some(ids) = ids {
+                    new.event_id = ids(index);
+                }
                 new
             })
             .collect();

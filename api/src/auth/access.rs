@@ -40,6 +40,8 @@ pub enum Access {
     Audit,
     /// admin.
     Admin,
+    /// agent (external workers), admin.
+    Work,
 }
 
 impl Access {
@@ -54,6 +56,7 @@ impl Access {
             Access::Decide => &[Operator, Admin],
             Access::Audit => &[Auditor, Admin],
             Access::Admin => &[Admin],
+            Access::Work => &[Agent, Admin],
         }
     }
 
@@ -77,12 +80,18 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("Query", "verifyLedger", Access::Audit),
     ("Query", "ledgerDigest", Access::Audit),
     ("Query", "ledgerKeys", Access::Audit),
+    ("Query", "agentDecisionSchema", Access::Anyone),
     ("Mutation", "submitWorkflow", Access::Submit),
     ("Mutation", "cancelWorkflow", Access::Cancel),
     ("Mutation", "decideEscalation", Access::Decide),
     ("Mutation", "forgetSubject", Access::Admin),
+    ("Mutation", "claimAgentTask", Access::Work),
+    ("Mutation", "renewAgentTask", Access::Work),
+    ("Mutation", "failAgentTask", Access::Work),
+    ("Mutation", "submitAgentDecision", Access::Work),
     ("Subscription", "workflowProgress", Access::Read),
     ("Subscription", "workflowEvents", Access::Read),
+    ("Subscription", "agentTasks", Access::Work),
 ];
 
 /// The access of root field `field` of `operation` (`Query`, `Mutation`,

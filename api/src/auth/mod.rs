@@ -170,6 +170,7 @@ impl Principal {
             version: String::new(),
             subject: self.subject.clone(),
             method: self.method.as_str().into(),
+            role: String::new(),
         }
     }
 

@@ -80,6 +80,13 @@ pub fn from_runtime(e: RuntimeError) -> async_graphql::Error {
             error(Code::Conflict, e.to_string())
         }
         RuntimeError::SelfDecision => error(Code::Forbidden, e.to_string()),
+        RuntimeError::TaskLost(why) => error(Code::Conflict, why),
+        RuntimeError::InvalidDecision(invalid) => async_graphql::Error::new(invalid.to_string())
+            .extend_with(|_, e| {
+                e.set("code", Code::BadInput.as_str());
+                e.set("path", invalid.path.as_str());
+                e.set("schemaPath", invalid.schema_path.as_str());
+            }),
         RuntimeError::Store(e) => from_store(e),
         RuntimeError::Queue(e) => {
             tracing::warn!(error = %e, "task queue unavailable");
@@ -171,6 +178,8 @@ mod table {
             }
             RuntimeError::SelfDecision => Code::Forbidden,
             RuntimeError::Corrupt(_) => Code::Internal,
+            RuntimeError::InvalidDecision(_) => Code::BadInput,
+            RuntimeError::TaskLost(_) => Code::Conflict,
         }
     }
 
@@ -243,6 +252,12 @@ mod table {
                 },
                 RuntimeError::SelfDecision,
                 RuntimeError::Corrupt("x".into()),
+                RuntimeError::InvalidDecision(agentledger_agents::decision::InvalidDecision {
+                    path: "/risk".into(),
+                    schema_path: "/properties/risk/maximum".into(),
+                    message: "2 is greater than 1".into(),
+                }),
+                RuntimeError::TaskLost("gone".into()),
             ]);
             all
         };

@@ -9,7 +9,9 @@ use agentledger_agents::stream_of;
 use agentledger_projections::model::Fact;
 
 use super::error::{self, from_runtime, from_store, Code};
-use super::types::{ForgetResult, Position, Priority, Workflow};
+use super::types::{
+    AgentPolicyInput, AgentRole, AgentTask, ForgetResult, Position, Priority, Workflow,
+};
 use super::{parse_id, principal, services, Followed, Services};
 use crate::auth::Role;
 
@@ -193,6 +195,150 @@ impl Mutation {
             .map_err(from_runtime)?;
         Self::after_write(services, id, position).await
     }
+
+    /// Claims the next task of `role` in the caller's tenant for worker
+    /// `workerId` (highest priority first) under a lease of `leaseSeconds`
+    /// (default 60, at most 600); null when none waits. Role `agent`.
+    async fn claim_agent_task(
+        &self,
+        ctx: &Context<'_>,
+        role: AgentRole,
+        worker_id: String,
+        lease_seconds: Option<i32>,
+    ) -> async_graphql::Result<Option<AgentTask>> {
+        let principal = principal(ctx)?;
+        let lease = lease(lease_seconds)?;
+        let task = services(ctx)
+            .runtime
+            .claim_agent_task(
+                role.to_projection(),
+                &worker(principal, Some(worker_id), None),
+                lease,
+            )
+            .await
+            .map_err(from_runtime)?;
+        Ok(task.map(AgentTask::of))
+    }
+
+    /// Extends the caller's lease on a task by `leaseSeconds` from now;
+    /// returns when it now ends. A lease that ran out is a `CONFLICT`.
+    async fn renew_agent_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        worker_id: String,
+        lease_seconds: Option<i32>,
+    ) -> async_graphql::Result<chrono::DateTime<chrono::Utc>> {
+        let principal = principal(ctx)?;
+        let lease = lease(lease_seconds)?;
+        services(ctx)
+            .runtime
+            .renew_agent_task(
+                parse_task(&task_id)?,
+                &worker(principal, Some(worker_id), None),
+                lease,
+            )
+            .await
+            .map_err(from_runtime)
+    }
+
+    /// Gives a task back (this worker cannot decide it): another worker may
+    /// claim it after a pause that grows with its attempts.
+    async fn fail_agent_task(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        worker_id: String,
+        error: String,
+    ) -> async_graphql::Result<bool> {
+        let principal = principal(ctx)?;
+        services(ctx)
+            .runtime
+            .fail_agent_task(
+                parse_task(&task_id)?,
+                &worker(principal, Some(worker_id), None),
+                &error,
+            )
+            .await
+            .map_err(from_runtime)?;
+        Ok(true)
+    }
+
+    /// Records an external agent's decision on a task it holds, with the
+    /// worker as its actor (its id, the version it declares, the caller's
+    /// credential) and the policy it declares. The decision must match the
+    /// role's schema (`agentDecisionSchema`): otherwise `BAD_INPUT` with
+    /// `path` and `schemaPath` in the error's extensions. A lease that ran
+    /// out, a task another worker holds or decided, or a different decision
+    /// for a task already decided is a `CONFLICT`; the same decision sent
+    /// again is stored once. Nothing is written on any error.
+    async fn submit_agent_decision(
+        &self,
+        ctx: &Context<'_>,
+        task_id: ID,
+        decision: async_graphql::Json<serde_json::Value>,
+        #[graphql(desc = "The worker that claimed the task; the lease's when absent.")]
+        worker_id: Option<String>,
+        #[graphql(desc = "The worker's version, recorded with its decision.")]
+        worker_version: Option<String>,
+        policy: Option<AgentPolicyInput>,
+    ) -> async_graphql::Result<Workflow> {
+        let services = services(ctx);
+        let principal = principal(ctx)?;
+        let task = parse_task(&task_id)?;
+        let policy = policy.unwrap_or_default();
+        let position = services
+            .runtime
+            .submit_agent_decision(
+                task,
+                &worker(principal, worker_id, worker_version),
+                &decision.0,
+                agentledger_agents::DeclaredPolicy {
+                    name: policy.name,
+                    version: policy.version,
+                    fingerprint: policy.fingerprint,
+                },
+            )
+            .await
+            .map_err(from_runtime)?;
+        Self::after_write(services, task.workflow, position).await
+    }
+}
+
+/// The worker `worker_id` (empty: the one named by the lease) of the
+/// calling credential, at `version`.
+fn worker(
+    principal: &crate::auth::Principal,
+    worker_id: Option<String>,
+    version: Option<String>,
+) -> agentledger_agents::Worker {
+    agentledger_agents::Worker {
+        id: worker_id.unwrap_or_default(),
+        version: version.unwrap_or_default(),
+        subject: principal.subject.clone(),
+        method: principal.method.as_str().into(),
+        tenant: principal.tenant.clone(),
+    }
+}
+
+fn lease(seconds: Option<i32>) -> async_graphql::Result<std::time::Duration> {
+    match seconds {
+        None => Ok(agentledger_agents::runtime::DEFAULT_TASK_LEASE),
+        Some(s)
+            if (1..=agentledger_agents::runtime::MAX_TASK_LEASE.as_secs() as i32).contains(&s) =>
+        {
+            Ok(std::time::Duration::from_secs(s as u64))
+        }
+        Some(_) => Err(error::bad_input(format!(
+            "leaseSeconds must be between 1 and {}",
+            agentledger_agents::runtime::MAX_TASK_LEASE.as_secs()
+        ))),
+    }
+}
+
+fn parse_task(id: &ID) -> async_graphql::Result<agentledger_agents::TaskId> {
+    id.parse::<agentledger_agents::TaskId>()
+        .map_err(|e| error::bad_input(e.to_string()))
 }
 
 /// The owner of workflow `id` when it is in the caller's tenant; else

@@ -286,6 +286,23 @@ impl Query {
         Ok(SignedDigest::of(digest))
     }
 
+    /// The JSON Schema an external agent's decision for `role` must match
+    /// (`submitAgentDecision`). The ANALYST's names this server's tools.
+    async fn agent_decision_schema(
+        &self,
+        ctx: &Context<'_>,
+        role: AgentRole,
+    ) -> async_graphql::Result<async_graphql::Json<serde_json::Value>> {
+        services(ctx)
+            .runtime
+            .agent_decision_schema(role.to_projection())
+            .cloned()
+            .map(async_graphql::Json)
+            .ok_or_else(|| {
+                bad_input("the EXECUTOR role takes no decisions; its tools are pluggable")
+            })
+    }
+
     /// The deployment's digest signing keys (public halves): the active key
     /// first, then retired ones, which still verify what they signed. Also
     /// served at `GET /.well-known/agentledger-key`.

@@ -14,7 +14,7 @@ use async_graphql::{Context, Subscription, ID};
 use futures::{Stream, StreamExt};
 
 use super::error::{self, from_store};
-use super::types::{Decisions, Position, RecordedEvent, Workflow};
+use super::types::{AgentRole, AgentTaskSignal, Decisions, Position, RecordedEvent, Workflow};
 use super::{may_see, parse_id, principal, services, tracked, visible_stream};
 
 /// Waits (without polling) until the read models have applied `position`;
@@ -225,4 +225,66 @@ impl SubscriptionRoot {
         });
         Ok(tracked(&services, events))
     }
+
+    /// Signals that a task for an external agent may be waiting in the
+    /// caller's tenant: once at once, then whenever this server hands one
+    /// out, and every few seconds for tasks handed out by other servers.
+    /// On each signal, call `claimAgentTask` until it answers null. Without
+    /// `role`, for every role this server leaves to external agents.
+    async fn agent_tasks(
+        &self,
+        ctx: &Context<'_>,
+        role: Option<AgentRole>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<AgentTaskSignal>>> {
+        let services = services(ctx).clone();
+        let runtime = services.runtime.clone();
+        let roles: Vec<AgentRole> = match role {
+            Some(role) => vec![role],
+            None => [AgentRole::Analyst, AgentRole::Gatekeeper, AgentRole::Ethics]
+                .into_iter()
+                .filter(|r| runtime.serves_externally(r.to_projection()))
+                .collect(),
+        };
+        if let Some(builtin) = roles
+            .iter()
+            .find(|r| !runtime.serves_externally(r.to_projection()))
+        {
+            return Err(error::bad_input(format!(
+                "the {} role is served by the built-in agent on this server",
+                builtin.to_projection().as_str()
+            )));
+        }
+        let signals = runtime.agent_task_signals();
+        // First every role at once (work may be waiting), then each as it comes.
+        let first: Vec<AgentRole> = roles.clone();
+        let stream = futures::stream::unfold(
+            (signals, first),
+            move |(mut signals, mut pending)| {
+                let roles = roles.clone();
+                async move {
+                    while pending.is_empty() {
+                        tokio::select! {
+                            signal = signals.recv() => match signal {
+                                Ok(r) => pending.extend(
+                                    roles.iter().copied().filter(|role| role.to_projection() == r),
+                                ),
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                    pending.extend(roles.iter().copied())
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                            },
+                            () = tokio::time::sleep(TASK_SIGNAL_TICK) => pending.extend(roles.iter().copied()),
+                        }
+                    }
+                    let role = pending.remove(0);
+                    Some((Ok(AgentTaskSignal { role }), (signals, pending)))
+                }
+            },
+        );
+        Ok(tracked(&services, stream))
+    }
 }
+
+/// How often `agentTasks` signals without news: tasks handed out by other
+/// servers are found then.
+const TASK_SIGNAL_TICK: Duration = Duration::from_secs(5);

@@ -802,3 +802,54 @@ impl AuditTrailEntry {
         }
     }
 }
+
+/// Work for an external agent: the decision one workflow waits for, with
+/// what the built-in agent would have seen.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct AgentTask {
+    /// `<workflowId>:<version>`: the workflow and the stream version the
+    /// decision will be recorded at.
+    pub id: ID,
+    pub workflow_id: ID,
+    pub role: AgentRole,
+    /// Claims of this task so far, this one included.
+    pub attempt: i32,
+    /// Request, input, priority, round, and by role: the tools and the
+    /// gatekeeper's feedback (ANALYST), the analysis (GATEKEEPER), the
+    /// analysis, verdict and subtask outputs (ETHICS).
+    pub context: async_graphql::Json<serde_json::Value>,
+    /// Submit, renew or fail before this, or the task goes to another worker.
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+impl AgentTask {
+    pub fn of(task: agentledger_agents::AgentTask) -> Self {
+        Self {
+            id: ID(task.id.to_string()),
+            workflow_id: ID(task.id.workflow.to_string()),
+            role: AgentRole::from_projection(task.role),
+            attempt: task.attempt,
+            context: async_graphql::Json(task.context),
+            lease_expires_at: task.lease_expires_at,
+        }
+    }
+}
+
+/// The policy an external agent decided by, recorded with its decision.
+#[derive(async_graphql::InputObject, Debug, Clone, Default)]
+pub struct AgentPolicyInput {
+    /// E.g. `gatekeeper-strict`; `<role>-external` when absent.
+    pub name: Option<String>,
+    /// The policy's version; the worker's when absent.
+    pub version: Option<String>,
+    /// Of the policy's configuration (prompt, model, rules); derived from
+    /// name and version when absent.
+    pub fingerprint: Option<String>,
+}
+
+/// A task for this role may be waiting: claim until `claimAgentTask`
+/// answers null.
+#[derive(SimpleObject, Debug, Clone, Copy)]
+pub struct AgentTaskSignal {
+    pub role: AgentRole,
+}

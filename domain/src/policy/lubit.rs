@@ -204,8 +204,9 @@ fn plan_problems(config: &LubitConfig, input: &GateInput<'_>) -> Problem {
     }
 }
 
-/// Duplicate ids, unknown or self dependencies, and cycles.
-fn graph_problems(subtasks: &[SubtaskPlan]) -> Vec<String> {
+/// Duplicate ids, unknown or self dependencies, and cycles: what makes a
+/// plan impossible to schedule, whoever proposed it.
+pub fn graph_problems(subtasks: &[SubtaskPlan]) -> Vec<String> {
     let mut problems = Vec::new();
     let mut ids = HashSet::new();
     for s in subtasks {

@@ -71,6 +71,7 @@ pub enum Command {
         scores: EthicsScores,
         passed: bool,
         findings: Vec<String>,
+        rationale: Option<Text>,
     },
     Cancel {
         reason: Option<Text>,
@@ -299,6 +300,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             scores,
             passed,
             findings,
+            rationale,
         } if state == S::Reviewing => {
             for (name, score) in [
                 ("transparency", scores.transparency),
@@ -320,6 +322,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                     scores,
                     passed,
                     findings: texts(&findings),
+                    rationale,
                 },
                 outcome,
             ])

@@ -89,6 +89,10 @@ pub enum WorkflowEvent {
         passed: bool,
         /// Schema 2: each finding is a [`Text`].
         findings: Vec<Text>,
+        /// Why, in the reviewer's words: external and model reviewers give
+        /// one; the reference policy's findings speak for it (absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rationale: Option<Text>,
     },
     /// Final: done and reviewed.
     WorkflowCompleted {},

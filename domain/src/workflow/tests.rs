@@ -86,6 +86,7 @@ fn ethics(passed: bool) -> Command {
         } else {
             vec!["age filter".into()]
         },
+        rationale: None,
     }
 }
 

@@ -56,7 +56,7 @@ impl AuditEntry {
             actor: actor.name.clone(),
             actor_version: actor.version.clone(),
             role: (actor.kind == ActorKind::Agent)
-                .then(|| AgentRole::of_agent(&actor.name))
+                .then(|| AgentRole::parse(&actor.role).or_else(|| AgentRole::of_agent(&actor.name)))
                 .flatten(),
             summary: summary(&fact.event),
             rationale: rationale(&fact.event),
@@ -108,6 +108,10 @@ pub fn rationale(event: &WorkflowEvent) -> String {
         E::HumanDecisionRecorded { comment, .. } => comment.to_column(),
         E::SubtaskFailed { error, .. } => error.to_column(),
         E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => reason.to_column(),
+        E::EthicsReviewed {
+            rationale: Some(rationale),
+            ..
+        } => rationale.to_column(),
         E::EthicsReviewed { findings, .. } | E::WorkflowFlagged { findings } => {
             join_column(findings, "; ")
         }
@@ -217,6 +221,7 @@ pub fn summary(event: &WorkflowEvent) -> String {
             scores,
             passed,
             findings,
+            ..
         } => format!(
             "ethics {}: transparency {:.2}, collaboration {:.2}, autonomy {:.2}, fairness {:.2}{}",
             if *passed { "passed" } else { "FLAGGED" },

@@ -10,8 +10,7 @@ use agentledger_domain::workflow::WorkflowEvent;
 use agentledger_eventstore::{Metadata, RecordedEvent};
 use uuid::Uuid;
 
-/// The prefix of workflow streams (the agents runtime writes them).
-pub const STREAM_PREFIX: &str = "workflow-";
+pub use agentledger_domain::names::{AgentRole, STREAM_PREFIX};
 
 /// A recorded workflow event, decoded once.
 #[derive(Debug, Clone)]
@@ -58,49 +57,5 @@ impl Fact {
             event,
             metadata,
         }))
-    }
-}
-
-/// The four agent roles (design §5's `AgentRole`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AgentRole {
-    Analyst,
-    Gatekeeper,
-    Executor,
-    Ethics,
-}
-
-impl AgentRole {
-    /// The role of a reference agent, by its name.
-    pub fn of_agent(name: &str) -> Option<Self> {
-        match name {
-            "sena" => Some(Self::Analyst),
-            "lubit" => Some(Self::Gatekeeper),
-            "gitcode" => Some(Self::Executor),
-            "rune" => Some(Self::Ethics),
-            _ => None,
-        }
-    }
-
-    /// As stored: `ANALYST`, `GATEKEEPER`, `EXECUTOR`, `ETHICS`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Analyst => "ANALYST",
-            Self::Gatekeeper => "GATEKEEPER",
-            Self::Executor => "EXECUTOR",
-            Self::Ethics => "ETHICS",
-        }
-    }
-
-    /// The inverse of [`AgentRole::as_str`].
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Analyst,
-            Self::Gatekeeper,
-            Self::Executor,
-            Self::Ethics,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == text)
     }
 }

@@ -186,6 +186,7 @@ impl StatusFold {
                 scores,
                 passed,
                 findings,
+                ..
             } => {
                 status.ethics = Some(Ethics {
                     scores: *scores,

@@ -1,0 +1,255 @@
+//! The claim loop: claims workflows from the queue as slots free up,
+//! drives each in its own task, renews the leases it holds, re-queues
+//! workflows that lost their row, and wakes on work recorded elsewhere.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use super::{drive, History, Inner, Runtime, STREAM_PREFIX};
+use crate::queue::Claim;
+
+impl Runtime {
+    /// Claims and drives workflows until `shutdown` completes or a fault
+    /// kills the runtime. On shutdown, drives in flight stop at their next
+    /// step and their claims are released for others.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let inner = self.inner.clone();
+        let slots = inner.slots.clone();
+        let mut drives = JoinSet::new();
+        let (handoff, mut handed) = mpsc::unbounded_channel();
+        *inner.handoff.lock().expect("handoff lock") = Some(handoff);
+        let renewer = tokio::spawn(renew_leases(inner.clone()));
+        let sweeper = tokio::spawn(sweep_unqueued(inner.clone()));
+        let woken = wake_on_new_work(inner.clone());
+        tokio::pin!(shutdown);
+        // The last claim found fewer rows than it asked for: the queue had
+        // nothing more. A slot freed since is no reason to ask again (that
+        // would cost a transaction per finished workflow); new work wakes
+        // the loop (`wake`: another process's records, a local requeue),
+        // and expired leases are found by the poll.
+        let mut drained = false;
+        loop {
+            while drives.try_join_next().is_some() {}
+            if drained {
+                tokio::select! {
+                    () = inner.wake.notified() => {}
+                    Some((claim, history, slot)) = handed.recv() => {
+                        spawn_drive(&mut drives, &inner, claim, history, slot);
+                        continue;
+                    }
+                    () = inner.clock.sleep(inner.config.poll_interval) => {}
+                    () = &mut shutdown => break,
+                    () = inner.dead.cancelled() => break,
+                }
+                drained = false;
+            }
+            // Wait for a free slot, then claim as many rows as slots are free.
+            let first = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                Some((claim, history, slot)) = handed.recv() => {
+                    spawn_drive(&mut drives, &inner, claim, history, slot);
+                    continue;
+                }
+                () = &mut shutdown => break,
+                () = inner.dead.cancelled() => break,
+            };
+            // Take the slots before claiming: `submit` takes slots too.
+            let mut free = vec![first];
+            while free.len() < inner.config.claim_batch {
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => free.push(slot),
+                    Err(_) => break,
+                }
+            }
+            let now = inner.clock.now();
+            let claims = match inner
+                .queue
+                .claim(&inner.config.owner, free.len(), now, inner.config.lease)
+                .await
+            {
+                Ok(claims) => claims,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming work failed; retrying after the poll interval");
+                    Vec::new()
+                }
+            };
+            drained = claims.len() < free.len();
+            tracing::debug!(claimed = claims.len(), owner = %inner.config.owner, "claimed");
+            for (claim, slot) in claims.into_iter().zip(free.drain(..)) {
+                spawn_drive(&mut drives, &inner, claim, None, slot);
+            }
+            drop(free);
+        }
+        *inner.handoff.lock().expect("handoff lock") = None;
+        // Claims handed over but not started stay in `held`: they go back
+        // with the others below.
+        handed.close();
+        while handed.recv().await.is_some() {}
+        let killed = inner.dead.is_cancelled();
+        inner.dead.cancel();
+        renewer.abort();
+        sweeper.abort();
+        woken.abort();
+        // Drives see `dead` at their next step and end; a killed runtime
+        // leaves its leases to expire, a stopped one hands them back.
+        while drives.join_next().await.is_some() {}
+        if !killed {
+            let held: Vec<Uuid> = inner.held.lock().expect("held lock").drain().collect();
+            let now = inner.clock.now();
+            for workflow in held {
+                let _ = inner
+                    .queue
+                    .release(&inner.config.owner, workflow, None, now)
+                    .await;
+            }
+        }
+    }
+
+    /// Kills the runtime as a crash would: drives stop where they are, no
+    /// lease is released or renewed.
+    pub fn kill(&self) {
+        self.inner.dead.cancel();
+    }
+}
+
+/// A claim handed from `submit` to the claim loop: the claim, the history
+/// just written (no need to read it back), the slot it will run in.
+pub(super) type Handoff = (Claim, Option<History>, OwnedSemaphorePermit);
+
+fn spawn_drive(
+    drives: &mut JoinSet<()>,
+    inner: &Arc<Inner>,
+    claim: Claim,
+    history: Option<History>,
+    slot: OwnedSemaphorePermit,
+) {
+    inner.held.lock().expect("held lock").insert(claim.workflow);
+    let inner = inner.clone();
+    // Every log line of the drive carries the workflow as correlation id.
+    let span = tracing::info_span!("workflow", correlation_id = %claim.workflow);
+    drives.spawn(tracing::Instrument::instrument(
+        async move {
+            drive::drive(&inner, claim, history).await;
+            drop(slot);
+        },
+        span,
+    ));
+}
+
+/// Renews this runtime's leases every third of the lease time.
+async fn renew_leases(inner: Arc<Inner>) {
+    loop {
+        inner.clock.sleep(inner.config.lease / 3).await;
+        let held: Vec<Uuid> = inner
+            .held
+            .lock()
+            .expect("held lock")
+            .iter()
+            .copied()
+            .collect();
+        if held.is_empty() || inner.dead.is_cancelled() {
+            continue;
+        }
+        let until = crate::queue::lease_end(inner.clock.now(), inner.config.lease);
+        if let Err(e) = inner.queue.renew(&inner.config.owner, &held, until).await {
+            tracing::warn!(error = %e, "renewing leases failed");
+        }
+    }
+}
+
+/// Every `orphan_grace`, re-queues workflows that wait for an agent but
+/// have no queue row (an enqueue lost after its append committed, a row
+/// deleted by hand): the read model names candidates unchanged for longer
+/// than the grace, and each is folded from its stream first, so a final or
+/// escalated workflow (which rightly has no row) is left alone.
+async fn sweep_unqueued(inner: Arc<Inner>) {
+    use agentledger_domain::workflow::WorkflowState as S;
+    let grace = inner.config.orphan_grace.max(Duration::from_millis(100));
+    loop {
+        inner.clock.sleep(grace).await;
+        if inner.dead.is_cancelled() {
+            return;
+        }
+        let now = inner.clock.now();
+        let before = now - chrono::Duration::from_std(grace).unwrap_or_default();
+        let candidates = match inner.queue.unqueued(before, 100).await {
+            Ok(candidates) => candidates,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for workflows without a queue row failed");
+                continue;
+            }
+        };
+        let mut requeued = 0;
+        for id in candidates {
+            let history = match History::load(&*inner.store, inner.keys(), id).await {
+                Ok(Some(history)) => history,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(workflow = %id, error = %e, "reading a workflow to sweep failed");
+                    continue;
+                }
+            };
+            let waiting = matches!(
+                history.workflow.state,
+                S::Submitted | S::Analysing | S::Gating | S::Executing | S::Reviewing
+            );
+            if !waiting {
+                continue;
+            }
+            match inner
+                .queue
+                .enqueue(id, history.workflow.priority, now, now)
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(workflow = %id, state = ?history.workflow.state, "workflow had no queue row; queued it again");
+                    requeued += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(workflow = %id, error = %e, "re-queueing a workflow failed")
+                }
+            }
+        }
+        if requeued > 0 {
+            inner.wake.notify_one();
+        }
+    }
+}
+
+/// Wakes the claim loop when another process records work: a submission,
+/// a gate verdict (an approval goes back to the queue) or a person's decision.
+fn wake_on_new_work(inner: Arc<Inner>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let from = match inner.store.head_position().await {
+            Ok(head) => head + 1,
+            Err(_) => return,
+        };
+        let mut events = inner.store.subscribe_all(from);
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { return };
+            if !matches!(
+                event.event_type.as_str(),
+                "WorkflowSubmitted" | "GateDecided" | "HumanDecisionRecorded"
+            ) {
+                continue;
+            }
+            // A workflow this runtime holds is being driven here (its own
+            // submissions, its own gate verdicts): nothing in the queue is
+            // new for it, and a claim would cost a transaction to find
+            // nothing. A requeue here wakes the loop itself.
+            let local = event
+                .stream_id
+                .as_str()
+                .strip_prefix(STREAM_PREFIX)
+                .and_then(|id| id.parse::<Uuid>().ok())
+                .is_some_and(|id| inner.held.lock().expect("held lock").contains(&id));
+            if !local {
+                inner.wake.notify_one();
+            }
+        }
+    })
+}
