@@ -311,6 +311,25 @@ async fn the_same_decision_twice_is_stored_once_and_a_different_one_is_refused()
         .expect("the same decision again succeeds");
     assert_eq!(again, first);
     assert_eq!(stream_len(&*store, id).await, len, "stored once");
+    // Sent again without a worker id, on the same credential: the same.
+    let anonymous = worker("", "apikey:g");
+    let resent = runtime
+        .submit_agent_decision(task.id, &anonymous, &escalate, policy(task.role))
+        .await
+        .expect("the credential's own decision, sent again");
+    assert_eq!(resent, first);
+    // Another worker of the same credential deciding alike did not make
+    // this decision: refused, so that the ledger's actor stays the worker
+    // that held the lease.
+    let twin = worker("twin", "apikey:g");
+    let refused = runtime
+        .submit_agent_decision(task.id, &twin, &escalate, policy(task.role))
+        .await;
+    assert!(
+        matches!(refused, Err(RuntimeError::TaskLost(_))),
+        "{refused:?}"
+    );
+    assert_eq!(stream_len(&*store, id).await, len, "stored once");
     let mut other = escalate.clone();
     other["verdict"] = json!("REJECT");
     let refused = runtime

@@ -51,11 +51,12 @@ impl TaskId {
         Uuid::new_v5(&TASK_NAMESPACE, self.to_string().as_bytes())
     }
 
-    /// The id of the `index`th event of a decision on this task made with
-    /// the credential `subject`: the same decision sent again by any worker
-    /// of that credential is the same event.
-    fn event_id(&self, subject: &str, index: usize) -> Uuid {
-        Uuid::new_v5(&self.key(), format!("{subject}\u{0}{index}").as_bytes())
+    /// The id of the `index`th event of a decision on this task made by
+    /// the lease `holder` (credential and worker id): the same decision
+    /// sent again by that worker is the same event, while another worker
+    /// of the same credential deciding alike is not.
+    fn event_id(&self, holder: &str, index: usize) -> Uuid {
+        Uuid::new_v5(&self.key(), format!("{holder}\u{0}{index}").as_bytes())
     }
 }
 
@@ -93,11 +94,16 @@ pub struct Worker {
     pub tenant: String,
 }
 
+/// A lease holder's name: `subject#id`.
+fn holder_of(subject: &str, id: &str) -> String {
+    format!("{subject}#{id}")
+}
+
 impl Worker {
     /// Who holds a lease: the credential and the worker id, so that two
     /// credentials choosing the same worker id do not share leases.
     fn holder(&self) -> String {
-        format!("{}#{}", self.subject, self.id)
+        holder_of(&self.subject, &self.id)
     }
 
     fn actor(&self, role: AgentRole) -> Actor {
@@ -365,7 +371,6 @@ impl Runtime {
     ) -> Result<Position, RuntimeError> {
         worker.check(false)?;
         let inner = &self.inner;
-        let subject = worker.subject.as_str();
         let mut history = History::load(&*inner.store, inner.keys(), task.workflow)
             .await?
             .filter(|h| h.tenant == worker.tenant)
@@ -381,7 +386,7 @@ impl Runtime {
         let command = inner.decisions.parse(role, decision)?;
         if at < history.events.len() {
             return self
-                .decided_before(&history, &before, task, subject, command)
+                .decided_before(&history, &before, task, worker, command)
                 .await;
         }
         let now = inner.clock.now();
@@ -400,10 +405,12 @@ impl Runtime {
             },
             None => return Err(lost("the task is not claimed: claim it first")),
         };
+        let submitter = worker;
         let worker = Worker {
             id: worker_id,
             ..worker.clone()
         };
+        let holder = worker.holder();
         // Refuse what the domain refuses before the append, as a bad input.
         handle(&history.workflow, command.clone())?;
         let recorder = Recorder {
@@ -419,7 +426,7 @@ impl Runtime {
                 vec![command.clone()],
                 causation,
                 inputs,
-                &|index| task.event_id(subject, index),
+                &|index| task.event_id(&holder, index),
             )
             .await;
         match written {
@@ -431,7 +438,7 @@ impl Runtime {
                     .await?
                     .ok_or(DomainError::NotFound)?;
                 return self
-                    .decided_before(&history, &before, task, subject, command)
+                    .decided_before(&history, &before, task, submitter, command)
                     .await;
             }
             Err(e) => return Err(e),
@@ -447,15 +454,34 @@ impl Runtime {
         history: &History,
         before: &Workflow,
         task: TaskId,
-        subject: &str,
+        worker: &Worker,
         command: Command,
     ) -> Result<Position, RuntimeError> {
         let at = task.version as usize;
         let recorded = &history.events[at];
-        if recorded.event_id != task.event_id(subject, 0) {
-            return Err(lost(
-                "the task was decided already, by another worker or agent, or its workflow moved on",
-            ));
+        let moved_on = || {
+            lost("the task was decided already, by another worker or agent, or its workflow moved on")
+        };
+        // Whose decision it is: the stored actor, checked against the id
+        // only that worker's decision gets.
+        let stored = self
+            .inner
+            .store
+            .read_stream(&history.stream, task.version, 1)
+            .await?;
+        let Some(actor) = stored
+            .first()
+            .filter(|e| e.event_id == recorded.event_id)
+            .and_then(|e| e.metadata().ok())
+            .map(|m| m.actor)
+        else {
+            return Err(moved_on());
+        };
+        let by_this_worker = actor.subject == worker.subject
+            && (worker.id.is_empty() || actor.name == worker.id)
+            && recorded.event_id == task.event_id(&holder_of(&actor.subject, &actor.name), 0);
+        if !by_this_worker {
+            return Err(moved_on());
         }
         let same = handle(before, command)
             .ok()
