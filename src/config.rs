@@ -41,6 +41,11 @@
 //! gatekeeper = "builtin"     #   for gatekeeper and ethics (the executor's scheduling stays built in)
 //! ethics = "builtin"
 //!
+//! [[tools.external]]         # a tool served by workers through the API (claimToolCall); repeat per tool
+//! name = "crm_lookup"        # 1 to 64 of a-z, 0-9, _ and -; replaces a built-in of the same name
+//! description = "Looks a customer up in the CRM"
+//! keywords = ["customer", "crm", "고객"]   # Sena picks the tool whose keywords the request mentions
+//!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
 //! jwt_issuer = "https://id.example.com/realms/acme"
@@ -82,6 +87,61 @@ pub struct FileConfig {
     pub auth: AuthSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub tools: ToolsSection,
+}
+
+/// `[tools]`: tools beside the built-ins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsSection {
+    #[serde(default)]
+    pub external: Vec<ExternalTool>,
+}
+
+/// `[[tools.external]]`: a tool served by external workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalTool {
+    pub name: String,
+    pub description: String,
+    pub keywords: Vec<String>,
+}
+
+impl ToolsSection {
+    /// Names are short identifiers, unique, each tool with a description
+    /// and 1 to 32 keywords.
+    fn check(&self) -> anyhow::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for tool in &self.external {
+            let name = &tool.name;
+            let fine = (1..=64).contains(&name.len())
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            anyhow::ensure!(
+                fine,
+                "[[tools.external]] name {name:?}: use 1 to 64 of a-z, 0-9, _ and -"
+            );
+            anyhow::ensure!(
+                seen.insert(name),
+                "[[tools.external]] {name:?} is named twice"
+            );
+            anyhow::ensure!(
+                !tool.description.trim().is_empty() && tool.description.len() <= 1024,
+                "[[tools.external]] {name:?}: give a description of at most 1024 bytes"
+            );
+            anyhow::ensure!(
+                (1..=32).contains(&tool.keywords.len())
+                    && tool
+                        .keywords
+                        .iter()
+                        .all(|k| !k.trim().is_empty() && k.len() <= 64),
+                "[[tools.external]] {name:?}: give 1 to 32 keywords, each 1 to 64 bytes"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[limits]`: rates and socket caps.
@@ -253,8 +313,13 @@ impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the configuration file {}", path.display()))?;
-        toml::from_str(&text)
-            .with_context(|| format!("in the configuration file {}", path.display()))
+        let config: Self = toml::from_str(&text)
+            .with_context(|| format!("in the configuration file {}", path.display()))?;
+        config
+            .tools
+            .check()
+            .with_context(|| format!("in the configuration file {}", path.display()))?;
+        Ok(config)
     }
 
     /// The HTTP settings; `dev` also allows loopback browser origins.
@@ -385,7 +450,62 @@ impl FileConfig {
             .filter(|(_, serving)| *serving == Some(Serving::External))
             .map(|(role, _)| role)
             .collect(),
+            external_tools: self
+                .tools
+                .external
+                .iter()
+                .map(|t| agentledger_agents::ExternalToolSpec {
+                    name: t.name.clone(),
+                    description: t.description.clone(),
+                    keywords: t.keywords.clone(),
+                })
+                .collect(),
             ..defaults
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools(toml_text: &str) -> anyhow::Result<Vec<ExternalTool>> {
+        let config: FileConfig = toml::from_str(toml_text)?;
+        config.tools.check()?;
+        Ok(config.tools.external)
+    }
+
+    #[test]
+    fn external_tools_are_read_and_bad_ones_refused_by_name() {
+        let good = tools(
+            "[[tools.external]]\nname = \"crm_lookup\"\ndescription = \"CRM\"\nkeywords = [\"고객\"]\n",
+        )
+        .unwrap();
+        assert_eq!(good[0].name, "crm_lookup");
+        assert_eq!(good[0].keywords, vec!["고객"]);
+        for (text, says) in [
+            (
+                "name = \"CRM Lookup\"\ndescription = \"x\"\nkeywords = [\"a\"]",
+                "a-z",
+            ),
+            (
+                "name = \"crm\"\ndescription = \" \"\nkeywords = [\"a\"]",
+                "description",
+            ),
+            (
+                "name = \"crm\"\ndescription = \"x\"\nkeywords = []",
+                "keywords",
+            ),
+            (
+                "name = \"crm\"\ndescription = \"x\"\nkeywords = [\"a\"]\nurl = \"x\"",
+                "unknown field",
+            ),
+        ] {
+            let error = tools(&format!("[[tools.external]]\n{text}\n")).unwrap_err();
+            assert!(format!("{error:#}").contains(says), "{text}: {error:#}");
+        }
+        let twice = "[[tools.external]]\nname = \"crm\"\ndescription = \"x\"\nkeywords = [\"a\"]\n";
+        let error = tools(&format!("{twice}{twice}")).unwrap_err();
+        assert!(error.to_string().contains("named twice"), "{error}");
     }
 }

@@ -1,8 +1,9 @@
 //! End-to-end: external workers serve the analyst, gatekeeper and ethics
-//! roles of a real `agentledger serve` on real PostgreSQL, over HTTP and
-//! WebSocket with `agent` API keys, several workers per role, one of them
-//! dying with a task in hand. Every workflow reaches its final state, each
-//! decision is recorded once, with the worker that made it as the actor.
+//! roles and one external tool of a real `agentledger serve` on real
+//! PostgreSQL, over HTTP and WebSocket with `agent` API keys, several
+//! workers per role, one of them dying with a task in hand. Every workflow
+//! reaches its final state, each decision is recorded once, with the
+//! worker that made it as the actor, and each tool output is the worker's.
 
 mod common;
 
@@ -29,18 +30,31 @@ const CLAIM: &str = "mutation($role: AgentRole!, $worker: String!) {
 const SUBMIT: &str = "mutation($task: ID!, $decision: JSON!, $worker: String!, $policy: AgentPolicyInput) {
     submitAgentDecision(taskId: $task, decision: $decision, workerId: $worker, workerVersion: \"0.3.0\", policy: $policy) { id state }
 }";
+const CLAIM_CALL: &str = "mutation($worker: String!) {
+    claimToolCall(tools: [\"crm_lookup\"], workerId: $worker, leaseSeconds: 5) { id workflowId subtaskId tool input attempt deadline }
+}";
+const COMPLETE_CALL: &str = "mutation($call: ID!, $output: String, $worker: String) {
+    completeToolCall(callId: $call, output: $output, workerId: $worker)
+}";
 
-/// The workers' policies: the analyst plans two steps, the gatekeeper
-/// approves all but money transfers, the reviewer passes everything.
+/// What the tool worker answers for a call with `input`.
+fn crm_record(input: &str) -> String {
+    format!("CRM: {} chars looked up", input.chars().count())
+}
+
+/// The workers' policies: the analyst plans three steps (one on the
+/// external tool), the gatekeeper approves all but money transfers, the
+/// reviewer passes everything.
 fn decide(role: &str, context: &Value) -> Value {
     match role {
         "ANALYST" => json!({
             "subtasks": [
                 { "id": "count", "title": "Count the words", "tool": "text_stats" },
-                { "id": "keys", "title": "List the keywords", "tool": "keywords", "dependsOn": ["count"] }
+                { "id": "keys", "title": "List the keywords", "tool": "keywords", "dependsOn": ["count"] },
+                { "id": "crm", "title": "Look the sender up", "tool": "crm_lookup" }
             ],
             "confidence": 0.8,
-            "rationale": "count, then keywords"
+            "rationale": "count, then keywords; look the sender up meanwhile"
         }),
         "GATEKEEPER" => {
             let request = context["request"].as_str().unwrap_or_default();
@@ -59,7 +73,8 @@ fn decide(role: &str, context: &Value) -> Value {
     }
 }
 
-/// Subscribes to `agentTasks(role)` with `key`; yields once per signal.
+/// Subscribes to `agentTasks(role)` (`"TOOLS"`: `agentTasks(tools:
+/// ["crm_lookup"])`) with `key`; yields once per signal.
 async fn signals(
     base: &str,
     key: &str,
@@ -77,11 +92,17 @@ async fn signals(
         "payload": { "Authorization": format!("Bearer {key}") } })))
         .await
         .unwrap();
-    ws.send(send(json!({ "id": "1", "type": "subscribe", "payload": {
-        "query": "subscription($role: AgentRole) { agentTasks(role: $role) { role } }",
-        "variables": { "role": role } } })))
-        .await
-        .unwrap();
+    let payload = if role == "TOOLS" {
+        json!({ "query": "subscription { agentTasks(tools: [\"crm_lookup\"]) { role tool } }" })
+    } else {
+        json!({ "query": "subscription($role: AgentRole) { agentTasks(role: $role) { role tool } }",
+                "variables": { "role": role } })
+    };
+    ws.send(send(
+        json!({ "id": "1", "type": "subscribe", "payload": payload }),
+    ))
+    .await
+    .unwrap();
     Box::pin(ws.filter_map(|message| async move {
         match message {
             Ok(Message::Text(text)) => {
@@ -162,6 +183,45 @@ async fn worker(
     }
 }
 
+/// A worker running `crm_lookup` until `stop`; returns its answers.
+async fn tool_worker(
+    base: String,
+    key: String,
+    id: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> usize {
+    let mut signals = signals(&base, &key, "TOOLS").await;
+    let mut answered = 0;
+    loop {
+        loop {
+            let (_, body) = post(&base, Some(&key), CLAIM_CALL, &json!({ "worker": id })).await;
+            assert!(body["errors"].is_null(), "claimToolCall: {body}");
+            let call = &body["data"]["claimToolCall"];
+            if call.is_null() {
+                break;
+            }
+            assert_eq!(call["tool"], "crm_lookup");
+            let output = crm_record(call["input"].as_str().unwrap());
+            let (_, body) = post(
+                &base,
+                Some(&key),
+                COMPLETE_CALL,
+                &json!({ "call": call["id"], "output": output, "worker": id }),
+            )
+            .await;
+            match code(&body) {
+                None => answered += 1,
+                Some("CONFLICT") => {}
+                Some(other) => panic!("{id}: {other}: {body}"),
+            }
+        }
+        tokio::select! {
+            next = signals.next() => { next.expect("the subscription stays open"); }
+            () = stop.cancelled() => return answered,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() {
     let db = TestDatabase::create().await;
@@ -173,7 +233,9 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
     );
     std::fs::write(
         &config.0,
-        "[agents]\nanalyst = \"external\"\ngatekeeper = \"external\"\nethics = \"external\"\n",
+        "[agents]\nanalyst = \"external\"\ngatekeeper = \"external\"\nethics = \"external\"\n\
+         [[tools.external]]\nname = \"crm_lookup\"\ndescription = \"Looks a sender up\"\n\
+         keywords = [\"sender\", \"발신자\"]\n",
     )
     .unwrap();
     let config_path = config.0.to_string_lossy().to_string();
@@ -197,10 +259,9 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
     .await;
     let tools = &body["data"]["agentDecisionSchema"]["properties"]["subtasks"]["items"]
         ["properties"]["tool"]["enum"];
-    assert!(
-        tools.as_array().unwrap().contains(&json!("keywords")),
-        "{body}"
-    );
+    for tool in ["keywords", "crm_lookup"] {
+        assert!(tools.as_array().unwrap().contains(&json!(tool)), "{body}");
+    }
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -217,6 +278,15 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
                 stop.clone(),
             ));
         }
+    }
+    let mut tool_workers = tokio::task::JoinSet::new();
+    for i in 1..=2 {
+        tool_workers.spawn(tool_worker(
+            base.clone(),
+            workers_key.clone(),
+            format!("crm-{i}"),
+            stop.clone(),
+        ));
     }
     // This gatekeeper decides three workflows, then dies holding a fourth.
     let dying = tokio::spawn(worker(
@@ -283,6 +353,7 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
     let elapsed = started.elapsed();
     stop.cancel();
     workers.join_all().await;
+    let answered: usize = tool_workers.join_all().await.into_iter().sum();
     let abandoned = dying
         .await
         .unwrap()
@@ -301,6 +372,30 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
             "WorkflowCompleted"
         };
         assert_eq!(events.last().unwrap().event_type, expected, "{id}");
+        // The external tool's output is the tool worker's answer.
+        let lookups: Vec<_> = events
+            .iter()
+            .filter(|e| e.event_type == "SubtaskSucceeded")
+            .filter_map(|e| {
+                match agentledger_domain::workflow::WorkflowEvent::decode(
+                    &e.event_type,
+                    e.schema_version,
+                    &e.payload,
+                ) {
+                    Ok(agentledger_domain::workflow::WorkflowEvent::SubtaskSucceeded {
+                        subtask,
+                        output,
+                        ..
+                    }) if subtask == "crm" => Some(output.as_str().to_string()),
+                    _ => None,
+                }
+            })
+            .collect();
+        if *request == REJECTED {
+            assert!(lookups.is_empty(), "{id}: nothing runs after a rejection");
+        } else {
+            assert_eq!(lookups, vec![crm_record(request)], "{id}");
+        }
         for (event_type, role) in [
             ("AnalysisProduced", "ANALYST"),
             ("GateDecided", "GATEKEEPER"),
@@ -375,7 +470,8 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
         at(0.99).as_secs_f64() * 1e3,
         seen.decided
     );
-    // 60 analyses, 60 verdicts, 40 reviews.
+    // 60 analyses, 60 verdicts, 40 reviews; 40 lookups.
     assert_eq!(trips.len(), 160);
+    assert!(answered >= 40, "{answered} lookups answered");
     assert!(server.stop().success());
 }

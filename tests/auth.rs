@@ -270,12 +270,14 @@ fn samples() -> BTreeMap<&'static str, Sample> {
         ("Mutation.failAgentTask", s("mutation($id: ID!) { failAgentTask(taskId: $id, workerId: \"w-1\", error: \"no\") }", Some(Task), "agent", Some("viewer"), Whole)),
         ("Mutation.submitAgentDecision", s("mutation($id: ID!) { submitAgentDecision(taskId: $id, decision: {verdict: \"APPROVE\"}) { id } }", Some(Task), "agent", Some("operator"), Whole)),
         ("Subscription.agentTasks", s("subscription { agentTasks(role: GATEKEEPER) { role } }", None, "agent", Some("viewer"), Whole)),
+        ("Mutation.claimToolCall", s("mutation { claimToolCall(tools: [\"crm_lookup\"], workerId: \"w-1\") { id } }", None, "agent", Some("submitter"), Whole)),
+        ("Mutation.completeToolCall", s("mutation { completeToolCall(callId: \"6d1e0c59-51c4-4a8e-9f0b-3a2d7c41e5b8\", output: \"x\") }", None, "agent", Some("viewer"), Whole)),
     ])
 }
 
 /// What the right role meets where the call gets past access control but
-/// has nothing to act on: this server decides every role itself, and the
-/// task named does not exist. The external-agent tests cover the rest.
+/// has nothing to act on: this server decides every role itself and serves
+/// no external tool, and the task or call named does not exist. The external-agent tests cover the rest.
 fn right_role_refusals() -> BTreeMap<&'static str, &'static str> {
     BTreeMap::from([
         ("Mutation.claimAgentTask", "BAD_INPUT"),
@@ -283,6 +285,8 @@ fn right_role_refusals() -> BTreeMap<&'static str, &'static str> {
         ("Mutation.failAgentTask", "CONFLICT"),
         ("Mutation.submitAgentDecision", "NOT_FOUND"),
         ("Subscription.agentTasks", "BAD_INPUT"),
+        ("Mutation.claimToolCall", "BAD_INPUT"),
+        ("Mutation.completeToolCall", "CONFLICT"),
     ])
 }
 

@@ -21,8 +21,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use faults::{FaultPlan, FaultPoint};
 pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
 pub use runtime::{
-    fingerprint, stream_of, workflow_id_for_key, AgentTask, DeclaredPolicy, History, HumanDecision,
-    Runtime, RuntimeConfig, RuntimeError, Submission, Submitted, TaskId, Worker, PRIVACY_STREAM,
-    STREAM_PREFIX,
+    call_id, fingerprint, stream_of, workflow_id_for_key, AgentTask, CallAnswer, DeclaredPolicy,
+    ExternalToolSpec, History, HumanDecision, Runtime, RuntimeConfig, RuntimeError, Submission,
+    Submitted, TaskId, Worker, MAX_CALL_ERROR, MAX_CLAIM_TOOLS, PRIVACY_STREAM, STREAM_PREFIX,
 };
 pub use tool::{Tool, ToolCall, ToolFailure, ToolRegistry};

@@ -16,10 +16,14 @@ pub struct ToolCall {
     pub subtask: String,
     /// 1 to 3.
     pub attempt: u8,
+    /// The workflow's tenant.
+    pub tenant: String,
     /// The subtask's title.
     pub instruction: String,
     /// The dependencies' outputs, else the input document, else the request.
     pub input: String,
+    /// When the executor stops waiting for this attempt.
+    pub deadline: chrono::DateTime<chrono::Utc>,
     /// Cancelled when the attempt's deadline passes or the runtime stops; a
     /// tool doing slow work should stop when it fires.
     pub cancel: CancellationToken,
@@ -51,6 +55,11 @@ pub trait Tool: Send + Sync + 'static {
     /// in between only means it runs again. The default is false: the start
     /// of every attempt is recorded before the tool is called.
     fn pure(&self) -> bool {
+        false
+    }
+    /// True for a tool served by external workers through the API
+    /// (`claimToolCall`); the runtime registers these itself.
+    fn external(&self) -> bool {
         false
     }
 }
@@ -156,7 +165,9 @@ mod tests {
             workflow: Uuid::nil(),
             subtask: "st-1".into(),
             attempt: 1,
+            tenant: "default".into(),
             instruction: instruction.into(),
+            deadline: chrono::Utc::now(),
             input: input.into(),
             cancel: CancellationToken::new(),
         }

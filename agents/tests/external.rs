@@ -45,17 +45,29 @@ fn worker(id: &str, subject: &str) -> Worker {
     }
 }
 
-/// A worker's policy: a two-step plan, approval, a passing review.
+/// A worker's policy: a two-step plan (three with a lookup where the
+/// external `crm_lookup` tool is offered), approval, a passing review.
 fn decision_for(task: &AgentTask) -> Value {
     match task.role {
-        AgentRole::Analyst => json!({
-            "subtasks": [
-                { "id": "count", "title": "Count the words of the request", "tool": "text_stats" },
-                { "id": "keys", "title": "List the keywords", "tool": "keywords", "dependsOn": ["count"] }
-            ],
-            "confidence": 0.9,
-            "rationale": "two steps, the second reads the first"
-        }),
+        AgentRole::Analyst => {
+            let mut plan = json!({
+                "subtasks": [
+                    { "id": "count", "title": "Count the words of the request", "tool": "text_stats" },
+                    { "id": "keys", "title": "List the keywords", "tool": "keywords", "dependsOn": ["count"] }
+                ],
+                "confidence": 0.9,
+                "rationale": "two steps, the second reads the first"
+            });
+            let offered = task.context["tools"]
+                .as_array()
+                .is_some_and(|tools| tools.iter().any(|t| t["name"] == "crm_lookup"));
+            if offered {
+                plan["subtasks"].as_array_mut().unwrap().push(
+                    json!({ "id": "crm", "title": "Look the customer up", "tool": "crm_lookup" }),
+                );
+            }
+            plan
+        }
         AgentRole::Gatekeeper => json!({
             "verdict": "APPROVE",
             "priority": task.context["priority"],
@@ -517,6 +529,45 @@ async fn serve_role(
     decided
 }
 
+/// A worker that runs the `crm_lookup` tool until `stop`; answers with a
+/// record naming the input's length.
+async fn serve_tool(
+    runtime: Runtime,
+    worker: Worker,
+    stop: tokio_util::sync::CancellationToken,
+) -> usize {
+    use agentledger_agents::CallAnswer;
+    let mut signals = runtime.tool_call_signals();
+    let tools = vec!["crm_lookup".to_string()];
+    let mut answered = 0;
+    while !stop.is_cancelled() {
+        while let Some(call) = runtime
+            .claim_tool_call(&tools, &worker, Duration::from_secs(1))
+            .await
+            .expect("claims succeed")
+        {
+            let record = format!(
+                "customer record, {} chars of input",
+                call.input.chars().count()
+            );
+            match runtime
+                .answer_tool_call(call.id, &worker, CallAnswer::Output(record))
+                .await
+            {
+                Ok(_) => answered += 1,
+                Err(RuntimeError::TaskLost(_)) => {}
+                Err(e) => panic!("crm_lookup: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = signals.recv() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+    answered
+}
+
 #[tokio::test]
 async fn a_hundred_workflows_through_several_workers_per_role_one_of_them_dying() {
     let db = TestDatabase::create().await;
@@ -526,7 +577,10 @@ async fn a_hundred_workflows_through_several_workers_per_role_one_of_them_dying(
         queue.clone(),
         ToolRegistry::default(),
         Arc::new(SystemClock),
-        all_external(),
+        RuntimeConfig {
+            external_tools: vec![crm_lookup()],
+            ..all_external()
+        },
     );
     let runtime = running.runtime.clone();
     // A worker that claims one gatekeeper task and dies holding it.
@@ -561,7 +615,30 @@ async fn a_hundred_workflows_through_several_workers_per_role_one_of_them_dying(
         }
     }
     let mut ids = vec![doomed];
-    for _ in 0..99 {
+    ids.push(submit(&runtime, REQUEST).await);
+    // A tool worker that claims the first call and dies holding it.
+    let mut calls = runtime.tool_call_signals();
+    let tool_dies = worker("crm-dies", "apikey:crm");
+    let crm = vec!["crm_lookup".to_string()];
+    let abandoned = loop {
+        if let Some(call) = runtime
+            .claim_tool_call(&crm, &tool_dies, Duration::from_secs(1))
+            .await
+            .unwrap()
+        {
+            break call;
+        }
+        tokio::time::timeout(Duration::from_secs(30), calls.recv())
+            .await
+            .expect("a call is posted")
+            .unwrap();
+    };
+    let mut tool_workers = tokio::task::JoinSet::new();
+    for i in 1..=2 {
+        let worker = worker(&format!("crm-{i}"), "apikey:crm");
+        tool_workers.spawn(serve_tool(runtime.clone(), worker, stop.clone()));
+    }
+    for _ in 0..98 {
         ids.push(submit(&runtime, REQUEST).await);
     }
     let seen = follow_until(&*store, &ids, Duration::from_secs(120), |w| {
@@ -570,6 +647,34 @@ async fn a_hundred_workflows_through_several_workers_per_role_one_of_them_dying(
     .await;
     stop.cancel();
     let decided: usize = workers.join_all().await.into_iter().sum();
+    let answered: usize = tool_workers.join_all().await.into_iter().sum();
+    // Every lookup answered by the live workers, the abandoned one too
+    // (after its lease ran out, within its deadline: the same attempt).
+    let lookups: Vec<_> = ids
+        .iter()
+        .flat_map(|id| seen[id].decoded.iter())
+        .filter_map(|e| match e {
+            WorkflowEvent::SubtaskSucceeded {
+                subtask, attempt, ..
+            } if subtask == "crm" => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lookups.len(), ids.len(), "one lookup per workflow");
+    assert!(answered >= ids.len(), "{answered} answers");
+    let retaken = seen[&abandoned.workflow]
+        .decoded
+        .iter()
+        .any(|e| matches!(e, WorkflowEvent::SubtaskSucceeded { subtask, attempt: 1, .. } if subtask == "crm"));
+    assert!(retaken, "the abandoned call was answered by another worker");
+    let late = runtime
+        .answer_tool_call(
+            abandoned.id,
+            &tool_dies,
+            agentledger_agents::CallAnswer::Output("late".into()),
+        )
+        .await;
+    assert!(matches!(late, Err(RuntimeError::TaskLost(_))), "{late:?}");
     for id in &ids {
         let followed = &seen[id];
         assert_eq!(followed.workflow.state, WorkflowState::Completed, "{id}");
@@ -589,5 +694,216 @@ async fn a_hundred_workflows_through_several_workers_per_role_one_of_them_dying(
         .await;
     assert!(matches!(late, Err(RuntimeError::TaskLost(_))), "{late:?}");
     assert_eq!(queue.waiting().await.unwrap(), 0);
+    running.stop().await;
+}
+
+fn crm_lookup() -> agentledger_agents::ExternalToolSpec {
+    agentledger_agents::ExternalToolSpec {
+        name: "crm_lookup".into(),
+        description: "Looks a customer up in the CRM".into(),
+        keywords: vec!["customer".into(), "고객".into()],
+    }
+}
+
+/// Waits for this runtime's next call of `tool` (no polling).
+async fn call_posted(signals: &mut tokio::sync::broadcast::Receiver<String>, tool: &str) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while signals.recv().await.expect("signals stay open") != tool {}
+    })
+    .await
+    .expect("a call was posted");
+}
+
+#[tokio::test]
+async fn an_external_tool_is_chosen_by_sena_run_by_workers_and_retried_by_the_executor() {
+    use agentledger_agents::CallAnswer;
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let mut config = RuntimeConfig {
+        external_tools: vec![crm_lookup()],
+        ..RuntimeConfig::default()
+    };
+    config.gitcode.backoff_initial_ms = 10;
+    let running = Running::start(
+        store.clone(),
+        queue,
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        config,
+    );
+    let runtime = running.runtime.clone();
+    assert_eq!(runtime.external_tools(), vec!["crm_lookup"]);
+    let mut signals = runtime.tool_call_signals();
+    let id = submit(
+        &runtime,
+        "Look up the customer record of 고객 42, then count the words of it.",
+    )
+    .await;
+    let tools = vec!["crm_lookup".to_string()];
+    let (w1, w2) = (worker("crm-1", "apikey:c"), worker("crm-2", "apikey:c"));
+    // A name this server does not serve externally is a bad input.
+    let unknown = runtime
+        .claim_tool_call(&["text_stats".to_string()], &w1, Duration::from_secs(30))
+        .await;
+    assert!(
+        matches!(
+            unknown,
+            Err(RuntimeError::Rejected(DomainError::BadInput(_)))
+        ),
+        "{unknown:?}"
+    );
+    call_posted(&mut signals, "crm_lookup").await;
+    let first = runtime
+        .claim_tool_call(&tools, &w1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the call waits");
+    assert_eq!((first.workflow, first.attempt), (id, 1));
+    assert_eq!(first.tool, "crm_lookup");
+    assert!(first.input.contains("고객 42"), "{}", first.input);
+    // Held: nobody else gets it; another tenant's worker never sees it.
+    assert!(runtime
+        .claim_tool_call(&tools, &w2, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_none());
+    // An error: the executor records it and posts the next attempt.
+    runtime
+        .answer_tool_call(first.id, &w1, CallAnswer::Error("the CRM is down".into()))
+        .await
+        .expect("answered");
+    call_posted(&mut signals, "crm_lookup").await;
+    let mut stranger = worker("crm-9", "apikey:x");
+    stranger.tenant = "other".into();
+    assert!(runtime
+        .claim_tool_call(&tools, &stranger, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_none());
+    let second = runtime
+        .claim_tool_call(&tools, &w2, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the retry waits");
+    assert_eq!((second.workflow, second.attempt), (id, 2));
+    assert_ne!(second.id, first.id);
+    // The first worker cannot answer the second attempt, nor differently
+    // the first one; the same answer again is accepted.
+    let stolen = runtime
+        .answer_tool_call(second.id, &w1, CallAnswer::Output("mine".into()))
+        .await;
+    assert!(
+        matches!(stolen, Err(RuntimeError::TaskLost(_))),
+        "{stolen:?}"
+    );
+    let changed = runtime
+        .answer_tool_call(first.id, &w1, CallAnswer::Output("fine after all".into()))
+        .await;
+    assert!(
+        matches!(changed, Err(RuntimeError::TaskLost(_))),
+        "{changed:?}"
+    );
+    runtime
+        .answer_tool_call(first.id, &w1, CallAnswer::Error("the CRM is down".into()))
+        .await
+        .expect("the same answer again");
+    let record = "고객 42: 김민수, Seoul, since 2019";
+    runtime
+        .answer_tool_call(second.id, &w2, CallAnswer::Output(record.into()))
+        .await
+        .expect("answered");
+
+    let seen = settle(&*store, &[id]).await;
+    let followed = &seen[&id];
+    assert_eq!(followed.workflow.state, WorkflowState::Completed);
+    assert_each_decision_once(id, followed);
+    let crm = followed.workflow.subtask("st-1").unwrap();
+    assert_eq!(crm.plan.as_ref().unwrap().tool, "crm_lookup");
+    assert!(followed.decoded.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskFailed { subtask, attempt: 1, error, will_retry: true, .. }
+            if subtask == "st-1" && error.as_str() == "the CRM is down"
+    )));
+    assert!(followed.decoded.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskSucceeded { subtask, attempt: 2, output }
+            if subtask == "st-1" && output.as_str() == record
+    )));
+    // The next subtask read the worker's output.
+    let stats = followed.workflow.subtask("st-2").unwrap();
+    assert_eq!(stats.plan.as_ref().unwrap().tool, "text_stats");
+    assert!(followed.decoded.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskSucceeded { subtask, .. } if subtask == "st-2"
+    )));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_nobody_answers_times_out_and_a_late_answer_is_refused() {
+    use agentledger_agents::CallAnswer;
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let mut config = RuntimeConfig {
+        external_tools: vec![crm_lookup()],
+        ..RuntimeConfig::default()
+    };
+    config.gitcode.attempt_timeout_ms = 5_000;
+    // The retry starts at once: the manual clock moves only once, below.
+    config.gitcode.backoff_initial_ms = 0;
+    let running = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config,
+    );
+    let runtime = running.runtime.clone();
+    let mut signals = runtime.tool_call_signals();
+    let id = submit(&runtime, "Find the customer 7 in the CRM.").await;
+    call_posted(&mut signals, "crm_lookup").await;
+    let tools = vec!["crm_lookup".to_string()];
+    let slow = worker("slow", "apikey:s");
+    let call = runtime
+        .claim_tool_call(&tools, &slow, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("the call waits");
+    let before = stream_len(&*store, id).await;
+    // Past the deadline: the executor records a timeout and retries.
+    clock.advance(Duration::from_secs(6));
+    call_posted(&mut signals, "crm_lookup").await;
+    let late = runtime
+        .answer_tool_call(call.id, &slow, CallAnswer::Output("too late".into()))
+        .await;
+    assert!(matches!(late, Err(RuntimeError::TaskLost(_))), "{late:?}");
+    assert!(
+        queue.call(call.id).await.unwrap().is_none(),
+        "the timed-out call is gone"
+    );
+    let history = runtime.load(id).await.unwrap().unwrap();
+    assert!(history.events.len() > before);
+    assert!(history.events.iter().any(|r| matches!(
+        &r.event,
+        WorkflowEvent::SubtaskFailed {
+            attempt: 1,
+            kind: agentledger_domain::workflow::FailureKind::Timeout,
+            will_retry: true,
+            ..
+        }
+    )));
+    let retry = runtime
+        .claim_tool_call(&tools, &slow, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("the second attempt waits");
+    assert_eq!(retry.attempt, 2);
+    runtime
+        .answer_tool_call(retry.id, &slow, CallAnswer::Output("고객 7".into()))
+        .await
+        .unwrap();
+    let seen = settle(&*store, &[id]).await;
+    assert_eq!(seen[&id].workflow.state, WorkflowState::Completed);
     running.stop().await;
 }

@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{lease_end, Assignment, Claim, QueueError, TaskClaim, WorkQueue};
+use super::{
+    lease_end, Assignment, CallResult, Claim, PostedCall, QueueError, TaskClaim, WorkQueue,
+    CALL_GRACE,
+};
 
 #[derive(Debug, Clone)]
 struct Row {
@@ -29,11 +32,18 @@ struct Row {
 #[derive(Debug, Default)]
 pub struct InMemoryWorkQueue {
     rows: Mutex<HashMap<Uuid, Row>>,
+    /// External tool calls, each with the order it was posted in.
+    calls: Mutex<HashMap<Uuid, (u64, PostedCall)>>,
+    posted: std::sync::atomic::AtomicU64,
 }
 
 impl InMemoryWorkQueue {
     fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Row>> {
         self.rows.lock().expect("queue lock")
+    }
+
+    fn calls(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (u64, PostedCall)>> {
+        self.calls.lock().expect("calls lock")
     }
 }
 
@@ -301,6 +311,75 @@ impl WorkQueue for InMemoryWorkQueue {
         row.lease = None;
         row.available_at = available_at;
         Ok(true)
+    }
+
+    async fn post_call(&self, call: &PostedCall, now: DateTime<Utc>) -> Result<(), QueueError> {
+        let order = self
+            .posted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut calls = self.calls();
+        calls.retain(|_, (_, c)| c.deadline + CALL_GRACE >= now);
+        calls
+            .entry(call.id)
+            .or_insert_with(|| (order, call.clone()));
+        Ok(())
+    }
+
+    async fn claim_call(
+        &self,
+        tools: &[String],
+        tenant: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<PostedCall>, QueueError> {
+        let mut calls = self.calls();
+        let next = calls
+            .values_mut()
+            .filter(|(_, c)| {
+                c.result.is_none()
+                    && c.deadline > now
+                    && c.tenant == tenant
+                    && tools.contains(&c.tool)
+                    && c.lease.as_ref().is_none_or(|(_, until)| *until < now)
+            })
+            .min_by_key(|(order, _)| *order);
+        Ok(next.map(|(_, call)| {
+            call.claims += 1;
+            call.lease = Some((holder.to_string(), lease_end(now, lease)));
+            call.clone()
+        }))
+    }
+
+    async fn call(&self, id: Uuid) -> Result<Option<PostedCall>, QueueError> {
+        Ok(self.calls().get(&id).map(|(_, c)| c.clone()))
+    }
+
+    async fn answer_call(
+        &self,
+        id: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        result: &CallResult,
+    ) -> Result<bool, QueueError> {
+        let mut calls = self.calls();
+        let Some((_, call)) = calls.get_mut(&id) else {
+            return Ok(false);
+        };
+        let held = call
+            .lease
+            .as_ref()
+            .is_some_and(|(h, until)| h == holder && *until >= now);
+        if !held || call.result.is_some() || call.deadline <= now {
+            return Ok(false);
+        }
+        call.result = Some(result.clone());
+        Ok(true)
+    }
+
+    async fn remove_call(&self, id: Uuid) -> Result<(), QueueError> {
+        self.calls().remove(&id);
+        Ok(())
     }
 
     async fn finish_task(

@@ -61,6 +61,39 @@ pub struct TaskClaim {
     pub lease: Option<(String, DateTime<Utc>)>,
 }
 
+/// A call of an external tool, posted by the executor for the workers
+/// serving that tool: one attempt of one subtask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostedCall {
+    /// Derived from the workflow, the subtask and the attempt.
+    pub id: Uuid,
+    pub workflow: Uuid,
+    pub subtask: String,
+    pub tool: String,
+    /// Only workers of this tenant see the call.
+    pub tenant: String,
+    /// The executor's attempt (1 to 3).
+    pub attempt: u8,
+    /// The subtask's title.
+    pub instruction: String,
+    pub input: String,
+    /// After it the executor records a timeout and the call is gone.
+    pub deadline: DateTime<Utc>,
+    /// Claims by workers so far.
+    pub claims: i32,
+    /// Who holds it (`<subject>#<worker id>`) and until when.
+    pub lease: Option<(String, DateTime<Utc>)>,
+    /// What the worker answered, once it did.
+    pub result: Option<CallResult>,
+}
+
+/// A worker's answer to a tool call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallResult {
+    Output(String),
+    Error(String),
+}
+
 /// Why the queue could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -203,6 +236,39 @@ pub trait WorkQueue: Send + Sync + 'static {
         available_at: DateTime<Utc>,
     ) -> Result<bool, QueueError>;
 
+    /// Posts an external tool call; nothing when a call of that id exists.
+    /// Calls whose deadline passed long ago (a crashed executor's) are
+    /// cleared on the way.
+    async fn post_call(&self, call: &PostedCall, now: DateTime<Utc>) -> Result<(), QueueError>;
+
+    /// Claims for `holder` until `now + lease` the oldest unanswered call
+    /// of one of `tools` in `tenant` whose deadline is still ahead and
+    /// whose lease (if any) ran out.
+    async fn claim_call(
+        &self,
+        tools: &[String],
+        tenant: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<PostedCall>, QueueError>;
+
+    /// The call `id`, while it is posted.
+    async fn call(&self, id: Uuid) -> Result<Option<PostedCall>, QueueError>;
+
+    /// Stores `result` when `holder` holds an unexpired lease on the
+    /// unanswered call `id` and its deadline is ahead; false otherwise.
+    async fn answer_call(
+        &self,
+        id: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        result: &CallResult,
+    ) -> Result<bool, QueueError>;
+
+    /// Removes the call `id` (its result was taken, or its deadline passed).
+    async fn remove_call(&self, id: Uuid) -> Result<(), QueueError>;
+
     /// Ends task `task`: with `next`, the row goes back to the runtimes
     /// (claimable at once, with that priority); without, it is removed (the
     /// workflow ended or waits for a person). False when the row no longer
@@ -232,6 +298,11 @@ pub(crate) fn priority_from_code(code: i16) -> Priority {
         _ => Priority::Critical,
     }
 }
+
+/// How long past its deadline a call may stay posted before a later post
+/// clears it: the executor removes its own calls, this catches those of
+/// one that crashed (and leaves room for clocks a little apart).
+pub(crate) const CALL_GRACE: chrono::Duration = chrono::Duration::minutes(1);
 
 pub(crate) fn lease_end(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)

@@ -12,8 +12,8 @@ use deadpool_postgres::Pool;
 use uuid::Uuid;
 
 use super::{
-    lease_end, priority_code, priority_from_code, Assignment, Claim, QueueError, TaskClaim,
-    WorkQueue,
+    lease_end, priority_code, priority_from_code, Assignment, CallResult, Claim, PostedCall,
+    QueueError, TaskClaim, WorkQueue, CALL_GRACE,
 };
 
 /// A task queue in PostgreSQL, over a pool with the service role.
@@ -143,6 +143,64 @@ const UNASSIGN: &str = "
            lease_owner = NULL, lease_until = NULL, claims = 0,
            priority = $2, available_at = $3, seq = seq + 1
      WHERE task_id = $1";
+
+const CALL_COLUMNS: &str = "c.id, c.workflow_id, c.subtask, c.tool, c.tenant, c.attempt, \
+     c.instruction, c.input, c.deadline, c.claims, c.lease_owner, c.lease_until, c.output, c.error";
+
+const POST_CALL: &str = "
+    INSERT INTO tool_calls (id, workflow_id, subtask, tool, tenant, attempt, instruction, input, deadline, posted_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT (id) DO NOTHING";
+
+const CLEAR_CALLS: &str = "DELETE FROM tool_calls WHERE deadline < $1";
+
+fn claim_call_sql() -> String {
+    format!(
+        "WITH ready AS (
+            SELECT id FROM tool_calls
+             WHERE tool = ANY($1) AND tenant = $2
+               AND output IS NULL AND error IS NULL
+               AND deadline > $4 AND (lease_until IS NULL OR lease_until < $4)
+             ORDER BY posted_at, id
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED)
+        UPDATE tool_calls c
+           SET lease_owner = $3, lease_until = $5, claims = c.claims + 1
+          FROM ready
+         WHERE c.id = ready.id
+        RETURNING {CALL_COLUMNS}"
+    )
+}
+
+const ANSWER_CALL: &str = "
+    UPDATE tool_calls SET output = $4, error = $5
+     WHERE id = $1 AND lease_owner = $2 AND lease_until >= $3
+       AND deadline > $3 AND output IS NULL AND error IS NULL";
+
+fn posted_call(row: &tokio_postgres::Row) -> PostedCall {
+    let owner: Option<String> = row.get(10);
+    let until: Option<DateTime<Utc>> = row.get(11);
+    let output: Option<String> = row.get(12);
+    let error: Option<String> = row.get(13);
+    PostedCall {
+        id: row.get(0),
+        workflow: row.get(1),
+        subtask: row.get(2),
+        tool: row.get(3),
+        tenant: row.get(4),
+        attempt: u8::try_from(row.get::<_, i16>(5)).unwrap_or(u8::MAX),
+        instruction: row.get(6),
+        input: row.get(7),
+        deadline: row.get(8),
+        claims: row.get(9),
+        lease: owner.zip(until),
+        result: match (output, error) {
+            (Some(output), _) => Some(CallResult::Output(output)),
+            (None, Some(error)) => Some(CallResult::Error(error)),
+            (None, None) => None,
+        },
+    }
+}
 
 fn task_claim(row: &tokio_postgres::Row) -> Result<TaskClaim, QueueError> {
     let role: String = row.get(1);
@@ -455,6 +513,110 @@ impl WorkQueue for PostgresWorkQueue {
             .await
             .map_err(unavailable)?;
         Ok(released > 0)
+    }
+
+    async fn post_call(&self, call: &PostedCall, now: DateTime<Utc>) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        let (post, clear) = tokio::try_join!(
+            client.prepare_cached(POST_CALL),
+            client.prepare_cached(CLEAR_CALLS)
+        )
+        .map_err(unavailable)?;
+        let attempt = i16::from(call.attempt);
+        let cleared = now - CALL_GRACE;
+        let post_params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+            &call.id,
+            &call.workflow,
+            &call.subtask,
+            &call.tool,
+            &call.tenant,
+            &attempt,
+            &call.instruction,
+            &call.input,
+            &call.deadline,
+            &now,
+        ];
+        let clear_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&cleared];
+        tokio::try_join!(
+            client.execute(&post, &post_params),
+            client.execute(&clear, &clear_params)
+        )
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim_call(
+        &self,
+        tools: &[String],
+        tenant: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<PostedCall>, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&claim_call_sql())
+            .await
+            .map_err(unavailable)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[&tools, &tenant, &holder, &now, &lease_end(now, lease)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(posted_call))
+    }
+
+    async fn call(&self, id: Uuid) -> Result<Option<PostedCall>, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {CALL_COLUMNS} FROM tool_calls c WHERE c.id = $1"
+            ))
+            .await
+            .map_err(unavailable)?;
+        let row = client
+            .query_opt(&statement, &[&id])
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(posted_call))
+    }
+
+    async fn answer_call(
+        &self,
+        id: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        result: &CallResult,
+    ) -> Result<bool, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(ANSWER_CALL)
+            .await
+            .map_err(unavailable)?;
+        let (output, error) = match result {
+            CallResult::Output(o) => (Some(o.as_str()), None),
+            CallResult::Error(e) => (None, Some(e.as_str())),
+        };
+        let answered = client
+            .execute(&statement, &[&id, &holder, &now, &output, &error])
+            .await
+            .map_err(unavailable)?;
+        Ok(answered > 0)
+    }
+
+    async fn remove_call(&self, id: Uuid) -> Result<(), QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM tool_calls WHERE id = $1")
+            .await
+            .map_err(unavailable)?;
+        client
+            .execute(&statement, &[&id])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn finish_task(

@@ -359,7 +359,14 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                         plan(&mut preview, &mut commands, start)?;
                         let Progress::Done {
                             result: outcome, ..
-                        } = run_tool(inner, history.id, &preview, subtask.clone(), attempt).await
+                        } = run_tool(
+                            inner,
+                            (history.id, &history.tenant),
+                            &preview,
+                            subtask.clone(),
+                            attempt,
+                        )
+                        .await
                         else {
                             unreachable!("a tool run ends with its result")
                         };
@@ -413,7 +420,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             for (subtask, attempt) in starts {
                 running.push(run_tool(
                     inner,
-                    history.id,
+                    (history.id, &history.tenant),
                     &history.workflow,
                     subtask,
                     attempt,
@@ -457,7 +464,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                 }
                 running.push(run_tool(
                     inner,
-                    history.id,
+                    (history.id, &history.tenant),
                     &history.workflow,
                     subtask,
                     attempt,
@@ -557,14 +564,14 @@ fn runs_inline(inner: &Inner, workflow: &Workflow, subtask: &str) -> bool {
 /// input from `workflow` (workflow `id`).
 fn run_tool<'a>(
     inner: &'a Inner,
-    id: uuid::Uuid,
+    history: (uuid::Uuid, &str),
     workflow: &Workflow,
     subtask: String,
     attempt: u8,
 ) -> BoxFuture<'a, Progress> {
     let plan = workflow.subtask(&subtask).and_then(|s| s.plan.clone());
     let input = gitcode::tool_input(workflow, &subtask);
-    let workflow = id;
+    let (workflow, tenant) = (history.0, history.1.to_string());
     async move {
         let Some(plan) = plan else {
             return Progress::Done {
@@ -586,15 +593,17 @@ fn run_tool<'a>(
             };
         };
         let cancel = CancellationToken::new();
+        let limit = inner.config.gitcode.attempt_timeout();
         let call = ToolCall {
             workflow,
             subtask: subtask.clone(),
             attempt,
+            tenant,
             instruction: plan.title.as_str().to_string(),
             input,
+            deadline: crate::queue::lease_end(inner.clock.now(), limit),
             cancel: cancel.clone(),
         };
-        let limit = inner.config.gitcode.attempt_timeout();
         let result = match clock::timeout(&*inner.clock, limit, tool.run(call)).await {
             Some(Ok(output)) => match inner.config.gitcode.refuse_output(&output) {
                 None => Ok(output),

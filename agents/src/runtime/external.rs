@@ -102,7 +102,7 @@ fn holder_of(subject: &str, id: &str) -> String {
 impl Worker {
     /// Who holds a lease: the credential and the worker id, so that two
     /// credentials choosing the same worker id do not share leases.
-    fn holder(&self) -> String {
+    pub(super) fn holder(&self) -> String {
         holder_of(&self.subject, &self.id)
     }
 
@@ -119,12 +119,12 @@ impl Worker {
 
     /// Whether `holder` is this worker (any worker of this credential
     /// when the id is empty); the holder's worker id.
-    fn holds<'h>(&self, holder: &'h str) -> Option<&'h str> {
+    pub(super) fn holds<'h>(&self, holder: &'h str) -> Option<&'h str> {
         let (subject, id) = holder.rsplit_once('#')?;
         (subject == self.subject && (self.id.is_empty() || id == self.id)).then_some(id)
     }
 
-    fn check(&self, id_required: bool) -> Result<(), DomainError> {
+    pub(super) fn check(&self, id_required: bool) -> Result<(), DomainError> {
         let fine = |s: &str, max: usize| {
             !s.trim().is_empty() && s.chars().count() <= max && !s.chars().any(char::is_control)
         };

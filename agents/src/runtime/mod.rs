@@ -10,6 +10,7 @@
 //! workflow up from what the stream says (an attempt left running is
 //! recorded as abandoned, then retried).
 
+mod calls;
 mod claims;
 mod commands;
 mod drive;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use agentledger_domain::names::PRIVACY_STREAM;
+pub use calls::{call_id, CallAnswer, ExternalToolSpec, MAX_CALL_ERROR, MAX_CLAIM_TOOLS};
 pub use commands::{workflow_id_for_key, HumanDecision, Submission, Submitted};
 pub use external::{
     context, stage_of, AgentTask, DeclaredPolicy, TaskId, Worker, DEFAULT_TASK_LEASE,
@@ -120,6 +122,9 @@ pub struct RuntimeConfig {
     /// Roles whose decisions external workers make (through the API)
     /// instead of the built-in agent; none by default.
     pub external: std::collections::BTreeSet<agentledger_domain::names::AgentRole>,
+    /// Tools served by external workers, registered beside the given ones
+    /// (replacing any of the same name); none by default.
+    pub external_tools: Vec<ExternalToolSpec>,
     /// Which free text of a workflow with a data subject is sealed under the
     /// subject's key (default: all of it).
     pub personal_fields: Vec<TextField>,
@@ -138,6 +143,7 @@ impl Default for RuntimeConfig {
             lubit: LubitConfig::default(),
             gitcode: GitCodeConfig::default(),
             rune: RuneConfig::default(),
+            external_tools: Vec::new(),
             external: Default::default(),
             personal_fields: TextField::ALL.to_vec(),
         }
@@ -195,6 +201,8 @@ pub(crate) struct Inner {
     /// Cancelled when the runtime is killed (a fault) or stopped: drives
     /// end at their next step without touching the queue.
     pub dead: CancellationToken,
+    /// Calls of external tools waiting for workers.
+    pub calls: Arc<calls::CallBoard>,
     /// The schemas of external agents' decisions.
     pub decisions: crate::decision::Decisions,
     /// A task was handed to external workers of this role.
@@ -239,8 +247,18 @@ impl Runtime {
         faults: Option<FaultPlan>,
     ) -> Self {
         let config_slots = config.max_workflows.max(1);
+        let board = Arc::new(calls::CallBoard::new(queue.clone(), clock.clone()));
+        let tools = config.external_tools.iter().fold(tools, |tools, spec| {
+            tools.register(calls::ExternalTool::new(spec, board.clone()))
+        });
+        // Sena chooses among the tools: external ones are part of its policy.
+        let sena = if config.external_tools.is_empty() {
+            agent("sena", &config.sena)
+        } else {
+            agent("sena", &(&config.sena, &config.external_tools))
+        };
         let agents = Agents {
-            sena: agent("sena", &config.sena),
+            sena,
             lubit: agent("lubit", &config.lubit),
             gitcode: agent("gitcode", &config.gitcode),
             rune: agent("rune", &config.rune),
@@ -249,6 +267,7 @@ impl Runtime {
         Self {
             inner: Arc::new(Inner {
                 decisions,
+                calls: board,
                 task_signal: tokio::sync::broadcast::channel(64).0,
                 store,
                 queue,

@@ -89,6 +89,8 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("Mutation", "renewAgentTask", Access::Work),
     ("Mutation", "failAgentTask", Access::Work),
     ("Mutation", "submitAgentDecision", Access::Work),
+    ("Mutation", "claimToolCall", Access::Work),
+    ("Mutation", "completeToolCall", Access::Work),
     ("Subscription", "workflowProgress", Access::Read),
     ("Subscription", "workflowEvents", Access::Read),
     ("Subscription", "agentTasks", Access::Work),

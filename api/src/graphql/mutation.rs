@@ -10,7 +10,7 @@ use agentledger_projections::model::Fact;
 
 use super::error::{self, from_runtime, from_store, Code};
 use super::types::{
-    AgentPolicyInput, AgentRole, AgentTask, ForgetResult, Position, Priority, Workflow,
+    AgentPolicyInput, AgentRole, AgentTask, ForgetResult, Position, Priority, ToolCall, Workflow,
 };
 use super::{parse_id, principal, services, Followed, Services};
 use crate::auth::Role;
@@ -302,6 +302,61 @@ impl Mutation {
             .await
             .map_err(from_runtime)?;
         Self::after_write(services, task.workflow, position).await
+    }
+
+    /// Claims for worker `workerId` the oldest call of one of `tools`
+    /// (external tools, `[[tools.external]]`) in the caller's tenant, under
+    /// a lease of `leaseSeconds` (default 60, at most 600); null when none
+    /// waits. Role `agent`.
+    async fn claim_tool_call(
+        &self,
+        ctx: &Context<'_>,
+        tools: Vec<String>,
+        worker_id: String,
+        lease_seconds: Option<i32>,
+    ) -> async_graphql::Result<Option<ToolCall>> {
+        let principal = principal(ctx)?;
+        let lease = lease(lease_seconds)?;
+        let call = services(ctx)
+            .runtime
+            .claim_tool_call(&tools, &worker(principal, Some(worker_id), None), lease)
+            .await
+            .map_err(from_runtime)?;
+        Ok(call.map(ToolCall::of))
+    }
+
+    /// Answers a call the caller's worker holds: exactly one of `output`
+    /// (the tool's result) or `error` (the executor retries, as after a
+    /// built-in tool's error). True when stored; the executor records it.
+    /// After the lease or the deadline ran out, or after another answer,
+    /// `CONFLICT` with nothing stored; the same answer sent again is true.
+    async fn complete_tool_call(
+        &self,
+        ctx: &Context<'_>,
+        call_id: ID,
+        output: Option<String>,
+        error: Option<String>,
+        #[graphql(desc = "The worker that claimed the call; the lease's when absent.")]
+        worker_id: Option<String>,
+    ) -> async_graphql::Result<bool> {
+        let principal = principal(ctx)?;
+        let id = uuid::Uuid::parse_str(&call_id)
+            .map_err(|_| error::bad_input(format!("{:?} is not a call id", call_id.as_str())))?;
+        let answer = match (output, error) {
+            (Some(output), None) => agentledger_agents::CallAnswer::Output(output),
+            (None, Some(error)) => agentledger_agents::CallAnswer::Error(error),
+            _ => {
+                return Err(error::bad_input(
+                    "give exactly one of output and error".to_string(),
+                ))
+            }
+        };
+        services(ctx)
+            .runtime
+            .answer_tool_call(id, &worker(principal, worker_id, None), answer)
+            .await
+            .map_err(from_runtime)?;
+        Ok(true)
     }
 }
 

@@ -226,21 +226,27 @@ impl SubscriptionRoot {
         Ok(tracked(&services, events))
     }
 
-    /// Signals that a task for an external agent may be waiting in the
-    /// caller's tenant: once at once, then whenever this server hands one
-    /// out, and every few seconds for tasks handed out by other servers.
-    /// On each signal, call `claimAgentTask` until it answers null. Without
-    /// `role`, for every role this server leaves to external agents.
+    /// Signals that a task for an external agent, or a call of an external
+    /// tool, may be waiting in the caller's tenant: once at once, then
+    /// whenever this server hands one out, and every few seconds for work
+    /// handed out by other servers. On each signal, call `claimAgentTask`
+    /// (or `claimToolCall` for a signal with a `tool`) until it answers
+    /// null. Without `role` and `tools`, for every role this server leaves
+    /// to external agents; with `tools` alone, for those tools only.
     async fn agent_tasks(
         &self,
         ctx: &Context<'_>,
         role: Option<AgentRole>,
+        #[graphql(desc = "External tools this worker serves (at most 64).")] tools: Option<
+            Vec<String>,
+        >,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<AgentTaskSignal>>> {
         let services = services(ctx).clone();
         let runtime = services.runtime.clone();
-        let roles: Vec<AgentRole> = match role {
-            Some(role) => vec![role],
-            None => [AgentRole::Analyst, AgentRole::Gatekeeper, AgentRole::Ethics]
+        let roles: Vec<AgentRole> = match (role, &tools) {
+            (Some(role), _) => vec![role],
+            (None, Some(_)) => Vec::new(),
+            (None, None) => [AgentRole::Analyst, AgentRole::Gatekeeper, AgentRole::Ethics]
                 .into_iter()
                 .filter(|r| runtime.serves_externally(r.to_projection()))
                 .collect(),
@@ -254,30 +260,59 @@ impl SubscriptionRoot {
                 builtin.to_projection().as_str()
             )));
         }
-        let signals = runtime.agent_task_signals();
-        // First every role at once (work may be waiting), then each as it comes.
-        let first: Vec<AgentRole> = roles.clone();
+        let tools = tools.unwrap_or_default();
+        let served = runtime.external_tools();
+        if tools.len() > agentledger_agents::MAX_CLAIM_TOOLS {
+            return Err(error::bad_input(format!(
+                "name at most {} tools",
+                agentledger_agents::MAX_CLAIM_TOOLS
+            )));
+        }
+        if let Some(unknown) = tools.iter().find(|t| !served.contains(&t.as_str())) {
+            return Err(error::bad_input(format!(
+                "{unknown:?} is not a tool served by external workers here"
+            )));
+        }
+        let every: Vec<AgentTaskSignal> = roles
+            .iter()
+            .map(|&role| AgentTaskSignal { role, tool: None })
+            .chain(tools.iter().map(|t| AgentTaskSignal {
+                role: AgentRole::Executor,
+                tool: Some(t.clone()),
+            }))
+            .collect();
+        let signals = (runtime.agent_task_signals(), runtime.tool_call_signals());
+        // First everything at once (work may be waiting), then each as it comes.
+        let first = every.clone();
         let stream = futures::stream::unfold(
             (signals, first),
-            move |(mut signals, mut pending)| {
-                let roles = roles.clone();
+            move |((mut roles_heard, mut tools_heard), mut pending)| {
+                let every = every.clone();
                 async move {
+                    use tokio::sync::broadcast::error::RecvError;
                     while pending.is_empty() {
                         tokio::select! {
-                            signal = signals.recv() => match signal {
+                            signal = roles_heard.recv() => match signal {
                                 Ok(r) => pending.extend(
-                                    roles.iter().copied().filter(|role| role.to_projection() == r),
+                                    every.iter().filter(|s| s.tool.is_none() && s.role.to_projection() == r).cloned(),
                                 ),
-                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                                    pending.extend(roles.iter().copied())
-                                }
-                                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                                Err(RecvError::Lagged(_)) => pending.extend(every.iter().cloned()),
+                                Err(RecvError::Closed) => return None,
                             },
-                            () = tokio::time::sleep(TASK_SIGNAL_TICK) => pending.extend(roles.iter().copied()),
+                            signal = tools_heard.recv() => match signal {
+                                Ok(t) => pending.extend(
+                                    every.iter().filter(|s| s.tool.as_ref() == Some(&t)).cloned(),
+                                ),
+                                Err(RecvError::Lagged(_)) => pending.extend(every.iter().cloned()),
+                                Err(RecvError::Closed) => return None,
+                            },
+                            () = tokio::time::sleep(TASK_SIGNAL_TICK) => pending.extend(every.iter().cloned()),
                         }
                     }
-                    let role = pending.remove(0);
-                    Some((Ok(AgentTaskSignal { role }), (signals, pending)))
+                    let signal = pending.remove(0);
+                    // One signal per kind of work is enough until it is claimed.
+                    pending.retain(|s| *s != signal);
+                    Some((Ok(signal), ((roles_heard, tools_heard), pending)))
                 }
             },
         );

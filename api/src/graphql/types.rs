@@ -848,8 +848,50 @@ pub struct AgentPolicyInput {
 }
 
 /// A task for this role may be waiting: claim until `claimAgentTask`
-/// answers null.
-#[derive(SimpleObject, Debug, Clone, Copy)]
+/// answers null. With `tool` (role `EXECUTOR`), a call of that external
+/// tool may be waiting: claim until `claimToolCall` answers null.
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
 pub struct AgentTaskSignal {
     pub role: AgentRole,
+    pub tool: Option<String>,
+}
+
+/// A call of an external tool: one attempt of one subtask, run by the
+/// worker that claimed it under the executor's deadline.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct ToolCall {
+    /// Answer with `completeToolCall(callId: id, …)`.
+    pub id: ID,
+    pub workflow_id: ID,
+    pub subtask_id: String,
+    pub tool: String,
+    /// The subtask's title.
+    pub instruction: String,
+    /// The dependencies' outputs, else the workflow's input, else the request.
+    pub input: String,
+    /// The executor's attempt (1 to 3); a retry is a new call.
+    pub attempt: i32,
+    /// Claims of this call by workers, this one included.
+    pub claims: i32,
+    /// The executor records a timeout after this; answers are refused then.
+    pub deadline: DateTime<Utc>,
+    /// Answer before this, or another worker may claim the call.
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+impl ToolCall {
+    pub fn of(call: agentledger_agents::queue::PostedCall) -> Self {
+        Self {
+            id: ID(call.id.to_string()),
+            workflow_id: ID(call.workflow.to_string()),
+            subtask_id: call.subtask,
+            tool: call.tool,
+            instruction: call.instruction,
+            input: call.input,
+            attempt: i32::from(call.attempt),
+            claims: call.claims,
+            deadline: call.deadline,
+            lease_expires_at: call.lease.map_or(call.deadline, |(_, until)| until),
+        }
+    }
 }
