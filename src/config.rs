@@ -37,9 +37,17 @@
 //! max_tool_output_bytes = 1048576  # a larger tool output fails its subtask, with no retry
 //! record_every_start = false # true: the start of every tool attempt is recorded before it runs, pure built-ins too
 //! orphan_grace_ms = 30000    # a workflow waiting for an agent with no queue row this long is queued again
-//! analyst = "builtin"        # or "external": workers decide through the API (claimAgentTask); the same
-//! gatekeeper = "builtin"     #   for gatekeeper and ethics (the executor's scheduling stays built in)
-//! ethics = "builtin"
+//! analyst = "builtin"        # or "external": workers decide through the API (claimAgentTask), or "llm":
+//! gatekeeper = "builtin"     #   the model of [llm] decides; the same for gatekeeper and ethics (the
+//! ethics = "builtin"         #   executor's scheduling stays built in)
+//!
+//! [llm]                      # an OpenAI-compatible chat-completions endpoint (OpenAI, Ollama, vLLM, llama.cpp)
+//! base_url = "http://127.0.0.1:11434/v1"
+//! model = "llama3.1"
+//! api_key_env = "OPENAI_API_KEY"   # the variable holding the key (none: no Authorization header)
+//! timeout_ms = 30000         # per request; past it the reference policy decides
+//! max_tokens = 1024
+//! retries = 2                # more requests after a 429 (honouring Retry-After), a 5xx or a refused connection
 //!
 //! [[tools.external]]         # a tool served by workers through the API (claimToolCall); repeat per tool
 //! name = "crm_lookup"        # 1 to 64 of a-z, 0-9, _ and -; replaces a built-in of the same name
@@ -89,6 +97,19 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     #[serde(default)]
     pub tools: ToolsSection,
+    pub llm: Option<LlmSection>,
+}
+
+/// `[llm]`: the model behind roles served by `"llm"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSection {
+    pub base_url: String,
+    pub model: String,
+    pub api_key_env: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub max_tokens: Option<u32>,
+    pub retries: Option<u8>,
 }
 
 /// `[tools]`: tools beside the built-ins.
@@ -306,6 +327,8 @@ pub enum Serving {
     /// Workers outside the service, through `claimAgentTask` and
     /// `submitAgentDecision` (role `agent`).
     External,
+    /// The model of `[llm]`, with the reference policy as its fallback.
+    Llm,
 }
 
 impl FileConfig {
@@ -410,10 +433,69 @@ impl FileConfig {
         }
     }
 
-    /// The agent runtime's settings.
-    pub fn runtime(&self, max_workflows: Option<usize>) -> agentledger_agents::RuntimeConfig {
+    /// The model's endpoint, with its key read from `api_key_env`.
+    fn llm(&self) -> anyhow::Result<Option<agentledger_agents::LlmConfig>> {
+        let Some(llm) = &self.llm else {
+            return Ok(None);
+        };
+        let defaults = agentledger_agents::LlmConfig::default();
+        let url = llm.base_url.trim();
+        anyhow::ensure!(
+            (url.starts_with("http://") || url.starts_with("https://"))
+                && !url.contains('@')
+                && !url.contains(char::is_whitespace),
+            "[llm] base_url {url:?}: give an http:// or https:// URL without credentials in it \
+             (the key goes in the variable api_key_env names)"
+        );
+        anyhow::ensure!(!llm.model.trim().is_empty(), "[llm] model is empty");
+        let api_key = match &llm.api_key_env {
+            None => None,
+            Some(name) => Some(
+                std::env::var(name)
+                    .with_context(|| format!("[llm] api_key_env names {name}, which is not set"))?,
+            ),
+        };
+        Ok(Some(agentledger_agents::LlmConfig {
+            base_url: url.to_string(),
+            model: llm.model.clone(),
+            api_key,
+            timeout: llm
+                .timeout_ms
+                .map_or(defaults.timeout, Duration::from_millis),
+            max_tokens: llm.max_tokens.unwrap_or(defaults.max_tokens),
+            retries: llm.retries.unwrap_or(defaults.retries),
+        }))
+    }
+
+    /// The agent runtime's settings; an error for a role served by `"llm"`
+    /// without a usable `[llm]`.
+    pub fn runtime(
+        &self,
+        max_workflows: Option<usize>,
+    ) -> anyhow::Result<agentledger_agents::RuntimeConfig> {
         let defaults = agentledger_agents::RuntimeConfig::default();
-        agentledger_agents::RuntimeConfig {
+        let llm = self.llm()?;
+        let serving = [
+            (AgentRole::Analyst, self.agents.analyst),
+            (AgentRole::Gatekeeper, self.agents.gatekeeper),
+            (AgentRole::Ethics, self.agents.ethics),
+        ];
+        let llm_roles: std::collections::BTreeSet<AgentRole> = serving
+            .iter()
+            .filter(|(_, s)| *s == Some(Serving::Llm))
+            .map(|(role, _)| *role)
+            .collect();
+        if let (Some(role), None) = (llm_roles.first(), &llm) {
+            let key = match role {
+                AgentRole::Analyst => "analyst",
+                AgentRole::Gatekeeper => "gatekeeper",
+                _ => "ethics",
+            };
+            anyhow::bail!("[agents] {key} = \"llm\" needs an [llm] section (base_url, model)");
+        }
+        Ok(agentledger_agents::RuntimeConfig {
+            llm_roles,
+            llm,
             max_workflows: max_workflows
                 .or(self.agents.max_workflows)
                 .unwrap_or(defaults.max_workflows),
@@ -441,15 +523,11 @@ impl FileConfig {
                     .unwrap_or(!defaults.gitcode.inline_pure_tools),
                 ..defaults.gitcode.clone()
             },
-            external: [
-                (AgentRole::Analyst, self.agents.analyst),
-                (AgentRole::Gatekeeper, self.agents.gatekeeper),
-                (AgentRole::Ethics, self.agents.ethics),
-            ]
-            .into_iter()
-            .filter(|(_, serving)| *serving == Some(Serving::External))
-            .map(|(role, _)| role)
-            .collect(),
+            external: serving
+                .into_iter()
+                .filter(|(_, serving)| *serving == Some(Serving::External))
+                .map(|(role, _)| role)
+                .collect(),
             external_tools: self
                 .tools
                 .external
@@ -461,7 +539,7 @@ impl FileConfig {
                 })
                 .collect(),
             ..defaults
-        }
+        })
     }
 }
 
@@ -507,5 +585,48 @@ mod tests {
         let twice = "[[tools.external]]\nname = \"crm\"\ndescription = \"x\"\nkeywords = [\"a\"]\n";
         let error = tools(&format!("{twice}{twice}")).unwrap_err();
         assert!(error.to_string().contains("named twice"), "{error}");
+    }
+
+    #[test]
+    fn llm_roles_need_an_endpoint_and_its_key_variable() {
+        let runtime = |text: &str| {
+            toml::from_str::<FileConfig>(text)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| c.runtime(None))
+        };
+        let error = runtime("[agents]\nanalyst = \"llm\"\n").unwrap_err();
+        assert!(
+            error.to_string().contains("needs an [llm] section"),
+            "{error}"
+        );
+        let endpoint = "[llm]\nbase_url = \"http://127.0.0.1:11434/v1\"\nmodel = \"m\"\n";
+        let error = runtime(&format!(
+            "[agents]\ngatekeeper = \"llm\"\n{endpoint}api_key_env = \"AGENTLEDGER_TEST_UNSET_KEY_VAR\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("AGENTLEDGER_TEST_UNSET_KEY_VAR"),
+            "{error}"
+        );
+        let error = runtime(
+            "[llm]\nbase_url = \"https://user:secret@api.example.com/v1\"\nmodel = \"m\"\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("without credentials"), "{error}");
+        let config = runtime(&format!(
+            "[agents]\ngatekeeper = \"llm\"\nethics = \"external\"\n{endpoint}timeout_ms = 1500\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.llm_roles.into_iter().collect::<Vec<_>>(),
+            vec![AgentRole::Gatekeeper]
+        );
+        let llm = config.llm.unwrap();
+        assert_eq!(
+            (llm.model.as_str(), llm.timeout),
+            ("m", Duration::from_millis(1500))
+        );
+        assert!(llm.api_key.is_none());
+        assert!(config.external.contains(&AgentRole::Ethics));
     }
 }

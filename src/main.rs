@@ -220,6 +220,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => config::FileConfig::default(),
     };
     let auth_config = file.auth.clone().with_env()?.config(hardened, dev)?;
+    // Read before anything is written: a bad [llm] stops the start here.
+    let runtime_config = file.runtime(args.max_workflows)?;
     if hardened && auth_config.mode == agentledger_api::auth::Mode::Off {
         bail!(
             "the {profile} profile will not serve with authentication off ([auth] mode = \"off\")"
@@ -325,7 +327,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         queue,
         ToolRegistry::default(),
         Arc::new(SystemClock),
-        file.runtime(args.max_workflows),
+        runtime_config,
     )
     .with_subject_keys(subject_keys);
     {

@@ -123,12 +123,14 @@ impl Decisions {
                     return Err(invalid("/subtasks", "", problem));
                 }
                 Ok(Command::RecordAnalysis {
+                    model: None,
                     subtasks,
                     confidence: number("confidence"),
                     rationale: Text::new(text("rationale")),
                 })
             }
             AgentRole::Gatekeeper => Ok(Command::RecordGate {
+                model: None,
                 verdict: match decision["verdict"].as_str() {
                     Some("APPROVE") => Verdict::Approve,
                     Some("REJECT") => Verdict::Reject,
@@ -146,6 +148,7 @@ impl Decisions {
                 rationale: Text::new(text("rationale")),
             }),
             AgentRole::Ethics => Ok(Command::RecordEthics {
+                model: None,
                 scores: EthicsScores {
                     transparency: number("transparency"),
                     collaboration: number("collaboration"),

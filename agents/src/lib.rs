@@ -13,12 +13,14 @@
 pub mod clock;
 pub mod decision;
 pub mod faults;
+pub mod llm;
 pub mod queue;
 pub mod runtime;
 pub mod tool;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use faults::{FaultPlan, FaultPoint};
+pub use llm::LlmConfig;
 pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
 pub use runtime::{
     call_id, fingerprint, stream_of, workflow_id_for_key, AgentTask, CallAnswer, DeclaredPolicy,

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::workflow::{SealedText, Text, WorkflowEvent};
+use crate::workflow::{ModelCall, SealedText, Text, WorkflowEvent};
 
 /// A data subject's key: 32 bytes for AES-256-GCM.
 pub type SubjectKey = [u8; 32];
@@ -116,6 +116,22 @@ pub fn open_text(text: &Text, keys: &HashMap<Uuid, SubjectKey>) -> Text {
     }
 }
 
+/// A model's answer (sealed like a rationale: it is one) and why it was
+/// not used (like an error: it may quote the answer).
+fn model_texts(model: &mut Option<ModelCall>) -> Vec<(TextField, &mut Text)> {
+    let Some(model) = model else {
+        return Vec::new();
+    };
+    let mut texts = vec![(TextField::Rationale, &mut model.answer)];
+    texts.extend(
+        model
+            .fallback_reason
+            .as_mut()
+            .map(|r| (TextField::Error, r)),
+    );
+    texts
+}
+
 impl WorkflowEvent {
     /// Every free-text field of the event, with its kind.
     pub fn texts_mut(&mut self) -> Vec<(TextField, &mut Text)> {
@@ -130,6 +146,7 @@ impl WorkflowEvent {
             E::AnalysisProduced {
                 subtasks,
                 rationale,
+                model,
                 ..
             } => {
                 let mut texts: Vec<_> = subtasks
@@ -137,13 +154,18 @@ impl WorkflowEvent {
                     .map(|s| (F::SubtaskTitle, &mut s.title))
                     .collect();
                 texts.push((F::Rationale, rationale));
+                texts.extend(model_texts(model));
                 texts
             }
             E::GateDecided {
-                reasons, rationale, ..
+                reasons,
+                rationale,
+                model,
+                ..
             } => {
                 let mut texts: Vec<_> = reasons.iter_mut().map(|r| (F::Reason, r)).collect();
                 texts.push((F::Rationale, rationale));
+                texts.extend(model_texts(model));
                 texts
             }
             E::HumanDecisionRecorded { comment, .. } => vec![(F::Comment, comment)],
@@ -155,10 +177,12 @@ impl WorkflowEvent {
             E::EthicsReviewed {
                 findings,
                 rationale,
+                model,
                 ..
             } => {
                 let mut texts: Vec<_> = findings.iter_mut().map(|f| (F::Reason, f)).collect();
                 texts.extend(rationale.as_mut().map(|r| (F::Rationale, r)));
+                texts.extend(model_texts(model));
                 texts
             }
             E::WorkflowFlagged { findings } | E::WorkflowRejected { reasons: findings } => {
@@ -304,6 +328,54 @@ mod tests {
             ..sealed
         };
         assert_eq!(open(&key, &altered), None);
+    }
+
+    #[test]
+    fn a_model_s_answer_and_why_it_was_not_used_are_sealed_and_open_again() {
+        let answer = "김민수 씨의 요청은 승인합니다";
+        let mut event = WorkflowEvent::GateDecided {
+            round: 0,
+            verdict: crate::workflow::Verdict::Approve,
+            priority: Priority::Normal,
+            risk: 0.1,
+            reasons: Vec::new(),
+            rationale: Text::new("ok"),
+            model: Some(ModelCall {
+                provider: "openai-compatible".into(),
+                endpoint: "http://127.0.0.1:1/v1".into(),
+                model: "m".into(),
+                prompt_version: "lubit-llm/1".into(),
+                prompt_sha256: "0".repeat(64),
+                answer: Text::new(answer),
+                input_tokens: None,
+                output_tokens: None,
+                latency_ms: 1,
+                requests: 1,
+                fallback: true,
+                fallback_reason: Some(Text::new("quotes 김민수")),
+            }),
+        };
+        let key = [7u8; 32];
+        let key_id = Uuid::from_u128(3);
+        let sealing = Sealing {
+            key: key_id,
+            fields: TextField::ALL.to_vec(),
+        };
+        event.seal(&sealing, Some(&key), || [4; 12]);
+        let stored = event.encode().2.to_string();
+        assert!(!stored.contains("김민수"), "{stored}");
+        event.open(&HashMap::from([(key_id, key)]));
+        let WorkflowEvent::GateDecided {
+            model: Some(model), ..
+        } = &event
+        else {
+            unreachable!()
+        };
+        assert_eq!(model.answer.as_str(), answer);
+        assert_eq!(
+            model.fallback_reason.as_ref().unwrap().as_str(),
+            "quotes 김민수"
+        );
     }
 
     #[test]

@@ -13,11 +13,12 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{positions, History, Inner, RuntimeError};
+use super::{positions, History, Inner, Recorder, RuntimeError};
 use crate::clock;
 use crate::faults::FaultPoint;
 use crate::queue::Claim;
 use crate::tool::{ToolCall, ToolFailure};
+use agentledger_domain::names::AgentRole;
 
 /// How a claim ended, and so what happens to its queue row.
 #[derive(Debug)]
@@ -183,18 +184,21 @@ async fn analyse(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
     let inputs = positions(seen);
     let causation = history.last().map(|r| r.event_id);
     let command = Command::RecordAnalysis {
+        model: None,
         subtasks: analysis.subtasks,
         confidence: analysis.confidence,
         rationale: analysis.rationale,
     };
+    let (command, recorder) = by_model_or(
+        inner,
+        history,
+        AgentRole::Analyst,
+        command,
+        &inner.agents.sena,
+    )
+    .await;
     let written = history
-        .record(
-            &*inner.store,
-            &inner.agents.sena,
-            vec![command],
-            causation,
-            inputs,
-        )
+        .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
     Ok(recorded(written, inner, FaultPoint::AfterAnalysis))
 }
@@ -232,22 +236,30 @@ async fn gate(
     );
     let inputs = positions([&history.events[0], analysis]);
     let causation = Some(analysis.event_id);
-    let (verdict, priority) = (decision.verdict, decision.priority);
     let command = Command::RecordGate {
-        verdict,
-        priority,
+        model: None,
+        verdict: decision.verdict,
+        priority: decision.priority,
         risk: decision.risk,
         reasons: decision.reasons,
         rationale: decision.rationale,
     };
+    let (command, recorder) = by_model_or(
+        inner,
+        history,
+        AgentRole::Gatekeeper,
+        command,
+        &inner.agents.lubit,
+    )
+    .await;
+    let Command::RecordGate {
+        verdict, priority, ..
+    } = command
+    else {
+        unreachable!("a gate decision stays one");
+    };
     let written = history
-        .record(
-            &*inner.store,
-            &inner.agents.lubit,
-            vec![command],
-            causation,
-            inputs,
-        )
+        .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
     // An approval whose priority differs from the one the claim was made
     // under goes back to the queue, where the new priority orders it; with
@@ -266,21 +278,69 @@ async fn review(inner: &Inner, history: &mut History) -> Result<Step, RuntimeErr
     let inputs = positions(&history.events);
     let causation = history.last().map(|r| r.event_id);
     let command = Command::RecordEthics {
+        model: None,
         scores: review.scores,
         passed: review.passed,
         findings: review.findings,
         rationale: None,
     };
+    let (command, recorder) = by_model_or(
+        inner,
+        history,
+        AgentRole::Ethics,
+        command,
+        &inner.agents.rune,
+    )
+    .await;
     let written = history
-        .record(
-            &*inner.store,
-            &inner.agents.rune,
-            vec![command],
-            causation,
-            inputs,
-        )
+        .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
     Ok(recorded(written, inner, FaultPoint::AfterReview))
+}
+
+/// `role`'s decision: the model's when a model serves the role and its
+/// answer holds (the role's schema, then the domain's rules); otherwise
+/// `reference`, the reference policy's, with the model's failure recorded
+/// beside it (`fallback`). Without a model, `reference` as it is.
+async fn by_model_or(
+    inner: &Inner,
+    history: &History,
+    role: AgentRole,
+    reference: Command,
+    reference_recorder: &Recorder,
+) -> (Command, Recorder) {
+    let Some((model, recorders)) = inner.llm.as_ref() else {
+        return (reference, reference_recorder.clone());
+    };
+    let Some((_, recorder)) = recorders.iter().find(|(r, _)| *r == role) else {
+        return (reference, reference_recorder.clone());
+    };
+    let (Some(schema), context) = (
+        inner.decisions.schema(role),
+        super::external::context(role, history, &inner.tools.specs()),
+    ) else {
+        return (reference, reference_recorder.clone());
+    };
+    let asked = model.ask(role, &context, schema, &*inner.clock).await;
+    let mut call = asked.call;
+    let decided = asked.decision.and_then(|decision| {
+        let command = inner
+            .decisions
+            .parse(role, &decision)
+            .map_err(|e| format!("the answer breaks the decision schema: {e}"))?;
+        handle(&history.workflow, command.clone())
+            .map_err(|e| format!("the answer breaks the workflow's rules: {e}"))?;
+        Ok(command)
+    });
+    match decided {
+        Ok(command) => (command.with_model(call), recorder.clone()),
+        Err(reason) => {
+            tracing::warn!(workflow = %history.id, role = role.as_str(), %reason, "the model's decision was not used; the reference policy decided");
+            call.fallback = true;
+            call.fallback_reason = Some(Text::new(reason));
+            (reference.with_model(call), reference_recorder.clone())
+        }
+    }
 }
 
 /// What a subtask in flight reports.

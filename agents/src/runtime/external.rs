@@ -604,6 +604,7 @@ pub fn context(
             subtasks,
             confidence,
             rationale,
+            ..
         } => json!({
             "round": round,
             "subtasks": subtasks.iter().map(|s| json!({
@@ -627,6 +628,7 @@ pub fn context(
                 risk,
                 reasons,
                 rationale,
+                ..
             } => json!({
                 "round": round,
                 "verdict": verdict_name(*verdict),

@@ -125,6 +125,11 @@ pub struct RuntimeConfig {
     /// Tools served by external workers, registered beside the given ones
     /// (replacing any of the same name); none by default.
     pub external_tools: Vec<ExternalToolSpec>,
+    /// Roles a language model decides (with the reference policy as its
+    /// fallback); none by default. Needs `llm`.
+    pub llm_roles: std::collections::BTreeSet<agentledger_domain::names::AgentRole>,
+    /// The model's endpoint, for `llm_roles`.
+    pub llm: Option<crate::llm::LlmConfig>,
     /// Which free text of a workflow with a data subject is sealed under the
     /// subject's key (default: all of it).
     pub personal_fields: Vec<TextField>,
@@ -144,6 +149,8 @@ impl Default for RuntimeConfig {
             gitcode: GitCodeConfig::default(),
             rune: RuneConfig::default(),
             external_tools: Vec::new(),
+            llm_roles: std::collections::BTreeSet::new(),
+            llm: None,
             external: Default::default(),
             personal_fields: TextField::ALL.to_vec(),
         }
@@ -180,6 +187,25 @@ fn agent(name: &str, config: &impl Serialize) -> Recorder {
     }
 }
 
+/// Who records a model's decisions for `role`: the role's agent, under the
+/// policy `<agent>-llm` at the prompt's version, fingerprinted over the
+/// endpoint, model, limits and prompt.
+fn model_recorder(
+    model: &crate::llm::LlmAgent,
+    role: agentledger_domain::names::AgentRole,
+) -> Recorder {
+    let name = role.reference_agent();
+    let (version, _) = crate::llm::prompt(role);
+    Recorder {
+        actor: Actor::agent(name, agentledger_domain::policy::VERSION.to_string()),
+        policy: Some(PolicyRef {
+            name: format!("{name}-llm"),
+            version,
+            fingerprint: fingerprint(&model.policy_basis(role)),
+        }),
+    }
+}
+
 pub(crate) struct Inner {
     pub store: Arc<dyn EventStore>,
     pub queue: Arc<dyn WorkQueue>,
@@ -203,6 +229,11 @@ pub(crate) struct Inner {
     pub dead: CancellationToken,
     /// Calls of external tools waiting for workers.
     pub calls: Arc<calls::CallBoard>,
+    /// The model serving `config.llm_roles`, with its recorder per role.
+    pub llm: Option<(
+        crate::llm::LlmAgent,
+        Vec<(agentledger_domain::names::AgentRole, Recorder)>,
+    )>,
     /// The schemas of external agents' decisions.
     pub decisions: crate::decision::Decisions,
     /// A task was handed to external workers of this role.
@@ -264,10 +295,24 @@ impl Runtime {
             rune: agent("rune", &config.rune),
         };
         let decisions = crate::decision::Decisions::new(&tools.names());
+        let llm = config
+            .llm
+            .clone()
+            .filter(|_| !config.llm_roles.is_empty())
+            .map(|llm_config| {
+                let model = crate::llm::LlmAgent::new(llm_config);
+                let recorders = config
+                    .llm_roles
+                    .iter()
+                    .map(|&role| (role, model_recorder(&model, role)))
+                    .collect();
+                (model, recorders)
+            });
         Self {
             inner: Arc::new(Inner {
                 decisions,
                 calls: board,
+                llm,
                 task_signal: tokio::sync::broadcast::channel(64).0,
                 store,
                 queue,

@@ -223,11 +223,13 @@ mod tests {
                     sealing: None,
                 },
                 Command::RecordAnalysis {
+                    model: None,
                     subtasks,
                     confidence: 1.0,
                     rationale: Text::new("r"),
                 },
                 Command::RecordGate {
+                    model: None,
                     verdict: Verdict::Approve,
                     priority: Priority::Normal,
                     risk: 0.1,

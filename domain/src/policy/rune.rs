@@ -259,6 +259,7 @@ mod tests {
                 sealing: None,
             },
             WorkflowEvent::AnalysisProduced {
+                model: None,
                 round: 0,
                 subtasks: vec![SubtaskPlan {
                     id: "st-1".into(),
@@ -270,6 +271,7 @@ mod tests {
                 rationale: Text::new(rationale),
             },
             WorkflowEvent::GateDecided {
+                model: None,
                 round: 0,
                 verdict: Verdict::Approve,
                 priority: Priority::Normal,

@@ -6,8 +6,8 @@ use thiserror::Error;
 use crate::privacy::Sealing;
 
 use super::{
-    EthicsScores, FailureKind, GateRef, Priority, SubtaskPlan, SubtaskState, Text, Verdict,
-    Workflow, WorkflowEvent, WorkflowState,
+    EthicsScores, FailureKind, GateRef, ModelCall, Priority, SubtaskPlan, SubtaskState, Text,
+    Verdict, Workflow, WorkflowEvent, WorkflowState,
 };
 
 /// Revision rounds Lubit may ask for; after them it must decide.
@@ -33,6 +33,7 @@ pub enum Command {
         subtasks: Vec<SubtaskPlan>,
         confidence: f64,
         rationale: Text,
+        model: Option<ModelCall>,
     },
     RecordGate {
         verdict: Verdict,
@@ -40,6 +41,7 @@ pub enum Command {
         risk: f64,
         reasons: Vec<String>,
         rationale: Text,
+        model: Option<ModelCall>,
     },
     RecordHumanDecision {
         approve: bool,
@@ -72,6 +74,7 @@ pub enum Command {
         passed: bool,
         findings: Vec<String>,
         rationale: Option<Text>,
+        model: Option<ModelCall>,
     },
     Cancel {
         reason: Option<Text>,
@@ -79,6 +82,19 @@ pub enum Command {
 }
 
 impl Command {
+    /// The decision with the record of the model behind it (a decision of
+    /// the analyst, the gatekeeper or the ethics reviewer; others as they
+    /// are).
+    pub fn with_model(mut self, call: ModelCall) -> Self {
+        match &mut self {
+            Self::RecordAnalysis { model, .. }
+            | Self::RecordGate { model, .. }
+            | Self::RecordEthics { model, .. } => *model = Some(call),
+            _ => {}
+        }
+        self
+    }
+
     /// The command's name, for errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -152,6 +168,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             subtasks,
             confidence,
             rationale,
+            model,
         } if matches!(state, S::Submitted | S::Analysing) => {
             check_unit("confidence", confidence)?;
             Ok(vec![E::AnalysisProduced {
@@ -159,6 +176,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 subtasks,
                 confidence,
                 rationale,
+                model,
             }])
         }
         C::RecordGate {
@@ -167,6 +185,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             risk,
             reasons,
             rationale,
+            model,
         } if state == S::Gating => {
             check_unit("risk", risk)?;
             if verdict == Verdict::Revise && workflow.round >= MAX_REVISIONS {
@@ -182,6 +201,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 risk,
                 reasons: texts(&reasons),
                 rationale,
+                model,
             }];
             if verdict == Verdict::Reject {
                 events.push(E::WorkflowRejected {
@@ -301,6 +321,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             passed,
             findings,
             rationale,
+            model,
         } if state == S::Reviewing => {
             for (name, score) in [
                 ("transparency", scores.transparency),
@@ -323,6 +344,7 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                     passed,
                     findings: texts(&findings),
                     rationale,
+                    model,
                 },
                 outcome,
             ])

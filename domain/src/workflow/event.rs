@@ -19,6 +19,37 @@ pub struct GateRef {
     pub hash: String,
 }
 
+/// A language model's part in a decision: what it was asked (by version
+/// and hash of the prompt) and what it answered, so that a reviewer sees
+/// both and replay never asks it again. With `fallback`, the model failed
+/// (`fallback_reason` says how) and the reference policy decided instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCall {
+    /// The API spoken (`openai-compatible`).
+    pub provider: String,
+    /// Where it was sent (the configured base URL).
+    pub endpoint: String,
+    pub model: String,
+    /// The prompt template's version (`sena-llm/1`).
+    pub prompt_version: String,
+    /// SHA-256 (hex) of the exact messages sent, as serialised in the request.
+    pub prompt_sha256: String,
+    /// The model's raw answer (the message content), empty when none came;
+    /// personal text, sealed like a rationale.
+    pub answer: Text,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    /// From the first request to the last answer, retries included.
+    pub latency_ms: u64,
+    /// Requests made (retries after `429` and `5xx` included).
+    pub requests: u8,
+    pub fallback: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<Text>,
+}
+
 /// Every fact recorded about a workflow, in the words of design §3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all_fields = "snake_case")]
@@ -37,6 +68,9 @@ pub enum WorkflowEvent {
         subtasks: Vec<SubtaskPlan>,
         confidence: f64,
         rationale: Text,
+        /// The model behind the analysis, when one made (or failed) it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<ModelCall>,
     },
     /// Lubit's verdict on an analysis.
     GateDecided {
@@ -47,6 +81,8 @@ pub enum WorkflowEvent {
         /// Schema 2: each reason is a [`Text`] (they may quote the plan).
         reasons: Vec<Text>,
         rationale: Text,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<ModelCall>,
     },
     /// A person approved or rejected an escalated workflow. Schema 2 added
     /// `answers`: the gate decision the person saw and decided on (schema 1
@@ -93,6 +129,8 @@ pub enum WorkflowEvent {
         /// one; the reference policy's findings speak for it (absent).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rationale: Option<Text>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<ModelCall>,
     },
     /// Final: done and reviewed.
     WorkflowCompleted {},

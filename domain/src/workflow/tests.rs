@@ -25,6 +25,7 @@ fn submit() -> Command {
 
 fn analysis() -> Command {
     Command::RecordAnalysis {
+        model: None,
         subtasks: vec![plan("st-1", &[]), plan("st-2", &["st-1"])],
         confidence: 0.8,
         rationale: Text::new("two sentences"),
@@ -33,6 +34,7 @@ fn analysis() -> Command {
 
 fn gate(verdict: Verdict) -> Command {
     Command::RecordGate {
+        model: None,
         verdict,
         priority: Priority::High,
         risk: 0.2,
@@ -79,6 +81,7 @@ fn ethics(passed: bool) -> Command {
         fairness: if passed { 1.0 } else { 0.2 },
     };
     Command::RecordEthics {
+        model: None,
         scores,
         passed,
         findings: if passed {
