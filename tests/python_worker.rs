@@ -16,7 +16,6 @@ use agentledger_domain::workflow::WorkflowEvent;
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
 use common::{create_key, post, Server, TempFile};
-use futures::StreamExt;
 use serde_json::json;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python-worker");
