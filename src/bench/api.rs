@@ -69,12 +69,20 @@ pub struct ApiArgs {
     /// that the cost per workflow is measured on a full ledger.
     #[arg(long, default_value_t = 0)]
     preload: u64,
+    /// Closed loop on a server this bench starts: leave the analyst, the
+    /// gatekeeper and the ethics reviewer to workers run by the bench over
+    /// the API (two per role; authentication on), to measure the worker
+    /// protocol against the built-ins.
+    #[arg(long)]
+    external_agents: bool,
 }
 
-/// The credential the client presents, and the owner its workflows get.
+/// The credential the client presents, and the owner its workflows get;
+/// with external agents, the workers' key (role `agent`).
 struct Client {
     key: Option<String>,
     owner: String,
+    worker_key: Option<String>,
 }
 
 pub async fn run(args: ApiArgs) -> anyhow::Result<()> {
@@ -95,6 +103,10 @@ async fn closed_loop_runs(args: &ApiArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.preload == 0 || args.url.is_none(),
         "--preload loads a scratch database: it cannot be used with --url"
+    );
+    anyhow::ensure!(
+        !args.external_agents || args.url.is_none(),
+        "--external-agents configures the server this bench starts: it cannot be used with --url"
     );
     let template = if args.preload > 0 {
         super::rebuild::generate(PRELOAD_TEMPLATE).await?
@@ -182,13 +194,29 @@ async fn closed_loop_own(
         concurrency,
         duration: Duration::from_secs(args.seconds),
     };
+    let trips = Arc::new(super::workers::Trips::default());
+    let stop_workers = tokio_util::sync::CancellationToken::new();
+    let workers = client
+        .worker_key
+        .as_deref()
+        .map(|key| super::workers::spawn(&base, key, trips.clone(), stop_workers.clone()));
     let driven = closed_loop::drive(&target, args.json).await;
     let server_ticks = closed_loop::process_ticks(child.id()).saturating_sub(ticks);
+    stop_workers.cancel();
+    let served = match workers {
+        Some(workers) => workers.join_all().await.into_iter().collect(),
+        None => Ok(()),
+    };
     stop(&mut child);
     let (report, all) = driven?;
+    served.context("an external worker failed")?;
     settle(&stats, &scratch.name).await?;
     let after = closed_loop::Counters::read(&stats, &scratch.name).await?;
-    Ok(report.to_json(Some((before, after, all)), Some(server_ticks)))
+    let mut report = report.to_json(Some((before, after, all)), Some(server_ticks));
+    if client.worker_key.is_some() {
+        report["external_agents"] = trips.summary();
+    }
+    Ok(report)
 }
 
 /// A closed-loop run against a running server; with DATABASE_URL, its
@@ -284,7 +312,13 @@ async fn start(args: &ApiArgs, url: &str) -> anyhow::Result<(std::process::Child
         .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped());
-    let client = if args.auth {
+    if args.external_agents {
+        let config =
+            std::env::temp_dir().join(format!("agentledger-bench-{}.toml", std::process::id()));
+        std::fs::write(&config, super::workers::CONFIG)?;
+        serve.env("AGENTLEDGER_CONFIG", &config);
+    }
+    let client = if args.auth || args.external_agents {
         use agentledger_eventstore::api_keys::{ApiKeys, NewApiKey, PostgresApiKeys};
         agentledger_eventstore::migrate::run(url).await?;
         let keys = PostgresApiKeys::new(agentledger_eventstore::postgres::pool(url, 1)?);
@@ -296,15 +330,30 @@ async fn start(args: &ApiArgs, url: &str) -> anyhow::Result<(std::process::Child
                 expires_at: None,
             })
             .await?;
+        let worker_key = if args.external_agents {
+            let (_, secret) = keys
+                .create(NewApiKey {
+                    name: "bench-workers".into(),
+                    roles: vec!["agent".into()],
+                    tenant: "default".into(),
+                    expires_at: None,
+                })
+                .await?;
+            Some(secret)
+        } else {
+            None
+        };
         serve.env("AGENTLEDGER_AUTH_MODE", "required");
         Client {
             key: Some(secret),
             owner: format!("apikey:{}", key.key_id),
+            worker_key,
         }
     } else {
         Client {
             key: None,
             owner: "anonymous".into(),
+            worker_key: None,
         }
     };
     let mut child = serve.spawn().context("starting agentledger serve")?;

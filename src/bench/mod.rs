@@ -18,6 +18,7 @@ mod api;
 mod closed_loop;
 mod rebuild;
 mod verify;
+mod workers;
 mod workflows;
 
 #[derive(clap::Subcommand)]
