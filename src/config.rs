@@ -53,6 +53,14 @@
 //! name = "crm_lookup"        # 1 to 64 of a-z, 0-9, _ and -; replaces a built-in of the same name
 //! description = "Looks a customer up in the CRM"
 //! keywords = ["customer", "crm", "고객"]   # Sena picks the tool whose keywords the request mentions
+//! deterministic = false      # true: the same instruction and input always give the same output (cacheable)
+//!
+//! [cache]                    # reuse recorded results of deterministic tools and model answers
+//! enabled = false
+//! max_entries = 10000
+//! max_age_seconds = 86400
+//! tools_off = ["fetch_rates"]   # never reuse these tools' results
+//! roles_off = ["ethics"]        # never reuse these roles' model answers
 //!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
@@ -98,6 +106,30 @@ pub struct FileConfig {
     #[serde(default)]
     pub tools: ToolsSection,
     pub llm: Option<LlmSection>,
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+/// `[cache]`: the result cache.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub enabled: Option<bool>,
+    pub max_entries: Option<usize>,
+    pub max_age_seconds: Option<u64>,
+    #[serde(default)]
+    pub tools_off: Vec<String>,
+    #[serde(default)]
+    pub roles_off: Vec<CacheRole>,
+}
+
+/// A role named in `roles_off`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheRole {
+    Analyst,
+    Gatekeeper,
+    Ethics,
 }
 
 /// `[llm]`: the model behind roles served by `"llm"`.
@@ -127,6 +159,8 @@ pub struct ExternalTool {
     pub name: String,
     pub description: String,
     pub keywords: Vec<String>,
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 impl ToolsSection {
@@ -433,6 +467,29 @@ impl FileConfig {
         }
     }
 
+    /// The result cache's settings.
+    fn cache(&self) -> agentledger_agents::cache::CacheConfig {
+        let defaults = agentledger_agents::cache::CacheConfig::default();
+        let c = &self.cache;
+        agentledger_agents::cache::CacheConfig {
+            enabled: c.enabled.unwrap_or(defaults.enabled),
+            max_entries: c.max_entries.unwrap_or(defaults.max_entries),
+            max_age: c
+                .max_age_seconds
+                .map_or(defaults.max_age, Duration::from_secs),
+            tools_off: c.tools_off.iter().cloned().collect(),
+            roles_off: c
+                .roles_off
+                .iter()
+                .map(|r| match r {
+                    CacheRole::Analyst => AgentRole::Analyst,
+                    CacheRole::Gatekeeper => AgentRole::Gatekeeper,
+                    CacheRole::Ethics => AgentRole::Ethics,
+                })
+                .collect(),
+        }
+    }
+
     /// The model's endpoint, with its key read from `api_key_env`.
     fn llm(&self) -> anyhow::Result<Option<agentledger_agents::LlmConfig>> {
         let Some(llm) = &self.llm else {
@@ -536,8 +593,10 @@ impl FileConfig {
                     name: t.name.clone(),
                     description: t.description.clone(),
                     keywords: t.keywords.clone(),
+                    deterministic: t.deterministic,
                 })
                 .collect(),
+            cache: self.cache(),
             ..defaults
         })
     }

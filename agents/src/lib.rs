@@ -10,6 +10,7 @@
 //! without the expected version it read, or read the wall clock directly
 //! (time comes from the injected [`Clock`]).
 
+pub mod cache;
 pub mod clock;
 pub mod decision;
 pub mod faults;

@@ -99,6 +99,12 @@ pub fn prompt(role: AgentRole) -> (String, &'static str) {
     (format!("{agent}-llm/1"), text)
 }
 
+/// A request ready to send, with the record of it so far.
+pub struct Prepared {
+    body: Value,
+    pub call: ModelCall,
+}
+
 /// What asking the model gave: its decision (a JSON value, still to be
 /// checked against the schema) or why there is none, and the record of
 /// the exchange (`fallback` still false).
@@ -151,6 +157,12 @@ impl LlmAgent {
         schema: &Value,
         clock: &dyn Clock,
     ) -> Asked {
+        self.send(self.prepare(role, context, schema), clock).await
+    }
+
+    /// The request for `role`'s decision on `context`, and the record of
+    /// it so far (its prompt's version and hash).
+    pub fn prepare(&self, role: AgentRole, context: &Value, schema: &Value) -> Prepared {
         let (version, system) = prompt(role);
         let messages = json!([
             { "role": "system", "content": system },
@@ -173,8 +185,7 @@ impl LlmAgent {
                 },
             },
         });
-        let started = Instant::now();
-        let mut call = ModelCall {
+        let call = ModelCall {
             provider: PROVIDER.into(),
             endpoint: self.config.base_url.clone(),
             model: self.config.model.clone(),
@@ -187,10 +198,30 @@ impl LlmAgent {
             requests: 0,
             fallback: false,
             fallback_reason: None,
+            reused_from: None,
         };
+        Prepared { body, call }
+    }
+
+    /// Sends a prepared request.
+    pub async fn send(&self, prepared: Prepared, clock: &dyn Clock) -> Asked {
+        let Prepared { body, mut call } = prepared;
+        let started = Instant::now();
         let decision = self.exchange(&body, &mut call, clock).await;
         call.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         Asked { decision, call }
+    }
+
+    /// The decision in an answer recorded earlier (a cache hit at
+    /// `position`): nothing is sent.
+    pub fn reuse(prepared: Prepared, answer: &str, position: u64) -> Asked {
+        let mut call = prepared.call;
+        call.answer = Text::new(answer);
+        call.reused_from = Some(position);
+        Asked {
+            decision: decision_in(answer),
+            call,
+        }
     }
 
     /// Sends `body` until an answer comes or the retries are spent.
@@ -266,16 +297,21 @@ impl LlmAgent {
             .as_str()
             .ok_or("the answer has no message content")?;
         call.answer = Text::new(content);
-        serde_json::from_str::<Value>(content)
-            .map_err(|e| format!("the model's answer is not JSON: {e}"))
-            .and_then(|decision| {
-                if decision.is_object() {
-                    Ok(decision)
-                } else {
-                    Err("the model's answer is not a JSON object".into())
-                }
-            })
+        decision_in(content)
     }
+}
+
+/// The decision in a model's answer: one JSON object.
+fn decision_in(content: &str) -> Result<Value, String> {
+    serde_json::from_str::<Value>(content)
+        .map_err(|e| format!("the model's answer is not JSON: {e}"))
+        .and_then(|decision| {
+            if decision.is_object() {
+                Ok(decision)
+            } else {
+                Err("the model's answer is not a JSON object".into())
+            }
+        })
 }
 
 /// The response's body, at most [`MAX_RESPONSE_BYTES`].

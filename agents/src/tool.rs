@@ -62,6 +62,12 @@ pub trait Tool: Send + Sync + 'static {
     fn external(&self) -> bool {
         false
     }
+    /// True when the same instruction and input always give the same
+    /// output, so that the result cache may reuse a recorded one (when it
+    /// is on). Pure tools are.
+    fn deterministic(&self) -> bool {
+        self.pure()
+    }
 }
 
 /// Inputs above this size run on the blocking pool, off the async workers.

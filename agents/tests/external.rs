@@ -702,6 +702,7 @@ fn crm_lookup() -> agentledger_agents::ExternalToolSpec {
         name: "crm_lookup".into(),
         description: "Looks a customer up in the CRM".into(),
         keywords: vec!["customer".into(), "고객".into()],
+        deterministic: false,
     }
 }
 
@@ -826,7 +827,7 @@ async fn an_external_tool_is_chosen_by_sena_run_by_workers_and_retried_by_the_ex
     )));
     assert!(followed.decoded.iter().any(|e| matches!(
         e,
-        WorkflowEvent::SubtaskSucceeded { subtask, attempt: 2, output }
+        WorkflowEvent::SubtaskSucceeded { subtask, attempt: 2, output, .. }
             if subtask == "st-1" && output.as_str() == record
     )));
     // The next subtask read the worker's output.

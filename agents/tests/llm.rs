@@ -149,6 +149,21 @@ async fn through_model(
     Running,
     TestDatabase,
 ) {
+    through_model_cached(mode, false).await
+}
+
+/// [`through_model`], with the result cache on or off.
+async fn through_model_cached(
+    mode: Mode,
+    cached: bool,
+) -> (
+    Arc<Stub>,
+    Vec<WorkflowEvent>,
+    Vec<Arc<agentledger_eventstore::RecordedEvent>>,
+    agentledger_agents::Runtime,
+    Running,
+    TestDatabase,
+) {
     let db = TestDatabase::create().await;
     let store = Arc::new(db.store().await);
     let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
@@ -163,6 +178,10 @@ async fn through_model(
             max_tokens: 256,
             retries: 2,
         }),
+        cache: agentledger_agents::cache::CacheConfig {
+            enabled: cached,
+            ..Default::default()
+        },
         ..RuntimeConfig::default()
     };
     let running = Running::start(
@@ -352,4 +371,45 @@ async fn rate_limits_are_retried_after_their_pause_and_fall_back_once_spent() {
 #[tokio::test]
 async fn server_errors_are_retried_then_fall_back() {
     falls_back(Mode::ServerError, "500", 3).await;
+}
+
+#[tokio::test]
+async fn with_the_cache_on_the_same_prompt_is_answered_from_the_ledger() {
+    let (stub, first, recorded, runtime, running, db) =
+        through_model_cached(Mode::Valid, true).await;
+    assert_eq!(stub.requests.load(Ordering::SeqCst), 3);
+    // The same request again: the same prompts, answered from the cache.
+    let id = runtime
+        .submit(agentledger_agents::Submission {
+            request: REQUEST.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let store = db.store().await;
+    let seen = settle(&store, &[id]).await;
+    let again = &seen[&id];
+    assert_eq!(again.workflow.state, WorkflowState::Completed);
+    assert_eq!(stub.requests.load(Ordering::SeqCst), 3, "no new request");
+    let positions: Vec<u64> = recorded
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.event_type.as_str(),
+                "AnalysisProduced" | "GateDecided" | "EthicsReviewed"
+            )
+        })
+        .map(|e| e.global_position)
+        .collect();
+    let (before, after) = (models(&first), models(&again.decoded));
+    assert_eq!(after.len(), 3);
+    for (((_, old), (event_type, new)), position) in before.iter().zip(&after).zip(positions) {
+        assert_eq!(new.reused_from, Some(position), "{event_type}");
+        assert_eq!((new.requests, new.fallback), (0, false), "{event_type}");
+        assert_eq!(new.prompt_sha256, old.prompt_sha256);
+        assert_eq!(new.answer, old.answer);
+    }
+    let stats = runtime.cache_stats();
+    assert_eq!((stats.model_hits, stats.model_misses), (3, 3));
+    running.stop().await;
 }

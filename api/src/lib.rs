@@ -608,6 +608,39 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         "agentledger_subscriptions_open {}",
         services.open_subscriptions.load(Ordering::Relaxed)
     );
+    let cache = services.runtime.cache_stats();
+    let _ = writeln!(
+        out,
+        "# HELP agentledger_cache_lookups_total Result cache lookups by kind (tool, model) and outcome."
+    );
+    let _ = writeln!(out, "# TYPE agentledger_cache_lookups_total counter");
+    for (kind, outcome, n) in [
+        ("tool", "hit", cache.tool_hits),
+        ("tool", "miss", cache.tool_misses),
+        ("model", "hit", cache.model_hits),
+        ("model", "miss", cache.model_misses),
+    ] {
+        let _ = writeln!(
+            out,
+            "agentledger_cache_lookups_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP agentledger_cache_saved_seconds_total What the reused results took when first produced."
+    );
+    let _ = writeln!(out, "# TYPE agentledger_cache_saved_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "agentledger_cache_saved_seconds_total {}",
+        cache.saved_ms as f64 / 1e3
+    );
+    let _ = writeln!(
+        out,
+        "# HELP agentledger_cache_entries Results in the cache."
+    );
+    let _ = writeln!(out, "# TYPE agentledger_cache_entries gauge");
+    let _ = writeln!(out, "agentledger_cache_entries {}", cache.entries);
     state.http.render(&mut out);
     (
         [(

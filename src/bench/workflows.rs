@@ -51,6 +51,11 @@ pub struct WorkflowArgs {
     /// process, as in `serve`, and their lag is reported).
     #[arg(long)]
     no_projections: bool,
+    /// Turn the result cache on (every workflow asks the same: after the
+    /// first, each tool result is reused); its hit rate and the time it
+    /// saved are reported.
+    #[arg(long)]
+    cache: bool,
 }
 
 pub async fn run(args: WorkflowArgs) -> anyhow::Result<()> {
@@ -72,6 +77,10 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
         Arc::new(SystemClock),
         RuntimeConfig {
             max_workflows: args.max_workflows,
+            cache: agentledger_agents::cache::CacheConfig {
+                enabled: args.cache,
+                ..Default::default()
+            },
             ..RuntimeConfig::default()
         },
     );
@@ -188,6 +197,18 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    if args.cache {
+        let stats = runtime.cache_stats();
+        let lookups = stats.tool_hits + stats.tool_misses;
+        println!(
+            "\nresult cache: {} tool lookups, {} hits ({:.1} %), {} entries, {:.1} ms of tool time saved",
+            lookups,
+            stats.tool_hits,
+            stats.tool_hits as f64 * 100.0 / lookups.max(1) as f64,
+            stats.entries,
+            stats.saved_ms as f64
+        );
     }
     let _ = stop.send(());
     running.await?;

@@ -43,6 +43,9 @@ pub struct ExternalToolSpec {
     pub name: String,
     pub description: String,
     pub keywords: Vec<String>,
+    /// The same instruction and input always give the same output: the
+    /// result cache may reuse its results.
+    pub deterministic: bool,
 }
 
 impl ExternalToolSpec {
@@ -105,6 +108,7 @@ impl CallBoard {
 /// An external tool as the executor runs it.
 pub(crate) struct ExternalTool {
     spec: ToolSpec,
+    deterministic: bool,
     board: Arc<CallBoard>,
 }
 
@@ -112,6 +116,7 @@ impl ExternalTool {
     pub fn new(spec: &ExternalToolSpec, board: Arc<CallBoard>) -> Self {
         Self {
             spec: spec.leak(),
+            deterministic: spec.deterministic,
             board,
         }
     }
@@ -153,6 +158,10 @@ impl Tool for ExternalTool {
 
     fn external(&self) -> bool {
         true
+    }
+
+    fn deterministic(&self) -> bool {
+        self.deterministic
     }
 
     async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {

@@ -18,6 +18,9 @@ impl Runtime {
     /// step and their claims are released for others.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         let inner = self.inner.clone();
+        // Before any claim: a restarted process reuses what it recorded
+        // before. Submissions meanwhile wait in the queue.
+        super::drive::warm_cache(inner.clone()).await;
         let slots = inner.slots.clone();
         let mut drives = JoinSet::new();
         let (handoff, mut handed) = mpsc::unbounded_channel();

@@ -1,19 +1,21 @@
 //! Driving one claimed workflow: fold it, let the agent whose turn it is
 //! decide, record the decision, repeat until a hand-off.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use agentledger_domain::policy::{gitcode, lubit, rune, sena};
 use agentledger_domain::workflow::{
-    handle, Command, FailureKind, Priority, Text, Verdict, Workflow, WorkflowEvent, WorkflowState,
+    handle, CacheRef, Command, FailureKind, Priority, Text, Verdict, Workflow, WorkflowEvent,
+    WorkflowState,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{positions, History, Inner, Recorder, RuntimeError};
+use super::{positions, History, Inner, Recorded, Recorder, RuntimeError};
+use crate::cache;
 use crate::clock;
 use crate::faults::FaultPoint;
 use crate::queue::Claim;
@@ -197,9 +199,19 @@ async fn analyse(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
         &inner.agents.sena,
     )
     .await;
+    let appended_from = history.events.len();
     let written = history
         .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
+    if written && inner.llm.is_some() {
+        let sealed = history.workflow.sealing.is_some();
+        remember_answer(
+            inner,
+            &history.tenant,
+            sealed,
+            &history.events[appended_from..],
+        );
+    }
     Ok(recorded(written, inner, FaultPoint::AfterAnalysis))
 }
 
@@ -258,9 +270,19 @@ async fn gate(
     else {
         unreachable!("a gate decision stays one");
     };
+    let appended_from = history.events.len();
     let written = history
         .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
+    if written && inner.llm.is_some() {
+        let sealed = history.workflow.sealing.is_some();
+        remember_answer(
+            inner,
+            &history.tenant,
+            sealed,
+            &history.events[appended_from..],
+        );
+    }
     // An approval whose priority differs from the one the claim was made
     // under goes back to the queue, where the new priority orders it; with
     // the same priority, the claim's place in the queue was already right.
@@ -292,9 +314,19 @@ async fn review(inner: &Inner, history: &mut History) -> Result<Step, RuntimeErr
         &inner.agents.rune,
     )
     .await;
+    let appended_from = history.events.len();
     let written = history
         .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
+    if written && inner.llm.is_some() {
+        let sealed = history.workflow.sealing.is_some();
+        remember_answer(
+            inner,
+            &history.tenant,
+            sealed,
+            &history.events[appended_from..],
+        );
+    }
     Ok(recorded(written, inner, FaultPoint::AfterReview))
 }
 
@@ -321,7 +353,28 @@ async fn by_model_or(
     ) else {
         return (reference, reference_recorder.clone());
     };
-    let asked = model.ask(role, &context, schema, &*inner.clock).await;
+    // The model decides on the workflow's content, not its id: the same
+    // content is the same prompt (and may be answered from the cache).
+    let mut context = context;
+    if let Some(fields) = context.as_object_mut() {
+        fields.remove("workflowId");
+    }
+    let prepared = model.prepare(role, &context, schema);
+    // A subject's answers are sealed under its key: never shared.
+    let key = (history.workflow.sealing.is_none() && inner.cache.serves_role(role)).then(|| {
+        let call = &prepared.call;
+        cache::model_key(
+            &history.tenant,
+            &call.endpoint,
+            &call.model,
+            &call.prompt_sha256,
+        )
+    });
+    let hit = key.and_then(|key| inner.cache.get(cache::Kind::Model, &key, inner.clock.now()));
+    let asked = match hit {
+        Some(hit) => crate::llm::LlmAgent::reuse(prepared, &hit.value, hit.position),
+        None => model.send(prepared, &*inner.clock).await,
+    };
     let mut call = asked.call;
     let decided = asked.decision.and_then(|decision| {
         let command = inner
@@ -343,15 +396,51 @@ async fn by_model_or(
     }
 }
 
+/// Puts the model's fresh answer recorded among `appended` (the decision
+/// of `history`'s tenant) into the cache, at its position.
+fn remember_answer(inner: &Inner, tenant: &str, sealed: bool, appended: &[Recorded]) {
+    if sealed {
+        return;
+    }
+    for recorded in appended {
+        let (WorkflowEvent::AnalysisProduced { model, .. }
+        | WorkflowEvent::GateDecided { model, .. }
+        | WorkflowEvent::EthicsReviewed { model, .. }) = &recorded.event
+        else {
+            continue;
+        };
+        let Some(call) = model
+            .as_ref()
+            .filter(|c| !c.fallback && c.reused_from.is_none() && c.answer.is_plain())
+        else {
+            continue;
+        };
+        let key = cache::model_key(tenant, &call.endpoint, &call.model, &call.prompt_sha256);
+        inner.cache.put(
+            key,
+            cache::Entry {
+                position: recorded.position,
+                value: call.answer.as_str().to_string(),
+                recorded_at: inner.clock.now(),
+                cost_ms: call.latency_ms,
+            },
+        );
+    }
+}
+
 /// What a subtask in flight reports.
 enum Progress {
     /// Its backoff is over: record the start and run it.
     Due { subtask: String, attempt: u8 },
-    /// Its tool returned (or timed out).
+    /// Its tool returned (or timed out), or the result cache answered.
     Done {
         subtask: String,
         attempt: u8,
         result: Result<String, (FailureKind, String)>,
+        /// With the result cache on for a deterministic tool.
+        cache: Option<CacheRef>,
+        /// What the run took (ms); 0 for a reuse.
+        cost_ms: u64,
     },
 }
 
@@ -363,6 +452,8 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
     // unblocks (the next starts, skips, the end of execution), so that a
     // chain of subtasks costs one commit per step, not two.
     let mut result: Option<(Command, String, u8)> = None;
+    // What fresh results of cached tools took, by cache key, until recorded.
+    let mut costs: HashMap<String, u64> = HashMap::new();
     loop {
         if inner.dead.is_cancelled() {
             return Ok(Some(Outcome::Dead));
@@ -418,7 +509,10 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                         }
                         plan(&mut preview, &mut commands, start)?;
                         let Progress::Done {
-                            result: outcome, ..
+                            result: outcome,
+                            cache,
+                            cost_ms,
+                            ..
                         } = run_tool(
                             inner,
                             (history.id, &history.tenant),
@@ -433,10 +527,11 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                         if inner.crash_at(FaultPoint::BeforeSubtaskResult) {
                             return Ok(Some(Outcome::Dead));
                         }
+                        note_cost(&mut costs, &cache, cost_ms);
                         plan(
                             &mut preview,
                             &mut commands,
-                            result_command(subtask, attempt, outcome),
+                            result_command(subtask, attempt, outcome, cache),
                         )?;
                         look_again = true;
                     }
@@ -464,6 +559,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
         }
         if !commands.is_empty() {
             let (causation, inputs) = gitcode_basis(history, source);
+            let appended_from = history.events.len();
             let written = history
                 .record(
                     &*inner.store,
@@ -476,6 +572,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             if !written {
                 return Ok(Some(Outcome::Superseded));
             }
+            remember_results(inner, &history.events[appended_from..], &mut costs);
             let started = !starts.is_empty();
             for (subtask, attempt) in starts {
                 running.push(run_tool(
@@ -537,12 +634,15 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                 subtask,
                 attempt,
                 result: outcome,
+                cache,
+                cost_ms,
             } => {
                 if inner.crash_at(FaultPoint::BeforeSubtaskResult) {
                     return Ok(Some(Outcome::Dead));
                 }
                 in_flight.remove(&subtask);
-                let command = result_command(subtask.clone(), attempt, outcome);
+                note_cost(&mut costs, &cache, cost_ms);
+                let command = result_command(subtask.clone(), attempt, outcome, cache);
                 result = Some((command, subtask, attempt));
             }
         }
@@ -594,12 +694,14 @@ fn result_command(
     subtask: String,
     attempt: u8,
     outcome: Result<String, (FailureKind, String)>,
+    cache: Option<CacheRef>,
 ) -> Command {
     match outcome {
         Ok(output) => Command::CompleteSubtask {
             subtask,
             attempt,
             output: Text::new(output),
+            cache,
         },
         Err((kind, error)) => Command::FailSubtask {
             subtask,
@@ -607,6 +709,48 @@ fn result_command(
             kind,
             error,
         },
+    }
+}
+
+/// Keeps what a fresh cached result took, until its event is recorded.
+fn note_cost(costs: &mut HashMap<String, u64>, cache: &Option<CacheRef>, cost_ms: u64) {
+    if let Some(CacheRef {
+        key,
+        reused_from: None,
+    }) = cache
+    {
+        costs.insert(key.clone(), cost_ms);
+    }
+}
+
+/// Puts fresh results of cached tools among `appended` into the cache, at
+/// the positions that recorded them.
+fn remember_results(inner: &Inner, appended: &[Recorded], costs: &mut HashMap<String, u64>) {
+    for recorded in appended {
+        if let WorkflowEvent::SubtaskSucceeded {
+            output,
+            cache:
+                Some(CacheRef {
+                    key,
+                    reused_from: None,
+                }),
+            ..
+        } = &recorded.event
+        {
+            let Some(parsed) = cache::parse_key(key).filter(|_| output.is_plain()) else {
+                continue;
+            };
+            let value = output.as_str();
+            inner.cache.put(
+                parsed,
+                cache::Entry {
+                    position: recorded.position,
+                    value: value.to_string(),
+                    recorded_at: inner.clock.now(),
+                    cost_ms: costs.remove(key).unwrap_or(0),
+                },
+            );
+        }
     }
 }
 
@@ -631,6 +775,8 @@ fn run_tool<'a>(
 ) -> BoxFuture<'a, Progress> {
     let plan = workflow.subtask(&subtask).and_then(|s| s.plan.clone());
     let input = gitcode::tool_input(workflow, &subtask);
+    // A subject's results are sealed under its key: never shared.
+    let shareable = workflow.sealing.is_none();
     let (workflow, tenant) = (history.0, history.1.to_string());
     async move {
         let Some(plan) = plan else {
@@ -638,6 +784,8 @@ fn run_tool<'a>(
                 subtask,
                 attempt,
                 result: Err((FailureKind::Invalid, "not in the plan".into())),
+                cache: None,
+                cost_ms: 0,
             };
         };
         let Some(tool) = inner.tools.get(&plan.tool).cloned() else {
@@ -650,8 +798,27 @@ fn run_tool<'a>(
                 subtask,
                 attempt,
                 result: Err((FailureKind::Invalid, error)),
+                cache: None,
+                cost_ms: 0,
             };
         };
+        let key = (shareable && tool.deterministic() && inner.cache.serves_tool(&plan.tool))
+            .then(|| cache::tool_key(&tenant, &plan.tool, plan.title.as_str(), &input));
+        if let Some(key) = key {
+            if let Some(hit) = inner.cache.get(cache::Kind::Tool, &key, inner.clock.now()) {
+                return Progress::Done {
+                    subtask,
+                    attempt,
+                    result: Ok(hit.value),
+                    cache: Some(CacheRef {
+                        key: hex::encode(key),
+                        reused_from: Some(hit.position),
+                    }),
+                    cost_ms: 0,
+                };
+            }
+        }
+        let started = inner.clock.now();
         let cancel = CancellationToken::new();
         let limit = inner.config.gitcode.attempt_timeout();
         let call = ToolCall {
@@ -679,11 +846,117 @@ fn run_tool<'a>(
                 ))
             }
         };
+        let cost_ms = u64::try_from((inner.clock.now() - started).num_milliseconds()).unwrap_or(0);
         Progress::Done {
             subtask,
             attempt,
+            cache: key.filter(|_| result.is_ok()).map(|key| CacheRef {
+                key: hex::encode(key),
+                reused_from: None,
+            }),
             result,
+            cost_ms,
         }
     }
     .boxed()
+}
+
+/// Fills the result cache from the ledger's recent events (at most 16 per
+/// entry it holds, none older than its age limit), as a restarted process
+/// finds it: fresh tool results and model answers at the positions that
+/// recorded them.
+pub(super) async fn warm_cache(inner: std::sync::Arc<Inner>) {
+    const PAGE: usize = 1_000;
+    let config = inner.cache.config().clone();
+    if !config.enabled {
+        return;
+    }
+    let head = match inner.store.head_position().await {
+        Ok(head) => head,
+        Err(e) => {
+            tracing::warn!(error = %e, "the result cache starts empty: the ledger could not be read");
+            return;
+        }
+    };
+    let oldest = chrono::Duration::from_std(config.max_age)
+        .ok()
+        .and_then(|age| inner.clock.now().checked_sub_signed(age));
+    let mut from = head.saturating_sub(config.max_entries as u64 * 16) + 1;
+    let mut warmed = 0usize;
+    while from <= head {
+        let page = match inner.store.read_all(from, PAGE).await {
+            Ok(page) if !page.is_empty() => page,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, warmed, "the result cache was filled only in part");
+                return;
+            }
+        };
+        for event in page.iter().filter(|e| e.global_position <= head) {
+            from = event.global_position + 1;
+            if oldest.is_some_and(|oldest| event.recorded_at < oldest)
+                || !matches!(
+                    event.event_type.as_str(),
+                    "SubtaskSucceeded" | "AnalysisProduced" | "GateDecided" | "EthicsReviewed"
+                )
+            {
+                continue;
+            }
+            let Ok(decoded) =
+                WorkflowEvent::decode(&event.event_type, event.schema_version, &event.payload)
+            else {
+                continue;
+            };
+            let entry = |value: &str, cost_ms| cache::Entry {
+                position: event.global_position,
+                value: value.to_string(),
+                recorded_at: event.recorded_at,
+                cost_ms,
+            };
+            match &decoded {
+                WorkflowEvent::SubtaskSucceeded {
+                    output,
+                    cache:
+                        Some(CacheRef {
+                            key,
+                            reused_from: None,
+                        }),
+                    ..
+                } if output.is_plain() => {
+                    if let Some(key) = cache::parse_key(key) {
+                        inner.cache.put(key, entry(output.as_str(), 0));
+                        warmed += 1;
+                    }
+                }
+                WorkflowEvent::AnalysisProduced {
+                    model: Some(call), ..
+                }
+                | WorkflowEvent::GateDecided {
+                    model: Some(call), ..
+                }
+                | WorkflowEvent::EthicsReviewed {
+                    model: Some(call), ..
+                } if !call.fallback && call.reused_from.is_none() && call.answer.is_plain() => {
+                    let Ok(metadata) = event.metadata() else {
+                        continue;
+                    };
+                    let key = cache::model_key(
+                        &metadata.tenant,
+                        &call.endpoint,
+                        &call.model,
+                        &call.prompt_sha256,
+                    );
+                    inner
+                        .cache
+                        .put(key, entry(call.answer.as_str(), call.latency_ms));
+                    warmed += 1;
+                }
+                _ => {}
+            }
+        }
+        if page.last().is_some_and(|e| e.global_position >= head) {
+            break;
+        }
+    }
+    tracing::info!(warmed, "the result cache was filled from the ledger");
 }

@@ -130,6 +130,9 @@ pub struct RuntimeConfig {
     pub llm_roles: std::collections::BTreeSet<agentledger_domain::names::AgentRole>,
     /// The model's endpoint, for `llm_roles`.
     pub llm: Option<crate::llm::LlmConfig>,
+    /// Reuse of deterministic tools' results and models' answers (off by
+    /// default).
+    pub cache: crate::cache::CacheConfig,
     /// Which free text of a workflow with a data subject is sealed under the
     /// subject's key (default: all of it).
     pub personal_fields: Vec<TextField>,
@@ -151,6 +154,7 @@ impl Default for RuntimeConfig {
             external_tools: Vec::new(),
             llm_roles: std::collections::BTreeSet::new(),
             llm: None,
+            cache: crate::cache::CacheConfig::default(),
             external: Default::default(),
             personal_fields: TextField::ALL.to_vec(),
         }
@@ -229,6 +233,8 @@ pub(crate) struct Inner {
     pub dead: CancellationToken,
     /// Calls of external tools waiting for workers.
     pub calls: Arc<calls::CallBoard>,
+    /// Results reused instead of run again.
+    pub cache: crate::cache::ResultCache,
     /// The model serving `config.llm_roles`, with its recorder per role.
     pub llm: Option<(
         crate::llm::LlmAgent,
@@ -313,6 +319,7 @@ impl Runtime {
                 decisions,
                 calls: board,
                 llm,
+                cache: crate::cache::ResultCache::new(config.cache.clone()),
                 task_signal: tokio::sync::broadcast::channel(64).0,
                 store,
                 queue,
@@ -353,6 +360,11 @@ impl Runtime {
     /// This runtime's lease owner name.
     pub fn owner(&self) -> &str {
         &self.inner.config.owner
+    }
+
+    /// The result cache's counts.
+    pub fn cache_stats(&self) -> crate::cache::CacheStats {
+        self.inner.cache.stats()
     }
 
     /// True once a fault point has stopped this runtime.

@@ -290,6 +290,7 @@ mod tests {
         let w = run(
             w,
             vec![Command::CompleteSubtask {
+                cache: None,
                 subtask: "a".into(),
                 attempt: 1,
                 output: Text::new("42 words"),
@@ -377,6 +378,7 @@ mod tests {
             vec![
                 start("a", 1),
                 Command::CompleteSubtask {
+                    cache: None,
                     subtask: "a".into(),
                     attempt: 1,
                     output: Text::new("x"),

@@ -284,6 +284,7 @@ mod tests {
                 attempt: 1,
             },
             WorkflowEvent::SubtaskSucceeded {
+                cache: None,
                 subtask: "st-1".into(),
                 attempt: 1,
                 output: Text::new(output),

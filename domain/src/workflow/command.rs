@@ -6,8 +6,8 @@ use thiserror::Error;
 use crate::privacy::Sealing;
 
 use super::{
-    EthicsScores, FailureKind, GateRef, ModelCall, Priority, SubtaskPlan, SubtaskState, Text,
-    Verdict, Workflow, WorkflowEvent, WorkflowState,
+    CacheRef, EthicsScores, FailureKind, GateRef, ModelCall, Priority, SubtaskPlan, SubtaskState,
+    Text, Verdict, Workflow, WorkflowEvent, WorkflowState,
 };
 
 /// Revision rounds Lubit may ask for; after them it must decide.
@@ -57,6 +57,7 @@ pub enum Command {
         subtask: String,
         attempt: u8,
         output: Text,
+        cache: Option<CacheRef>,
     },
     FailSubtask {
         subtask: String,
@@ -250,12 +251,14 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             subtask,
             attempt,
             output,
+            cache,
         } if state == S::Executing => {
             running(workflow, &subtask, attempt)?;
             Ok(vec![E::SubtaskSucceeded {
                 subtask,
                 attempt,
                 output,
+                cache,
             }])
         }
         C::FailSubtask {

@@ -48,6 +48,23 @@ pub struct ModelCall {
     pub fallback: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<Text>,
+    /// The answer was not asked for but reused: the position of the
+    /// decision that recorded it (same tenant, endpoint, model and prompt
+    /// hash; `requests` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<u64>,
+}
+
+/// A deterministic result's place in the result cache: `key` (hex SHA-256
+/// over the tenant, the tool, the instruction and the input) names what was
+/// computed, and `reused_from`, on a result taken from the cache, is the
+/// position of the event that recorded it first. The audit so shows where
+/// every output came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRef {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<u64>,
 }
 
 /// Every fact recorded about a workflow, in the words of design §3.
@@ -99,6 +116,9 @@ pub enum WorkflowEvent {
         subtask: String,
         attempt: u8,
         output: Text,
+        /// For a deterministic tool with the result cache on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache: Option<CacheRef>,
     },
     /// An attempt failed; `will_retry` says whether another follows.
     /// Schema 2 added `kind` (schema 1 payloads load as [`FailureKind::Error`]);

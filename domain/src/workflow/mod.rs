@@ -24,7 +24,7 @@ use crate::privacy::Sealing;
 pub use command::{
     handle, Command, DomainError, MAX_ATTEMPTS, MAX_INPUT_BYTES, MAX_REQUEST_BYTES, MAX_REVISIONS,
 };
-pub use event::{DecodeError, FailureKind, GateRef, ModelCall, WorkflowEvent};
+pub use event::{CacheRef, DecodeError, FailureKind, GateRef, ModelCall, WorkflowEvent};
 
 /// Free text that may carry personal data: the request, the input document,
 /// subtask titles and outputs, rationales that quote them, human comments.

@@ -64,6 +64,7 @@ fn executed_and_reviewed() -> Vec<Command> {
             attempt: 1,
         });
         commands.push(Command::CompleteSubtask {
+            cache: None,
             subtask: id.into(),
             attempt: 1,
             output: Text::new("42"),
@@ -414,6 +415,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         (id.clone(), 0u8..5)
             .prop_map(|(subtask, attempt)| Command::StartSubtask { subtask, attempt }),
         (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::CompleteSubtask {
+            cache: None,
             subtask,
             attempt,
             output: Text::new("o")

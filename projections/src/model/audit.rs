@@ -190,6 +190,7 @@ pub fn summary(event: &WorkflowEvent) -> String {
             subtask,
             attempt,
             output,
+            ..
         } => {
             format!(
                 "{subtask} attempt {attempt} succeeded: {}",
