@@ -36,6 +36,7 @@
 //! lease_seconds = 30
 //! max_tool_output_bytes = 1048576  # a larger tool output fails its subtask, with no retry
 //! record_every_start = false # true: the start of every tool attempt is recorded before it runs, pure built-ins too
+//! attempt_timeout_ms = 10000 # a tool attempt's deadline (external tools' calls too); then it is retried
 //! orphan_grace_ms = 30000    # a workflow waiting for an agent with no queue row this long is queued again
 //! analyst = "builtin"        # or "external": workers decide through the API (claimAgentTask), or "llm":
 //! gatekeeper = "builtin"     #   the model of [llm] decides; the same for gatekeeper and ethics (the
@@ -347,6 +348,7 @@ pub struct AgentsSection {
     pub max_tool_output_bytes: Option<usize>,
     pub orphan_grace_ms: Option<u64>,
     pub record_every_start: Option<bool>,
+    pub attempt_timeout_ms: Option<u64>,
     pub analyst: Option<Serving>,
     pub gatekeeper: Option<Serving>,
     pub ethics: Option<Serving>,
@@ -499,10 +501,16 @@ impl FileConfig {
         let url = llm.base_url.trim();
         anyhow::ensure!(
             (url.starts_with("http://") || url.starts_with("https://"))
-                && !url.contains('@')
+                && !url.contains(['@', '?', '#'])
                 && !url.contains(char::is_whitespace),
-            "[llm] base_url {url:?}: give an http:// or https:// URL without credentials in it \
-             (the key goes in the variable api_key_env names)"
+            "[llm] base_url {url:?}: give an http:// or https:// URL without credentials, query \
+             or fragment in it (the key goes in the variable api_key_env names)"
+        );
+        let retries = llm.retries.unwrap_or(defaults.retries);
+        anyhow::ensure!(
+            retries <= agentledger_agents::llm::MAX_RETRIES,
+            "[llm] retries = {retries}: at most {}",
+            agentledger_agents::llm::MAX_RETRIES
         );
         anyhow::ensure!(!llm.model.trim().is_empty(), "[llm] model is empty");
         let api_key = match &llm.api_key_env {
@@ -520,7 +528,7 @@ impl FileConfig {
                 .timeout_ms
                 .map_or(defaults.timeout, Duration::from_millis),
             max_tokens: llm.max_tokens.unwrap_or(defaults.max_tokens),
-            retries: llm.retries.unwrap_or(defaults.retries),
+            retries,
         }))
     }
 
@@ -532,6 +540,10 @@ impl FileConfig {
     ) -> anyhow::Result<agentledger_agents::RuntimeConfig> {
         let defaults = agentledger_agents::RuntimeConfig::default();
         let llm = self.llm()?;
+        anyhow::ensure!(
+            self.agents.attempt_timeout_ms != Some(0),
+            "[agents] attempt_timeout_ms must be at least 1"
+        );
         let serving = [
             (AgentRole::Analyst, self.agents.analyst),
             (AgentRole::Gatekeeper, self.agents.gatekeeper),
@@ -574,6 +586,10 @@ impl FileConfig {
                     .agents
                     .max_tool_output_bytes
                     .unwrap_or(defaults.gitcode.max_output_bytes),
+                attempt_timeout_ms: self
+                    .agents
+                    .attempt_timeout_ms
+                    .unwrap_or(defaults.gitcode.attempt_timeout_ms),
                 inline_pure_tools: !self
                     .agents
                     .record_every_start

@@ -19,6 +19,11 @@ use agentledger_domain::names::AgentRole;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
+/// Largest value kept (bytes): a larger result is recorded but not
+/// cached, so that the cache's memory is bounded by `max_entries` times
+/// this.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
 /// How the cache behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -150,8 +155,12 @@ impl ResultCache {
     }
 
     /// Keeps `entry` under `key`; an entry from an earlier event stays (the
-    /// first recording is the one reuses point to).
+    /// first recording is the one reuses point to). Values over
+    /// [`MAX_VALUE_BYTES`] are not kept.
     pub fn put(&self, key: [u8; 32], entry: Entry) {
+        if entry.value.len() > MAX_VALUE_BYTES {
+            return;
+        }
         let mut entries = self.entries.lock().expect("cache lock");
         match entries.get(&key) {
             Some(old) if old.position <= entry.position => {}
@@ -174,14 +183,23 @@ impl ResultCache {
     }
 }
 
-/// The key of `tool`'s result for `instruction` and `input` in `tenant`.
-pub fn tool_key(tenant: &str, tool: &str, instruction: &str, input: &str) -> [u8; 32] {
-    digest(&["tool", tenant, tool, instruction, input])
+/// The key of `tool`'s result for `instruction` and `input` in `tenant`;
+/// `served_by` tells a built-in from an external tool of the same name.
+pub fn tool_key(
+    tenant: &str,
+    tool: &str,
+    served_by: &str,
+    instruction: &str,
+    input: &str,
+) -> [u8; 32] {
+    digest(&["tool", tenant, tool, served_by, instruction, input])
 }
 
-/// The key of a model's answer to the prompt hashed `prompt_sha256`.
-pub fn model_key(tenant: &str, endpoint: &str, model: &str, prompt_sha256: &str) -> [u8; 32] {
-    digest(&["model", tenant, endpoint, model, prompt_sha256])
+/// The key of a model's answer to the prompt hashed `prompt_sha256`, under
+/// the policy fingerprinted `policy` (endpoint, model, limits, prompt
+/// template) with the decision schema hashed `schema_sha256`.
+pub fn model_key(tenant: &str, policy: &str, schema_sha256: &str, prompt_sha256: &str) -> [u8; 32] {
+    digest(&["model", tenant, policy, schema_sha256, prompt_sha256])
 }
 
 /// SHA-256 over `parts`, each preceded by its length (no two lists of
@@ -224,9 +242,9 @@ mod tests {
             ..CacheConfig::default()
         });
         let (a, b, c) = (
-            tool_key("t", "calc", "2+2", ""),
-            tool_key("t", "calc", "2+3", ""),
-            tool_key("t", "calc", "2+4", ""),
+            tool_key("t", "calc", "builtin", "2+2", ""),
+            tool_key("t", "calc", "builtin", "2+3", ""),
+            tool_key("t", "calc", "builtin", "2+4", ""),
         );
         cache.put(a, entry(10, now));
         cache.put(a, entry(20, now));
@@ -246,10 +264,26 @@ mod tests {
 
     #[test]
     fn keys_separate_tenants_tools_and_fields() {
-        assert_ne!(tool_key("a", "t", "x", "y"), tool_key("b", "t", "x", "y"));
-        assert_ne!(tool_key("a", "t", "xy", ""), tool_key("a", "t", "x", "y"));
-        assert_ne!(tool_key("a", "t", "x", "y"), model_key("a", "t", "x", "y"));
-        let key = tool_key("a", "t", "x", "y");
+        let key = tool_key("a", "t", "builtin", "x", "y");
+        assert_ne!(key, tool_key("b", "t", "builtin", "x", "y"));
+        assert_ne!(key, tool_key("a", "t", "external", "x", "y"));
+        assert_ne!(tool_key("a", "t", "builtin", "xy", ""), key);
+        assert_ne!(key, model_key("a", "t", "builtin", "x"));
+        let mut big = Entry {
+            position: 1,
+            value: "x".repeat(MAX_VALUE_BYTES + 1),
+            recorded_at: Utc::now(),
+            cost_ms: 0,
+        };
+        let cache = ResultCache::new(CacheConfig {
+            enabled: true,
+            ..CacheConfig::default()
+        });
+        cache.put(key, big.clone());
+        assert_eq!(cache.stats().entries, 0, "too large to keep");
+        big.value.truncate(MAX_VALUE_BYTES);
+        cache.put(key, big);
+        assert_eq!(cache.stats().entries, 1);
         assert_eq!(parse_key(&hex::encode(key)), Some(key));
         assert_eq!(parse_key("zz"), None);
     }

@@ -22,6 +22,9 @@ use crate::clock::Clock;
 /// The API every supported server speaks.
 pub const PROVIDER: &str = "openai-compatible";
 
+/// Most retries a configuration may ask for.
+pub const MAX_RETRIES: u8 = 5;
+
 /// Largest answer body read from the endpoint.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
@@ -41,7 +44,9 @@ pub struct LlmConfig {
     /// Longest wait for one answer.
     pub timeout: Duration,
     pub max_tokens: u32,
-    /// Further requests after a `429`, a `5xx` or a refused connection.
+    /// Further requests after a `429`, a `5xx` or a refused connection
+    /// (at most [`MAX_RETRIES`]); each waits at most `timeout`, so a
+    /// decision waits at most `(2 × retries + 1) × timeout` for the model.
     pub retries: u8,
 }
 
@@ -199,6 +204,7 @@ impl LlmAgent {
             fallback: false,
             fallback_reason: None,
             reused_from: None,
+            cache_key: None,
         };
         Prepared { body, call }
     }
@@ -249,7 +255,7 @@ impl LlmAgent {
                 }
                 Err(e) if retries_left && (e.is_connect() || e.is_request()) => {
                     clock.sleep(pause).await;
-                    pause *= 2;
+                    pause = (pause * 2).min(self.config.timeout);
                     continue;
                 }
                 // The error names the URL, never the key (a header).
@@ -270,15 +276,21 @@ impl LlmAgent {
                     ));
                 }
                 clock.sleep(wait).await;
-                pause *= 2;
+                pause = (pause * 2).min(self.config.timeout);
                 continue;
             }
             if status.is_server_error() && retries_left {
                 clock.sleep(pause).await;
-                pause *= 2;
+                pause = (pause * 2).min(self.config.timeout);
                 continue;
             }
             let text = read_capped(response).await?;
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                // Some servers quote the key they refused: none of the body.
+                return Err(format!("the endpoint refused the credentials ({status})"));
+            }
             if !status.is_success() {
                 let excerpt: String = text.chars().take(200).collect();
                 return Err(format!("the endpoint answered {status}: {excerpt}"));

@@ -707,9 +707,9 @@ fn crm_lookup() -> agentledger_agents::ExternalToolSpec {
 }
 
 /// Waits for this runtime's next call of `tool` (no polling).
-async fn call_posted(signals: &mut tokio::sync::broadcast::Receiver<String>, tool: &str) {
+async fn call_posted(signals: &mut tokio::sync::broadcast::Receiver<(String, String)>, tool: &str) {
     tokio::time::timeout(Duration::from_secs(30), async {
-        while signals.recv().await.expect("signals stay open") != tool {}
+        while signals.recv().await.expect("signals stay open").1 != tool {}
     })
     .await
     .expect("a call was posted");
@@ -753,6 +753,21 @@ async fn an_external_tool_is_chosen_by_sena_run_by_workers_and_retried_by_the_ex
         ),
         "{unknown:?}"
     );
+    // `#` separates the key from the worker id in a lease: not in an id.
+    let hashed = runtime
+        .claim_tool_call(
+            &tools,
+            &worker("crm#1", "apikey:c"),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        matches!(
+            hashed,
+            Err(RuntimeError::Rejected(DomainError::BadInput(_)))
+        ),
+        "{hashed:?}"
+    );
     call_posted(&mut signals, "crm_lookup").await;
     let first = runtime
         .claim_tool_call(&tools, &w1, Duration::from_secs(30))
@@ -768,6 +783,14 @@ async fn an_external_tool_is_chosen_by_sena_run_by_workers_and_retried_by_the_ex
         .await
         .unwrap()
         .is_none());
+    // PostgreSQL's text cannot hold NUL: a bad input, nothing stored.
+    let nul = runtime
+        .answer_tool_call(first.id, &w1, CallAnswer::Output("a\0b".into()))
+        .await;
+    assert!(
+        matches!(nul, Err(RuntimeError::Rejected(DomainError::BadInput(_)))),
+        "{nul:?}"
+    );
     // An error: the executor records it and posts the next attempt.
     runtime
         .answer_tool_call(first.id, &w1, CallAnswer::Error("the CRM is down".into()))

@@ -341,6 +341,7 @@ mod tests {
             reasons: Vec::new(),
             rationale: Text::new("ok"),
             model: Some(ModelCall {
+                cache_key: None,
                 reused_from: None,
                 provider: "openai-compatible".into(),
                 endpoint: "http://127.0.0.1:1/v1".into(),

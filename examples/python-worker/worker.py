@@ -184,10 +184,15 @@ async def run(args, key):
         # The subscription signals once at once, then whenever work may wait.
         async for signal_ in ws_session.subscribe(SIGNALS, variable_values={"tools": [TOOL]}):
             which = signal_["agentTasks"]
-            if which["tool"]:
-                await worker.drain_calls()
-            else:
-                await worker.drain_tasks()
+            try:
+                if which["tool"]:
+                    await worker.drain_calls()
+                else:
+                    await worker.drain_tasks()
+            except TransportQueryError as e:
+                # E.g. UNAVAILABLE while the database restarts: the next
+                # signal (at most 5 s away) tries again.
+                logging.warning("claim failed: %s", e.errors)
 
 
 def main():

@@ -382,6 +382,13 @@ impl WorkQueue for InMemoryWorkQueue {
         Ok(())
     }
 
+    async fn clear_calls(&self, before: DateTime<Utc>) -> Result<u64, QueueError> {
+        let mut calls = self.calls();
+        let had = calls.len();
+        calls.retain(|_, (_, c)| c.deadline >= before);
+        Ok((had - calls.len()) as u64)
+    }
+
     async fn finish_task(
         &self,
         task: Uuid,

@@ -269,6 +269,9 @@ pub trait WorkQueue: Send + Sync + 'static {
     /// Removes the call `id` (its result was taken, or its deadline passed).
     async fn remove_call(&self, id: Uuid) -> Result<(), QueueError>;
 
+    /// Removes every call whose deadline is before `before`; how many.
+    async fn clear_calls(&self, before: DateTime<Utc>) -> Result<u64, QueueError>;
+
     /// Ends task `task`: with `next`, the row goes back to the runtimes
     /// (claimable at once, with that priority); without, it is removed (the
     /// workflow ended or waits for a person). False when the row no longer

@@ -606,6 +606,18 @@ impl WorkQueue for PostgresWorkQueue {
         Ok(answered > 0)
     }
 
+    async fn clear_calls(&self, before: DateTime<Utc>) -> Result<u64, QueueError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(CLEAR_CALLS)
+            .await
+            .map_err(unavailable)?;
+        client
+            .execute(&statement, &[&before])
+            .await
+            .map_err(unavailable)
+    }
+
     async fn remove_call(&self, id: Uuid) -> Result<(), QueueError> {
         let client = self.client().await?;
         let statement = client

@@ -37,6 +37,15 @@ pub const MAX_CLAIM_TOOLS: usize = 64;
 /// Largest error text a worker may send (bytes of UTF-8).
 pub const MAX_CALL_ERROR: usize = 8 * 1024;
 
+/// How long before the executor's deadline a call stops taking answers:
+/// an answer given on another process is then seen (within one
+/// [`ANSWER_POLL`]) before the executor gives up, so that an answer a
+/// worker was told landed is never recorded as a timeout.
+fn answer_margin(limit: chrono::Duration) -> chrono::Duration {
+    let margin = chrono::Duration::from_std(ANSWER_POLL * 2).expect("small");
+    margin.min(limit / 2)
+}
+
 /// A tool a deployment serves with its own workers, as configured.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ExternalToolSpec {
@@ -79,8 +88,9 @@ pub(crate) struct CallBoard {
     clock: Arc<dyn Clock>,
     /// Runs waiting for an answer, by call id.
     waiting: Mutex<HashMap<Uuid, Arc<Notify>>>,
-    /// A call of this tool was posted here.
-    pub posted: broadcast::Sender<String>,
+    /// A call of this tool was posted here, for workers of this tenant:
+    /// `(tenant, tool)`.
+    pub posted: broadcast::Sender<(String, String)>,
 }
 
 impl CallBoard {
@@ -174,6 +184,7 @@ impl Tool for ExternalTool {
             id,
             answered: false,
         };
+        let now = board.clock.now();
         let posted = PostedCall {
             id,
             workflow: call.workflow,
@@ -183,18 +194,20 @@ impl Tool for ExternalTool {
             attempt: call.attempt,
             instruction: call.instruction.clone(),
             input: call.input.clone(),
-            deadline: call.deadline,
+            deadline: call.deadline - answer_margin(call.deadline - now),
             claims: 0,
             lease: None,
             result: None,
         };
         board
             .queue
-            .post_call(&posted, board.clock.now())
+            .post_call(&posted, now)
             .await
             .map_err(|e| ToolFailure::Error(format!("the call could not be posted: {e}")))?;
         // Nobody listening is fine: workers also claim now and then.
-        let _ = board.posted.send(posted.tool.clone());
+        let _ = board
+            .posted
+            .send((posted.tenant.clone(), posted.tool.clone()));
         loop {
             match board.queue.call(id).await {
                 Ok(Some(PostedCall {
@@ -256,8 +269,8 @@ impl Runtime {
             .collect()
     }
 
-    /// Signals, by tool name, that this process posted a call.
-    pub fn tool_call_signals(&self) -> broadcast::Receiver<String> {
+    /// Signals, as `(tenant, tool)`, that this process posted a call.
+    pub fn tool_call_signals(&self) -> broadcast::Receiver<(String, String)> {
         self.inner.calls.posted.subscribe()
     }
 
@@ -308,6 +321,10 @@ impl Runtime {
         worker.check(false)?;
         let inner = &self.inner;
         let result = match answer {
+            // PostgreSQL's text refuses NUL: say so instead of failing the store.
+            CallAnswer::Output(output) | CallAnswer::Error(output) if output.contains('\0') => {
+                return Err(DomainError::BadInput("an answer must not contain NUL".into()).into());
+            }
             CallAnswer::Output(output) => {
                 if let Some(why) = inner.config.gitcode.refuse_output(&output) {
                     return Err(DomainError::BadInput(why).into());

@@ -174,6 +174,14 @@ async fn sweep_unqueued(inner: Arc<Inner>) {
     let grace = inner.config.orphan_grace.max(Duration::from_millis(100));
     loop {
         inner.clock.sleep(grace).await;
+        if !inner.config.external_tools.is_empty() {
+            // Calls a crashed executor left, and answered ones kept for
+            // resends: gone a minute past their deadline.
+            let before = inner.clock.now() - crate::queue::CALL_GRACE;
+            if let Err(e) = inner.queue.clear_calls(before).await {
+                tracing::warn!(error = %e, "clearing old tool calls failed");
+            }
+        }
         if inner.dead.is_cancelled() {
             return;
         }

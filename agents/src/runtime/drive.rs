@@ -204,13 +204,7 @@ async fn analyse(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
         .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
     if written && inner.llm.is_some() {
-        let sealed = history.workflow.sealing.is_some();
-        remember_answer(
-            inner,
-            &history.tenant,
-            sealed,
-            &history.events[appended_from..],
-        );
+        remember_answer(inner, &history.events[appended_from..]);
     }
     Ok(recorded(written, inner, FaultPoint::AfterAnalysis))
 }
@@ -275,13 +269,7 @@ async fn gate(
         .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
     if written && inner.llm.is_some() {
-        let sealed = history.workflow.sealing.is_some();
-        remember_answer(
-            inner,
-            &history.tenant,
-            sealed,
-            &history.events[appended_from..],
-        );
+        remember_answer(inner, &history.events[appended_from..]);
     }
     // An approval whose priority differs from the one the claim was made
     // under goes back to the queue, where the new priority orders it; with
@@ -319,13 +307,7 @@ async fn review(inner: &Inner, history: &mut History) -> Result<Step, RuntimeErr
         .record(&*inner.store, &recorder, vec![command], causation, inputs)
         .await?;
     if written && inner.llm.is_some() {
-        let sealed = history.workflow.sealing.is_some();
-        remember_answer(
-            inner,
-            &history.tenant,
-            sealed,
-            &history.events[appended_from..],
-        );
+        remember_answer(inner, &history.events[appended_from..]);
     }
     Ok(recorded(written, inner, FaultPoint::AfterReview))
 }
@@ -362,14 +344,20 @@ async fn by_model_or(
     let prepared = model.prepare(role, &context, schema);
     // A subject's answers are sealed under its key: never shared.
     let key = (history.workflow.sealing.is_none() && inner.cache.serves_role(role)).then(|| {
-        let call = &prepared.call;
+        let policy = recorder
+            .policy
+            .as_ref()
+            .map_or("", |p| p.fingerprint.as_str());
+        let schema = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(schema.to_string()));
         cache::model_key(
             &history.tenant,
-            &call.endpoint,
-            &call.model,
-            &call.prompt_sha256,
+            policy,
+            &schema,
+            &prepared.call.prompt_sha256,
         )
     });
+    let mut prepared = prepared;
+    prepared.call.cache_key = key.map(hex::encode);
     let hit = key.and_then(|key| inner.cache.get(cache::Kind::Model, &key, inner.clock.now()));
     let asked = match hit {
         Some(hit) => crate::llm::LlmAgent::reuse(prepared, &hit.value, hit.position),
@@ -396,12 +384,9 @@ async fn by_model_or(
     }
 }
 
-/// Puts the model's fresh answer recorded among `appended` (the decision
-/// of `history`'s tenant) into the cache, at its position.
-fn remember_answer(inner: &Inner, tenant: &str, sealed: bool, appended: &[Recorded]) {
-    if sealed {
-        return;
-    }
+/// Puts the model's fresh answer recorded among `appended` into the
+/// cache, at its position, under the key it was recorded with.
+fn remember_answer(inner: &Inner, appended: &[Recorded]) {
     for recorded in appended {
         let (WorkflowEvent::AnalysisProduced { model, .. }
         | WorkflowEvent::GateDecided { model, .. }
@@ -409,13 +394,9 @@ fn remember_answer(inner: &Inner, tenant: &str, sealed: bool, appended: &[Record
         else {
             continue;
         };
-        let Some(call) = model
-            .as_ref()
-            .filter(|c| !c.fallback && c.reused_from.is_none() && c.answer.is_plain())
-        else {
+        let Some((call, key)) = model.as_ref().and_then(cacheable_answer) else {
             continue;
         };
-        let key = cache::model_key(tenant, &call.endpoint, &call.model, &call.prompt_sha256);
         inner.cache.put(
             key,
             cache::Entry {
@@ -426,6 +407,16 @@ fn remember_answer(inner: &Inner, tenant: &str, sealed: bool, appended: &[Record
             },
         );
     }
+}
+
+/// A model's fresh answer recorded with a cache key (the cache was on and
+/// the workflow had no data subject), and that key.
+fn cacheable_answer(
+    call: &agentledger_domain::workflow::ModelCall,
+) -> Option<(&agentledger_domain::workflow::ModelCall, [u8; 32])> {
+    let usable = !call.fallback && call.reused_from.is_none() && call.answer.is_plain();
+    let key = call.cache_key.as_deref().and_then(cache::parse_key)?;
+    usable.then_some((call, key))
 }
 
 /// What a subtask in flight reports.
@@ -802,8 +793,15 @@ fn run_tool<'a>(
                 cost_ms: 0,
             };
         };
-        let key = (shareable && tool.deterministic() && inner.cache.serves_tool(&plan.tool))
-            .then(|| cache::tool_key(&tenant, &plan.tool, plan.title.as_str(), &input));
+        let key =
+            (shareable && tool.deterministic() && inner.cache.serves_tool(&plan.tool)).then(|| {
+                let served_by = if tool.external() {
+                    "external"
+                } else {
+                    "builtin"
+                };
+                cache::tool_key(&tenant, &plan.tool, served_by, plan.title.as_str(), &input)
+            });
         if let Some(key) = key {
             if let Some(hit) = inner.cache.get(cache::Kind::Tool, &key, inner.clock.now()) {
                 return Progress::Done {
@@ -936,20 +934,13 @@ pub(super) async fn warm_cache(inner: std::sync::Arc<Inner>) {
                 }
                 | WorkflowEvent::EthicsReviewed {
                     model: Some(call), ..
-                } if !call.fallback && call.reused_from.is_none() && call.answer.is_plain() => {
-                    let Ok(metadata) = event.metadata() else {
-                        continue;
-                    };
-                    let key = cache::model_key(
-                        &metadata.tenant,
-                        &call.endpoint,
-                        &call.model,
-                        &call.prompt_sha256,
-                    );
-                    inner
-                        .cache
-                        .put(key, entry(call.answer.as_str(), call.latency_ms));
-                    warmed += 1;
+                } => {
+                    if let Some((call, key)) = cacheable_answer(call) {
+                        inner
+                            .cache
+                            .put(key, entry(call.answer.as_str(), call.latency_ms));
+                        warmed += 1;
+                    }
                 }
                 _ => {}
             }

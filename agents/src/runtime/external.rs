@@ -128,9 +128,11 @@ impl Worker {
         let fine = |s: &str, max: usize| {
             !s.trim().is_empty() && s.chars().count() <= max && !s.chars().any(char::is_control)
         };
-        if (id_required || !self.id.is_empty()) && !fine(&self.id, 128) {
+        // `#` separates the credential from the worker id in a lease holder.
+        if (id_required || !self.id.is_empty()) && (!fine(&self.id, 128) || self.id.contains('#')) {
             return Err(DomainError::BadInput(
-                "the worker id must be 1 to 128 characters, without control characters".into(),
+                "the worker id must be 1 to 128 characters, without control characters or '#'"
+                    .into(),
             ));
         }
         if !self.version.is_empty() && !fine(&self.version, 64) {

@@ -260,6 +260,12 @@ impl SubscriptionRoot {
                 builtin.to_projection().as_str()
             )));
         }
+        if roles.is_empty() && tools.as_ref().is_some_and(Vec::is_empty) {
+            return Err(error::bad_input(
+                "name a role or at least one tool to wait for".to_string(),
+            ));
+        }
+        let tenant = principal(ctx)?.tenant.clone();
         let tools = tools.unwrap_or_default();
         let served = runtime.external_tools();
         if tools.len() > agentledger_agents::MAX_CLAIM_TOOLS {
@@ -288,6 +294,7 @@ impl SubscriptionRoot {
             (signals, first),
             move |((mut roles_heard, mut tools_heard), mut pending)| {
                 let every = every.clone();
+                let tenant = tenant.clone();
                 async move {
                     use tokio::sync::broadcast::error::RecvError;
                     while pending.is_empty() {
@@ -300,9 +307,11 @@ impl SubscriptionRoot {
                                 Err(RecvError::Closed) => return None,
                             },
                             signal = tools_heard.recv() => match signal {
-                                Ok(t) => pending.extend(
-                                    every.iter().filter(|s| s.tool.as_ref() == Some(&t)).cloned(),
+                                // Another tenant's call is not this worker's news.
+                                Ok((t, tool)) if t == tenant => pending.extend(
+                                    every.iter().filter(|s| s.tool.as_ref() == Some(&tool)).cloned(),
                                 ),
+                                Ok(_) => {}
                                 Err(RecvError::Lagged(_)) => pending.extend(every.iter().cloned()),
                                 Err(RecvError::Closed) => return None,
                             },

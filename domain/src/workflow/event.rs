@@ -49,10 +49,14 @@ pub struct ModelCall {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<Text>,
     /// The answer was not asked for but reused: the position of the
-    /// decision that recorded it (same tenant, endpoint, model and prompt
+    /// decision that recorded it (same tenant, policy, schema and prompt
     /// hash; `requests` is then 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reused_from: Option<u64>,
+    /// With the result cache on (and no data subject): the hex key the
+    /// answer is found again under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
 }
 
 /// A deterministic result's place in the result cache: `key` (hex SHA-256
