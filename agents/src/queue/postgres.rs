@@ -161,7 +161,7 @@ fn claim_call_sql() -> String {
              WHERE tool = ANY($1) AND tenant = $2
                AND output IS NULL AND error IS NULL
                AND deadline > $4 AND (lease_until IS NULL OR lease_until < $4)
-             ORDER BY posted_at, id
+             ORDER BY posted_at
              LIMIT 1
              FOR UPDATE SKIP LOCKED)
         UPDATE tool_calls c

@@ -34,6 +34,10 @@ const ANSWER_POLL: Duration = Duration::from_millis(200);
 /// Most tool names one claim may ask for.
 pub const MAX_CLAIM_TOOLS: usize = 64;
 
+/// Largest input a call carries (bytes of UTF-8): a claim's answer must
+/// fit the API's response limit (8 MiB by default) with room to spare.
+pub const MAX_CALL_INPUT: usize = 4 * 1024 * 1024;
+
 /// Largest error text a worker may send (bytes of UTF-8).
 pub const MAX_CALL_ERROR: usize = 8 * 1024;
 
@@ -175,6 +179,13 @@ impl Tool for ExternalTool {
     }
 
     async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
+        if call.input.len() > MAX_CALL_INPUT {
+            // No worker could be handed it: another attempt would not help.
+            return Err(ToolFailure::Invalid(format!(
+                "the input is {} bytes; an external tool takes at most {MAX_CALL_INPUT}",
+                call.input.len()
+            )));
+        }
         let board = &self.board;
         let id = call_id(call.workflow, &call.subtask, call.attempt);
         let notify = Arc::new(Notify::new());
