@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
-use common::{code, create_key, post, Server, TempFile};
+use common::{code, create_key, follow_to_end, post, Server, TempFile};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -329,27 +329,13 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
     assert!(body["data"]["claimAgentTask"].is_null(), "{body}");
 
     // Follow the ledger until every workflow is final.
-    let mut open: HashSet<String> = submitted.keys().cloned().collect();
-    let mut streams: HashMap<String, Vec<agentledger_eventstore::RecordedEvent>> = HashMap::new();
-    let follow = async {
-        while !open.is_empty() {
-            let event = events.next().await.unwrap().unwrap();
-            let Some(id) = event.stream_id.as_str().strip_prefix("workflow-") else {
-                continue;
-            };
-            let id = id.to_string();
-            if matches!(
-                event.event_type.as_str(),
-                "WorkflowCompleted" | "WorkflowRejected" | "WorkflowFlagged" | "WorkflowFailed"
-            ) {
-                open.remove(&id);
-            }
-            streams.entry(id).or_default().push((*event).clone());
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), follow)
-        .await
-        .unwrap_or_else(|_| panic!("workflows not final: {open:?}"));
+    let streams = follow_to_end(
+        &mut events,
+        submitted.keys().cloned(),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|open| panic!("workflows not final: {open:?}"));
     let elapsed = started.elapsed();
     stop.cancel();
     workers.join_all().await;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use agentledger_domain::workflow::WorkflowEvent;
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
-use common::{create_key, post, Server, TempFile};
+use common::{create_key, follow_to_end, post, Server, TempFile};
 use serde_json::json;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python-worker");
@@ -144,30 +144,15 @@ async fn a_python_worker_serves_the_gatekeeper_and_a_tool_through_the_api() {
             .to_string();
         submitted.insert(id, request);
     }
-    let mut open: std::collections::HashSet<String> = submitted.keys().cloned().collect();
-    let mut streams: HashMap<String, Vec<agentledger_eventstore::RecordedEvent>> = HashMap::new();
-    let follow = async {
-        while !open.is_empty() {
-            let event = events.next().await.unwrap().unwrap();
-            let Some(id) = event.stream_id.as_str().strip_prefix("workflow-") else {
-                continue;
-            };
-            if matches!(
-                event.event_type.as_str(),
-                "WorkflowCompleted" | "WorkflowRejected" | "WorkflowFlagged" | "WorkflowFailed"
-            ) {
-                open.remove(id);
-            }
-            streams
-                .entry(id.to_string())
-                .or_default()
-                .push((*event).clone());
-        }
-    };
-    let finished = tokio::time::timeout(Duration::from_secs(120), follow).await;
+    let finished = follow_to_end(
+        &mut events,
+        submitted.keys().cloned(),
+        Duration::from_secs(120),
+    )
+    .await;
     let _ = worker.kill();
     let _ = worker.wait();
-    finished.unwrap_or_else(|_| panic!("workflows not final: {open:?}"));
+    let streams = finished.unwrap_or_else(|open| panic!("workflows not final: {open:?}"));
 
     for (id, request) in &submitted {
         let events = &streams[id];

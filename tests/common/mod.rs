@@ -204,3 +204,41 @@ pub async fn count_events(db: &agentledger_eventstore::testing::TestDatabase) ->
         .unwrap()
         .get(0)
 }
+
+/// Follows `events` (a `$all` subscription) until every workflow of `ids`
+/// has a final event, at most `limit`; each workflow's events in order,
+/// or the ids still open when the time ran out.
+pub async fn follow_to_end(
+    events: &mut agentledger_eventstore::Subscription,
+    ids: impl IntoIterator<Item = String>,
+    limit: std::time::Duration,
+) -> Result<
+    std::collections::HashMap<String, Vec<agentledger_eventstore::RecordedEvent>>,
+    std::collections::HashSet<String>,
+> {
+    let mut open: std::collections::HashSet<String> = ids.into_iter().collect();
+    let mut streams: std::collections::HashMap<String, Vec<agentledger_eventstore::RecordedEvent>> =
+        std::collections::HashMap::new();
+    let follow = async {
+        while !open.is_empty() {
+            let event = events.next().await.unwrap().unwrap();
+            let Some(id) = event.stream_id.as_str().strip_prefix("workflow-") else {
+                continue;
+            };
+            if matches!(
+                event.event_type.as_str(),
+                "WorkflowCompleted" | "WorkflowRejected" | "WorkflowFlagged" | "WorkflowFailed"
+            ) {
+                open.remove(id);
+            }
+            streams
+                .entry(id.to_string())
+                .or_default()
+                .push((*event).clone());
+        }
+    };
+    match tokio::time::timeout(limit, follow).await {
+        Ok(()) => Ok(streams),
+        Err(_) => Err(open),
+    }
+}
