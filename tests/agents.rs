@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
-use common::{code, create_key, follow_to_end, post, Server, TempFile};
+use common::{code, create_key, follow_to_end, post, serve_with_config};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -228,25 +228,12 @@ async fn external_workers_serve_three_roles_and_every_decision_is_theirs_once() 
     let submitter = create_key(&db, "app", &["submitter"], "default");
     let workers_key = create_key(&db, "workers", &["agent"], "default");
     let other_tenant = create_key(&db, "elsewhere", &["agent"], "other");
-    let config = TempFile(
-        std::env::temp_dir().join(format!("agentledger-agents-{}.toml", uuid::Uuid::new_v4())),
-    );
-    std::fs::write(
-        &config.0,
+    let (server, _config) = serve_with_config(
+        &db,
         "[agents]\nanalyst = \"external\"\ngatekeeper = \"external\"\nethics = \"external\"\n\
          [[tools.external]]\nname = \"crm_lookup\"\ndescription = \"Looks a sender up\"\n\
          keywords = [\"sender\", \"발신자\"]\n",
-    )
-    .unwrap();
-    let config_path = config.0.to_string_lossy().to_string();
-    let server = Server::start(&[
-        ("DATABASE_URL", db.service_url().as_str()),
-        ("AGENTLEDGER_ADMIN_DATABASE_URL", db.admin_url()),
-        ("AGENTLEDGER_PROFILE", "test"),
-        ("AGENTLEDGER_AUTH_MODE", "required"),
-        ("AGENTLEDGER_CONFIG", config_path.as_str()),
-        ("RUST_LOG", "warn"),
-    ]);
+    );
     let base = server.base.clone();
 
     // The published schema is the one decisions are checked against.

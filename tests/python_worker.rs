@@ -15,7 +15,7 @@ use std::time::Duration;
 use agentledger_domain::workflow::WorkflowEvent;
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::EventStore;
-use common::{create_key, follow_to_end, post, Server, TempFile};
+use common::{create_key, follow_to_end, post, serve_with_config};
 use serde_json::json;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python-worker");
@@ -91,26 +91,13 @@ async fn a_python_worker_serves_the_gatekeeper_and_a_tool_through_the_api() {
     let db = TestDatabase::create().await;
     let submitter = create_key(&db, "app", &["submitter"], "default");
     let worker_key = create_key(&db, "python", &["agent"], "default");
-    let config = TempFile(
-        std::env::temp_dir().join(format!("agentledger-py-{}.toml", uuid::Uuid::new_v4())),
-    );
-    std::fs::write(
-        &config.0,
+    let (server, _config) = serve_with_config(
+        &db,
         "[agents]\ngatekeeper = \"external\"\n\n\
          [[tools.external]]\nname = \"sentiment\"\n\
          description = \"Says whether a text is positive, negative or neutral\"\n\
          keywords = [\"sentiment\", \"tone\", \"감정\"]\n",
-    )
-    .unwrap();
-    let config_path = config.0.to_string_lossy().to_string();
-    let server = Server::start(&[
-        ("DATABASE_URL", db.service_url().as_str()),
-        ("AGENTLEDGER_ADMIN_DATABASE_URL", db.admin_url()),
-        ("AGENTLEDGER_PROFILE", "test"),
-        ("AGENTLEDGER_AUTH_MODE", "required"),
-        ("AGENTLEDGER_CONFIG", config_path.as_str()),
-        ("RUST_LOG", "warn"),
-    ]);
+    );
     let mut worker = Command::new(&python)
         .current_dir(EXAMPLE)
         .args([

@@ -242,3 +242,24 @@ pub async fn follow_to_end(
         Err(_) => Err(open),
     }
 }
+
+/// `serve` on `db` in the test profile with authentication required and
+/// the configuration file `toml` (removed when the returned file drops).
+pub fn serve_with_config(
+    db: &agentledger_eventstore::testing::TestDatabase,
+    toml: &str,
+) -> (Server, TempFile) {
+    let config =
+        TempFile(std::env::temp_dir().join(format!("agentledger-{}.toml", uuid::Uuid::new_v4())));
+    std::fs::write(&config.0, toml).unwrap();
+    let config_path = config.0.to_string_lossy().to_string();
+    let server = Server::start(&[
+        ("DATABASE_URL", db.service_url().as_str()),
+        ("AGENTLEDGER_ADMIN_DATABASE_URL", db.admin_url()),
+        ("AGENTLEDGER_PROFILE", "test"),
+        ("AGENTLEDGER_AUTH_MODE", "required"),
+        ("AGENTLEDGER_CONFIG", config_path.as_str()),
+        ("RUST_LOG", "warn"),
+    ]);
+    (server, config)
+}

@@ -274,17 +274,9 @@ impl WorkQueue for InMemoryWorkQueue {
         until: DateTime<Utc>,
     ) -> Result<bool, QueueError> {
         let mut rows = self.rows();
-        let Some(id) = find_task(&rows, task).map(|(id, _)| id) else {
+        let Some(row) = held_task(&mut rows, task, holder, now) else {
             return Ok(false);
         };
-        let row = rows.get_mut(&id).expect("found above");
-        if !row
-            .lease
-            .as_ref()
-            .is_some_and(|(h, t)| h == holder && *t >= now)
-        {
-            return Ok(false);
-        }
         row.lease = Some((holder.to_string(), until));
         Ok(true)
     }
@@ -297,17 +289,9 @@ impl WorkQueue for InMemoryWorkQueue {
         available_at: DateTime<Utc>,
     ) -> Result<bool, QueueError> {
         let mut rows = self.rows();
-        let Some(id) = find_task(&rows, task).map(|(id, _)| id) else {
+        let Some(row) = held_task(&mut rows, task, holder, now) else {
             return Ok(false);
         };
-        let row = rows.get_mut(&id).expect("found above");
-        if !row
-            .lease
-            .as_ref()
-            .is_some_and(|(h, t)| h == holder && *t >= now)
-        {
-            return Ok(false);
-        }
         row.lease = None;
         row.available_at = available_at;
         Ok(true)
@@ -415,6 +399,21 @@ impl WorkQueue for InMemoryWorkQueue {
         }
         Ok(true)
     }
+}
+
+/// The row of `task` while `holder`'s lease on it holds at `now`.
+fn held_task<'r>(
+    rows: &'r mut HashMap<Uuid, Row>,
+    task: Uuid,
+    holder: &str,
+    now: DateTime<Utc>,
+) -> Option<&'r mut Row> {
+    let id = find_task(rows, task)?.0;
+    rows.get_mut(&id).filter(|row| {
+        row.lease
+            .as_ref()
+            .is_some_and(|(h, t)| h == holder && *t >= now)
+    })
 }
 
 fn find_task(rows: &HashMap<Uuid, Row>, task: Uuid) -> Option<(Uuid, &Row)> {
