@@ -15,6 +15,7 @@ pub mod clock;
 pub mod decision;
 pub mod faults;
 pub mod llm;
+pub mod mcp;
 pub mod queue;
 pub mod runtime;
 pub mod tool;
@@ -22,10 +23,11 @@ pub mod tool;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use faults::{FaultPlan, FaultPoint};
 pub use llm::LlmConfig;
+pub use mcp::{McpServer, McpToolSpec};
 pub use queue::{InMemoryWorkQueue, PostgresWorkQueue, WorkQueue};
 pub use runtime::{
     call_id, fingerprint, stream_of, workflow_id_for_key, AgentTask, CallAnswer, DeclaredPolicy,
     ExternalToolSpec, History, HumanDecision, Runtime, RuntimeConfig, RuntimeError, Submission,
     Submitted, TaskId, Worker, MAX_CALL_ERROR, MAX_CLAIM_TOOLS, PRIVACY_STREAM, STREAM_PREFIX,
 };
-pub use tool::{Tool, ToolCall, ToolFailure, ToolRegistry};
+pub use tool::{CallPlan, DeclaredCall, Tool, ToolCall, ToolFailure, ToolRegistry};

@@ -27,6 +27,31 @@ pub struct ToolCall {
     /// Cancelled when the attempt's deadline passes or the runtime stops; a
     /// tool doing slow work should stop when it fires.
     pub cancel: CancellationToken,
+    /// For a tool that declares its calls ([`Tool::intent`]): the call as
+    /// recorded before this attempt started. The tool must send exactly
+    /// these arguments, with this key.
+    pub declared: Option<DeclaredCall>,
+}
+
+/// A call a tool will make outside the process, as it declares it before
+/// the attempt starts ([`Tool::intent`]); the executor records its hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallPlan {
+    /// Where the call goes (the server's URL or command line).
+    pub server: String,
+    /// The tool's name there.
+    pub tool: String,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+    /// Declared safe to call again with the same arguments.
+    pub idempotent: bool,
+}
+
+/// A declared call as recorded: its arguments and the idempotency key to
+/// send with them (the id of the event recording the intent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclaredCall {
+    pub idempotency_key: Uuid,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Why a tool gave no output.
@@ -67,6 +92,23 @@ pub trait Tool: Send + Sync + 'static {
     /// is on). Pure tools are.
     fn deterministic(&self) -> bool {
         self.pure()
+    }
+    /// For a tool whose calls act outside the process where nothing can
+    /// take them back (an MCP server's): the call it would make for this
+    /// instruction and input. The executor records it as the attempt's
+    /// intent (server, tool, a hash of the arguments, an idempotency key)
+    /// before the attempt starts, and hands it to [`Tool::run`] in
+    /// [`ToolCall::declared`]. An error here fails the attempt as [`run`]
+    /// would. The default, `None`, records no intent.
+    ///
+    /// [`run`]: Tool::run
+    async fn intent(
+        &self,
+        instruction: &str,
+        input: &str,
+    ) -> Option<Result<CallPlan, ToolFailure>> {
+        let _ = (instruction, input);
+        None
     }
 }
 
@@ -176,6 +218,7 @@ mod tests {
             deadline: chrono::Utc::now(),
             input: input.into(),
             cancel: CancellationToken::new(),
+            declared: None,
         }
     }
 

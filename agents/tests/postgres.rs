@@ -254,9 +254,9 @@ async fn a_runtime_killed_before_recording_pure_tool_results_leaves_nothing_half
         .decoded
         .iter()
         .filter_map(|e| match e {
-            WorkflowEvent::SubtaskStarted { subtask, attempt } => {
-                Some(format!("start {subtask} {attempt}"))
-            }
+            WorkflowEvent::SubtaskStarted {
+                subtask, attempt, ..
+            } => Some(format!("start {subtask} {attempt}")),
             WorkflowEvent::SubtaskSucceeded {
                 subtask, attempt, ..
             } => Some(format!("ok {subtask} {attempt}")),

@@ -171,7 +171,9 @@ impl WorkflowEvent {
             E::HumanDecisionRecorded { comment, .. } => vec![(F::Comment, comment)],
             E::SubtaskSucceeded { output, .. } => vec![(F::Output, output)],
             E::SubtaskFailed { error, .. } => vec![(F::Error, error)],
-            E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => {
+            E::SubtaskSkipped { reason, .. }
+            | E::SubtaskEscalated { reason, .. }
+            | E::WorkflowFailed { reason } => {
                 vec![(F::Reason, reason)]
             }
             E::EthicsReviewed {

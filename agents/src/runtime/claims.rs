@@ -21,6 +21,12 @@ impl Runtime {
         // Before any claim: a restarted process reuses what it recorded
         // before. Submissions meanwhile wait in the queue.
         super::drive::warm_cache(inner.clone()).await;
+        // MCP servers are listed at start, without holding it up: a server
+        // that does not answer is tried again at its tool's next call.
+        let listing = {
+            let inner = inner.clone();
+            tokio::spawn(async move { inner.mcp.connect_all().await })
+        };
         let slots = inner.slots.clone();
         let mut drives = JoinSet::new();
         let (handoff, mut handed) = mpsc::unbounded_channel();
@@ -97,6 +103,7 @@ impl Runtime {
         renewer.abort();
         sweeper.abort();
         woken.abort();
+        listing.abort();
         // Drives see `dead` at their next step and end; a killed runtime
         // leaves its leases to expire, a stopped one hands them back.
         while drives.join_next().await.is_some() {}

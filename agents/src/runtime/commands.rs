@@ -361,11 +361,14 @@ impl Runtime {
                 actual: last,
             });
         }
+        // What brought it to a person: the gate's escalation, or an
+        // executor's escalation of a call whose outcome was lost.
         let answers = history
             .last_where(|e| {
                 matches!(
                     e,
                     agentledger_domain::workflow::WorkflowEvent::GateDecided { .. }
+                        | agentledger_domain::workflow::WorkflowEvent::SubtaskEscalated { .. }
                 )
             })
             .and_then(|gate| {

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use agentledger_domain::policy::{gitcode, lubit, rune, sena};
 use agentledger_domain::workflow::{
-    handle, CacheRef, Command, FailureKind, Priority, Text, Verdict, Workflow, WorkflowEvent,
-    WorkflowState,
+    handle, CacheRef, Command, FailureKind, Priority, Text, ToolIntent, Verdict, Workflow,
+    WorkflowEvent, WorkflowState,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
 use super::{positions, History, Inner, Recorded, Recorder, RuntimeError};
@@ -19,7 +20,7 @@ use crate::cache;
 use crate::clock;
 use crate::faults::FaultPoint;
 use crate::queue::Claim;
-use crate::tool::{ToolCall, ToolFailure};
+use crate::tool::{DeclaredCall, ToolCall, ToolFailure};
 use agentledger_domain::names::AgentRole;
 
 /// How a claim ended, and so what happens to its queue row.
@@ -478,6 +479,19 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                             error: "its worker stopped before it ended (lease expired)".into(),
                         },
                     )?,
+                    gitcode::Action::Escalate {
+                        subtask,
+                        attempt,
+                        reason,
+                    } => plan(
+                        &mut preview,
+                        &mut commands,
+                        Command::EscalateSubtask {
+                            subtask,
+                            attempt,
+                            reason,
+                        },
+                    )?,
                     gitcode::Action::Skip { subtask, reason } => plan(
                         &mut preview,
                         &mut commands,
@@ -488,16 +502,22 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                         attempt,
                         delay,
                     } if delay.is_zero() => {
+                        if !(config.inline_pure_tools && runs_inline(inner, &preview, &subtask)) {
+                            let (intent, declared) = declare(inner, &preview, &subtask).await;
+                            in_flight.insert(subtask.clone());
+                            commands.push(Command::StartSubtask {
+                                subtask: subtask.clone(),
+                                attempt,
+                                intent,
+                            });
+                            starts.push((subtask, attempt, declared));
+                            continue;
+                        }
                         let start = Command::StartSubtask {
                             subtask: subtask.clone(),
                             attempt,
+                            intent: None,
                         };
-                        if !(config.inline_pure_tools && runs_inline(inner, &preview, &subtask)) {
-                            in_flight.insert(subtask.clone());
-                            commands.push(start);
-                            starts.push((subtask, attempt));
-                            continue;
-                        }
                         plan(&mut preview, &mut commands, start)?;
                         let Progress::Done {
                             result: outcome,
@@ -510,6 +530,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                             &preview,
                             subtask.clone(),
                             attempt,
+                            None,
                         )
                         .await
                         else {
@@ -564,14 +585,19 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                 return Ok(Some(Outcome::Superseded));
             }
             remember_results(inner, &history.events[appended_from..], &mut costs);
+            if history.workflow.state != WorkflowState::Executing && !finishing {
+                // An escalation: the workflow waits for a person.
+                return Ok(None);
+            }
             let started = !starts.is_empty();
-            for (subtask, attempt) in starts {
+            for (subtask, attempt, declared) in starts {
                 running.push(run_tool(
                     inner,
                     (history.id, &history.tenant),
                     &history.workflow,
                     subtask,
                     attempt,
+                    declared,
                 ));
             }
             if started && inner.crash_at(FaultPoint::AfterSubtaskStarted) {
@@ -594,9 +620,11 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             Progress::Due { subtask, attempt } => {
                 let causation = history.last().map(|r| r.event_id);
                 let inputs = positions(history.last());
+                let (intent, declared) = declare(inner, &history.workflow, &subtask).await;
                 let command = Command::StartSubtask {
                     subtask: subtask.clone(),
                     attempt,
+                    intent,
                 };
                 if !history
                     .record(
@@ -616,6 +644,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                     &history.workflow,
                     subtask,
                     attempt,
+                    declared,
                 ));
                 if inner.crash_at(FaultPoint::AfterSubtaskStarted) {
                     return Ok(Some(Outcome::Dead));
@@ -658,7 +687,7 @@ fn gitcode_basis(
     });
     let cause = match &result_of {
         Some((subtask, attempt)) => history.last_where(|e| {
-            matches!(e, WorkflowEvent::SubtaskStarted { subtask: s, attempt: a } if s == subtask && a == attempt)
+            matches!(e, WorkflowEvent::SubtaskStarted { subtask: s, attempt: a, .. } if s == subtask && a == attempt)
         }),
         None => history.last(),
     };
@@ -755,14 +784,56 @@ fn runs_inline(inner: &Inner, workflow: &Workflow, subtask: &str) -> bool {
         .is_some_and(|tool| tool.pure())
 }
 
+/// The intent of `subtask`'s next call, for a tool that declares its calls
+/// ([`crate::Tool::intent`]): what the start of the attempt records, and
+/// what the run is handed. The idempotency key is the id the start event
+/// will have. `(None, None)` for other tools, and when the call cannot be
+/// made (the run then fails the attempt as the tool says).
+async fn declare(
+    inner: &Inner,
+    workflow: &Workflow,
+    subtask: &str,
+) -> (Option<ToolIntent>, Option<DeclaredCall>) {
+    let Some(plan) = workflow.subtask(subtask).and_then(|s| s.plan.as_ref()) else {
+        return (None, None);
+    };
+    let Some(tool) = inner.tools.get(&plan.tool) else {
+        return (None, None);
+    };
+    let input = gitcode::tool_input(workflow, subtask);
+    let Some(Ok(call)) = tool.intent(plan.title.as_str(), &input).await else {
+        return (None, None);
+    };
+    let key = uuid::Uuid::now_v7();
+    let arguments = serde_json::Value::Object(call.arguments);
+    let digest = sha2::Sha256::digest(agentledger_eventstore::chain::canonical_json(&arguments));
+    let serde_json::Value::Object(arguments) = arguments else {
+        unreachable!("built as an object")
+    };
+    (
+        Some(ToolIntent {
+            server: call.server,
+            tool: call.tool,
+            arguments_sha256: hex::encode(digest),
+            idempotency_key: key,
+            idempotent: call.idempotent,
+        }),
+        Some(DeclaredCall {
+            idempotency_key: key,
+            arguments,
+        }),
+    )
+}
+
 /// One attempt of `subtask`'s tool, under the attempt deadline, with its
-/// input from `workflow` (workflow `id`).
+/// input from `workflow` (workflow `id`) and its declared call, if any.
 fn run_tool<'a>(
     inner: &'a Inner,
     history: (uuid::Uuid, &str),
     workflow: &Workflow,
     subtask: String,
     attempt: u8,
+    declared: Option<DeclaredCall>,
 ) -> BoxFuture<'a, Progress> {
     let plan = workflow.subtask(&subtask).and_then(|s| s.plan.clone());
     let input = gitcode::tool_input(workflow, &subtask);
@@ -828,6 +899,7 @@ fn run_tool<'a>(
             input,
             deadline: crate::queue::lease_end(inner.clock.now(), limit),
             cancel: cancel.clone(),
+            declared,
         };
         let result = match clock::timeout(&*inner.clock, limit, tool.run(call)).await {
             Some(Ok(output)) => match inner.config.gitcode.refuse_output(&output) {

@@ -275,6 +275,15 @@ impl History {
                 if let Some(ids) = ids {
                     new.event_id = ids(index);
                 }
+                // A call's idempotency key is the id of the event that
+                // declared it: the server and the ledger name it alike.
+                if let WorkflowEvent::SubtaskStarted {
+                    intent: Some(intent),
+                    ..
+                } = event
+                {
+                    new.event_id = intent.idempotency_key;
+                }
                 new
             })
             .collect();

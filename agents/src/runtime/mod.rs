@@ -125,6 +125,9 @@ pub struct RuntimeConfig {
     /// Tools served by external workers, registered beside the given ones
     /// (replacing any of the same name); none by default.
     pub external_tools: Vec<ExternalToolSpec>,
+    /// Tools of MCP servers, registered like `external_tools`; none by
+    /// default.
+    pub mcp_tools: Vec<crate::mcp::McpToolSpec>,
     /// Roles a language model decides (with the reference policy as its
     /// fallback); none by default. Needs `llm`.
     pub llm_roles: std::collections::BTreeSet<agentledger_domain::names::AgentRole>,
@@ -152,6 +155,7 @@ impl Default for RuntimeConfig {
             gitcode: GitCodeConfig::default(),
             rune: RuneConfig::default(),
             external_tools: Vec::new(),
+            mcp_tools: Vec::new(),
             llm_roles: std::collections::BTreeSet::new(),
             llm: None,
             cache: crate::cache::CacheConfig::default(),
@@ -233,6 +237,8 @@ pub(crate) struct Inner {
     pub dead: CancellationToken,
     /// Calls of external tools waiting for workers.
     pub calls: Arc<calls::CallBoard>,
+    /// Connections to the MCP servers of `config.mcp_tools`.
+    pub mcp: crate::mcp::McpServers,
     /// Results reused instead of run again.
     pub cache: crate::cache::ResultCache,
     /// The model serving `config.llm_roles`, with its recorder per role.
@@ -288,11 +294,24 @@ impl Runtime {
         let tools = config.external_tools.iter().fold(tools, |tools, spec| {
             tools.register(calls::ExternalTool::new(spec, board.clone()))
         });
-        // Sena chooses among the tools: external ones are part of its policy.
-        let sena = if config.external_tools.is_empty() {
-            agent("sena", &config.sena)
-        } else {
-            agent("sena", &(&config.sena, &config.external_tools))
+        let mcp = crate::mcp::McpServers::default();
+        let tools = config.mcp_tools.iter().fold(tools, |tools, spec| {
+            tools.register(crate::mcp::McpTool::new(
+                spec,
+                mcp.connection(spec, clock.clone()),
+            ))
+        });
+        // Sena chooses among the tools: added ones are part of its policy.
+        let sena = match (
+            config.external_tools.is_empty(),
+            config.mcp_tools.is_empty(),
+        ) {
+            (true, true) => agent("sena", &config.sena),
+            (false, true) => agent("sena", &(&config.sena, &config.external_tools)),
+            _ => agent(
+                "sena",
+                &(&config.sena, &config.external_tools, &config.mcp_tools),
+            ),
         };
         let agents = Agents {
             sena,
@@ -318,6 +337,7 @@ impl Runtime {
             inner: Arc::new(Inner {
                 decisions,
                 calls: board,
+                mcp,
                 llm,
                 cache: crate::cache::ResultCache::new(config.cache.clone()),
                 task_signal: tokio::sync::broadcast::channel(64).0,

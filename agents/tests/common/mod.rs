@@ -164,7 +164,9 @@ pub fn assert_each_decision_once(id: Uuid, followed: &Followed) {
         let key = match event {
             E::AnalysisProduced { round, .. } => format!("analysis {round}"),
             E::GateDecided { round, .. } => format!("gate {round}"),
-            E::SubtaskStarted { subtask, attempt } => format!("start {subtask} {attempt}"),
+            E::SubtaskStarted {
+                subtask, attempt, ..
+            } => format!("start {subtask} {attempt}"),
             E::SubtaskSucceeded {
                 subtask, attempt, ..
             }

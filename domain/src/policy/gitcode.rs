@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::workflow::{SubtaskState, Workflow, WorkflowState};
+use crate::workflow::{SubtaskState, Workflow, WorkflowState, MAX_ATTEMPTS};
 
 /// GitCode's configuration (part of its policy fingerprint).
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +85,14 @@ pub enum Action {
     /// The subtask is recorded as running but nobody runs it (its worker
     /// stopped): record the attempt as abandoned.
     Abandon { subtask: String, attempt: u8 },
+    /// As [`Action::Abandon`], but the attempt's call went to a tool not
+    /// declared idempotent, so its outcome is unknown and calling again
+    /// might act twice: record it as abandoned and ask a person.
+    Escalate {
+        subtask: String,
+        attempt: u8,
+        reason: String,
+    },
     /// A dependency failed or was skipped: record the subtask as skipped.
     Skip { subtask: String, reason: String },
     /// Wait `delay`, then record the start of `attempt` and run the tool.
@@ -102,6 +110,9 @@ pub enum Action {
 /// do but wait for those, or when the workflow is not executing.
 ///
 /// Starts are limited to `max_parallel` minus those in flight, in plan order.
+/// An escalation comes alone with the abandonments: nothing starts, since
+/// the workflow then waits for a person (one escalation at a time; another
+/// such attempt is escalated after the person's decision).
 pub fn next_actions(
     config: &GitCodeConfig,
     workflow: &Workflow,
@@ -111,6 +122,7 @@ pub fn next_actions(
         return Vec::new();
     }
     let mut actions = Vec::new();
+    let mut escalation = None;
     let mut free = config.max_parallel.max(1).saturating_sub(in_flight.len());
     for subtask in &workflow.subtasks {
         let Some(plan) = &subtask.plan else { continue };
@@ -118,10 +130,29 @@ pub fn next_actions(
             continue;
         }
         match subtask.state {
-            SubtaskState::Running => actions.push(Action::Abandon {
-                subtask: plan.id.clone(),
-                attempt: subtask.attempts,
-            }),
+            SubtaskState::Running => match &subtask.intent {
+                // Another lost call waits for the person's next decision.
+                Some(intent)
+                    if !intent.idempotent
+                        && subtask.attempts < MAX_ATTEMPTS
+                        && escalation.is_some() => {}
+                Some(intent) if !intent.idempotent && subtask.attempts < MAX_ATTEMPTS => {
+                    escalation = Some(Action::Escalate {
+                        subtask: plan.id.clone(),
+                        attempt: subtask.attempts,
+                        reason: format!(
+                            "the call of tool {} on {} (idempotency key {}) may or may not have acted: \
+                             its outcome was lost, and the tool is not declared idempotent; \
+                             approve to call it again, reject to end the workflow",
+                            intent.tool, intent.server, intent.idempotency_key
+                        ),
+                    });
+                }
+                _ => actions.push(Action::Abandon {
+                    subtask: plan.id.clone(),
+                    attempt: subtask.attempts,
+                }),
+            },
             SubtaskState::Pending => {
                 let blocked = plan.depends_on.iter().find(|dep| {
                     workflow.subtask(dep).is_none_or(|d| {
@@ -165,6 +196,11 @@ pub fn next_actions(
             }
             _ => {}
         }
+    }
+    if let Some(escalation) = escalation {
+        actions.retain(|a| matches!(a, Action::Abandon { .. }));
+        actions.push(escalation);
+        return actions;
     }
     let all_ended = workflow.subtasks.iter().all(|s| s.state.is_final());
     if actions.is_empty() && in_flight.is_empty() && all_ended {
@@ -251,6 +287,7 @@ mod tests {
         Command::StartSubtask {
             subtask: id.into(),
             attempt,
+            intent: None,
         }
     }
 
@@ -266,6 +303,68 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn start_calling(id: &str, attempt: u8, idempotent: bool) -> Command {
+        Command::StartSubtask {
+            subtask: id.into(),
+            attempt,
+            intent: Some(crate::workflow::ToolIntent {
+                server: "stdio:server".into(),
+                tool: "write".into(),
+                arguments_sha256: String::new(),
+                idempotency_key: uuid::Uuid::nil(),
+                idempotent,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_lost_call_is_escalated_alone_unless_its_tool_is_idempotent() {
+        let config = GitCodeConfig::default();
+        let w = approved(&[("a", &[]), ("b", &[]), ("c", &[]), ("d", &[])]);
+        let w = run(
+            w,
+            vec![
+                start_calling("a", 1, false),
+                start_calling("b", 1, true),
+                start_calling("c", 1, false),
+            ],
+        );
+        let actions = next_actions(&config, &w, &none());
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert_eq!(
+            actions[0],
+            Action::Abandon {
+                subtask: "b".into(),
+                attempt: 1
+            }
+        );
+        assert!(
+            matches!(&actions[1], Action::Escalate { subtask, attempt: 1, reason } if subtask == "a" && reason.contains("write")),
+            "{actions:?}"
+        );
+        // On its last attempt there is nothing left to decide: it fails.
+        let w = approved(&[("a", &[])]);
+        let mut commands = Vec::new();
+        for attempt in 1..crate::workflow::MAX_ATTEMPTS {
+            commands.push(start_calling("a", attempt, false));
+            commands.push(Command::FailSubtask {
+                subtask: "a".into(),
+                attempt,
+                kind: crate::workflow::FailureKind::Error,
+                error: "down".into(),
+            });
+        }
+        commands.push(start_calling("a", crate::workflow::MAX_ATTEMPTS, false));
+        let w = run(w, commands);
+        assert_eq!(
+            next_actions(&config, &w, &none()),
+            [Action::Abandon {
+                subtask: "a".into(),
+                attempt: crate::workflow::MAX_ATTEMPTS
+            }]
+        );
     }
 
     #[test]

@@ -282,6 +282,7 @@ mod tests {
             WorkflowEvent::SubtaskStarted {
                 subtask: "st-1".into(),
                 attempt: 1,
+                intent: None,
             },
             WorkflowEvent::SubtaskSucceeded {
                 cache: None,

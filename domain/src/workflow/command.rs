@@ -7,7 +7,7 @@ use crate::privacy::Sealing;
 
 use super::{
     CacheRef, EthicsScores, FailureKind, GateRef, ModelCall, Priority, SubtaskPlan, SubtaskState,
-    Text, Verdict, Workflow, WorkflowEvent, WorkflowState,
+    Text, ToolIntent, Verdict, Workflow, WorkflowEvent, WorkflowState,
 };
 
 /// Revision rounds Lubit may ask for; after them it must decide.
@@ -52,6 +52,8 @@ pub enum Command {
     StartSubtask {
         subtask: String,
         attempt: u8,
+        /// For a call to an MCP server: what will be called.
+        intent: Option<ToolIntent>,
     },
     CompleteSubtask {
         subtask: String,
@@ -67,6 +69,13 @@ pub enum Command {
     },
     SkipSubtask {
         subtask: String,
+        reason: String,
+    },
+    /// The running attempt's outcome is unknown and its tool may not be
+    /// called again unasked: abandon it and ask a person.
+    EscalateSubtask {
+        subtask: String,
+        attempt: u8,
         reason: String,
     },
     FinishExecution,
@@ -107,6 +116,7 @@ impl Command {
             Self::CompleteSubtask { .. } => "complete subtask",
             Self::FailSubtask { .. } => "fail subtask",
             Self::SkipSubtask { .. } => "skip subtask",
+            Self::EscalateSubtask { .. } => "escalate subtask",
             Self::FinishExecution => "finish execution",
             Self::RecordEthics { .. } => "record ethics review",
             Self::Cancel { .. } => "cancel",
@@ -228,7 +238,11 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
             }
             Ok(events)
         }
-        C::StartSubtask { subtask, attempt } if state == S::Executing => {
+        C::StartSubtask {
+            subtask,
+            attempt,
+            intent,
+        } if state == S::Executing => {
             let current = find(workflow, &subtask)?;
             let next = match current.state {
                 SubtaskState::Pending => 1,
@@ -245,7 +259,11 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                     "subtask {subtask}: attempt {attempt}, expected {next}"
                 )));
             }
-            Ok(vec![E::SubtaskStarted { subtask, attempt }])
+            Ok(vec![E::SubtaskStarted {
+                subtask,
+                attempt,
+                intent,
+            }])
         }
         C::CompleteSubtask {
             subtask,
@@ -286,6 +304,32 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 subtask,
                 reason: reason.into(),
             }])
+        }
+        C::EscalateSubtask {
+            subtask,
+            attempt,
+            reason,
+        } if state == S::Executing => {
+            running(workflow, &subtask, attempt)?;
+            if attempt >= MAX_ATTEMPTS {
+                return Err(DomainError::BadInput(format!(
+                    "subtask {subtask} has no attempt left to decide on"
+                )));
+            }
+            Ok(vec![
+                E::SubtaskFailed {
+                    subtask: subtask.clone(),
+                    attempt,
+                    kind: FailureKind::Abandoned,
+                    error: "its executor stopped between the call and its outcome".into(),
+                    will_retry: true,
+                },
+                E::SubtaskEscalated {
+                    subtask,
+                    attempt,
+                    reason: reason.into(),
+                },
+            ])
         }
         C::FinishExecution if state == S::Executing => {
             let count = |wanted: SubtaskState| {

@@ -71,6 +71,27 @@ pub struct CacheRef {
     pub reused_from: Option<u64>,
 }
 
+/// A call that leaves the process for a tool whose effects the ledger
+/// cannot undo (an MCP server's), declared before it is made: which server
+/// and tool, a hash of the exact arguments, and the idempotency key passed
+/// with the call. A crash between this and the attempt's outcome leaves the
+/// outcome unknown: the call is retried only when the tool was declared
+/// `idempotent`, otherwise a person decides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolIntent {
+    /// The server as configured (its URL, or its command line).
+    pub server: String,
+    /// The tool's name on the server.
+    pub tool: String,
+    /// SHA-256 (hex) of the arguments as sent (JSON, keys sorted).
+    pub arguments_sha256: String,
+    /// The id of the event recording this intent; the server receives it
+    /// with the call (`_meta`), so that it can refuse to act twice.
+    pub idempotency_key: uuid::Uuid,
+    /// Declared safe to call again with the same arguments.
+    pub idempotent: bool,
+}
+
 /// Every fact recorded about a workflow, in the words of design §3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all_fields = "snake_case")]
@@ -113,8 +134,14 @@ pub enum WorkflowEvent {
         comment: Text,
         answers: Option<GateRef>,
     },
-    /// GitCode began an attempt (1 to 3) at a subtask.
-    SubtaskStarted { subtask: String, attempt: u8 },
+    /// GitCode began an attempt (1 to 3) at a subtask; for a call to an
+    /// MCP server, with the call's intent.
+    SubtaskStarted {
+        subtask: String,
+        attempt: u8,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        intent: Option<ToolIntent>,
+    },
     /// An attempt succeeded.
     SubtaskSucceeded {
         subtask: String,
@@ -137,6 +164,16 @@ pub enum WorkflowEvent {
     /// A subtask was not run because a dependency failed (schema 2: `reason`
     /// is a [`Text`]).
     SubtaskSkipped { subtask: String, reason: Text },
+    /// An attempt whose call's outcome is unknown (its executor stopped
+    /// between the intent and the outcome) at a tool not declared
+    /// idempotent: the attempt is recorded as abandoned with it, and a
+    /// person decides whether the subtask may be tried again (approve) or
+    /// the workflow ends (reject).
+    SubtaskEscalated {
+        subtask: String,
+        attempt: u8,
+        reason: Text,
+    },
     /// Every subtask reached an end.
     ExecutionFinished {
         succeeded: u32,
@@ -221,6 +258,7 @@ const SCHEMAS: &[(&str, u32)] = &[
     ("SubtaskSucceeded", 1),
     ("SubtaskFailed", 3),
     ("SubtaskSkipped", 2),
+    ("SubtaskEscalated", 1),
     ("ExecutionFinished", 1),
     ("EthicsReviewed", 2),
     ("WorkflowCompleted", 1),
@@ -303,6 +341,7 @@ impl WorkflowEvent {
             Self::SubtaskSucceeded { .. } => "SubtaskSucceeded",
             Self::SubtaskFailed { .. } => "SubtaskFailed",
             Self::SubtaskSkipped { .. } => "SubtaskSkipped",
+            Self::SubtaskEscalated { .. } => "SubtaskEscalated",
             Self::ExecutionFinished { .. } => "ExecutionFinished",
             Self::EthicsReviewed { .. } => "EthicsReviewed",
             Self::WorkflowCompleted { .. } => "WorkflowCompleted",

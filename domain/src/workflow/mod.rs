@@ -6,6 +6,7 @@
 //! Submitted → (analysis) → Gating → Executing → Reviewing → Completed
 //!     ↑ revise, at most 2 rounds: Analysing ┘  ├ reject → Rejected   ├ flag → Flagged
 //!                                              └ escalate → AwaitingHuman → approve / reject
+//! Executing: a call of unknown outcome to a tool not idempotent → AwaitingHuman
 //! any non-final state: cancel → Cancelled; a subtask out of attempts → Failed
 //! ```
 //!
@@ -24,7 +25,9 @@ use crate::privacy::Sealing;
 pub use command::{
     handle, Command, DomainError, MAX_ATTEMPTS, MAX_INPUT_BYTES, MAX_REQUEST_BYTES, MAX_REVISIONS,
 };
-pub use event::{CacheRef, DecodeError, FailureKind, GateRef, ModelCall, WorkflowEvent};
+pub use event::{
+    CacheRef, DecodeError, FailureKind, GateRef, ModelCall, ToolIntent, WorkflowEvent,
+};
 
 /// Free text that may carry personal data: the request, the input document,
 /// subtask titles and outputs, rationales that quote them, human comments.
@@ -322,6 +325,8 @@ pub struct Subtask {
     pub state: SubtaskState,
     pub attempts: u8,
     pub output: Option<Text>,
+    /// The intent recorded with the last attempt's start, if its tool has one.
+    pub intent: Option<ToolIntent>,
 }
 
 /// The state of one workflow, as folded from its events.
@@ -401,10 +406,15 @@ impl Workflow {
                     self.state = WorkflowState::Executing;
                 }
             }
-            E::SubtaskStarted { subtask, attempt } => {
+            E::SubtaskStarted {
+                subtask,
+                attempt,
+                intent,
+            } => {
                 if let Some(s) = self.subtask_mut(subtask) {
                     s.state = SubtaskState::Running;
                     s.attempts = s.attempts.max(*attempt);
+                    s.intent = intent.clone();
                 }
             }
             E::SubtaskSucceeded {
@@ -433,6 +443,7 @@ impl Workflow {
                     s.state = SubtaskState::Skipped;
                 }
             }
+            E::SubtaskEscalated { .. } => self.state = WorkflowState::AwaitingHuman,
             E::ExecutionFinished { .. } => self.state = WorkflowState::Reviewing,
             E::EthicsReviewed { scores, passed, .. } => self.ethics = Some((*scores, *passed)),
             E::WorkflowCompleted {} => self.state = WorkflowState::Completed,

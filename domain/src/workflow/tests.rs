@@ -62,6 +62,7 @@ fn executed_and_reviewed() -> Vec<Command> {
         commands.push(Command::StartSubtask {
             subtask: id.into(),
             attempt: 1,
+            intent: None,
         });
         commands.push(Command::CompleteSubtask {
             cache: None,
@@ -176,6 +177,100 @@ fn an_escalation_waits_for_a_person() {
     );
 }
 
+fn intent(idempotent: bool) -> Option<crate::workflow::ToolIntent> {
+    Some(crate::workflow::ToolIntent {
+        server: "http://127.0.0.1:9/mcp".into(),
+        tool: "send".into(),
+        arguments_sha256: "00".repeat(32),
+        idempotency_key: uuid::Uuid::nil(),
+        idempotent,
+    })
+}
+
+#[test]
+fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person_who_may_let_it_run_again() {
+    let mut commands = vec![submit(), analysis(), gate(Verdict::Approve)];
+    commands.push(Command::StartSubtask {
+        subtask: "st-1".into(),
+        attempt: 1,
+        intent: intent(false),
+    });
+    let (running, _) = given(commands.clone());
+    assert_eq!(running.subtask("st-1").unwrap().intent, intent(false));
+    commands.push(Command::EscalateSubtask {
+        subtask: "st-1".into(),
+        attempt: 1,
+        reason: "outcome unknown".into(),
+    });
+    let (waiting, history) = given(commands.clone());
+    assert_eq!(waiting.state, WorkflowState::AwaitingHuman);
+    assert_eq!(
+        history[history.len() - 2..]
+            .iter()
+            .map(WorkflowEvent::event_type)
+            .collect::<Vec<_>>(),
+        ["SubtaskFailed", "SubtaskEscalated"]
+    );
+    assert_eq!(
+        waiting.subtask("st-1").unwrap().state,
+        SubtaskState::Retrying
+    );
+    let again = Command::StartSubtask {
+        subtask: "st-1".into(),
+        attempt: 2,
+        intent: intent(false),
+    };
+    assert!(matches!(
+        handle(&waiting, again.clone()),
+        Err(DomainError::InvalidTransition { .. })
+    ));
+    commands.push(Command::RecordHumanDecision {
+        approve: true,
+        comment: Text::new("the server did nothing; call again"),
+        answers: None,
+    });
+    let (approved, _) = given(commands);
+    assert_eq!(approved.state, WorkflowState::Executing);
+    assert!(handle(&approved, again).is_ok());
+}
+
+#[test]
+fn the_last_attempt_is_not_escalated_and_nothing_else_is_either() {
+    let mut commands = vec![submit(), analysis(), gate(Verdict::Approve)];
+    for attempt in 1..MAX_ATTEMPTS {
+        commands.push(Command::StartSubtask {
+            subtask: "st-1".into(),
+            attempt,
+            intent: intent(false),
+        });
+        commands.push(Command::FailSubtask {
+            subtask: "st-1".into(),
+            attempt,
+            kind: FailureKind::Error,
+            error: "down".into(),
+        });
+    }
+    commands.push(Command::StartSubtask {
+        subtask: "st-1".into(),
+        attempt: MAX_ATTEMPTS,
+        intent: intent(false),
+    });
+    let (workflow, _) = given(commands);
+    let escalate = |subtask: &str, attempt| Command::EscalateSubtask {
+        subtask: subtask.into(),
+        attempt,
+        reason: "unknown".into(),
+    };
+    assert!(matches!(
+        handle(&workflow, escalate("st-1", MAX_ATTEMPTS)),
+        Err(DomainError::BadInput(_))
+    ));
+    assert!(matches!(
+        handle(&workflow, escalate("st-2", 1)),
+        Err(DomainError::BadInput(_))
+    ));
+}
+
 #[test]
 fn a_subtask_out_of_attempts_fails_the_workflow() {
     let mut commands = vec![submit(), analysis(), gate(Verdict::Approve)];
@@ -183,6 +278,7 @@ fn a_subtask_out_of_attempts_fails_the_workflow() {
         commands.push(Command::StartSubtask {
             subtask: "st-1".into(),
             attempt,
+            intent: None,
         });
         commands.push(Command::FailSubtask {
             subtask: "st-1".into(),
@@ -211,6 +307,7 @@ fn a_subtask_out_of_attempts_fails_the_workflow() {
     let start_again = Command::StartSubtask {
         subtask: "st-1".into(),
         attempt: 4,
+        intent: None,
     };
     assert!(matches!(
         handle(&workflow, start_again),
@@ -356,6 +453,7 @@ fn an_invalid_tool_input_is_not_retried() {
     commands.push(Command::StartSubtask {
         subtask: "st-1".into(),
         attempt: 1,
+        intent: None,
     });
     let (workflow, _) = given(commands);
     let events = handle(
@@ -412,8 +510,18 @@ fn arb_command() -> impl Strategy<Value = Command> {
             comment: Text::new("c"),
             answers: None,
         }),
-        (id.clone(), 0u8..5)
-            .prop_map(|(subtask, attempt)| Command::StartSubtask { subtask, attempt }),
+        (id.clone(), 0u8..5, any::<Option<bool>>()).prop_map(|(subtask, attempt, calls)| {
+            Command::StartSubtask {
+                subtask,
+                attempt,
+                intent: calls.and_then(intent),
+            }
+        }),
+        (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::EscalateSubtask {
+            subtask,
+            attempt,
+            reason: "unknown".into(),
+        }),
         (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::CompleteSubtask {
             cache: None,
             subtask,

@@ -85,6 +85,7 @@ pub fn kind(event: &WorkflowEvent) -> &'static str {
         E::SubtaskSucceeded { .. } => "subtask.succeeded",
         E::SubtaskFailed { .. } => "subtask.failed",
         E::SubtaskSkipped { .. } => "subtask.skipped",
+        E::SubtaskEscalated { .. } => "subtask.escalated",
         E::ExecutionFinished { .. } => "execution.finished",
         E::EthicsReviewed { passed: true, .. } => "ethics.passed",
         E::EthicsReviewed { passed: false, .. } => "ethics.flagged",
@@ -107,7 +108,9 @@ pub fn rationale(event: &WorkflowEvent) -> String {
         }
         E::HumanDecisionRecorded { comment, .. } => comment.to_column(),
         E::SubtaskFailed { error, .. } => error.to_column(),
-        E::SubtaskSkipped { reason, .. } | E::WorkflowFailed { reason } => reason.to_column(),
+        E::SubtaskSkipped { reason, .. }
+        | E::SubtaskEscalated { reason, .. }
+        | E::WorkflowFailed { reason } => reason.to_column(),
         E::EthicsReviewed {
             rationale: Some(rationale),
             ..
@@ -185,7 +188,25 @@ pub fn summary(event: &WorkflowEvent) -> String {
                 short(comment.as_str())
             )
         }
-        E::SubtaskStarted { subtask, attempt } => format!("{subtask} attempt {attempt} started"),
+        E::SubtaskStarted {
+            subtask,
+            attempt,
+            intent: None,
+        } => format!("{subtask} attempt {attempt} started"),
+        E::SubtaskStarted {
+            subtask,
+            attempt,
+            intent: Some(intent),
+        } => format!(
+            "{subtask} attempt {attempt} started: calls {} on {}{}",
+            intent.tool,
+            intent.server,
+            if intent.idempotent {
+                " (idempotent)"
+            } else {
+                ""
+            }
+        ),
         E::SubtaskSucceeded {
             subtask,
             attempt,
@@ -211,6 +232,11 @@ pub fn summary(event: &WorkflowEvent) -> String {
         E::SubtaskSkipped { subtask, reason } => {
             format!("{subtask} skipped: {}", short(reason.as_str()))
         }
+        E::SubtaskEscalated {
+            subtask, attempt, ..
+        } => format!(
+            "{subtask} attempt {attempt}: outcome of its call unknown; waiting for a person"
+        ),
         E::ExecutionFinished {
             succeeded,
             failed,

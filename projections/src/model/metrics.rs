@@ -205,6 +205,7 @@ impl MetricsBatch {
                 Verdict::Revise => row.revisions += 1,
                 Verdict::Escalate => row.escalations += 1,
             },
+            E::SubtaskEscalated { .. } => row.escalations += 1,
             E::SubtaskStarted { attempt, .. } if *attempt > 1 => row.retries += 1,
             E::SubtaskFailed { .. } => row.failures += 1,
             E::EthicsReviewed { scores, passed, .. } => {

@@ -1,0 +1,486 @@
+//! Tools of a real MCP server (built with `rmcp`'s server side, over
+//! streamable HTTP on loopback), called by the executor on real
+//! PostgreSQL: the intent recorded before each call and the outcome
+//! after; a crash between the two retried only for a tool declared
+//! idempotent, and sent to a person otherwise.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentledger_agents::{
+    FaultPlan, FaultPoint, HumanDecision, ManualClock, McpServer, McpToolSpec, PostgresWorkQueue,
+    Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry, WorkQueue,
+};
+use agentledger_domain::policy::gitcode::GitCodeConfig;
+use agentledger_domain::workflow::{FailureKind, WorkflowEvent, WorkflowState};
+use agentledger_eventstore::testing::TestDatabase;
+use agentledger_eventstore::{Actor, EventStore};
+use common::*;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, Content, Meta, ServerCapabilities, ServerInfo};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use serde_json::Value;
+use sha2::Digest;
+
+/// A call the server received: tool, arguments, idempotency key, and the
+/// ledger's head when it arrived.
+#[derive(Debug, Clone)]
+struct Received {
+    tool: String,
+    arguments: Value,
+    key: Option<String>,
+    head: u64,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct NotifyArgs {
+    /// What to say.
+    text: String,
+    /// Why.
+    instruction: String,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct PingArgs {
+    text: String,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct TallyArgs {
+    n: u32,
+}
+
+/// The server: `notify` answers, `ping` fails its first call, `tally`
+/// takes no text (so no subtask input fits it).
+#[derive(Clone)]
+struct Notifier {
+    received: Arc<Mutex<Vec<Received>>>,
+    store: Arc<dyn EventStore>,
+    tool_router: ToolRouter<Self>,
+}
+
+fn key_of(meta: &Meta) -> Option<String> {
+    meta.get(agentledger_agents::mcp::IDEMPOTENCY_META_KEY)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+#[tool_router]
+impl Notifier {
+    #[tool(description = "Sends a notification to the team")]
+    async fn notify(
+        &self,
+        meta: Meta,
+        Parameters(args): Parameters<NotifyArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let answer = format!("sent {} characters", args.text.chars().count());
+        self.note("notify", serde_json::to_value(&args).unwrap(), &meta)
+            .await;
+        Ok(CallToolResult::success(vec![Content::text(answer)]))
+    }
+
+    #[tool(description = "Pages whoever is on call")]
+    async fn ping(
+        &self,
+        meta: Meta,
+        Parameters(args): Parameters<PingArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let first = self
+            .note("ping", serde_json::to_value(&args).unwrap(), &meta)
+            .await
+            == 1;
+        Ok(if first {
+            CallToolResult::error(vec![Content::text("the pager is busy")])
+        } else {
+            CallToolResult::success(vec![Content::text("paged")])
+        })
+    }
+
+    #[tool(description = "Counts to n")]
+    async fn tally(
+        &self,
+        meta: Meta,
+        Parameters(args): Parameters<TallyArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        self.note("tally", serde_json::to_value(&args).unwrap(), &meta)
+            .await;
+        Ok(CallToolResult::success(vec![Content::text(
+            (1..=args.n)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        )]))
+    }
+}
+
+impl Notifier {
+    /// Keeps a call; returns how many calls of `tool` there were.
+    async fn note(&self, tool: &str, arguments: Value, meta: &Meta) -> usize {
+        let head = self.store.head_position().await.unwrap();
+        let mut received = self.received.lock().unwrap();
+        received.push(Received {
+            tool: tool.into(),
+            arguments,
+            key: key_of(meta),
+            head,
+        });
+        received.iter().filter(|r| r.tool == tool).count()
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Notifier {
+    fn get_info(&self) -> ServerInfo {
+        ServerInfo {
+            capabilities: ServerCapabilities::builder().enable_tools().build(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A running server and what it received.
+struct Server {
+    url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Server {
+    /// Serves on loopback; each call notes the head of `store`'s ledger.
+    async fn start(store: Arc<dyn EventStore>) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let notifier = Notifier {
+            received: received.clone(),
+            store,
+            tool_router: Notifier::tool_router(),
+        };
+        let service: StreamableHttpService<Notifier, LocalSessionManager> =
+            StreamableHttpService::new(
+                move || Ok(notifier.clone()),
+                Default::default(),
+                StreamableHttpServerConfig::default(),
+            );
+        let router = axum::Router::new().nest_service("/mcp", service);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self { url, received }
+    }
+
+    fn calls(&self, tool: &str) -> Vec<Received> {
+        let received = self.received.lock().unwrap();
+        received
+            .iter()
+            .filter(|r| r.tool == tool)
+            .cloned()
+            .collect()
+    }
+
+    fn tool(&self, name: &str, keywords: &[&str], idempotent: bool) -> McpToolSpec {
+        McpToolSpec {
+            name: format!("team_{name}"),
+            server: McpServer::Url(self.url.clone()),
+            tool: name.into(),
+            description: format!("{name} on the team's server"),
+            keywords: keywords.iter().map(|k| k.to_string()).collect(),
+            idempotent,
+            deterministic: false,
+            input_argument: None,
+            instruction_argument: None,
+            bearer_token_env: None,
+        }
+    }
+}
+
+async fn postgres(db: &TestDatabase) -> (Arc<dyn EventStore>, Arc<dyn WorkQueue>) {
+    let store = db.store().await;
+    let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
+    (Arc::new(store) as Arc<dyn EventStore>, queue)
+}
+
+/// Retries start at once: the crash tests' clock only moves when told.
+fn config(owner: &str, server: &Server, idempotent: bool) -> RuntimeConfig {
+    RuntimeConfig {
+        owner: owner.into(),
+        gitcode: GitCodeConfig {
+            backoff_initial_ms: 0,
+            ..GitCodeConfig::default()
+        },
+        mcp_tools: vec![
+            server.tool("notify", &["notify", "알림"], idempotent),
+            server.tool("ping", &["ping"], idempotent),
+            server.tool("tally", &["tally"], idempotent),
+        ],
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Starts, failures and successes in order, as `start 1`, `Error 1`, `ok 1`.
+fn attempts(decoded: &[WorkflowEvent]) -> Vec<String> {
+    decoded
+        .iter()
+        .filter_map(|e| match e {
+            WorkflowEvent::SubtaskStarted { attempt, .. } => Some(format!("start {attempt}")),
+            WorkflowEvent::SubtaskFailed { attempt, kind, .. } => {
+                Some(format!("{kind:?} {attempt}"))
+            }
+            WorkflowEvent::SubtaskSucceeded { attempt, .. } => Some(format!("ok {attempt}")),
+            WorkflowEvent::SubtaskEscalated { attempt, .. } => Some(format!("person {attempt}")),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sha256_of(arguments: &Value) -> String {
+    hex::encode(sha2::Sha256::digest(
+        agentledger_eventstore::chain::canonical_json(arguments),
+    ))
+}
+
+/// Each call's intent, recorded before it: the server, the tool, the hash
+/// of exactly the arguments the server received, and an idempotency key
+/// that is the intent event's id and reached the server with the call.
+/// The outcome follows; a tool's error is retried with a new intent; an
+/// input no argument takes fails at once, with nothing sent.
+#[tokio::test]
+async fn an_mcp_tool_is_called_with_its_intent_recorded_first() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let server = Server::start(store.clone()).await;
+    let running = Running::start(
+        store.clone(),
+        queue,
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        config("node", &server, false),
+    );
+    let mut ids = Vec::new();
+    let notice = "Notify the team: 배포가 끝났습니다.";
+    for request in [notice, "Ping the on-call engineer.", "Tally the votes."] {
+        let id = running
+            .runtime
+            .submit(Submission {
+                request: request.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let seen = settle(&*store, &ids).await;
+
+    // notify: one call, declared first.
+    let notify = &seen[&ids[0]];
+    assert_eq!(notify.workflow.state, WorkflowState::Completed);
+    assert_eq!(attempts(&notify.decoded), ["start 1", "ok 1"]);
+    let calls = server.calls("notify");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].arguments["text"], notice);
+    let (start, intent) = notify
+        .events
+        .iter()
+        .zip(&notify.decoded)
+        .find_map(|(recorded, e)| match e {
+            WorkflowEvent::SubtaskStarted {
+                intent: Some(intent),
+                ..
+            } => Some((recorded, intent)),
+            _ => None,
+        })
+        .expect("the start records the intent");
+    assert_eq!(intent.server, server.url);
+    assert_eq!(intent.tool, "notify");
+    assert!(!intent.idempotent);
+    assert_eq!(intent.arguments_sha256, sha256_of(&calls[0].arguments));
+    assert_eq!(intent.idempotency_key, start.event_id);
+    assert!(
+        calls[0].head >= start.global_position,
+        "the intent was committed before the server acted"
+    );
+    assert_eq!(
+        calls[0].key.as_deref(),
+        Some(start.event_id.to_string().as_str())
+    );
+    let output = notify.decoded.iter().find_map(|e| match e {
+        WorkflowEvent::SubtaskSucceeded { output, .. } => Some(output.as_str().to_string()),
+        _ => None,
+    });
+    assert_eq!(
+        output,
+        Some(format!("sent {} characters", notice.chars().count())),
+        "the server's answer is the outcome"
+    );
+    assert_each_decision_once(ids[0], notify);
+
+    // ping: the tool's error is retried, under a new intent and key.
+    let ping = &seen[&ids[1]];
+    assert_eq!(ping.workflow.state, WorkflowState::Completed);
+    assert_eq!(
+        attempts(&ping.decoded),
+        ["start 1", "Error 1", "start 2", "ok 2"]
+    );
+    let keys: Vec<_> = server.calls("ping").into_iter().map(|c| c.key).collect();
+    assert_eq!(keys.len(), 2);
+    assert_ne!(keys[0], keys[1]);
+
+    // tally: no argument takes text; nothing is sent, nothing retried.
+    let tally = &seen[&ids[2]];
+    assert_eq!(tally.workflow.state, WorkflowState::Failed);
+    assert!(tally.decoded.iter().any(|e| matches!(
+        e,
+        WorkflowEvent::SubtaskFailed {
+            kind: FailureKind::Invalid,
+            will_retry: false,
+            error,
+            ..
+        } if error.as_str().contains("input_argument")
+    )));
+    assert!(server.calls("tally").is_empty());
+    running.stop().await;
+}
+
+/// A runtime killed after the server acted but before the outcome was
+/// recorded: the survivor records the attempt as abandoned and asks a
+/// person instead of calling again; the call is made again only after a
+/// person approves, under a new key, and the person's decision names the
+/// escalation it answers.
+#[tokio::test]
+async fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let server = Server::start(store.clone()).await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let doomed = Running::start_runtime(Runtime::with_faults(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("doomed", &server, false),
+        Some(FaultPlan::at(FaultPoint::BeforeSubtaskResult, 1)),
+    ));
+    let id = doomed
+        .runtime
+        .submit(Submission {
+            request: "Notify the team: 점검이 시작됩니다.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    doomed.ended().await;
+    assert_eq!(server.calls("notify").len(), 1, "the server acted once");
+
+    let survivor = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("survivor", &server, false),
+    );
+    clock.sleepers_at_least(3).await;
+    clock.advance(RuntimeConfig::default().lease + Duration::from_secs(1));
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state == WorkflowState::AwaitingHuman
+    })
+    .await;
+    let waiting = &seen[&id];
+    assert_eq!(
+        attempts(&waiting.decoded),
+        ["start 1", "Abandoned 1", "person 1"]
+    );
+    assert_eq!(server.calls("notify").len(), 1, "not called again unasked");
+    let escalated = waiting.events.last().unwrap().clone();
+    assert_eq!(escalated.event_type, "SubtaskEscalated");
+
+    survivor
+        .runtime
+        .decide_escalation(
+            id,
+            HumanDecision {
+                approve: true,
+                comment: "the notice did not go out; send it".into(),
+                by: Actor::human("operator-kim"),
+                expected_position: None,
+                allow_self: false,
+            },
+        )
+        .await
+        .unwrap();
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state.is_final()
+    })
+    .await;
+    let done = &seen[&id];
+    assert_eq!(done.workflow.state, WorkflowState::Completed);
+    assert_eq!(
+        attempts(&done.decoded),
+        ["start 1", "Abandoned 1", "person 1", "start 2", "ok 2"]
+    );
+    let answers = done.decoded.iter().find_map(|e| match e {
+        WorkflowEvent::HumanDecisionRecorded { answers, .. } => answers.clone(),
+        _ => None,
+    });
+    assert_eq!(answers.map(|a| a.position), Some(escalated.global_position));
+    let keys: Vec<_> = server.calls("notify").into_iter().map(|c| c.key).collect();
+    assert_eq!(keys.len(), 2);
+    assert_ne!(keys[0], keys[1]);
+    assert_each_decision_once(id, done);
+    survivor.stop().await;
+}
+
+/// The same crash at a tool declared idempotent: the survivor calls again
+/// by itself.
+#[tokio::test]
+async fn a_lost_call_to_an_idempotent_tool_is_made_again() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let server = Server::start(store.clone()).await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let doomed = Running::start_runtime(Runtime::with_faults(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("doomed", &server, true),
+        Some(FaultPlan::at(FaultPoint::BeforeSubtaskResult, 1)),
+    ));
+    let id = doomed
+        .runtime
+        .submit(Submission {
+            request: "Notify the team: 점검이 끝났습니다.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    doomed.ended().await;
+
+    let survivor = Running::start(
+        store.clone(),
+        queue.clone(),
+        ToolRegistry::default(),
+        Arc::new(clock.clone()),
+        config("survivor", &server, true),
+    );
+    clock.sleepers_at_least(3).await;
+    clock.advance(RuntimeConfig::default().lease + Duration::from_secs(1));
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state.is_final()
+    })
+    .await;
+    let done = &seen[&id];
+    assert_eq!(done.workflow.state, WorkflowState::Completed);
+    assert_eq!(
+        attempts(&done.decoded),
+        ["start 1", "Abandoned 1", "start 2", "ok 2"]
+    );
+    assert!(done
+        .decoded
+        .iter()
+        .all(|e| !matches!(e, WorkflowEvent::SubtaskEscalated { .. })));
+    assert_eq!(server.calls("notify").len(), 2);
+    assert_each_decision_once(id, done);
+    survivor.stop().await;
+}
