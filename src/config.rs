@@ -56,6 +56,19 @@
 //! keywords = ["customer", "crm", "고객"]   # Sena picks the tool whose keywords the request mentions
 //! deterministic = false      # true: the same instruction and input always give the same output (cacheable)
 //!
+//! [[tools.mcp]]              # a tool of an MCP server; repeat per tool (tools of one server share its connection)
+//! name = "open_ticket"       # its name here, as [[tools.external]]
+//! url = "https://mcp.example.com/mcp"   # streamable HTTP, or instead:
+//! # command = ["python3", "server.py"]  # a child process speaking over stdio
+//! tool = "create_ticket"     # its name on the server (default: name)
+//! keywords = ["ticket", "티켓"]
+//! description = "Opens a helpdesk ticket"   # default: "<tool> on <server>"
+//! idempotent = false         # true: a call whose outcome a crash lost is made again; false: a person decides
+//! deterministic = false      # true: results may be reused by the cache
+//! input_argument = "text"    # the argument that takes the subtask's input (default: "input", or the only string one)
+//! instruction_argument = "instruction"  # the one that takes the subtask's title (default: "instruction" if it has one)
+//! bearer_token_env = "HELPDESK_TOKEN"   # for url: the variable holding a bearer token
+//!
 //! [cache]                    # reuse recorded results of deterministic tools and model answers
 //! enabled = false
 //! max_entries = 10000
@@ -151,6 +164,55 @@ pub struct LlmSection {
 pub struct ToolsSection {
     #[serde(default)]
     pub external: Vec<ExternalTool>,
+    #[serde(default)]
+    pub mcp: Vec<McpTool>,
+}
+
+/// `[[tools.mcp]]`: a tool of an MCP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpTool {
+    pub name: String,
+    pub url: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub tool: Option<String>,
+    pub description: Option<String>,
+    pub keywords: Vec<String>,
+    #[serde(default)]
+    pub idempotent: bool,
+    #[serde(default)]
+    pub deterministic: bool,
+    pub input_argument: Option<String>,
+    pub instruction_argument: Option<String>,
+    pub bearer_token_env: Option<String>,
+}
+
+impl McpTool {
+    /// As the runtime takes it.
+    pub fn spec(&self) -> agentledger_agents::McpToolSpec {
+        let server = match (&self.url, &self.command) {
+            (Some(url), _) => agentledger_agents::McpServer::Url(url.trim().to_string()),
+            (None, command) => {
+                agentledger_agents::McpServer::Command(command.clone().unwrap_or_default())
+            }
+        };
+        let tool = self.tool.clone().unwrap_or_else(|| self.name.clone());
+        agentledger_agents::McpToolSpec {
+            description: self
+                .description
+                .clone()
+                .unwrap_or_else(|| format!("{tool} on {}", server.label())),
+            name: self.name.clone(),
+            server,
+            tool,
+            keywords: self.keywords.clone(),
+            idempotent: self.idempotent,
+            deterministic: self.deterministic,
+            input_argument: self.input_argument.clone(),
+            instruction_argument: self.instruction_argument.clone(),
+            bearer_token_env: self.bearer_token_env.clone(),
+        }
+    }
 }
 
 /// `[[tools.external]]`: a tool served by external workers.
@@ -169,31 +231,84 @@ impl ToolsSection {
     /// and 1 to 32 keywords.
     fn check(&self) -> anyhow::Result<()> {
         let mut seen = std::collections::HashSet::new();
-        for tool in &self.external {
-            let name = &tool.name;
+        let mut named = |section: &str, name: &String, keywords: &[String]| {
             let fine = (1..=64).contains(&name.len())
                 && name.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
                 });
             anyhow::ensure!(
                 fine,
-                "[[tools.external]] name {name:?}: use 1 to 64 of a-z, 0-9, _ and -"
+                "[[{section}]] name {name:?}: use 1 to 64 of a-z, 0-9, _ and -"
             );
             anyhow::ensure!(
-                seen.insert(name),
-                "[[tools.external]] {name:?} is named twice"
+                seen.insert(name.clone()),
+                "[[{section}]] {name:?} is named twice"
             );
             anyhow::ensure!(
-                !tool.description.trim().is_empty() && tool.description.len() <= 1024,
-                "[[tools.external]] {name:?}: give a description of at most 1024 bytes"
-            );
-            anyhow::ensure!(
-                (1..=32).contains(&tool.keywords.len())
-                    && tool
-                        .keywords
+                (1..=32).contains(&keywords.len())
+                    && keywords
                         .iter()
                         .all(|k| !k.trim().is_empty() && k.len() <= 64),
-                "[[tools.external]] {name:?}: give 1 to 32 keywords, each 1 to 64 bytes"
+                "[[{section}]] {name:?}: give 1 to 32 keywords, each 1 to 64 bytes"
+            );
+            Ok(())
+        };
+        for tool in &self.external {
+            named("tools.external", &tool.name, &tool.keywords)?;
+            anyhow::ensure!(
+                !tool.description.trim().is_empty() && tool.description.len() <= 1024,
+                "[[tools.external]] {:?}: give a description of at most 1024 bytes",
+                tool.name
+            );
+        }
+        for tool in &self.mcp {
+            let name = &tool.name;
+            named("tools.mcp", name, &tool.keywords)?;
+            match (&tool.url, &tool.command) {
+                (Some(url), None) => {
+                    let url = url.trim();
+                    let authority = url
+                        .strip_prefix("http://")
+                        .or_else(|| url.strip_prefix("https://"))
+                        .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+                    anyhow::ensure!(
+                        authority.is_some_and(|a| !a.is_empty() && !a.contains('@'))
+                            && !url.contains(char::is_whitespace),
+                        "[[tools.mcp]] {name:?}: url {url:?} must be http:// or https:// without \
+                         credentials (a token goes in the variable bearer_token_env names)"
+                    );
+                }
+                (None, Some(command)) => anyhow::ensure!(
+                    command.first().is_some_and(|p| !p.trim().is_empty()),
+                    "[[tools.mcp]] {name:?}: command needs a program"
+                ),
+                _ => anyhow::bail!("[[tools.mcp]] {name:?}: give either url or command"),
+            }
+            if let Some(var) = &tool.bearer_token_env {
+                anyhow::ensure!(
+                    tool.url.is_some(),
+                    "[[tools.mcp]] {name:?}: bearer_token_env is for a server at a url"
+                );
+                anyhow::ensure!(
+                    std::env::var_os(var).is_some(),
+                    "[[tools.mcp]] {name:?}: the variable {var} (bearer_token_env) is not set"
+                );
+            }
+            for (key, value) in [
+                ("tool", &tool.tool),
+                ("input_argument", &tool.input_argument),
+                ("instruction_argument", &tool.instruction_argument),
+            ] {
+                anyhow::ensure!(
+                    value.as_ref().is_none_or(|v| (1..=128).contains(&v.len())),
+                    "[[tools.mcp]] {name:?}: {key} must be 1 to 128 bytes"
+                );
+            }
+            anyhow::ensure!(
+                tool.description
+                    .as_ref()
+                    .is_none_or(|d| !d.trim().is_empty() && d.len() <= 1024),
+                "[[tools.mcp]] {name:?}: give a description of at most 1024 bytes"
             );
         }
         Ok(())
@@ -612,6 +727,7 @@ impl FileConfig {
                     deterministic: t.deterministic,
                 })
                 .collect(),
+            mcp_tools: self.tools.mcp.iter().map(McpTool::spec).collect(),
             cache: self.cache(),
             ..defaults
         })
@@ -659,6 +775,78 @@ mod tests {
         }
         let twice = "[[tools.external]]\nname = \"crm\"\ndescription = \"x\"\nkeywords = [\"a\"]\n";
         let error = tools(&format!("{twice}{twice}")).unwrap_err();
+        assert!(error.to_string().contains("named twice"), "{error}");
+    }
+
+    #[test]
+    fn mcp_tools_are_read_and_bad_ones_refused_by_name() {
+        let config: FileConfig = toml::from_str(
+            "[[tools.mcp]]\nname = \"open_ticket\"\ncommand = [\"python3\", \"server.py\"]\n\
+             keywords = [\"ticket\", \"티켓\"]\n\n\
+             [[tools.mcp]]\nname = \"search\"\nurl = \"http://127.0.0.1:9000/mcp\"\n\
+             tool = \"web_search\"\nkeywords = [\"search\"]\nidempotent = true\n",
+        )
+        .unwrap();
+        config.tools.check().unwrap();
+        let specs: Vec<_> = config.tools.mcp.iter().map(McpTool::spec).collect();
+        assert_eq!(specs[0].tool, "open_ticket");
+        assert_eq!(
+            specs[0].description,
+            "open_ticket on stdio:python3 server.py"
+        );
+        assert!(!specs[0].idempotent);
+        assert_eq!(specs[1].tool, "web_search");
+        assert!(specs[1].idempotent);
+        let check = |text: &str| {
+            toml::from_str::<FileConfig>(&format!("[[tools.mcp]]\n{text}\n"))
+                .map_err(anyhow::Error::from)
+                .and_then(|c| c.tools.check())
+        };
+        for (text, says) in [
+            ("name = \"a\"\nkeywords = [\"a\"]", "either url or command"),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"http://x/mcp\"\ncommand = [\"y\"]",
+                "either url or command",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"http://user:pw@x/mcp\"",
+                "without credentials",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"ftp://x/mcp\"",
+                "http:// or https://",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\ncommand = []",
+                "needs a program",
+            ),
+            ("name = \"a\"\nkeywords = []\ncommand = [\"y\"]", "keywords"),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\ncommand = [\"y\"]\nbearer_token_env = \"T\"",
+                "bearer_token_env is for a server at a url",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"http://x/mcp\"\n\
+                 bearer_token_env = \"AGENTLEDGER_TEST_SURELY_UNSET\"",
+                "is not set",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\ncommand = [\"y\"]\nheaders = 1",
+                "unknown field",
+            ),
+        ] {
+            let error = check(text).unwrap_err();
+            assert!(format!("{error:#}").contains(says), "{text}: {error:#}");
+        }
+        // One name for an external tool and an MCP tool is one too many.
+        let error = toml::from_str::<FileConfig>(
+            "[[tools.external]]\nname = \"a\"\ndescription = \"x\"\nkeywords = [\"a\"]\n\
+             [[tools.mcp]]\nname = \"a\"\ncommand = [\"y\"]\nkeywords = [\"a\"]\n",
+        )
+        .unwrap()
+        .tools
+        .check()
+        .unwrap_err();
         assert!(error.to_string().contains("named twice"), "{error}");
     }
 

@@ -23,42 +23,7 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python-work
 /// A virtual environment with the example's requirements; `None` (with
 /// the reason printed) where this machine has no Python 3.
 fn python() -> Option<PathBuf> {
-    if Command::new("python3").arg("--version").output().is_err() {
-        println!("skipped: python3 is not installed");
-        return None;
-    }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-worker-venv");
-    let bin = venv.join("bin/python");
-    let requirements = Path::new(EXAMPLE).join("requirements.txt");
-    let stamp = venv.join("requirements.txt");
-    let current = std::fs::read(&requirements).unwrap();
-    if std::fs::read(&stamp).ok().as_ref() != Some(&current) {
-        let made = Command::new("python3")
-            .args(["-m", "venv", "--clear"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv failed");
-        let installed = Command::new(&bin)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(&requirements)
-            .status()
-            .unwrap();
-        assert!(
-            installed.success(),
-            "pip install -r {}",
-            requirements.display()
-        );
-        std::fs::write(&stamp, current).unwrap();
-    }
-    Some(bin)
+    common::python_venv(Path::new(EXAMPLE), "python-worker-venv")
 }
 
 /// The worker's `sentiment` answer for `text`, as its README describes it.

@@ -105,13 +105,14 @@ struct Listener {
 
 impl ClientHandler for Listener {
     fn get_info(&self) -> ClientInfo {
-        let mut info = ClientInfo::default();
-        info.client_info = Implementation {
-            name: "agentledger".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Implementation::from_build_env()
-        };
-        info
+        ClientInfo {
+            client_info: Implementation {
+                name: "agentledger".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Implementation::from_build_env()
+            },
+            ..ClientInfo::default()
+        }
     }
 
     fn on_tool_list_changed(

@@ -263,3 +263,47 @@ pub fn serve_with_config(
     ]);
     (server, config)
 }
+
+/// A Python virtual environment under cargo's target directory named
+/// `name`, with the requirements of the example in `example` installed
+/// (again when they change); `None`, with the reason printed, where this
+/// machine has no Python 3.
+pub fn python_venv(example: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    use std::process::Command;
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("skipped: python3 is not installed");
+        return None;
+    }
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let bin = venv.join("bin/python");
+    let requirements = example.join("requirements.txt");
+    let stamp = venv.join("requirements.txt");
+    let current = std::fs::read(&requirements).unwrap();
+    if std::fs::read(&stamp).ok().as_ref() != Some(&current) {
+        let made = Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(made.success(), "python3 -m venv failed");
+        let installed = Command::new(&bin)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&requirements)
+            .status()
+            .unwrap();
+        assert!(
+            installed.success(),
+            "pip install -r {}",
+            requirements.display()
+        );
+        std::fs::write(&stamp, current).unwrap();
+    }
+    Some(bin)
+}
