@@ -67,7 +67,8 @@
 //! deterministic = false      # true: results may be reused by the cache
 //! input_argument = "text"    # the argument that takes the subtask's input (default: "input", or the only string one)
 //! instruction_argument = "instruction"  # the one that takes the subtask's title (default: "instruction" if it has one)
-//! bearer_token_env = "HELPDESK_TOKEN"   # for url: the variable holding a bearer token
+//! bearer_token_env = "HELPDESK_TOKEN"   # for url: the variable holding a bearer token (https:// or loopback only)
+//! env = ["HELPDESK_DB"]      # for command: variables it gets besides PATH, HOME, LANG, LC_ALL, TZ, TMPDIR (no others)
 //!
 //! [cache]                    # reuse recorded results of deterministic tools and model answers
 //! enabled = false
@@ -185,6 +186,8 @@ pub struct McpTool {
     pub input_argument: Option<String>,
     pub instruction_argument: Option<String>,
     pub bearer_token_env: Option<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 impl McpTool {
@@ -211,6 +214,7 @@ impl McpTool {
             input_argument: self.input_argument.clone(),
             instruction_argument: self.instruction_argument.clone(),
             bearer_token_env: self.bearer_token_env.clone(),
+            env: self.env.clone(),
         }
     }
 }
@@ -273,9 +277,24 @@ impl ToolsSection {
                         .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
                     anyhow::ensure!(
                         authority.is_some_and(|a| !a.is_empty() && !a.contains('@'))
+                            && !url.contains(['?', '#'])
                             && !url.contains(char::is_whitespace),
                         "[[tools.mcp]] {name:?}: url {url:?} must be http:// or https:// without \
-                         credentials (a token goes in the variable bearer_token_env names)"
+                         credentials, query or fragment (it is recorded with every call; a token \
+                         goes in the variable bearer_token_env names)"
+                    );
+                    let host = authority.unwrap_or("");
+                    let loopback = ["127.0.0.1", "localhost", "[::1]"]
+                        .iter()
+                        .any(|l| host == *l || host.starts_with(&format!("{l}:")));
+                    anyhow::ensure!(
+                        tool.bearer_token_env.is_none() || url.starts_with("https://") || loopback,
+                        "[[tools.mcp]] {name:?}: a bearer token goes only to an https:// url \
+                         (or one on this machine)"
+                    );
+                    anyhow::ensure!(
+                        tool.env.is_empty(),
+                        "[[tools.mcp]] {name:?}: env is for a server started as a command"
                     );
                 }
                 (None, Some(command)) => anyhow::ensure!(
@@ -283,6 +302,17 @@ impl ToolsSection {
                     "[[tools.mcp]] {name:?}: command needs a program"
                 ),
                 _ => anyhow::bail!("[[tools.mcp]] {name:?}: give either url or command"),
+            }
+            // Tools of one server share its connection, and so its settings.
+            if let Some(other) = self.mcp.iter().find(|o| {
+                (&o.url, &o.command) == (&tool.url, &tool.command)
+                    && (&o.bearer_token_env, &o.env) != (&tool.bearer_token_env, &tool.env)
+            }) {
+                anyhow::bail!(
+                    "[[tools.mcp]] {name:?} and {:?} name one server with different \
+                     bearer_token_env or env",
+                    other.name
+                );
             }
             if let Some(var) = &tool.bearer_token_env {
                 anyhow::ensure!(
@@ -826,13 +856,31 @@ mod tests {
                 "bearer_token_env is for a server at a url",
             ),
             (
-                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"http://x/mcp\"\n\
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"https://x/mcp\"\n\
                  bearer_token_env = \"AGENTLEDGER_TEST_SURELY_UNSET\"",
                 "is not set",
             ),
             (
                 "name = \"a\"\nkeywords = [\"a\"]\ncommand = [\"y\"]\nheaders = 1",
                 "unknown field",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"https://x/mcp?token=s\"",
+                "without credentials, query",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"http://mcp.example.com/mcp\"\n\
+                 bearer_token_env = \"PATH\"",
+                "only to an https:// url",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\nurl = \"https://x/mcp\"\nenv = [\"HOME\"]",
+                "env is for a server started as a command",
+            ),
+            (
+                "name = \"a\"\nkeywords = [\"a\"]\ncommand = [\"y\"]\n\n\
+                 [[tools.mcp]]\nname = \"b\"\nkeywords = [\"b\"]\ncommand = [\"y\"]\nenv = [\"X\"]",
+                "different bearer_token_env or env",
             ),
         ] {
             let error = check(text).unwrap_err();

@@ -7,16 +7,18 @@
 //! The start of the attempt records the intent (server, tool, a hash of the
 //! arguments, the idempotency key, which is that event's id and travels to
 //! the server in the call's `_meta`), the result records the outcome, and a
-//! call whose outcome a crash lost is retried only for a tool declared
-//! `idempotent`; otherwise a person decides (see the executor's policy).
+//! call whose outcome was lost (a crash, a timeout, a broken connection
+//! after sending) is made again by itself only for a tool declared
+//! `idempotent`, under the same key; otherwise a person decides.
 //!
 //! One connection per server, shared by its tools, opened at start and
-//! again whenever it is found closed. The server's tool list is read when
-//! the connection opens and again when the server says it changed; it
-//! gives the arguments' schema, against which every call is checked before
-//! it is sent.
+//! again whenever it is found closed or a call on it went unanswered. The
+//! server's tool list is read when the connection opens and again when the
+//! server says it changed; it gives the arguments' schema, against which
+//! every call is checked before it is sent.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -86,21 +88,92 @@ pub struct McpToolSpec {
     /// Not part of the fingerprint: it changes no decision.
     #[serde(skip)]
     pub bearer_token_env: Option<String>,
+    /// For a command: the variables of the service's environment it gets
+    /// beside `PATH`, `HOME`, `LANG`, `LC_ALL`, `TZ` and `TMPDIR` (it gets
+    /// no other).
+    #[serde(skip)]
+    pub env: Vec<String>,
 }
 
-/// What a server's listing says about one of its tools.
+/// What a server's listing says about one of the configured tools: its
+/// input schema, compiled, or why it cannot be used.
 struct Listed {
     schema: Value,
-    validator: Option<jsonschema::Validator>,
+    validator: Result<jsonschema::Validator, String>,
 }
 
+/// The configured tools the server lists, by their names there.
 type Listing = Arc<RwLock<HashMap<String, Listed>>>;
+
+/// Largest input schema kept for a tool (bytes of JSON).
+const MAX_SCHEMA_BYTES: usize = 256 * 1024;
+
+/// Longest text kept from a server's error (bytes of UTF-8).
+const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// Variables a stdio server is given besides those its entry names; it
+/// gets nothing else of the service's environment (database URLs, keys).
+const BASE_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// `text` cut to [`MAX_ERROR_BYTES`] at a character boundary.
+fn capped(text: &str) -> String {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text.to_string();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 /// Keeps the listing current when the server says its tools changed.
 #[derive(Clone)]
 struct Listener {
+    shared: Arc<Shared>,
+    /// The connection this listener belongs to.
+    generation: u64,
+}
+
+/// What a connection shares with the listeners of its successive clients.
+struct Shared {
+    label: Arc<str>,
     listing: Listing,
-    server: Arc<str>,
+    /// The configured tools of this server, by their names there.
+    wanted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The generation of the open client.
+    current: AtomicU64,
+    /// A listing is under way (one at a time).
+    relisting: AtomicBool,
+}
+
+impl Shared {
+    /// Keeps the configured tools of `tools`, each schema compiled once.
+    fn store(&self, generation: u64, tools: Vec<rmcp::model::Tool>) {
+        if self.current.load(Ordering::Acquire) != generation {
+            return; // a listing from a connection since replaced
+        }
+        let wanted = self.wanted.lock().expect("wanted lock").clone();
+        let listed = tools
+            .into_iter()
+            .filter(|tool| wanted.contains(tool.name.as_ref()))
+            .map(|tool| {
+                let schema = Value::Object((*tool.input_schema).clone());
+                let size = schema.to_string().len();
+                let validator = if size > MAX_SCHEMA_BYTES {
+                    Err(format!("its input schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are taken"))
+                } else {
+                    jsonschema::validator_for(&schema)
+                        .map_err(|e| format!("its input schema cannot be checked: {}", capped(&e.to_string())))
+                };
+                if let Err(why) = &validator {
+                    tracing::warn!(server = %self.label, tool = %tool.name, %why, "an MCP tool cannot be called");
+                }
+                (tool.name.to_string(), Listed { schema, validator })
+            })
+            .collect();
+        *self.listing.write().expect("listing lock") = listed;
+    }
 }
 
 impl ClientHandler for Listener {
@@ -120,87 +193,107 @@ impl ClientHandler for Listener {
         context: NotificationContext<RoleClient>,
     ) -> impl std::future::Future<Output = ()> + Send + '_ {
         // Listed off the connection's own loop, which must go on reading
-        // to see the answer.
-        let (peer, listing, server) = (context.peer, self.listing.clone(), self.server.clone());
-        tokio::spawn(async move {
-            match peer.list_all_tools().await {
-                Ok(tools) => {
-                    store_listing(&listing, tools);
-                    tracing::info!(server = %server, "the MCP server's tools changed; listed again");
+        // to see the answer; one listing at a time, bounded in time.
+        if !self.shared.relisting.swap(true, Ordering::AcqRel) {
+            let (peer, shared, generation) = (context.peer, self.shared.clone(), self.generation);
+            tokio::spawn(async move {
+                match tokio::time::timeout(CONNECT_TIMEOUT, peer.list_all_tools()).await {
+                    Ok(Ok(tools)) => {
+                        shared.store(generation, tools);
+                        tracing::info!(server = %shared.label, "the MCP server's tools changed; listed again");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(server = %shared.label, error = %e, "the MCP server's tools changed but could not be listed")
+                    }
+                    Err(_) => {
+                        tracing::warn!(server = %shared.label, "the MCP server's tools changed but its listing did not come in time")
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(server = %server, error = %e, "the MCP server's tools changed but could not be listed")
-                }
-            }
-        });
+                shared.relisting.store(false, Ordering::Release);
+            });
+        }
         std::future::ready(())
     }
-}
-
-fn store_listing(listing: &Listing, tools: Vec<rmcp::model::Tool>) {
-    let listed = tools
-        .into_iter()
-        .map(|tool| {
-            let schema = Value::Object((*tool.input_schema).clone());
-            let validator = jsonschema::validator_for(&schema).ok();
-            (tool.name.to_string(), Listed { schema, validator })
-        })
-        .collect();
-    *listing.write().expect("listing lock") = listed;
 }
 
 /// One server's connection, shared by its tools.
 pub struct McpConnection {
     server: McpServer,
-    label: Arc<str>,
     bearer_token_env: Option<String>,
+    /// Variables passed to a stdio server, beyond [`BASE_ENV`].
+    env: Vec<String>,
     clock: Arc<dyn Clock>,
-    client: Mutex<Option<RunningService<RoleClient, Listener>>>,
-    listing: Listing,
+    shared: Arc<Shared>,
+    /// The open client and its generation. Held only to look or to swap,
+    /// and while connecting (bounded by [`CONNECT_TIMEOUT`]).
+    client: Mutex<Option<(u64, RunningService<RoleClient, Listener>)>>,
+    generations: AtomicU64,
 }
 
 impl McpConnection {
-    fn new(server: McpServer, bearer_token_env: Option<String>, clock: Arc<dyn Clock>) -> Self {
+    fn new(spec: &McpToolSpec, clock: Arc<dyn Clock>) -> Self {
         Self {
-            label: server.label().into(),
-            server,
-            bearer_token_env,
+            server: spec.server.clone(),
+            bearer_token_env: spec.bearer_token_env.clone(),
+            env: spec.env.clone(),
             clock,
+            shared: Arc::new(Shared {
+                label: spec.server.label().into(),
+                listing: Arc::new(RwLock::new(HashMap::new())),
+                wanted: std::sync::Mutex::new(std::collections::HashSet::new()),
+                current: AtomicU64::new(0),
+                relisting: AtomicBool::new(false),
+            }),
             client: Mutex::new(None),
-            listing: Arc::new(RwLock::new(HashMap::new())),
+            generations: AtomicU64::new(0),
         }
     }
 
     /// The server as the ledger names it.
     pub fn label(&self) -> &str {
-        &self.label
+        &self.shared.label
     }
 
-    /// The open connection's peer, connecting (and listing the tools)
-    /// first when there is none or it closed; within `limit`.
-    async fn peer(&self, limit: Duration) -> Result<Peer<RoleClient>, String> {
+    /// The open connection's peer and generation, connecting (and listing
+    /// the tools) first when there is none or it closed; within `limit`.
+    async fn peer(&self, limit: Duration) -> Result<(Peer<RoleClient>, u64), String> {
         let mut client = self.client.lock().await;
-        if let Some(open) = client.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(open.peer().clone());
+        if let Some((generation, open)) = client.as_ref() {
+            if !open.is_closed() && !open.peer().is_transport_closed() {
+                return Ok((open.peer().clone(), *generation));
+            }
         }
-        *client = None;
+        if let Some((_, closed)) = client.take() {
+            close_later(closed);
+        }
+        let generation = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
+        self.shared.current.store(generation, Ordering::Release);
         let limit = limit.min(CONNECT_TIMEOUT);
         // An I/O bound, like the HTTP client's own connect timeout: on the
         // runtime's timer, not its clock (a test's manual clock would
         // otherwise count it among the sleeps it waits for).
-        let opened = tokio::time::timeout(limit, self.connect())
+        let opened = tokio::time::timeout(limit, self.connect(generation))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {} ms", limit.as_millis())))
-            .map_err(|e| format!("cannot reach the MCP server {}: {e}", self.label))?;
+            .map_err(|e| {
+                format!(
+                    "cannot reach the MCP server {}: {}",
+                    self.label(),
+                    capped(&e)
+                )
+            })?;
         let peer = opened.peer().clone();
-        *client = Some(opened);
-        Ok(peer)
+        *client = Some((generation, opened));
+        Ok((peer, generation))
     }
 
-    async fn connect(&self) -> Result<RunningService<RoleClient, Listener>, String> {
+    async fn connect(
+        &self,
+        generation: u64,
+    ) -> Result<RunningService<RoleClient, Listener>, String> {
         let listener = Listener {
-            listing: self.listing.clone(),
-            server: self.label.clone(),
+            shared: self.shared.clone(),
+            generation,
         };
         let service = match &self.server {
             McpServer::Url(url) => {
@@ -215,7 +308,8 @@ impl McpConnection {
                     );
                 }
                 // No overall timeout on the client: it would cut the event
-                // stream answers come on. Each call has its deadline.
+                // stream answers come on. Each call has its deadline, and a
+                // call that misses it drops the connection.
                 let http = reqwest::Client::builder()
                     .connect_timeout(CONNECT_TIMEOUT)
                     .build()
@@ -227,7 +321,16 @@ impl McpConnection {
                 use rmcp::transport::TokioChildProcess;
                 let (program, args) = argv.split_first().ok_or("the command is empty")?;
                 let mut command = tokio::process::Command::new(program);
-                command.args(args).kill_on_drop(true);
+                command.args(args).kill_on_drop(true).env_clear();
+                for var in BASE_ENV
+                    .iter()
+                    .copied()
+                    .chain(self.env.iter().map(String::as_str))
+                {
+                    if let Some(value) = std::env::var_os(var) {
+                        command.env(var, value);
+                    }
+                }
                 let (transport, _) = TokioChildProcess::builder(command)
                     .spawn()
                     .map_err(|e| format!("cannot start {program}: {e}"))?;
@@ -236,38 +339,68 @@ impl McpConnection {
         };
         let tools = service.list_all_tools().await.map_err(|e| e.to_string())?;
         let count = tools.len();
-        store_listing(&self.listing, tools);
-        tracing::info!(server = %self.label, tools = count, "connected to the MCP server");
+        self.shared.store(generation, tools);
+        tracing::info!(server = %self.label(), tools = count, "connected to the MCP server");
         Ok(service)
     }
 
-    /// Forgets a connection found broken, so that the next call reconnects.
-    async fn drop_client(&self) {
-        if let Some(mut client) = self.client.lock().await.take() {
-            let _ = client.close().await;
+    /// Forgets connection `generation` (found broken, or a call on it
+    /// missed its deadline), so that the next call opens another; a newer
+    /// connection stays.
+    async fn drop_client(&self, generation: u64) {
+        let taken = {
+            let mut client = self.client.lock().await;
+            match client.as_ref() {
+                Some((current, _)) if *current == generation => client.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, closed)) = taken {
+            close_later(closed);
         }
     }
 
-    /// The listed input schema of `tool`, if the server lists it.
-    fn schema(&self, tool: &str) -> Option<Value> {
-        self.listing
-            .read()
-            .expect("listing lock")
-            .get(tool)
-            .map(|l| l.schema.clone())
+    /// The listed input schema of `tool`, or why the tool cannot be called.
+    fn schema(&self, tool: &str) -> Result<Value, ToolFailure> {
+        let listing = self.shared.listing.read().expect("listing lock");
+        match listing.get(tool) {
+            None => Err(ToolFailure::Error(format!(
+                "{} does not list a tool named {tool:?}",
+                self.label()
+            ))),
+            Some(Listed {
+                validator: Err(why),
+                ..
+            }) => Err(ToolFailure::Invalid(format!(
+                "{tool} on {}: {why}",
+                self.label()
+            ))),
+            Some(listed) => Ok(listed.schema.clone()),
+        }
     }
 
     /// Why `arguments` do not fit `tool`'s listed schema, if they don't.
     fn refuse(&self, tool: &str, arguments: &Value) -> Option<String> {
-        let listing = self.listing.read().expect("listing lock");
-        let validator = listing.get(tool)?.validator.as_ref()?;
+        let listing = self.shared.listing.read().expect("listing lock");
+        let Ok(validator) = &listing.get(tool)?.validator else {
+            return Some(format!("{tool}'s input schema cannot be checked"));
+        };
         let why = validator.iter_errors(arguments).next().map(|e| {
-            format!(
+            capped(&format!(
                 "the arguments do not fit the schema of {tool} at {:?}: {e}",
                 e.instance_path().to_string()
-            )
+            ))
         });
         why
+    }
+}
+
+/// Closes a client off the caller's path, giving it a second to say so.
+fn close_later(mut client: RunningService<RoleClient, Listener>) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = client.close_with_timeout(Duration::from_secs(1)).await;
+        });
     }
 }
 
@@ -278,20 +411,23 @@ pub struct McpServers {
 }
 
 impl McpServers {
-    /// The connection to `spec`'s server, made once per server.
+    /// The connection to `spec`'s server, made once per server, which
+    /// will keep `spec`'s tool in its listing.
     pub fn connection(&self, spec: &McpToolSpec, clock: Arc<dyn Clock>) -> Arc<McpConnection> {
-        self.connections
+        let connection = self
+            .connections
             .lock()
             .expect("connections lock")
             .entry(spec.server.clone())
-            .or_insert_with(|| {
-                Arc::new(McpConnection::new(
-                    spec.server.clone(),
-                    spec.bearer_token_env.clone(),
-                    clock,
-                ))
-            })
-            .clone()
+            .or_insert_with(|| Arc::new(McpConnection::new(spec, clock)))
+            .clone();
+        connection
+            .shared
+            .wanted
+            .lock()
+            .expect("wanted lock")
+            .insert(spec.tool.clone());
+        connection
     }
 
     /// Connects to every server and lists its tools; a server that does not
@@ -310,6 +446,27 @@ impl McpServers {
             }
         }))
         .await;
+    }
+}
+
+/// Drops the connection a call was on when the call ends without an answer
+/// (the executor's deadline dropped it): a server that does not answer in
+/// time may have stalled the connection for every later call.
+struct Abandoned<'a> {
+    connection: &'a Arc<McpConnection>,
+    generation: u64,
+    answered: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let (connection, generation) = (self.connection.clone(), self.generation);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { connection.drop_client(generation).await });
+        }
     }
 }
 
@@ -346,12 +503,7 @@ impl McpTool {
     /// is the arguments. Checked against the schema before anything is sent.
     fn arguments(&self, instruction: &str, input: &str) -> Result<Map<String, Value>, ToolFailure> {
         let tool = &self.spec.tool;
-        let schema = self.connection.schema(tool).ok_or_else(|| {
-            ToolFailure::Error(format!(
-                "{} does not list a tool named {tool:?}",
-                self.connection.label()
-            ))
-        })?;
+        let schema = self.connection.schema(tool)?;
         let properties = schema
             .get("properties")
             .and_then(Value::as_object)
@@ -452,78 +604,94 @@ impl Tool for McpTool {
         )
     }
 
+    fn origin(&self) -> String {
+        format!("mcp:{}", self.connection.label())
+    }
+
     async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
+        // Only a call whose intent is recorded goes out.
+        let Some(declared) = call.declared else {
+            return Err(ToolFailure::Error(
+                "an MCP call goes out only once its intent is recorded".into(),
+            ));
+        };
         let limit = (call.deadline - self.connection.clock.now())
             .to_std()
-            .unwrap_or(Duration::ZERO);
-        let peer = self
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(1));
+        let (peer, generation) = self
             .connection
-            .peer(limit.max(Duration::from_millis(1)))
+            .peer(limit)
             .await
             .map_err(ToolFailure::Error)?;
-        let (arguments, key) = match call.declared {
-            Some(declared) => (declared.arguments, Some(declared.idempotency_key)),
-            None => (self.arguments(&call.instruction, &call.input)?, None),
-        };
-        let meta = key.map(|key| {
-            let mut meta = Meta::new();
-            meta.insert(
-                IDEMPOTENCY_META_KEY.to_string(),
-                Value::String(key.to_string()),
-            );
-            meta
-        });
+        let mut meta = Meta::new();
+        meta.insert(
+            IDEMPOTENCY_META_KEY.to_string(),
+            Value::String(declared.idempotency_key.to_string()),
+        );
         // The key goes with the request's options: the peer merges them
         // into the one `_meta` it sends (params' own `_meta` would be a
-        // second one).
+        // second one, and the request unreadable).
         let request = ClientRequest::CallToolRequest(CallToolRequest::new(CallToolRequestParams {
             meta: None,
             name: self.spec.tool.clone().into(),
-            arguments: Some(arguments),
+            arguments: Some(declared.arguments),
             task: None,
         }));
         let options = PeerRequestOptions {
-            timeout: None,
-            meta,
+            timeout: Some(limit),
+            meta: Some(meta),
         };
-        let call_tool = async {
-            match peer
-                .send_request_with_option(request, options)
-                .await?
-                .await_response()
-                .await?
-            {
-                ServerResult::CallToolResult(result) => Ok(result),
-                _ => Err(ServiceError::UnexpectedResponse),
+        let mut watch = Abandoned {
+            connection: &self.connection,
+            generation,
+            answered: false,
+        };
+        let handle = match peer.send_request_with_option(request, options).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                // Not sent: the connection is gone; the next call reconnects.
+                watch.answered = true;
+                self.connection.drop_client(generation).await;
+                return Err(ToolFailure::Error(capped(&format!(
+                    "the call to {} could not be sent: {e}",
+                    self.connection.label()
+                ))));
             }
         };
         let answer = tokio::select! {
-            answer = call_tool => answer,
-            () = call.cancel.cancelled() => return Err(ToolFailure::Error("cancelled".into())),
+            answer = handle.await_response() => answer,
+            () = call.cancel.cancelled() => {
+                return Err(ToolFailure::Unknown("cancelled after the call was sent".into()));
+            }
         };
+        watch.answered = true;
         match answer {
-            Ok(result) if result.is_error == Some(true) => {
+            Ok(ServerResult::CallToolResult(result)) if result.is_error == Some(true) => {
                 let text = result_text(&result);
                 Err(ToolFailure::Error(if text.is_empty() {
                     "the tool reported an error".into()
                 } else {
-                    text
+                    capped(&text)
                 }))
             }
-            Ok(result) => Ok(result_text(&result)),
+            Ok(ServerResult::CallToolResult(result)) => Ok(result_text(&result)),
+            Ok(_) => Err(ToolFailure::Error(
+                "the server answered something else than a tool result".into(),
+            )),
             Err(ServiceError::McpError(e))
                 if e.code == ErrorCode::INVALID_PARAMS || e.code == ErrorCode::METHOD_NOT_FOUND =>
             {
-                Err(ToolFailure::Invalid(e.message.to_string()))
+                Err(ToolFailure::Invalid(capped(&e.message)))
             }
-            Err(ServiceError::McpError(e)) => Err(ToolFailure::Error(e.message.to_string())),
+            Err(ServiceError::McpError(e)) => Err(ToolFailure::Error(capped(&e.message))),
             Err(e) => {
-                // The connection may be gone: the next call opens another.
-                self.connection.drop_client().await;
-                Err(ToolFailure::Error(format!(
-                    "the call to {} failed: {e}",
+                // Sent, and no answer came back: it may have acted.
+                self.connection.drop_client(generation).await;
+                Err(ToolFailure::Unknown(capped(&format!(
+                    "the call to {} was sent and its answer lost: {e}",
                     self.connection.label()
-                )))
+                ))))
             }
         }
     }

@@ -63,6 +63,11 @@ pub enum ToolFailure {
     /// The input cannot be processed; another attempt would fail the same way.
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The call went out and its answer was lost (the connection broke):
+    /// whether it acted is unknown. Recorded as abandoned; a declared call
+    /// of a tool not idempotent then waits for a person.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 /// A tool the executor can run. Implement it to plug in your own (an HTTP
@@ -92,6 +97,16 @@ pub trait Tool: Send + Sync + 'static {
     /// is on). Pure tools are.
     fn deterministic(&self) -> bool {
         self.pure()
+    }
+    /// Where its results come from, as the result cache keys them apart:
+    /// `builtin`, `external`, or (an MCP tool) `mcp:<server>`.
+    fn origin(&self) -> String {
+        if self.external() {
+            "external"
+        } else {
+            "builtin"
+        }
+        .to_string()
     }
     /// For a tool whose calls act outside the process where nothing can
     /// take them back (an MCP server's): the call it would make for this

@@ -14,7 +14,7 @@ use agentledger_agents::{
     Runtime, RuntimeConfig, Submission, SystemClock, ToolRegistry, WorkQueue,
 };
 use agentledger_domain::policy::gitcode::GitCodeConfig;
-use agentledger_domain::workflow::{FailureKind, WorkflowEvent, WorkflowState};
+use agentledger_domain::workflow::{FailureKind, ToolIntent, WorkflowEvent, WorkflowState};
 use agentledger_eventstore::testing::TestDatabase;
 use agentledger_eventstore::{Actor, EventStore};
 use common::*;
@@ -47,6 +47,11 @@ struct NotifyArgs {
 
 #[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 struct PingArgs {
+    text: String,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct SlowArgs {
     text: String,
 }
 
@@ -99,6 +104,22 @@ impl Notifier {
         } else {
             CallToolResult::success(vec![Content::text("paged")])
         })
+    }
+
+    #[tool(description = "Archives a text; slow the first time")]
+    async fn archive(
+        &self,
+        meta: Meta,
+        Parameters(args): Parameters<SlowArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let first = self
+            .note("archive", serde_json::to_value(&args).unwrap(), &meta)
+            .await
+            == 1;
+        if first {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok(CallToolResult::success(vec![Content::text("archived")]))
     }
 
     #[tool(description = "Counts to n")]
@@ -192,6 +213,7 @@ impl Server {
             input_argument: None,
             instruction_argument: None,
             bearer_token_env: None,
+            env: Vec::new(),
         }
     }
 }
@@ -214,6 +236,7 @@ fn config(owner: &str, server: &Server, idempotent: bool) -> RuntimeConfig {
             server.tool("notify", &["notify", "알림"], idempotent),
             server.tool("ping", &["ping"], idempotent),
             server.tool("tally", &["tally"], idempotent),
+            server.tool("archive", &["archive"], idempotent),
         ],
         ..RuntimeConfig::default()
     }
@@ -230,6 +253,22 @@ fn attempts(decoded: &[WorkflowEvent]) -> Vec<String> {
             }
             WorkflowEvent::SubtaskSucceeded { attempt, .. } => Some(format!("ok {attempt}")),
             WorkflowEvent::SubtaskEscalated { attempt, .. } => Some(format!("person {attempt}")),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The starts that recorded an intent, with their intents.
+fn intents(followed: &Followed) -> Vec<(Arc<agentledger_eventstore::RecordedEvent>, ToolIntent)> {
+    followed
+        .events
+        .iter()
+        .zip(&followed.decoded)
+        .filter_map(|(recorded, e)| match e {
+            WorkflowEvent::SubtaskStarted {
+                intent: Some(intent),
+                ..
+            } => Some((recorded.clone(), intent.clone())),
             _ => None,
         })
         .collect()
@@ -424,9 +463,16 @@ async fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person() {
         _ => None,
     });
     assert_eq!(answers.map(|a| a.position), Some(escalated.global_position));
+    // The call made again keeps the lost call's key, naming where it was
+    // first declared: a server that keeps keys acts at most once.
     let keys: Vec<_> = server.calls("notify").into_iter().map(|c| c.key).collect();
     assert_eq!(keys.len(), 2);
-    assert_ne!(keys[0], keys[1]);
+    assert_eq!(keys[0], keys[1]);
+    let intents = intents(done);
+    assert_eq!(intents.len(), 2);
+    assert_eq!(intents[1].1.idempotency_key, intents[0].1.idempotency_key);
+    assert_eq!(intents[1].1.repeats, Some(intents[0].0.global_position));
+    assert_ne!(intents[1].0.event_id, intents[0].0.event_id);
     assert_each_decision_once(id, done);
     survivor.stop().await;
 }
@@ -480,7 +526,78 @@ async fn a_lost_call_to_an_idempotent_tool_is_made_again() {
         .decoded
         .iter()
         .all(|e| !matches!(e, WorkflowEvent::SubtaskEscalated { .. })));
-    assert_eq!(server.calls("notify").len(), 2);
+    let keys: Vec<_> = server.calls("notify").into_iter().map(|c| c.key).collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1], "the repeat keeps the lost call's key");
     assert_each_decision_once(id, done);
     survivor.stop().await;
+}
+
+/// A call that misses its deadline may still act: for a tool not declared
+/// idempotent it is not made again unasked. The attempt is recorded as
+/// timed out, a person is asked, and after the approval the call goes out
+/// again under the same key; the connection the late call held is dropped
+/// and the next call opens another.
+#[tokio::test]
+async fn a_call_past_its_deadline_waits_for_a_person_and_repeats_its_key() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let server = Server::start(store.clone()).await;
+    let mut config = config("node", &server, false);
+    config.gitcode.attempt_timeout_ms = 500;
+    let running = Running::start(
+        store.clone(),
+        queue,
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        config,
+    );
+    let id = running
+        .runtime
+        .submit(Submission {
+            request: "Archive this note: 회의록 초안.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state == WorkflowState::AwaitingHuman
+    })
+    .await;
+    assert_eq!(
+        attempts(&seen[&id].decoded),
+        ["start 1", "Timeout 1", "person 1"]
+    );
+    assert_eq!(server.calls("archive").len(), 1);
+    running
+        .runtime
+        .decide_escalation(
+            id,
+            HumanDecision {
+                approve: true,
+                comment: "archive it again; the archive drops repeats".into(),
+                by: Actor::human("operator-park"),
+                expected_position: None,
+                allow_self: false,
+            },
+        )
+        .await
+        .unwrap();
+    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
+        w.state.is_final()
+    })
+    .await;
+    let done = &seen[&id];
+    assert_eq!(done.workflow.state, WorkflowState::Completed);
+    assert_eq!(
+        attempts(&done.decoded),
+        ["start 1", "Timeout 1", "person 1", "start 2", "ok 2"]
+    );
+    let keys: Vec<_> = server.calls("archive").into_iter().map(|c| c.key).collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1]);
+    let intents = intents(done);
+    assert_eq!(intents[1].1.repeats, Some(intents[0].0.global_position));
+    assert_each_decision_once(id, done);
+    running.stop().await;
 }

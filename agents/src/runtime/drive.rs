@@ -433,6 +433,9 @@ enum Progress {
         cache: Option<CacheRef>,
         /// What the run took (ms); 0 for a reuse.
         cost_ms: u64,
+        /// The call was sent and its answer lost or late: whether it acted
+        /// is unknown.
+        unknown: bool,
     },
 }
 
@@ -489,6 +492,8 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                         Command::EscalateSubtask {
                             subtask,
                             attempt,
+                            kind: FailureKind::Abandoned,
+                            error: "its executor stopped between the call and its outcome".into(),
                             reason,
                         },
                     )?,
@@ -503,7 +508,8 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                         delay,
                     } if delay.is_zero() => {
                         if !(config.inline_pure_tools && runs_inline(inner, &preview, &subtask)) {
-                            let (intent, declared) = declare(inner, &preview, &subtask).await;
+                            let (intent, declared) =
+                                declare(inner, history, &preview, &subtask).await;
                             in_flight.insert(subtask.clone());
                             commands.push(Command::StartSubtask {
                                 subtask: subtask.clone(),
@@ -620,7 +626,7 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
             Progress::Due { subtask, attempt } => {
                 let causation = history.last().map(|r| r.event_id);
                 let inputs = positions(history.last());
-                let (intent, declared) = declare(inner, &history.workflow, &subtask).await;
+                let (intent, declared) = declare(inner, history, &history.workflow, &subtask).await;
                 let command = Command::StartSubtask {
                     subtask: subtask.clone(),
                     attempt,
@@ -656,13 +662,19 @@ async fn execute(inner: &Inner, history: &mut History) -> Result<Step, RuntimeEr
                 result: outcome,
                 cache,
                 cost_ms,
+                unknown,
             } => {
                 if inner.crash_at(FaultPoint::BeforeSubtaskResult) {
                     return Ok(Some(Outcome::Dead));
                 }
                 in_flight.remove(&subtask);
                 note_cost(&mut costs, &cache, cost_ms);
-                let command = result_command(subtask.clone(), attempt, outcome, cache);
+                let command = match (unknown, outcome) {
+                    (true, Err((kind, error))) => {
+                        unknown_outcome(&history.workflow, subtask.clone(), attempt, kind, error)
+                    }
+                    (_, outcome) => result_command(subtask.clone(), attempt, outcome, cache),
+                };
                 result = Some((command, subtask, attempt));
             }
         }
@@ -732,6 +744,38 @@ fn result_command(
     }
 }
 
+/// The command for an attempt whose call was sent and whose outcome is
+/// unknown: for a declared call of a tool not idempotent, with attempts
+/// left, the attempt fails and a person decides; otherwise it fails (as
+/// `kind`) and is retried as usual, its repeat keeping the call's key.
+fn unknown_outcome(
+    workflow: &Workflow,
+    subtask: String,
+    attempt: u8,
+    kind: FailureKind,
+    error: String,
+) -> Command {
+    let intent = workflow
+        .subtask(&subtask)
+        .and_then(|s| s.intent.as_ref())
+        .filter(|i| !i.idempotent && attempt < agentledger_domain::workflow::MAX_ATTEMPTS);
+    match intent {
+        Some(intent) => Command::EscalateSubtask {
+            reason: gitcode::lost_call(intent, &error),
+            subtask,
+            attempt,
+            kind,
+            error,
+        },
+        None => Command::FailSubtask {
+            subtask,
+            attempt,
+            kind,
+            error,
+        },
+    }
+}
+
 /// Keeps what a fresh cached result took, until its event is recorded.
 fn note_cost(costs: &mut HashMap<String, u64>, cache: &Option<CacheRef>, cost_ms: u64) {
     if let Some(CacheRef {
@@ -784,44 +828,87 @@ fn runs_inline(inner: &Inner, workflow: &Workflow, subtask: &str) -> bool {
         .is_some_and(|tool| tool.pure())
 }
 
+/// What the run of an attempt is handed about its declared call: the call,
+/// or why it could not be declared (the attempt then fails so).
+type Declared = Option<Result<DeclaredCall, ToolFailure>>;
+
 /// The intent of `subtask`'s next call, for a tool that declares its calls
 /// ([`crate::Tool::intent`]): what the start of the attempt records, and
 /// what the run is handed. The idempotency key is the id the start event
-/// will have. `(None, None)` for other tools, and when the call cannot be
-/// made (the run then fails the attempt as the tool says).
+/// will have, unless the last attempt's call was lost (abandoned, timed
+/// out): the repeat then keeps its key, so that a server that keeps keys
+/// acts at most once. `(None, None)` for other tools.
 async fn declare(
     inner: &Inner,
+    history: &History,
     workflow: &Workflow,
     subtask: &str,
-) -> (Option<ToolIntent>, Option<DeclaredCall>) {
-    let Some(plan) = workflow.subtask(subtask).and_then(|s| s.plan.as_ref()) else {
+) -> (Option<ToolIntent>, Declared) {
+    let Some(current) = workflow.subtask(subtask) else {
+        return (None, None);
+    };
+    let Some(plan) = current.plan.as_ref() else {
         return (None, None);
     };
     let Some(tool) = inner.tools.get(&plan.tool) else {
         return (None, None);
     };
     let input = gitcode::tool_input(workflow, subtask);
-    let Some(Ok(call)) = tool.intent(plan.title.as_str(), &input).await else {
-        return (None, None);
+    let asked = tokio::select! {
+        asked = tool.intent(plan.title.as_str(), &input) => asked,
+        () = inner.dead.cancelled() => {
+            return (None, Some(Err(ToolFailure::Error("the runtime stopped".into()))));
+        }
     };
-    let key = uuid::Uuid::now_v7();
+    let call = match asked {
+        None => return (None, None),
+        Some(Err(failure)) => return (None, Some(Err(failure))),
+        Some(Ok(call)) => call,
+    };
     let arguments = serde_json::Value::Object(call.arguments);
     let digest = sha2::Sha256::digest(agentledger_eventstore::chain::canonical_json(&arguments));
     let serde_json::Value::Object(arguments) = arguments else {
         unreachable!("built as an object")
     };
+    let arguments_sha256 = hex::encode(digest);
+    // A lost call made again keeps its key (same server, tool and arguments).
+    let repeated = current
+        .intent
+        .as_ref()
+        .filter(|_| {
+            matches!(
+                current.last_failure,
+                Some(FailureKind::Abandoned | FailureKind::Timeout)
+            )
+        })
+        .filter(|last| {
+            (&last.server, &last.tool, &last.arguments_sha256)
+                == (&call.server, &call.tool, &arguments_sha256)
+        })
+        .and_then(|last| {
+            let first = history
+                .events
+                .iter()
+                .find(|r| r.event_id == last.idempotency_key)?;
+            Some((last.idempotency_key, first.position))
+        });
+    let (key, repeats) = match repeated {
+        Some((key, position)) => (key, Some(position)),
+        None => (uuid::Uuid::now_v7(), None),
+    };
     (
         Some(ToolIntent {
             server: call.server,
             tool: call.tool,
-            arguments_sha256: hex::encode(digest),
+            arguments_sha256,
             idempotency_key: key,
+            repeats,
             idempotent: call.idempotent,
         }),
-        Some(DeclaredCall {
+        Some(Ok(DeclaredCall {
             idempotency_key: key,
             arguments,
-        }),
+        })),
     )
 }
 
@@ -833,7 +920,7 @@ fn run_tool<'a>(
     workflow: &Workflow,
     subtask: String,
     attempt: u8,
-    declared: Option<DeclaredCall>,
+    declared: Declared,
 ) -> BoxFuture<'a, Progress> {
     let plan = workflow.subtask(&subtask).and_then(|s| s.plan.clone());
     let input = gitcode::tool_input(workflow, &subtask);
@@ -848,6 +935,7 @@ fn run_tool<'a>(
                 result: Err((FailureKind::Invalid, "not in the plan".into())),
                 cache: None,
                 cost_ms: 0,
+                unknown: false,
             };
         };
         let Some(tool) = inner.tools.get(&plan.tool).cloned() else {
@@ -862,16 +950,18 @@ fn run_tool<'a>(
                 result: Err((FailureKind::Invalid, error)),
                 cache: None,
                 cost_ms: 0,
+                unknown: false,
             };
         };
         let key =
             (shareable && tool.deterministic() && inner.cache.serves_tool(&plan.tool)).then(|| {
-                let served_by = if tool.external() {
-                    "external"
-                } else {
-                    "builtin"
-                };
-                cache::tool_key(&tenant, &plan.tool, served_by, plan.title.as_str(), &input)
+                cache::tool_key(
+                    &tenant,
+                    &plan.tool,
+                    &tool.origin(),
+                    plan.title.as_str(),
+                    &input,
+                )
             });
         if let Some(key) = key {
             if let Some(hit) = inner.cache.get(cache::Kind::Tool, &key, inner.clock.now()) {
@@ -884,9 +974,29 @@ fn run_tool<'a>(
                         reused_from: Some(hit.position),
                     }),
                     cost_ms: 0,
+                    unknown: false,
                 };
             }
         }
+        let declared = match declared {
+            None => None,
+            Some(Ok(call)) => Some(call),
+            Some(Err(failure)) => {
+                let kind = match failure {
+                    ToolFailure::Invalid(_) => FailureKind::Invalid,
+                    _ => FailureKind::Error,
+                };
+                return Progress::Done {
+                    subtask,
+                    attempt,
+                    result: Err((kind, format!("the call could not be declared: {failure}"))),
+                    cache: None,
+                    cost_ms: 0,
+                    unknown: false,
+                };
+            }
+        };
+        let sent_somewhere = declared.is_some();
         let started = inner.clock.now();
         let cancel = CancellationToken::new();
         let limit = inner.config.gitcode.attempt_timeout();
@@ -908,6 +1018,7 @@ fn run_tool<'a>(
             },
             Some(Err(ToolFailure::Error(e))) => Err((FailureKind::Error, e)),
             Some(Err(ToolFailure::Invalid(e))) => Err((FailureKind::Invalid, e)),
+            Some(Err(ToolFailure::Unknown(e))) => Err((FailureKind::Abandoned, e)),
             None => {
                 cancel.cancel();
                 Err((
@@ -916,6 +1027,12 @@ fn run_tool<'a>(
                 ))
             }
         };
+        // A declared call that timed out or lost its answer may have acted.
+        let unknown = sent_somewhere
+            && matches!(
+                result,
+                Err((FailureKind::Abandoned | FailureKind::Timeout, _))
+            );
         let cost_ms = u64::try_from((inner.clock.now() - started).num_milliseconds()).unwrap_or(0);
         Progress::Done {
             subtask,
@@ -926,6 +1043,7 @@ fn run_tool<'a>(
             }),
             result,
             cost_ms,
+            unknown,
         }
     }
     .boxed()

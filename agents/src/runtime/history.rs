@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use agentledger_domain::privacy::SubjectKey;
-use agentledger_domain::workflow::{handle, Command, Workflow, WorkflowEvent};
+use agentledger_domain::workflow::{handle, Command, ToolIntent, Workflow, WorkflowEvent};
 use agentledger_eventstore::subject_keys::SubjectKeys;
 use agentledger_eventstore::{
     Actor, EventStore, ExpectedVersion, Metadata, NewEvent, PolicyRef, Position, StoreError,
@@ -278,11 +278,16 @@ impl History {
                 // A call's idempotency key is the id of the event that
                 // declared it: the server and the ledger name it alike.
                 if let WorkflowEvent::SubtaskStarted {
-                    intent: Some(intent),
+                    intent:
+                        Some(ToolIntent {
+                            idempotency_key,
+                            repeats: None,
+                            ..
+                        }),
                     ..
                 } = event
                 {
-                    new.event_id = intent.idempotency_key;
+                    new.event_id = *idempotency_key;
                 }
                 new
             })

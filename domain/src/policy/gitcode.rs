@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::workflow::{SubtaskState, Workflow, WorkflowState, MAX_ATTEMPTS};
+use crate::workflow::{SubtaskState, ToolIntent, Workflow, WorkflowState, MAX_ATTEMPTS};
 
 /// GitCode's configuration (part of its policy fingerprint).
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +105,17 @@ pub enum Action {
     Finish,
 }
 
+/// Why a person is asked about a call of `intent` whose outcome is
+/// unknown (`how` it was lost).
+pub fn lost_call(intent: &ToolIntent, how: &str) -> String {
+    format!(
+        "the call of tool {} on {} (idempotency key {}) may or may not have acted: {how}, \
+         and the tool is not declared idempotent; approve to call it again (with the same key), \
+         reject to end the workflow",
+        intent.tool, intent.server, intent.idempotency_key
+    )
+}
+
 /// The next actions for `workflow`, given the subtasks this executor has in
 /// flight (started or waiting out a backoff). Empty when there is nothing to
 /// do but wait for those, or when the workflow is not executing.
@@ -140,12 +151,7 @@ pub fn next_actions(
                     escalation = Some(Action::Escalate {
                         subtask: plan.id.clone(),
                         attempt: subtask.attempts,
-                        reason: format!(
-                            "the call of tool {} on {} (idempotency key {}) may or may not have acted: \
-                             its outcome was lost, and the tool is not declared idempotent; \
-                             approve to call it again, reject to end the workflow",
-                            intent.tool, intent.server, intent.idempotency_key
-                        ),
+                        reason: lost_call(intent, "its executor stopped before the outcome"),
                     });
                 }
                 _ => actions.push(Action::Abandon {
@@ -315,6 +321,7 @@ mod tests {
                 arguments_sha256: String::new(),
                 idempotency_key: uuid::Uuid::nil(),
                 idempotent,
+                repeats: None,
             }),
         }
     }

@@ -71,11 +71,14 @@ pub enum Command {
         subtask: String,
         reason: String,
     },
-    /// The running attempt's outcome is unknown and its tool may not be
-    /// called again unasked: abandon it and ask a person.
+    /// The running attempt's outcome is unknown (its executor stopped, or
+    /// it timed out after its call was sent) and its tool may not be called
+    /// again unasked: fail the attempt as `kind` and ask a person.
     EscalateSubtask {
         subtask: String,
         attempt: u8,
+        kind: FailureKind,
+        error: String,
         reason: String,
     },
     FinishExecution,
@@ -308,6 +311,8 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
         C::EscalateSubtask {
             subtask,
             attempt,
+            kind,
+            error,
             reason,
         } if state == S::Executing => {
             running(workflow, &subtask, attempt)?;
@@ -320,8 +325,8 @@ pub fn handle(workflow: &Workflow, command: Command) -> Result<Vec<WorkflowEvent
                 E::SubtaskFailed {
                     subtask: subtask.clone(),
                     attempt,
-                    kind: FailureKind::Abandoned,
-                    error: "its executor stopped between the call and its outcome".into(),
+                    kind,
+                    error: error.into(),
                     will_retry: true,
                 },
                 E::SubtaskEscalated {

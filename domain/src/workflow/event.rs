@@ -85,9 +85,15 @@ pub struct ToolIntent {
     pub tool: String,
     /// SHA-256 (hex) of the arguments as sent (JSON, keys sorted).
     pub arguments_sha256: String,
-    /// The id of the event recording this intent; the server receives it
-    /// with the call (`_meta`), so that it can refuse to act twice.
+    /// Sent to the server with the call (`_meta`), so that a server that
+    /// keeps keys can refuse to act twice for one. It is the id of the
+    /// event that first declared this call: this event's own id, unless
+    /// the call repeats one whose outcome was lost (`repeats`).
     pub idempotency_key: uuid::Uuid,
+    /// For a call made again after its outcome was lost (a crash, a
+    /// timeout): the position of the intent it repeats, whose key it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<u64>,
     /// Declared safe to call again with the same arguments.
     pub idempotent: bool,
 }

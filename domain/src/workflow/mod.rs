@@ -327,6 +327,8 @@ pub struct Subtask {
     pub output: Option<Text>,
     /// The intent recorded with the last attempt's start, if its tool has one.
     pub intent: Option<ToolIntent>,
+    /// How the last failed attempt failed.
+    pub last_failure: Option<FailureKind>,
 }
 
 /// The state of one workflow, as folded from its events.
@@ -428,9 +430,11 @@ impl Workflow {
             E::SubtaskFailed {
                 subtask,
                 will_retry,
+                kind,
                 ..
             } => {
                 if let Some(s) = self.subtask_mut(subtask) {
+                    s.last_failure = Some(*kind);
                     s.state = if *will_retry {
                         SubtaskState::Retrying
                     } else {

@@ -184,6 +184,7 @@ fn intent(idempotent: bool) -> Option<crate::workflow::ToolIntent> {
         arguments_sha256: "00".repeat(32),
         idempotency_key: uuid::Uuid::nil(),
         idempotent,
+        repeats: None,
     })
 }
 
@@ -200,6 +201,8 @@ fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person_who_may_let_it_run_ag
     commands.push(Command::EscalateSubtask {
         subtask: "st-1".into(),
         attempt: 1,
+        kind: FailureKind::Timeout,
+        error: "no answer within 10000 ms".into(),
         reason: "outcome unknown".into(),
     });
     let (waiting, history) = given(commands.clone());
@@ -210,6 +213,10 @@ fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person_who_may_let_it_run_ag
             .map(WorkflowEvent::event_type)
             .collect::<Vec<_>>(),
         ["SubtaskFailed", "SubtaskEscalated"]
+    );
+    assert_eq!(
+        waiting.subtask("st-1").unwrap().last_failure,
+        Some(FailureKind::Timeout)
     );
     assert_eq!(
         waiting.subtask("st-1").unwrap().state,
@@ -259,6 +266,8 @@ fn the_last_attempt_is_not_escalated_and_nothing_else_is_either() {
     let escalate = |subtask: &str, attempt| Command::EscalateSubtask {
         subtask: subtask.into(),
         attempt,
+        kind: FailureKind::Abandoned,
+        error: "stopped".into(),
         reason: "unknown".into(),
     };
     assert!(matches!(
@@ -520,6 +529,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
         (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::EscalateSubtask {
             subtask,
             attempt,
+            kind: FailureKind::Abandoned,
+            error: "stopped".into(),
             reason: "unknown".into(),
         }),
         (id.clone(), 0u8..5).prop_map(|(subtask, attempt)| Command::CompleteSubtask {
