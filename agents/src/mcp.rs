@@ -143,8 +143,11 @@ struct Shared {
     wanted: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The generation of the open client.
     current: AtomicU64,
-    /// A listing is under way (one at a time).
-    relisting: AtomicBool,
+    /// The server said its tools changed: list them again before the next
+    /// call is built.
+    stale: AtomicBool,
+    /// Counts the changes announced by any server of the runtime.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Shared {
@@ -190,27 +193,15 @@ impl ClientHandler for Listener {
 
     fn on_tool_list_changed(
         &self,
-        context: NotificationContext<RoleClient>,
+        _context: NotificationContext<RoleClient>,
     ) -> impl std::future::Future<Output = ()> + Send + '_ {
-        // Listed off the connection's own loop, which must go on reading
-        // to see the answer; one listing at a time, bounded in time.
-        if !self.shared.relisting.swap(true, Ordering::AcqRel) {
-            let (peer, shared, generation) = (context.peer, self.shared.clone(), self.generation);
-            tokio::spawn(async move {
-                match tokio::time::timeout(CONNECT_TIMEOUT, peer.list_all_tools()).await {
-                    Ok(Ok(tools)) => {
-                        shared.store(generation, tools);
-                        tracing::info!(server = %shared.label, "the MCP server's tools changed; listed again");
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(server = %shared.label, error = %e, "the MCP server's tools changed but could not be listed")
-                    }
-                    Err(_) => {
-                        tracing::warn!(server = %shared.label, "the MCP server's tools changed but its listing did not come in time")
-                    }
-                }
-                shared.relisting.store(false, Ordering::Release);
-            });
+        // Listed again before the next call is built, on the caller's path
+        // (a listing asked for from here, beside the connection's own loop,
+        // was seen to get no answer).
+        if self.shared.current.load(Ordering::Acquire) == self.generation {
+            self.shared.stale.store(true, Ordering::Release);
+            self.shared.changes.send_modify(|n| *n += 1);
+            tracing::info!(server = %self.shared.label, "the MCP server's tools changed; they are listed again before the next call");
         }
         std::future::ready(())
     }
@@ -231,7 +222,11 @@ pub struct McpConnection {
 }
 
 impl McpConnection {
-    fn new(spec: &McpToolSpec, clock: Arc<dyn Clock>) -> Self {
+    fn new(
+        spec: &McpToolSpec,
+        clock: Arc<dyn Clock>,
+        changes: Arc<tokio::sync::watch::Sender<u64>>,
+    ) -> Self {
         Self {
             server: spec.server.clone(),
             bearer_token_env: spec.bearer_token_env.clone(),
@@ -242,7 +237,8 @@ impl McpConnection {
                 listing: Arc::new(RwLock::new(HashMap::new())),
                 wanted: std::sync::Mutex::new(std::collections::HashSet::new()),
                 current: AtomicU64::new(0),
-                relisting: AtomicBool::new(false),
+                stale: AtomicBool::new(false),
+                changes,
             }),
             client: Mutex::new(None),
             generations: AtomicU64::new(0),
@@ -405,12 +401,26 @@ fn close_later(mut client: RunningService<RoleClient, Listener>) {
 }
 
 /// The connections of a runtime's MCP tools, one per server.
-#[derive(Default)]
 pub struct McpServers {
     connections: std::sync::Mutex<HashMap<McpServer, Arc<McpConnection>>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for McpServers {
+    fn default() -> Self {
+        Self {
+            connections: std::sync::Mutex::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 impl McpServers {
+    /// How many times a server said its tools changed, as it grows.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The connection to `spec`'s server, made once per server, which
     /// will keep `spec`'s tool in its listing.
     pub fn connection(&self, spec: &McpToolSpec, clock: Arc<dyn Clock>) -> Arc<McpConnection> {
@@ -419,7 +429,7 @@ impl McpServers {
             .lock()
             .expect("connections lock")
             .entry(spec.server.clone())
-            .or_insert_with(|| Arc::new(McpConnection::new(spec, clock)))
+            .or_insert_with(|| Arc::new(McpConnection::new(spec, clock, self.changes.clone())))
             .clone();
         connection
             .shared
@@ -589,9 +599,28 @@ impl Tool for McpTool {
         instruction: &str,
         input: &str,
     ) -> Option<Result<CallPlan, ToolFailure>> {
-        // The schema comes with the listing: connect first if need be.
-        if let Err(e) = self.connection.peer(CONNECT_TIMEOUT).await {
-            return Some(Err(ToolFailure::Error(e)));
+        // The schema comes with the listing: connect first if need be, and
+        // list again if the server said its tools changed.
+        let (peer, generation) = match self.connection.peer(CONNECT_TIMEOUT).await {
+            Ok(open) => open,
+            Err(e) => return Some(Err(ToolFailure::Error(e))),
+        };
+        let shared = &self.connection.shared;
+        if shared.stale.swap(false, Ordering::AcqRel) {
+            match tokio::time::timeout(CONNECT_TIMEOUT, peer.list_all_tools()).await {
+                Ok(Ok(tools)) => shared.store(generation, tools),
+                failed => {
+                    shared.stale.store(true, Ordering::Release);
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer in time".to_string(),
+                    };
+                    return Some(Err(ToolFailure::Error(capped(&format!(
+                        "the tools of {} changed and could not be listed again: {why}",
+                        self.connection.label()
+                    )))));
+                }
+            }
         }
         Some(
             self.arguments(instruction, input)

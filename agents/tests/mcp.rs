@@ -601,3 +601,148 @@ async fn a_call_past_its_deadline_waits_for_a_person_and_repeats_its_key() {
     assert_each_decision_once(id, done);
     running.stop().await;
 }
+
+/// A server whose one tool, `relay`, takes `text` until it is told to take
+/// `message` instead; it says so with `tools/list_changed`.
+#[derive(Clone, Default)]
+struct Changing {
+    renamed: Arc<std::sync::atomic::AtomicBool>,
+    peer: Arc<Mutex<Option<rmcp::Peer<rmcp::RoleServer>>>>,
+    listings: Arc<tokio::sync::watch::Sender<usize>>,
+    received: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ServerHandler for Changing {
+    fn get_info(&self) -> ServerInfo {
+        ServerInfo {
+            capabilities: ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
+            ..Default::default()
+        }
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, ErrorData> {
+        *self.peer.lock().unwrap() = Some(context.peer.clone());
+        let field = if self.renamed.load(std::sync::atomic::Ordering::SeqCst) {
+            "message"
+        } else {
+            "text"
+        };
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": { field: { "type": "string" } },
+            "required": [field]
+        });
+        let tool = rmcp::model::Tool::new(
+            "relay",
+            "Relays a message",
+            Arc::new(schema.as_object().unwrap().clone()),
+        );
+        self.listings.send_modify(|n| *n += 1);
+        Ok(rmcp::model::ListToolsResult {
+            tools: vec![tool],
+            ..Default::default()
+        })
+    }
+
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        _context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let arguments = Value::Object(request.arguments.unwrap_or_default());
+        self.received.lock().unwrap().push(arguments);
+        Ok(CallToolResult::success(vec![Content::text("relayed")]))
+    }
+}
+
+/// The tools are listed at start and again when the server says they
+/// changed: the next call is built after the new schema.
+#[tokio::test]
+async fn a_server_whose_tools_change_is_listed_again() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let changing = Changing::default();
+    let service: StreamableHttpService<Changing, LocalSessionManager> = {
+        let changing = changing.clone();
+        StreamableHttpService::new(
+            move || Ok(changing.clone()),
+            Default::default(),
+            StreamableHttpServerConfig::default(),
+        )
+    };
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let running = Running::start(
+        store.clone(),
+        queue,
+        ToolRegistry::default(),
+        Arc::new(SystemClock),
+        RuntimeConfig {
+            mcp_tools: vec![McpToolSpec {
+                name: "relay".into(),
+                server: McpServer::Url(url),
+                tool: "relay".into(),
+                description: "relays".into(),
+                keywords: vec!["relay".into()],
+                idempotent: true,
+                deterministic: false,
+                input_argument: None,
+                instruction_argument: None,
+                bearer_token_env: None,
+                env: Vec::new(),
+            }],
+            ..RuntimeConfig::default()
+        },
+    );
+    let mut listings = changing.listings.subscribe();
+    let mut changes = running.runtime.mcp_tool_changes();
+    let relay = |request: &'static str| {
+        let runtime = running.runtime.clone();
+        let store = store.clone();
+        async move {
+            let id = runtime
+                .submit(Submission {
+                    request: request.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let seen = settle(&*store, &[id]).await;
+            assert_eq!(seen[&id].workflow.state, WorkflowState::Completed);
+        }
+    };
+    relay("Relay this: 안녕하세요.").await;
+    let first = *listings.borrow_and_update();
+    assert!(first >= 1, "listed at start");
+
+    changing
+        .renamed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let peer = changing.peer.lock().unwrap().clone().unwrap();
+    peer.notify_tool_list_changed().await.unwrap();
+    changes.wait_for(|n| *n >= 1).await.unwrap();
+    relay("Relay this too: 반갑습니다.").await;
+    assert_eq!(
+        *listings.borrow(),
+        first + 1,
+        "listed once more, before the second call"
+    );
+
+    let received = changing.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_eq!(received[0]["text"], "Relay this: 안녕하세요.");
+    assert_eq!(
+        received[1]["message"], "Relay this too: 반갑습니다.",
+        "the second call follows the schema listed after the change"
+    );
+    running.stop().await;
+}

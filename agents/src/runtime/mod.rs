@@ -382,6 +382,12 @@ impl Runtime {
         &self.inner.config.owner
     }
 
+    /// How many times an MCP server said its tools changed (each change is
+    /// listed before that server's next call is built).
+    pub fn mcp_tool_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.mcp.changes()
+    }
+
     /// The result cache's counts.
     pub fn cache_stats(&self) -> crate::cache::CacheStats {
         self.inner.cache.stats()
