@@ -16,6 +16,7 @@ mod graphiql;
 pub mod graphql;
 pub mod limits;
 pub mod metrics;
+mod rest;
 mod ws;
 
 use std::future::Future;
@@ -29,7 +30,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -155,17 +156,25 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
             axum::routing::MethodRouter::new(),
         )
     };
-    let plain = tower::ServiceBuilder::new()
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            config.request_timeout,
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            config.max_concurrent_requests.max(1),
-        ));
+    // One budget of requests in flight for GraphQL and REST alike.
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        config.max_concurrent_requests.max(1),
+    ));
+    let plain = || {
+        tower::ServiceBuilder::new()
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::SERVICE_UNAVAILABLE,
+                config.request_timeout,
+            ))
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                permits.clone(),
+            ))
+    };
     let graphql = Router::new()
-        .route("/graphql", page.post(graphql_request).layer(plain))
+        .route("/graphql", page.post(graphql_request).layer(plain()))
         .route("/graphql/ws", get(graphql_ws))
+        .route("/api/workflow", post(rest::submit).layer(plain()))
+        .route("/api/workflow/{id}", get(rest::workflow).layer(plain()))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
@@ -175,6 +184,8 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         .merge(graphql)
         .route("/graphql/assets/{name}", assets)
         .route("/health", get(health))
+        .route("/api/health", get(rest::health))
+        .route("/api/openapi.json", get(rest::openapi))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/.well-known/agentledger-key", get(ledger_key))
@@ -239,13 +250,14 @@ struct Caller(Option<Principal>);
 
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let auth = &state.services.auth;
+    let rest = request.uri().path().starts_with("/api/");
     let address = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0.ip());
     if let Some(address) = address {
         if let Err(wait) = state.limiters.check_address(address) {
-            return too_many(wait);
+            return too_many(wait, rest);
         }
     }
     let headers = request.headers();
@@ -253,12 +265,13 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
     // first; it cannot send JSON without a CORS preflight. So a POST must be
     // JSON, and a browser elsewhere cannot drive the service.
     if request.method() == axum::http::Method::POST && !is_json(headers) {
+        let message = format!(
+            "POST {} takes a JSON body: send content-type: application/json",
+            request.uri().path()
+        );
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Json(json!({ "errors": [{
-                "message": "POST /graphql takes a JSON body: send content-type: application/json",
-                "extensions": { "code": "BAD_INPUT" },
-            }] })),
+            error_body(rest, "BAD_INPUT", message),
         )
             .into_response();
     }
@@ -284,26 +297,37 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
     } else {
         match auth.authenticate_headers(headers).await {
             Ok(principal) => Some(principal),
-            Err(e) => return refusal(&e),
+            Err(e) => return refusal(&e, rest),
         }
     };
     if let Some(principal) = &caller {
         if let Err(wait) = state.limiters.check_credential(&principal.subject) {
-            return too_many(wait);
+            return too_many(wait, rest);
         }
     }
     request.extensions_mut().insert(Caller(caller));
     next.run(request).await
 }
 
-/// 429 with `Retry-After` and a GraphQL error `RATE_LIMITED`.
-fn too_many(wait: limits::RetryAfter) -> Response {
+/// An error body: GraphQL's `{"errors": [...]}`, or for the REST door
+/// (`rest`) `{"error": {"code", "message"}}`.
+fn error_body(rest: bool, code: &str, message: String) -> Json<Value> {
+    Json(if rest {
+        json!({ "error": { "code": code, "message": message } })
+    } else {
+        json!({ "errors": [{ "message": message, "extensions": { "code": code } }] })
+    })
+}
+
+/// 429 with `Retry-After` and the error `RATE_LIMITED`.
+fn too_many(wait: limits::RetryAfter, rest: bool) -> Response {
     let mut response = (
         StatusCode::TOO_MANY_REQUESTS,
-        Json(json!({ "errors": [{
-            "message": format!("too many requests; retry in {} s", wait.seconds()),
-            "extensions": { "code": "RATE_LIMITED" },
-        }] })),
+        error_body(
+            rest,
+            "RATE_LIMITED",
+            format!("too many requests; retry in {} s", wait.seconds()),
+        ),
     )
         .into_response();
     response.headers_mut().insert(
@@ -351,14 +375,12 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
 
 /// A GraphQL error response for a caller that is not let in: 401 (with
 /// `WWW-Authenticate`) or 503 when the credential could not be checked.
-fn refusal(e: &auth::AuthError) -> Response {
+fn refusal(e: &auth::AuthError, rest: bool) -> Response {
     let (status, code) = match e {
         auth::AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
         auth::AuthError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
     };
-    let body = Json(json!({
-        "errors": [{ "message": e.to_string(), "extensions": { "code": code } }]
-    }));
+    let body = error_body(rest, code, e.to_string());
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     match e {
@@ -387,9 +409,10 @@ async fn graphql_request(
         .map(str::to_string);
     let budget = state.services.limits.max_response_bytes;
     let Some(principal) = caller else {
-        return refusal(&auth::AuthError::Unauthenticated(
-            "this server requires a credential".into(),
-        ));
+        return refusal(
+            &auth::AuthError::Unauthenticated("this server requires a credential".into()),
+            false,
+        );
     };
     let request = match auth::authorize(
         request.into_inner(),
