@@ -1,0 +1,143 @@
+//! `ops/backup.sh` and `ops/restore.sh` on real PostgreSQL: a backup of a
+//! ledger with workflows on it, restored into a fresh database, verifies
+//! against the digest signed before the backup; a restore into a database
+//! that already holds a ledger is refused, and a dump that was altered is
+//! refused before anything is restored.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use agentledger_eventstore::testing::{connect, with_database, TestDatabase};
+use agentledger_eventstore::EventStore;
+
+const OPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/ops");
+
+fn script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new("bash");
+    command
+        .arg(Path::new(OPS).join(name))
+        .args(args)
+        .env("AGENTLEDGER_BIN", env!("CARGO_BIN_EXE_agentledger"))
+        .env("RUST_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("bash runs")
+}
+
+fn said(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_restored_into_a_fresh_database_verifies_against_its_digest() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let ids = common::complete_workflows(
+        &store,
+        &[
+            "Summarise the attached quarterly report. Then count the words of the summary.",
+            "다음 글을 요약해 주세요. 그다음 단어 수를 세어 주세요.",
+        ],
+    )
+    .await;
+    let head = store.head_position().await.unwrap();
+    assert!(head > 0 && ids.len() == 2);
+
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("backup-{}", uuid::Uuid::new_v4().simple()));
+    let backup = script(
+        "backup.sh",
+        &[dir.to_str().unwrap()],
+        &[("AGENTLEDGER_ADMIN_DATABASE_URL", db.admin_url())],
+    );
+    assert!(backup.status.success(), "{}", said(&backup));
+    let dump = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "dump"))
+        .expect("a dump was written");
+    for extension in ["digest.json", "sha256"] {
+        let beside = dump.with_extension(extension);
+        assert!(beside.exists(), "{} written", beside.display());
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dump).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the dump is its owner's alone");
+    }
+    // Written after the backup: not in it, and not needed to verify it.
+    common::complete_workflows(&store, &["Compute (17 * 23) + 4."]).await;
+
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let admin = connect(db.admin_url()).await;
+    let fresh = format!("{}_restored", db.name());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {fresh}"))
+        .await
+        .unwrap();
+    let fresh_url = with_database(&server, &fresh, None);
+    let restore = script("restore.sh", &[dump.to_str().unwrap(), &fresh_url], &[]);
+    let restored_said = said(&restore);
+    assert!(restore.status.success(), "{restored_said}");
+    assert!(
+        restored_said.contains(": ok, the") && restored_said.contains("are unchanged since"),
+        "verify --digest passed: {restored_said}"
+    );
+    let restored = connect(&fresh_url).await;
+    let count: i64 = restored
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count as u64, head, "every event up to the backup, no more");
+
+    // A second restore into it is refused, and changes nothing.
+    let again = script("restore.sh", &[dump.to_str().unwrap(), &fresh_url], &[]);
+    assert!(!again.status.success());
+    assert!(
+        said(&again).contains("already holds a ledger"),
+        "{}",
+        said(&again)
+    );
+
+    // An altered dump is refused before anything is restored.
+    let bytes = std::fs::read(&dump).unwrap();
+    let mut altered = bytes.clone();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 0xff;
+    std::fs::write(&dump, &altered).unwrap();
+    let other = format!("{}_altered", db.name());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {other}"))
+        .await
+        .unwrap();
+    let other_url = with_database(&server, &other, None);
+    let refused = script("restore.sh", &[dump.to_str().unwrap(), &other_url], &[]);
+    assert!(!refused.status.success(), "{}", said(&refused));
+    let empty: bool = connect(&other_url)
+        .await
+        .query_one("SELECT to_regclass('public.events') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(empty, "nothing restored from an altered dump");
+
+    drop(restored);
+    for name in [&fresh, &other] {
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
