@@ -17,6 +17,13 @@ if ! pg_isready -q -d "$server"; then
     pg_isready -d "$server"
 fi
 
+# The alert rules' test needs promtool (Debian's prometheus package).
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "promtool is missing; installing Debian's prometheus package"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 \
+        || echo "could not install prometheus: the alert-rule test will say it skipped"
+fi
+
 run="r$$"
 db="agentledger_test_${run}"
 cleanup() {

@@ -543,7 +543,9 @@ async fn graphql_ws(
 
 /// Ready when the store answers and, if a bound is set, every projection's
 /// lag is within it; the body names what is not ready.
-async fn ready(State(state): State<AppState>) -> Response {
+/// What keeps the service from being ready (none: ready), and each
+/// projection's lag.
+async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Value>) {
     let services = &state.services;
     let mut problems = Vec::new();
     let mut lags = serde_json::Map::new();
@@ -558,6 +560,11 @@ async fn ready(State(state): State<AppState>) -> Response {
         }
         Err(e) => problems.push(format!("database: {e}")),
     }
+    (problems, lags)
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let (problems, lags) = readiness(&state).await;
     let ready = problems.is_empty();
     let body = Json(json!({ "ready": ready, "problems": problems, "projection_lag": lags }));
     if ready {
@@ -572,6 +579,13 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     use std::fmt::Write;
     let services = &state.services;
     let mut out = String::new();
+    let (problems, _) = readiness(&state).await;
+    let _ = writeln!(
+        out,
+        "# HELP agentledger_ready 1 when /ready answers 200 (the database answers and every projection is within its lag bound), else 0."
+    );
+    let _ = writeln!(out, "# TYPE agentledger_ready gauge");
+    let _ = writeln!(out, "agentledger_ready {}", u8::from(problems.is_empty()));
     let _ = writeln!(
         out,
         "# HELP agentledger_graphql_requests_total GraphQL requests over HTTP."
@@ -616,7 +630,25 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             "# HELP agentledger_workflows Workflows by state (read model)."
         );
         let _ = writeln!(out, "# TYPE agentledger_workflows gauge");
-        for (workflow_state, n) in counts {
+        // Every state, at zero too: alert rules find a series for each.
+        use agentledger_domain::workflow::WorkflowState as S;
+        for workflow_state in [
+            S::Submitted,
+            S::Analysing,
+            S::Gating,
+            S::AwaitingHuman,
+            S::Executing,
+            S::Reviewing,
+            S::Completed,
+            S::Rejected,
+            S::Failed,
+            S::Flagged,
+            S::Cancelled,
+        ] {
+            let n = counts
+                .iter()
+                .find(|(state, _)| *state == workflow_state)
+                .map_or(0, |(_, n)| *n);
             let name = agentledger_projections::model::status::state_name(workflow_state);
             let _ = writeln!(out, "agentledger_workflows{{state=\"{name}\"}} {n}");
         }
