@@ -48,12 +48,31 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     }
 }
 
-/// The `agentledger_…` names and the `label="value"` pairs the rules use.
+/// The `agentledger_…` names and the `label="value"` pairs the alert
+/// rules and the Grafana dashboard use.
 fn used_by_rules() -> (BTreeSet<String>, BTreeSet<(String, String)>) {
     let rules = std::fs::read_to_string(Path::new(PROMETHEUS).join("alerts.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/grafana/agentledger.json"),
+    )
+    .unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exprs: Vec<String> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().replace("\\\"", "\""))
+        .collect();
     let mut names = BTreeSet::new();
     let mut labels = BTreeSet::new();
-    for line in rules.lines().filter(|l| !l.trim_start().starts_with('#')) {
+    let lines = rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(str::to_string)
+        .chain(exprs);
+    for line in lines {
+        let line = line.as_str();
         let mut rest = line;
         while let Some(at) = rest.find("agentledger_") {
             let name: String = rest[at..]
@@ -64,6 +83,7 @@ fn used_by_rules() -> (BTreeSet<String>, BTreeSet<(String, String)>) {
             names.insert(name);
         }
         for (label, value) in [
+            ("outcome", "hit"),
             ("route", "/graphql"),
             ("state", "AWAITING_HUMAN"),
             ("state", "COMPLETED"),
@@ -78,7 +98,7 @@ fn used_by_rules() -> (BTreeSet<String>, BTreeSet<(String, String)>) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn every_metric_the_alerts_use_is_exported() {
+async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     let db = TestDatabase::create().await;
     let submitter = create_key(&db, "client", &["submitter"], "default");
     let (server, _config) = serve_with_config(&db, "");
@@ -119,4 +139,64 @@ async fn every_metric_the_alerts_use_is_exported() {
             "the rules use {label}=\"{value}\", which /metrics does not show:\n{metrics}"
         );
     }
+}
+
+#[test]
+fn prometheus_config_of_the_compose_file_passes_promtool() {
+    let Some(promtool) = promtool() else { return };
+    let out = Command::new(promtool)
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(PROMETHEUS)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every Kubernetes manifest validates against the Kubernetes schemas
+/// (`kubernetes-validate --strict`, from PyPI), and the kustomization
+/// applies every one of them but the secret's example.
+#[test]
+fn the_kubernetes_manifests_validate_against_the_kubernetes_schemas() {
+    let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/k8s");
+    let mut manifests: Vec<String> = std::fs::read_dir(&k8s)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 6, "{manifests:?}");
+    let kustomization = std::fs::read_to_string(k8s.join("kustomization.yaml")).unwrap();
+    for name in manifests.iter().filter(|n| *n != "secret.example.yaml") {
+        assert!(
+            kustomization.contains(&format!("- {name}")),
+            "kustomization.yaml does not apply {name}"
+        );
+    }
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/k8s");
+    let Some(python) = common::python_venv(&requirements, "k8s-venv") else {
+        return;
+    };
+    let validator = python.with_file_name("kubernetes-validate");
+    let out = Command::new(validator)
+        .args(["--strict", "--kubernetes-version", "1.33"])
+        .args(&manifests)
+        .current_dir(&k8s)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert_eq!(
+        said.matches(" passed for resource ").count(),
+        manifests.len(),
+        "{said}"
+    );
 }
