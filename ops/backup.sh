@@ -28,6 +28,14 @@ command -v "$bin" >/dev/null || { echo "backup: $bin not found (set AGENTLEDGER_
 mkdir -p "$out_dir"
 umask 077
 base="$out_dir/agentledger-$(date -u +%Y%m%dT%H%M%SZ)"
+if [[ -e $base.dump || -e $base.digest.json ]]; then
+    echo "backup: $base.* exists already (two backups in one second?)" >&2
+    exit 1
+fi
+# A backup that fails leaves nothing that looks like one.
+done=false
+cleanup() { $done || rm -f "$base.dump.partial" "$base.digest.json" "$base.sha256"; }
+trap cleanup EXIT
 
 echo "backup: signing a digest of the ledger -> $base.digest.json"
 DATABASE_URL=$url "$bin" digest --output "$base.digest.json"
@@ -40,5 +48,6 @@ pg_restore --list "$base.dump.partial" >/dev/null
 mv "$base.dump.partial" "$base.dump"
 
 (cd "$(dirname "$base")" && sha256sum "$(basename "$base").dump" "$(basename "$base").digest.json" > "$(basename "$base").sha256")
+done=true
 size=$(du -h "$base.dump" | cut -f1)
 echo "backup: done in $((SECONDS - started)) s: $base.dump ($size), $base.digest.json, $base.sha256"

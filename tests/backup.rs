@@ -86,7 +86,17 @@ async fn a_backup_restored_into_a_fresh_database_verifies_against_its_digest() {
         .await
         .unwrap();
     let fresh_url = with_database(&server, &fresh, None);
-    let restore = script("restore.sh", &[dump.to_str().unwrap(), &fresh_url], &[]);
+    // The key kept apart from the system: here, the one the digest names
+    // (an operator compares it with their own copy).
+    let digest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dump.with_extension("digest.json")).unwrap())
+            .unwrap();
+    let public_key = digest["public_key"].as_str().unwrap().to_string();
+    let restore = script(
+        "restore.sh",
+        &[dump.to_str().unwrap(), &fresh_url],
+        &[("AGENTLEDGER_PUBLIC_KEY", &public_key)],
+    );
     let restored_said = said(&restore);
     assert!(restore.status.success(), "{restored_said}");
     assert!(
@@ -100,6 +110,25 @@ async fn a_backup_restored_into_a_fresh_database_verifies_against_its_digest() {
         .unwrap()
         .get(0);
     assert_eq!(count as u64, head, "every event up to the backup, no more");
+    // The service role works on the restored database as on the original:
+    // it reads through its grants and owns subject_keys.
+    let service = connect(&with_database(&server, &fresh, Some("agentledger_service"))).await;
+    for table in ["events", "subject_keys", "workflow_status", "api_keys"] {
+        service
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("the service role reads {table}: {e}"));
+    }
+    let owner: String = restored
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'subject_keys'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "agentledger_service");
+    drop(service);
 
     // A second restore into it is refused, and changes nothing.
     let again = script("restore.sh", &[dump.to_str().unwrap(), &fresh_url], &[]);
@@ -108,6 +137,34 @@ async fn a_backup_restored_into_a_fresh_database_verifies_against_its_digest() {
         said(&again).contains("already holds a ledger"),
         "{}",
         said(&again)
+    );
+
+    // Checked against another key, the digest does not hold.
+    let wrong = format!("{}_wrongkey", db.name());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {wrong}"))
+        .await
+        .unwrap();
+    let wrong_url = with_database(&server, &wrong, None);
+    let stranger = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+    let refused = script(
+        "restore.sh",
+        &[dump.to_str().unwrap(), &wrong_url],
+        &[("AGENTLEDGER_PUBLIC_KEY", stranger)],
+    );
+    assert!(!refused.status.success(), "{}", said(&refused));
+
+    // Without its sums and digest, a dump is not restored unless asked.
+    let bare_dir = dir.join("bare");
+    std::fs::create_dir_all(&bare_dir).unwrap();
+    let bare = bare_dir.join(dump.file_name().unwrap());
+    std::fs::copy(&dump, &bare).unwrap();
+    let refused = script("restore.sh", &[bare.to_str().unwrap(), &wrong_url], &[]);
+    assert!(!refused.status.success());
+    assert!(
+        said(&refused).contains("cannot be checked"),
+        "{}",
+        said(&refused)
     );
 
     // An altered dump is refused before anything is restored.
@@ -133,7 +190,7 @@ async fn a_backup_restored_into_a_fresh_database_verifies_against_its_digest() {
     assert!(empty, "nothing restored from an altered dump");
 
     drop(restored);
-    for name in [&fresh, &other] {
+    for name in [&fresh, &other, &wrong] {
         admin
             .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .await

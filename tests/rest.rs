@@ -129,7 +129,19 @@ async fn the_rest_door_submits_reads_and_refuses_as_graphql_does() {
         .post(Some(&submitter), &json!({ "request": ENGLISH }))
         .await;
     assert_eq!(status, 201, "{english}");
-    assert_eq!(english["state"], "SUBMITTED");
+    // As of its own write, or later: the agents do not wait for the answer.
+    let states = [
+        "SUBMITTED",
+        "ANALYSING",
+        "GATING",
+        "EXECUTING",
+        "REVIEWING",
+        "COMPLETED",
+    ];
+    assert!(
+        states.contains(&english["state"].as_str().unwrap_or_default()),
+        "{english}"
+    );
     let korean_body = json!({
         "request": KOREAN,
         "priority": "high",

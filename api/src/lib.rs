@@ -290,7 +290,8 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
             }
         }
     }
-    let graphiql = request.method() == axum::http::Method::GET && !websocket;
+    let graphiql =
+        request.method() == axum::http::Method::GET && request.uri().path() == "/graphql";
     let caller = if (websocket || graphiql) && !Authenticator::has_credential(headers) {
         // GraphiQL is a page; it sends its own credential with each request.
         None
@@ -541,8 +542,6 @@ async fn graphql_ws(
         })
 }
 
-/// Ready when the store answers and, if a bound is set, every projection's
-/// lag is within it; the body names what is not ready.
 /// What keeps the service from being ready (none: ready), and each
 /// projection's lag.
 async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Value>) {
@@ -563,6 +562,8 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
     (problems, lags)
 }
 
+/// Ready when the store answers and, if a bound is set, every projection's
+/// lag is within it; the body names what is not ready.
 async fn ready(State(state): State<AppState>) -> Response {
     let (problems, lags) = readiness(&state).await;
     let ready = problems.is_empty();

@@ -40,7 +40,8 @@ pub struct SubmitRequest {
 #[serde(rename_all(serialize = "snake_case", deserialize = "camelCase"))]
 pub struct Submitted {
     pub id: String,
-    /// `SUBMITTED` at first; see `GET /api/workflow/{id}` for the rest.
+    /// Where it stands as of the answer: usually `SUBMITTED`, or a later
+    /// state if the agents were quicker; `GET /api/workflow/{id}` follows it.
     pub state: String,
 }
 
@@ -210,8 +211,19 @@ async fn run(
         .variables(async_graphql::Variables::from_json(variables));
     let request = auth::authorize(request, &principal, state.services.limits.shape)
         .map_err(|refused| from_errors(&refused))?;
-    let response = state.schema.execute(request).await;
+    // The response budget of POST /graphql, and its counters.
+    let budget = state.services.limits.max_response_bytes;
+    let (request, meter) = crate::graphql::budget::Meter::attach(request, budget);
+    let response = meter.settle_exactly(state.schema.execute(request).await);
+    state
+        .counters
+        .graphql_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if response.is_err() {
+        state
+            .counters
+            .graphql_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Err(from_errors(&response));
     }
     let data = response.data.into_json().unwrap_or(Value::Null);
