@@ -94,6 +94,14 @@ impl ManualClock {
         let mut rx = self.shared.sleepers.subscribe();
         let _ = rx.wait_for(|n| *n >= count).await;
     }
+
+    /// Waits until at most `count` sleeps are pending: for a test that
+    /// counts the sleeps of a new runtime, until those of one that died
+    /// (its tasks are dropped a moment after it ends) are gone.
+    pub async fn sleepers_at_most(&self, count: usize) {
+        let mut rx = self.shared.sleepers.subscribe();
+        let _ = rx.wait_for(|n| *n <= count).await;
+    }
 }
 
 impl Shared {

@@ -410,6 +410,9 @@ async fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person() {
         .await
         .unwrap();
     doomed.ended().await;
+    // The dead runtime's sleeps go with its tasks: only then do the
+    // survivor's count.
+    clock.sleepers_at_most(0).await;
     assert_eq!(server.calls("notify").len(), 1, "the server acted once");
 
     let survivor = Running::start(
@@ -421,10 +424,28 @@ async fn a_lost_call_to_a_tool_not_idempotent_waits_for_a_person() {
     );
     clock.sleepers_at_least(3).await;
     clock.advance(RuntimeConfig::default().lease + Duration::from_secs(1));
-    let seen = follow_until(&*store, &[id], Duration::from_secs(60), |w| {
-        w.state == WorkflowState::AwaitingHuman
-    })
-    .await;
+    let followed = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            follow_until(&*store, &[id], Duration::from_secs(20), |w| {
+                w.state == WorkflowState::AwaitingHuman
+            })
+            .await
+        })
+        .await
+    };
+    let Ok(seen) = followed else {
+        let stream = agentledger_eventstore::StreamId::new(format!("workflow-{id}")).unwrap();
+        let stored = store.read_stream(&stream, 0, 100).await.unwrap();
+        let head = store.head_position().await.unwrap();
+        panic!(
+            "not waiting for a person; head {head}, stored: {:?}",
+            stored
+                .iter()
+                .map(|e| (e.global_position, e.event_type.clone()))
+                .collect::<Vec<_>>()
+        );
+    };
     let waiting = &seen[&id];
     assert_eq!(
         attempts(&waiting.decoded),
@@ -502,6 +523,9 @@ async fn a_lost_call_to_an_idempotent_tool_is_made_again() {
         .await
         .unwrap();
     doomed.ended().await;
+    // The dead runtime's sleeps go with its tasks: only then do the
+    // survivor's count.
+    clock.sleepers_at_most(0).await;
 
     let survivor = Running::start(
         store.clone(),

@@ -631,21 +631,13 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             "# HELP agentledger_workflows Workflows by state (read model)."
         );
         let _ = writeln!(out, "# TYPE agentledger_workflows gauge");
-        // Every state, at zero too: alert rules find a series for each.
-        use agentledger_domain::workflow::WorkflowState as S;
-        for workflow_state in [
-            S::Submitted,
-            S::Analysing,
-            S::Gating,
-            S::AwaitingHuman,
-            S::Executing,
-            S::Reviewing,
-            S::Completed,
-            S::Rejected,
-            S::Failed,
-            S::Flagged,
-            S::Cancelled,
-        ] {
+        // Every state a workflow can be in, at zero too: alert rules find
+        // a series for each.
+        use agentledger_projections::model::status::STATES;
+        for workflow_state in STATES
+            .into_iter()
+            .filter(|s| *s != agentledger_domain::workflow::WorkflowState::New)
+        {
             let n = counts
                 .iter()
                 .find(|(state, _)| *state == workflow_state)

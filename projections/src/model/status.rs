@@ -236,8 +236,8 @@ pub fn state_name(state: WorkflowState) -> &'static str {
     }
 }
 
-/// The inverse of [`state_name`].
-pub fn parse_state(name: &str) -> Option<WorkflowState> {
+/// Every workflow state, in the order a workflow passes them.
+pub const STATES: [WorkflowState; 12] = {
     use WorkflowState as S;
     [
         S::New,
@@ -253,8 +253,11 @@ pub fn parse_state(name: &str) -> Option<WorkflowState> {
         S::Flagged,
         S::Cancelled,
     ]
-    .into_iter()
-    .find(|s| state_name(*s) == name)
+};
+
+/// The inverse of [`state_name`].
+pub fn parse_state(name: &str) -> Option<WorkflowState> {
+    STATES.into_iter().find(|s| state_name(*s) == name)
 }
 
 /// Stored names of priorities, verdicts and subtask states: their serde names.
