@@ -24,6 +24,20 @@ if ! command -v promtool >/dev/null 2>&1; then
         || echo "could not install prometheus: the alert-rule test will say it skipped"
 fi
 
+# The console's browser test (tests/console.rs) drives Debian's Chromium,
+# with a Korean font so Korean requests render in its screenshots.
+if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi nanum; then
+    echo "installing Chromium and a Korean font for the console's browser test"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-nanum >/dev/null 2>&1 \
+        || echo "could not install chromium: the browser test will say it skipped"
+fi
+# The console's committed build (api/assets/console) must match its sources.
+if command -v npm >/dev/null 2>&1; then
+    (cd console && npm ci --no-fund --no-audit --loglevel=error && npm run --silent check)
+else
+    echo "npm is missing: the console's build check and browser test are skipped"
+fi
+
 run="r$$"
 db="agentledger_test_${run}"
 cleanup() {

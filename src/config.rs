@@ -86,6 +86,8 @@
 //! roles_claim = "realm_access.roles"           # default "roles"
 //! tenant_claim = "tenant"                      # default "tenant"
 //! allow_self_approval = false                  # the submitter may decide its own escalation
+//! console_client_id = "agentledger-console"    # the web console signs in at jwt_issuer (PKCE)
+//! console_scope = "openid"                     # default "openid"
 //! # Each key may also be set as AGENTLEDGER_AUTH_<KEY>, e.g. AGENTLEDGER_AUTH_JWKS.
 //!
 //! [privacy]
@@ -371,6 +373,11 @@ pub struct AuthSection {
     pub roles_claim: Option<String>,
     pub tenant_claim: Option<String>,
     pub allow_self_approval: Option<bool>,
+    /// The web console's client id at `jwt_issuer`: with both set, the
+    /// console offers sign-in there (authorization code with PKCE).
+    pub console_client_id: Option<String>,
+    /// The scopes the console asks for (default `openid`).
+    pub console_scope: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -401,6 +408,8 @@ impl AuthSection {
         text(&mut self.jwks, "JWKS");
         text(&mut self.roles_claim, "ROLES_CLAIM");
         text(&mut self.tenant_claim, "TENANT_CLAIM");
+        text(&mut self.console_client_id, "CONSOLE_CLIENT_ID");
+        text(&mut self.console_scope, "CONSOLE_SCOPE");
         if let Some(path) = var("JWT_HS256_SECRET_FILE") {
             self.jwt_hs256_secret_file = Some(path.into());
         }
@@ -412,6 +421,26 @@ impl AuthSection {
             })?);
         }
         Ok(self)
+    }
+
+    /// The console's sign-in at the issuer, where one is configured.
+    pub fn console_oidc(&self) -> Option<agentledger_api::ConsoleOidc> {
+        let issuer = self.jwt_issuer.clone()?;
+        let client_id = self.console_client_id.clone()?;
+        // The button names the issuer's host (`Sign in with id.example.com`).
+        let name = reqwest::Url::parse(&issuer)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| issuer.clone());
+        Some(agentledger_api::ConsoleOidc {
+            issuer,
+            client_id,
+            scope: self
+                .console_scope
+                .clone()
+                .unwrap_or_else(|| "openid".into()),
+            name,
+        })
     }
 
     /// The authentication settings. Defaults: required in staging and prod
@@ -576,6 +605,7 @@ impl FileConfig {
                 .unwrap_or(defaults.max_concurrent_requests),
             allowed_origins: self.server.allowed_origins.clone().unwrap_or_default(),
             loopback_origins: dev,
+            console_oidc: None,
         }
     }
 

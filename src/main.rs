@@ -219,7 +219,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => config::FileConfig::load(path)?,
         None => config::FileConfig::default(),
     };
-    let auth_config = file.auth.clone().with_env()?.config(hardened, dev)?;
+    let auth_section = file.auth.clone().with_env()?;
+    let auth_config = auth_section.config(hardened, dev)?;
     // Read before anything is written: a bad [llm] stops the start here.
     let runtime_config = file.runtime(args.max_workflows)?;
     if hardened && auth_config.mode == agentledger_api::auth::Mode::Off {
@@ -360,7 +361,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             auth,
             ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
         },
-        file.http(args.ready_max_lag, dev),
+        agentledger_api::HttpConfig {
+            console_oidc: auth_section.console_oidc(),
+            ..file.http(args.ready_max_lag, dev)
+        },
     );
     let stopping = stop.clone();
     agentledger_api::serve(listener, router, file.connections(), async move {

@@ -12,6 +12,7 @@
 //! domain and read-model types at its edge and never talks SQL itself.
 
 pub mod auth;
+mod console;
 mod graphiql;
 pub mod graphql;
 pub mod limits;
@@ -67,6 +68,20 @@ pub struct HttpConfig {
     pub allowed_origins: Vec<String>,
     /// Also allow `http://localhost:*` and `http://127.0.0.1:*` origins (dev).
     pub loopback_origins: bool,
+    /// Where the web console offers sign-in at an OpenID Connect issuer.
+    pub console_oidc: Option<ConsoleOidc>,
+}
+
+/// The web console's sign-in at an OpenID Connect issuer (authorization
+/// code with PKCE, as a public client).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsoleOidc {
+    pub issuer: String,
+    pub client_id: String,
+    pub scope: String,
+    /// What the sign-in button names.
+    pub name: String,
 }
 
 impl Default for HttpConfig {
@@ -79,6 +94,7 @@ impl Default for HttpConfig {
             max_concurrent_requests: 512,
             allowed_origins: Vec::new(),
             loopback_origins: false,
+            console_oidc: None,
         }
     }
 }
@@ -183,6 +199,9 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
     Router::new()
         .merge(graphql)
         .route("/graphql/assets/{name}", assets)
+        .route("/", get(console::page))
+        .route("/assets/{*path}", get(console::asset))
+        .route("/console/config.json", get(console::config))
         .route("/health", get(health))
         .route("/api/health", get(rest::health))
         .route("/api/openapi.json", get(rest::openapi))
@@ -625,7 +644,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             );
         }
     }
-    if let Ok(counts) = services.read_models.count_by_state().await {
+    if let Ok(counts) = services.read_models.count_by_state(None).await {
         let _ = writeln!(
             out,
             "# HELP agentledger_workflows Workflows by state (read model)."

@@ -72,9 +72,12 @@ impl ReadModels for Counting {
         self.count();
         self.inner.agent_metrics(tenant, from, to).await
     }
-    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
+    async fn count_by_state(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
         self.count();
-        self.inner.count_by_state().await
+        self.inner.count_by_state(tenant).await
     }
     async fn audit_of(&self, workflows: &[Uuid]) -> Result<Vec<AuditEntry>, ReadError> {
         self.count();

@@ -174,10 +174,17 @@ impl ReadModels for InMemoryReadModels {
         Ok(rows)
     }
 
-    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
+    async fn count_by_state(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
         let mut counts: HashMap<WorkflowState, u64> = HashMap::new();
         for fold in self.read().folds.values() {
-            *counts.entry(fold.status().state).or_default() += 1;
+            let status = fold.status();
+            if tenant.is_some_and(|t| status.tenant != t) {
+                continue;
+            }
+            *counts.entry(status.state).or_default() += 1;
         }
         Ok(counts.into_iter().collect())
     }

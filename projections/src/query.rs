@@ -100,7 +100,10 @@ pub trait ReadModels: Send + Sync + 'static {
     ) -> Result<Vec<AgentMetrics>, ReadError>;
 
     /// How many workflows are in each state (states with none are left out).
-    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError>;
+    async fn count_by_state(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(WorkflowState, u64)>, ReadError>;
 
     /// The audit entries of each of `workflows` (one query for all), in
     /// position order.

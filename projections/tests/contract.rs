@@ -239,11 +239,23 @@ async fn contract(models: &dyn ReadModels, store: &dyn EventStore, ids: &[Uuid])
         .is_empty());
 
     assert!(models.workflow(Uuid::now_v7()).await.unwrap().is_none());
-    let counts = models.count_by_state().await.unwrap();
+    let counts = models.count_by_state(None).await.unwrap();
     assert_eq!(
         counts.iter().map(|(_, n)| *n).sum::<u64>(),
         ids.len() as u64
     );
+    // By tenant: the workflows' own counts them all, another none.
+    let tenant = models.workflow(ids[0]).await.unwrap().unwrap().tenant;
+    let mut of_tenant = models.count_by_state(Some(&tenant)).await.unwrap();
+    let mut all = counts.clone();
+    of_tenant.sort_by_key(|(s, _)| format!("{s:?}"));
+    all.sort_by_key(|(s, _)| format!("{s:?}"));
+    assert_eq!(of_tenant, all);
+    assert!(models
+        .count_by_state(Some("no-such-tenant"))
+        .await
+        .unwrap()
+        .is_empty());
     let rejected_count = counts
         .iter()
         .find(|(s, _)| *s == WorkflowState::Rejected)

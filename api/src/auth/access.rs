@@ -72,6 +72,8 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("Query", "me", Access::Anyone),
     ("Query", "workflow", Access::Read),
     ("Query", "workflows", Access::Read),
+    ("Query", "workflowCounts", Access::Read),
+    ("Query", "projectionLag", Access::Read),
     ("Query", "events", Access::Read),
     ("Query", "agentMetrics", Access::Read),
     ("Query", "auditTrail", Access::Audit),

@@ -268,6 +268,11 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
+    /// Whether requests must authenticate.
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
     /// An authenticator over `keys`; fails when the JWT settings are unusable.
     pub fn new(config: AuthConfig, keys: Arc<dyn ApiKeys>) -> Result<Self, String> {
         let jwt = config.jwt.clone().map(JwtVerifier::new).transpose()?;

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use super::budget;
 use super::error::{self, bad_input, from_read, from_store, Code};
 use super::types::{
-    self, AgentMetrics, AgentRole, LedgerKey, Me, Position, RecordedEvent, ReplayStep,
-    SignedDigest, Verification, Workflow, WorkflowState,
+    self, AgentMetrics, AgentRole, LedgerKey, Me, Position, ProjectionLag, RecordedEvent,
+    ReplayStep, SignedDigest, Verification, Workflow, WorkflowCount, WorkflowState,
 };
 use super::{
     decode_cursor, encode_cursor, facts_of, may_see, page_size, parse_id, principal, services,
@@ -72,6 +72,47 @@ impl Query {
                 .map(|status| Edge::new(encode_cursor(&status), Workflow::of(status))),
         );
         Ok(connection)
+    }
+
+    /// How many of the caller's tenant's workflows are in each state, every
+    /// state listed (zeros too), from the read models.
+    async fn workflow_counts(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Vec<WorkflowCount>> {
+        let tenant = &principal(ctx)?.tenant;
+        let counts = services(ctx)
+            .read_models
+            .count_by_state(Some(tenant))
+            .await
+            .map_err(from_read)?;
+        let mut all: Vec<WorkflowCount> = WorkflowState::ALL
+            .into_iter()
+            .map(|state| WorkflowCount { state, count: 0 })
+            .collect();
+        for (state, n) in counts {
+            let state = WorkflowState::from_domain(state);
+            if let Some(entry) = all.iter_mut().find(|c| c.state == state) {
+                entry.count += i64::try_from(n).unwrap_or(i64::MAX);
+            }
+        }
+        Ok(all)
+    }
+
+    /// How many events each projection has still to apply. Counts over the
+    /// whole ledger (every tenant's events), never their content.
+    async fn projection_lag(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionLag>> {
+        let services = services(ctx);
+        let lags = agentledger_projections::lag(&*services.read_models, &*services.store)
+            .await
+            .map_err(from_read)?;
+        Ok(lags
+            .into_iter()
+            .map(|(projection, behind)| ProjectionLag {
+                projection,
+                behind_events: Position(behind),
+            })
+            .collect())
     }
 
     /// Recorded events from the store: of one workflow or of all, from a

@@ -63,6 +63,21 @@ pub enum WorkflowState {
 }
 
 impl WorkflowState {
+    /// Every state, in the order of the schema.
+    pub const ALL: [WorkflowState; 11] = [
+        Self::Submitted,
+        Self::Analysing,
+        Self::Gating,
+        Self::AwaitingHuman,
+        Self::Executing,
+        Self::Reviewing,
+        Self::Completed,
+        Self::Rejected,
+        Self::Failed,
+        Self::Flagged,
+        Self::Cancelled,
+    ];
+
     pub fn from_domain(state: DomainState) -> Self {
         use DomainState as S;
         match state {
@@ -203,6 +218,12 @@ pub struct Decision {
     pub position: Position,
     pub role: Option<AgentRole>,
     pub actor: String,
+    /// `agent`, `human` or `system`.
+    pub actor_kind: String,
+    /// The agent's (or worker's) version; empty for people.
+    pub actor_version: String,
+    /// The fingerprint of the policy the decision was made by (agents).
+    pub policy_fingerprint: Option<String>,
     pub kind: String,
     /// Personal text in it shows as `[sealed]`; `rationale` opens it.
     pub summary: String,
@@ -303,12 +324,30 @@ impl Decision {
             position: Position(entry.position),
             role: entry.role.map(AgentRole::from_projection),
             actor: entry.actor.clone(),
+            actor_kind: entry.actor_kind.clone(),
+            actor_version: entry.actor_version.clone(),
+            policy_fingerprint: entry.policy_fingerprint.clone(),
             kind: entry.kind.clone(),
             summary: entry.summary.clone(),
             rationale: entry.rationale.clone(),
             at: entry.recorded_at,
         }
     }
+}
+
+/// How many workflows are in one state.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct WorkflowCount {
+    pub state: WorkflowState,
+    pub count: i64,
+}
+
+/// How far one projection is behind the ledger's head.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct ProjectionLag {
+    pub projection: String,
+    /// Events recorded that the projection has not applied yet.
+    pub behind_events: Position,
 }
 
 /// RUNE's review.

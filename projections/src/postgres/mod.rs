@@ -433,15 +433,28 @@ impl ReadModels for PostgresReadModels {
         Ok(rows.iter().map(metrics_of).collect())
     }
 
-    async fn count_by_state(&self) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
+    async fn count_by_state(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(WorkflowState, u64)>, ReadError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT state, count(*) FROM workflow_status GROUP BY state",
-                &[],
-            )
-            .await
-            .map_err(unavailable)?;
+        let rows = match tenant {
+            Some(tenant) => client
+                .query(
+                    "SELECT state, count(*) FROM workflow_status WHERE tenant = $1 GROUP BY state",
+                    &[&tenant],
+                )
+                .await,
+            None => {
+                client
+                    .query(
+                        "SELECT state, count(*) FROM workflow_status GROUP BY state",
+                        &[],
+                    )
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
         rows.iter()
             .map(|r| {
                 let state: String = r.get(0);
