@@ -222,7 +222,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let auth_section = file.auth.clone().with_env()?;
     let auth_config = auth_section.config(hardened, dev)?;
     // Read before anything is written: a bad [llm] stops the start here.
-    let runtime_config = file.runtime(args.max_workflows)?;
+    let mut runtime_config = file.runtime(args.max_workflows)?;
+    // The projection runner and the agent runtime report restarts and
+    // problems here; /ready and /metrics read it.
+    let health = agentledger_eventstore::health::Health::default();
+    runtime_config.health = health.clone();
     if hardened && auth_config.mode == agentledger_api::auth::Mode::Off {
         bail!(
             "the {profile} profile will not serve with authentication off ([auth] mode = \"off\")"
@@ -270,7 +274,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 url.clone(),
                 Arc::new(store.clone()),
                 checkpoints.clone(),
-                RunnerConfig::default(),
+                RunnerConfig {
+                    health: health.clone(),
+                    ..RunnerConfig::default()
+                },
                 None,
             )?;
             let stopping = stop.clone();

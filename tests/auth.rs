@@ -250,6 +250,8 @@ fn samples() -> BTreeMap<&'static str, Sample> {
         ("Query.me", s("{ me { subject } }", None, "agent", None, Whole)),
         ("Query.workflow", s("query($id: ID!) { workflow(id: $id) { id } }", Some(Completed), "viewer", Some("agent"), Hidden)),
         ("Query.workflows", s("{ workflows(first: 50) { edges { node { id } } } }", None, "viewer", Some("agent"), Filtered)),
+        ("Query.workflowCounts", s("{ workflowCounts { state count } }", None, "viewer", Some("agent"), Whole)),
+        ("Query.projectionLag", s("{ projectionLag { projection behindEvents } }", None, "viewer", Some("agent"), Whole)),
         ("Query.events", s("{ events(first: 100) { streamId } }", None, "viewer", Some("agent"), Filtered)),
         ("Query.agentMetrics", s("{ agentMetrics { agent } }", None, "viewer", Some("agent"), Whole)),
         ("Query.auditTrail", s("{ auditTrail(first: 100) { edges { node { workflowId } } } }", None, "auditor", Some("viewer"), Filtered)),
@@ -714,6 +716,21 @@ async fn tenants_see_only_their_own_workflows_events_and_subscriptions() {
     let theirs = submit_as(&base, &d.keys["other-submitter"], COMPLETES).await;
     wait_state(&base, &d.keys["viewer"], &ours, "COMPLETED").await;
     wait_state(&base, &d.keys["other-viewer"], &theirs, "COMPLETED").await;
+    // The dashboard's counts are each tenant's own: one completed workflow
+    // each, though the ledger holds two.
+    for viewer in ["viewer", "other-viewer"] {
+        let (_, body) = post(
+            &base,
+            Some(&d.keys[viewer]),
+            "{ workflowCounts { state count } }",
+            &json!({}),
+        )
+        .await;
+        let counts = body["data"]["workflowCounts"].as_array().unwrap();
+        assert_eq!(counts.len(), 11, "every state listed: {body}");
+        let total: i64 = counts.iter().map(|c| c["count"].as_i64().unwrap()).sum();
+        assert_eq!(total, 1, "{viewer} counts only its tenant's: {body}");
+    }
     // Each tenant's whole-ledger feed from the first position: its own
     // workflow's events and nothing of the other's.
     for (viewer, own, foreign) in [("viewer", &ours, &theirs), ("other-viewer", &theirs, &ours)] {

@@ -532,3 +532,82 @@ async fn a_tool_output_over_the_cap_fails_its_subtask_once_and_the_workflow_ends
         .iter()
         .any(|e| matches!(e, WorkflowEvent::SubtaskSucceeded { .. })));
 }
+
+/// Panics on its first call (a bug in a tool), then works.
+struct PanicsOnce {
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Tool for PanicsOnce {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "fragile",
+            description: "panics once",
+            keywords: &["fragile"],
+        }
+    }
+
+    async fn run(&self, _call: ToolCall) -> Result<String, ToolFailure> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("the fragile tool broke");
+        }
+        Ok("mended".into())
+    }
+}
+
+#[tokio::test]
+async fn a_drive_that_panics_is_counted_and_its_workflow_driven_again() {
+    let db = TestDatabase::create().await;
+    let (store, queue) = postgres(&db).await;
+    let tool = Arc::new(PanicsOnce {
+        calls: AtomicU32::new(0),
+    });
+    let config = RuntimeConfig {
+        gitcode: GitCodeConfig {
+            backoff_initial_ms: 1,
+            ..GitCodeConfig::default()
+        },
+        ..RuntimeConfig::default()
+    };
+    let health = config.health.clone();
+    let running = Running::start(
+        store.clone(),
+        queue,
+        ToolRegistry::default().register(SharedTool(tool.clone())),
+        Arc::new(SystemClock),
+        config,
+    );
+    let id = running
+        .runtime
+        .submit(Submission {
+            request: "Run the fragile step. Then count the words.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = settle(&*store, &[id]).await;
+    running.stop().await;
+    // Not stuck under a lease renewed forever: handed back, driven again
+    // from its history, the lost attempt recorded, and completed.
+    assert_eq!(seen[&id].workflow.state, WorkflowState::Completed);
+    assert_eq!(tool.calls.load(Ordering::SeqCst), 2);
+    let failed: Vec<_> = seen[&id]
+        .events
+        .iter()
+        .filter(|e| e.event_type == "SubtaskFailed")
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "the attempt that panicked is recorded as lost"
+    );
+    let agents = health
+        .snapshot()
+        .into_iter()
+        .find(|(task, _)| task == "agents")
+        .expect("the runtime reports itself")
+        .1;
+    assert_eq!(agents.restarts, 1);
+    assert_eq!(agents.problem, None);
+}

@@ -578,6 +578,11 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
         }
         Err(e) => problems.push(format!("database: {e}")),
     }
+    for (task, health) in services.runtime.health().snapshot() {
+        if let Some(problem) = health.problem {
+            problems.push(format!("{task}: {problem}"));
+        }
+    }
     (problems, lags)
 }
 
@@ -626,6 +631,18 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         "agentledger_graphql_errors_total {}",
         state.counters.graphql_errors.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP agentledger_task_restarts_total Restarts of a background task after it failed (projections: the runner; agents: a workflow's drive that panicked)."
+    );
+    let _ = writeln!(out, "# TYPE agentledger_task_restarts_total counter");
+    for (task, health) in services.runtime.health().snapshot() {
+        let _ = writeln!(
+            out,
+            "agentledger_task_restarts_total{{task=\"{task}\"}} {}",
+            health.restarts
+        );
+    }
     if let Ok(head) = services.store.head_position().await {
         let _ = writeln!(
             out,

@@ -31,6 +31,7 @@ pub mod chain;
 pub mod digest;
 mod error;
 mod event;
+pub mod health;
 mod memory;
 pub mod migrate;
 pub mod postgres;

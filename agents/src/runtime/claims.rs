@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -18,6 +19,7 @@ impl Runtime {
     /// step and their claims are released for others.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         let inner = self.inner.clone();
+        inner.config.health.register(TASK);
         // Before any claim: a restarted process reuses what it recorded
         // before. Submissions meanwhile wait in the queue.
         super::drive::warm_cache(inner.clone()).await;
@@ -143,11 +145,54 @@ fn spawn_drive(
     let span = tracing::info_span!("workflow", correlation_id = %claim.workflow);
     drives.spawn(tracing::Instrument::instrument(
         async move {
-            drive::drive(&inner, claim, history).await;
+            let workflow = claim.workflow;
+            let driven = std::panic::AssertUnwindSafe(drive::drive(&inner, claim, history))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = driven {
+                restart_after_panic(&inner, workflow, panic).await;
+            }
             drop(slot);
         },
         span,
     ));
+}
+
+/// The runtime's name in [`agentledger_eventstore::health::Health`].
+pub const TASK: &str = "agents";
+
+/// A drive panicked (a bug, in a tool or an agent): its workflow would stay
+/// claimed, its lease renewed, and never move. Count it, hand the claim
+/// back after a pause (so a workflow that panics every time does not spin),
+/// and let the claim loop drive it again from its recorded history.
+async fn restart_after_panic(
+    inner: &Arc<Inner>,
+    workflow: Uuid,
+    panic: Box<dyn std::any::Any + Send>,
+) {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    tracing::error!(%workflow, panic = %text, "a workflow's drive panicked; it will be driven again");
+    inner
+        .config
+        .health
+        .restarted(TASK, format!("a drive panicked: {text}"));
+    inner.held.lock().expect("held lock").remove(&workflow);
+    let now = inner.clock.now();
+    let again = now + chrono::Duration::seconds(1);
+    if let Err(e) = inner
+        .queue
+        .release(&inner.config.owner, workflow, None, again)
+        .await
+    {
+        // The lease runs out instead, and another claim takes it.
+        tracing::warn!(%workflow, error = %e, "handing back a panicked workflow failed");
+    }
+    inner.config.health.recovered(TASK);
+    inner.wake.notify_one();
 }
 
 /// Renews this runtime's leases every third of the lease time.

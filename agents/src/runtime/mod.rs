@@ -139,6 +139,10 @@ pub struct RuntimeConfig {
     /// Which free text of a workflow with a data subject is sealed under the
     /// subject's key (default: all of it).
     pub personal_fields: Vec<TextField>,
+    /// Where the runtime counts restarts of its work (task `agents`): a
+    /// workflow whose drive panicked is handed back to the queue and driven
+    /// again; `/metrics` reports the count.
+    pub health: agentledger_eventstore::health::Health,
 }
 
 impl Default for RuntimeConfig {
@@ -161,6 +165,7 @@ impl Default for RuntimeConfig {
             cache: crate::cache::CacheConfig::default(),
             external: Default::default(),
             personal_fields: TextField::ALL.to_vec(),
+            health: Default::default(),
         }
     }
 }
@@ -365,6 +370,12 @@ impl Runtime {
             tracing::warn!("subject keys were set already; keeping the first");
         }
         self
+    }
+
+    /// Where the runtime (and, sharing it, the projection runner) report
+    /// restarts and problems.
+    pub fn health(&self) -> &agentledger_eventstore::health::Health {
+        &self.inner.config.health
     }
 
     /// The data-subject keys, when configured.

@@ -52,6 +52,9 @@ pub enum ProjectionError {
     /// Unknown projection name.
     #[error("no projection named {0:?}")]
     Unknown(String),
+    /// Applying a batch panicked (a bug); the runner starts over.
+    #[error("panicked: {0}")]
+    Panicked(String),
 }
 
 /// The server's message and SQLSTATE when there is one (tokio-postgres's

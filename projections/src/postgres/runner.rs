@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentledger_eventstore::health::Health;
 use agentledger_eventstore::postgres::{DatabaseUrl, Notice, Peers, PostgresEventStore};
 use agentledger_eventstore::StoreError;
 use agentledger_eventstore::{EventStore, Subscription};
@@ -93,6 +94,9 @@ pub struct RunnerConfig {
     /// or it is full. Fewer, larger transactions when events come one by
     /// one; the read models of other processes' readers are this much later.
     pub linger: Duration,
+    /// Where the runner reports restarts and what keeps it from working
+    /// (task `projections`); `/ready` and `/metrics` read it.
+    pub health: Health,
 }
 
 impl Default for RunnerConfig {
@@ -102,6 +106,7 @@ impl Default for RunnerConfig {
             retry: Duration::from_secs(1),
             announce_interval: Duration::from_millis(2),
             linger: Duration::from_millis(5),
+            health: Health::default(),
         }
     }
 }
@@ -392,23 +397,40 @@ async fn run(
         .map(|p| p.name())
         .collect::<Vec<_>>()
         .join(",");
+    let health = &config.health;
+    health.register(TASK);
     loop {
+        // A panic while applying a batch is a failure like any other: the
+        // runner starts over from the checkpoints, and counts it.
+        let leading = std::panic::AssertUnwindSafe(lead(
+            &mut projections,
+            &url,
+            &*store,
+            &checkpoints,
+            &config,
+            fault.as_ref(),
+            &stop,
+        ))
+        .catch_unwind();
         let result = tokio::select! {
             () = stop.cancelled() => return,
-            result = lead(&mut projections, &url, &*store, &checkpoints, &config, fault.as_ref(), &stop) => result,
+            result = leading => result.unwrap_or_else(|panic| Err(ProjectionError::Panicked(panic_text(&panic)))),
         };
         match result {
             Ok(()) => return,
             Err(ProjectionError::Fault) => {
                 tracing::warn!(projection = names, "runner stopped at a fault point");
+                health.stopped(TASK, "a fault point");
                 return;
             }
             Err(ProjectionError::Corrupt(e)) => {
                 tracing::error!(projection = names, error = %e, "projection stopped: unreadable event");
+                health.stopped(TASK, format!("unreadable event: {e}"));
                 return;
             }
             Err(e) => {
-                tracing::warn!(projection = names, error = %e, "projection runner restarting")
+                tracing::warn!(projection = names, error = %e, "projection runner restarting");
+                health.restarted(TASK, format!("restarting after: {e}"));
             }
         }
         for projection in &mut projections {
@@ -419,6 +441,17 @@ async fn run(
             () = tokio::time::sleep(config.retry) => {}
         }
     }
+}
+
+/// The runner's name in [`Health`].
+pub const TASK: &str = "projections";
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Takes every lease of `keys` on `client`, or none: a partial set is
@@ -462,6 +495,8 @@ async fn lead(
     let keys: Vec<i64> = projections.iter().map(|p| p.lock_key()).collect();
     let mut client = connect_lease(url).await?;
     while !take_leases(&client, &keys).await? {
+        // Another process leads: standing by is working.
+        config.health.recovered(TASK);
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(config.retry) => {}
@@ -496,6 +531,10 @@ async fn lead(
         );
     }
     let from = positions.iter().copied().min().unwrap_or(0);
+    // Nothing to apply: working. Otherwise, once a batch is committed.
+    if store.head_position().await? <= from {
+        config.health.recovered(TASK);
+    }
     let mut events = store.subscribe_all(from + 1);
     let mut wanted = checkpoints.wanted.subscribe();
     let mut announced = Instant::now() - config.announce_interval;
@@ -567,6 +606,7 @@ async fn lead(
             return Err(ProjectionError::Fault);
         }
         tx.commit().await?;
+        config.health.recovered(TASK);
         if announce {
             announced = Instant::now();
         }
