@@ -26,7 +26,7 @@ fi
 
 # The console's browser test (tests/console.rs) drives Debian's Chromium,
 # with a Korean font so Korean requests render in its screenshots.
-if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi nanum; then
+if ! command -v chromium >/dev/null 2>&1 || ! fc-list : family 2>/dev/null | grep -i nanum >/dev/null; then
     echo "installing Chromium and a Korean font for the console's browser test"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-nanum >/dev/null 2>&1 \
         || echo "could not install chromium: the browser test will say it skipped"

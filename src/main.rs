@@ -8,6 +8,7 @@ mod digest;
 mod export;
 mod rebuild;
 mod replay;
+mod telemetry;
 mod verify;
 
 use std::net::SocketAddr;
@@ -130,8 +131,18 @@ async fn main() -> anyhow::Result<()> {
         &cli.command,
         Command::Serve(args) if matches!(args.profile, Profile::Staging | Profile::Prod)
     );
-    init_logging(json_by_default);
-    match cli.command {
+    let serving = matches!(&cli.command, Command::Serve(_));
+    let telemetry = init_logging(json_by_default, serving)?;
+    let result = run(cli.command).await;
+    if let Some(telemetry) = telemetry {
+        // Exports what the batch holds; blocking, so off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    }
+    result
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => {
             let url = args
@@ -162,23 +173,41 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Text logs for people, JSON for machines: `AGENTLEDGER_LOG_FORMAT=json|text`
-/// decides; otherwise JSON in the staging and prod profiles.
-fn init_logging(json_by_default: bool) {
+/// decides; otherwise JSON in the staging and prod profiles. `RUST_LOG`
+/// filters the logs only. With `traces` (serve), OpenTelemetry traces go
+/// out over OTLP where the standard variables ask for them (`telemetry`).
+fn init_logging(
+    json_by_default: bool,
+    traces: bool,
+) -> anyhow::Result<Option<telemetry::Telemetry>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, Registry};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
     let json = match std::env::var("AGENTLEDGER_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
         _ => json_by_default,
     };
-    if json {
-        builder.json().with_current_span(true).init();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![if json {
+        logs.json()
+            .with_current_span(true)
+            .with_filter(filter)
+            .boxed()
     } else {
-        builder.init();
+        logs.with_filter(filter).boxed()
+    }];
+    let mut exporting = None;
+    if traces {
+        if let Some((telemetry, layer)) = telemetry::from_env::<Registry>()? {
+            layers.push(layer);
+            exporting = Some(telemetry);
+        }
     }
+    tracing_subscriber::registry().with(layers).init();
+    Ok(exporting)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -19,6 +19,7 @@ pub mod mcp;
 pub mod queue;
 pub mod runtime;
 pub mod tool;
+pub mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use faults::{FaultPlan, FaultPoint};

@@ -413,3 +413,91 @@ async fn with_the_cache_on_the_same_prompt_is_answered_from_the_ledger() {
     assert_eq!((stats.model_hits, stats.model_misses), (3, 3));
     running.stop().await;
 }
+
+/// A span as it was opened and filled in: its id, name and fields.
+type SeenSpan = (
+    tracing::span::Id,
+    String,
+    std::collections::BTreeMap<String, String>,
+);
+
+/// Every span opened while the test runs.
+#[derive(Clone, Default)]
+struct Spans(Arc<Mutex<Vec<SeenSpan>>>);
+
+struct Fields<'a>(&'a mut std::collections::BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().into(), format!("{value:?}"));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = std::collections::BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        let name = attrs.metadata().name().to_string();
+        self.0.lock().unwrap().push((id.clone(), name, fields));
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut spans = self.0.lock().unwrap();
+        if let Some((_, _, fields)) = spans.iter_mut().rev().find(|(i, _, _)| i == id) {
+            values.record(&mut Fields(fields));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_model_decision_names_the_model_and_its_tokens_on_its_agent_span() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = Spans::default();
+    // This test's runtime is on one thread: the subscriber sees its spans.
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let (_stub, _events, _recorded, _runtime, running, _db) = through_model(Mode::Valid).await;
+    running.stop().await;
+    let spans = spans.0.lock().unwrap().clone();
+    let agents: Vec<_> = spans
+        .iter()
+        .filter(|(_, name, _)| name == "invoke_agent")
+        .map(|(_, _, f)| f)
+        .collect();
+    let by = |agent: &str| {
+        agents
+            .iter()
+            .find(|f| f.get("gen_ai.agent.name").map(String::as_str) == Some(agent))
+            .unwrap_or_else(|| panic!("no invoke_agent span for {agent}: {agents:?}"))
+    };
+    for agent in ["sena", "lubit", "rune"] {
+        let fields = by(agent);
+        assert_eq!(fields["otel.name"], format!("invoke_agent {agent}"));
+        assert_eq!(fields["gen_ai.request.model"], "stub-1", "{fields:?}");
+        assert_eq!(fields["gen_ai.provider.name"], "openai-compatible");
+        assert_eq!(fields["gen_ai.usage.input_tokens"], "321");
+        assert_eq!(fields["gen_ai.usage.output_tokens"], "45");
+    }
+    // The executor runs tools, not a model.
+    assert!(!by("gitcode").contains_key("gen_ai.request.model"));
+    let tools: Vec<_> = spans
+        .iter()
+        .filter(|(_, name, _)| name == "execute_tool")
+        .map(|(_, _, f)| f["gen_ai.tool.name"].clone())
+        .collect();
+    assert_eq!(tools, ["text_stats", "keywords"]);
+}

@@ -212,6 +212,10 @@ pub struct Metadata {
     /// maker saw), so that an auditor can trace its inputs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<Position>,
+    /// The OpenTelemetry trace the event was recorded in (hex), when
+    /// traces are exported: from the ledger to the trace and back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl Metadata {
@@ -226,6 +230,7 @@ impl Metadata {
             owner: "anonymous".into(),
             policy: None,
             inputs: Vec::new(),
+            trace_id: None,
         }
     }
 }

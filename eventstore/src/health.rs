@@ -58,6 +58,15 @@ impl Health {
     }
 }
 
+/// What a caught panic said, for a log line and a task's problem.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

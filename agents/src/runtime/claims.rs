@@ -141,8 +141,7 @@ fn spawn_drive(
 ) {
     inner.held.lock().expect("held lock").insert(claim.workflow);
     let inner = inner.clone();
-    // Every log line of the drive carries the workflow as correlation id.
-    let span = tracing::info_span!("workflow", correlation_id = %claim.workflow);
+    let span = crate::trace::workflow_span(claim.workflow);
     drives.spawn(tracing::Instrument::instrument(
         async move {
             let workflow = claim.workflow;
@@ -170,11 +169,7 @@ async fn restart_after_panic(
     workflow: Uuid,
     panic: Box<dyn std::any::Any + Send>,
 ) {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into());
+    let text = agentledger_eventstore::health::panic_message(&*panic);
     tracing::error!(%workflow, panic = %text, "a workflow's drive panicked; it will be driven again");
     inner
         .config

@@ -14,6 +14,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{positions, History, Inner, Recorded, Recorder, RuntimeError};
 use crate::cache;
@@ -21,6 +22,7 @@ use crate::clock;
 use crate::faults::FaultPoint;
 use crate::queue::Claim;
 use crate::tool::{DeclaredCall, ToolCall, ToolFailure};
+use crate::trace;
 use agentledger_domain::names::AgentRole;
 
 /// How a claim ended, and so what happens to its queue row.
@@ -138,13 +140,28 @@ async fn drive_claim(
         {
             return super::external::hand_over(inner, &history, role).await;
         }
+        let agents = &inner.agents;
         let step = match history.workflow.state {
             WorkflowState::Submitted | WorkflowState::Analysing => {
-                analyse(inner, &mut history).await?
+                analyse(inner, &mut history)
+                    .instrument(trace::agent_span(&agents.sena.actor))
+                    .await?
             }
-            WorkflowState::Gating => gate(inner, &mut history, claim.priority).await?,
-            WorkflowState::Executing => execute(inner, &mut history).await?,
-            WorkflowState::Reviewing => review(inner, &mut history).await?,
+            WorkflowState::Gating => {
+                gate(inner, &mut history, claim.priority)
+                    .instrument(trace::agent_span(&agents.lubit.actor))
+                    .await?
+            }
+            WorkflowState::Executing => {
+                execute(inner, &mut history)
+                    .instrument(trace::agent_span(&agents.gitcode.actor))
+                    .await?
+            }
+            WorkflowState::Reviewing => {
+                review(inner, &mut history)
+                    .instrument(trace::agent_span(&agents.rune.actor))
+                    .await?
+            }
             _ => Some(Outcome::Settled),
         };
         if let Some(outcome) = step {
@@ -365,6 +382,7 @@ async fn by_model_or(
         None => model.send(prepared, &*inner.clock).await,
     };
     let mut call = asked.call;
+    trace::record_model(&call);
     let decided = asked.decision.and_then(|decision| {
         let command = inner
             .decisions
@@ -927,6 +945,13 @@ fn run_tool<'a>(
     // A subject's results are sealed under its key: never shared.
     let shareable = workflow.sealing.is_none();
     let (workflow, tenant) = (history.0, history.1.to_string());
+    let span = trace::tool_span(
+        plan.as_ref().map_or("", |p| p.tool.as_str()),
+        crate::runtime::call_id(workflow, &subtask, attempt),
+        &subtask,
+        attempt,
+    );
+    let done = span.clone();
     async move {
         let Some(plan) = plan else {
             return Progress::Done {
@@ -1034,6 +1059,10 @@ fn run_tool<'a>(
                 Err((FailureKind::Abandoned | FailureKind::Timeout, _))
             );
         let cost_ms = u64::try_from((inner.clock.now() - started).num_milliseconds()).unwrap_or(0);
+        if let Err((kind, _)) = &result {
+            // timeout, error, invalid, abandoned
+            done.record("error.type", format!("{kind:?}").to_lowercase().as_str());
+        }
         Progress::Done {
             subtask,
             attempt,
@@ -1046,6 +1075,7 @@ fn run_tool<'a>(
             unknown,
         }
     }
+    .instrument(span)
     .boxed()
 }
 

@@ -257,6 +257,11 @@ impl History {
         metadata.policy = recorder.policy.clone();
         metadata.inputs = inputs;
         metadata.idempotency_key = idempotency_key;
+        // The trace the decision was made in; not on events whose ids are
+        // derived (a resend must stay byte for byte what was stored).
+        if ids.is_none() {
+            metadata.trace_id = crate::trace::current_trace_id();
+        }
         // Personal text is stored sealed; this history keeps it readable.
         let sealing = scratch.sealing.clone();
         let new: Vec<NewEvent> = events

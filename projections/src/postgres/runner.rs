@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentledger_eventstore::health::Health;
+use agentledger_eventstore::health::{panic_message, Health};
 use agentledger_eventstore::postgres::{DatabaseUrl, Notice, Peers, PostgresEventStore};
 use agentledger_eventstore::StoreError;
 use agentledger_eventstore::{EventStore, Subscription};
@@ -414,7 +414,7 @@ async fn run(
         .catch_unwind();
         let result = tokio::select! {
             () = stop.cancelled() => return,
-            result = leading => result.unwrap_or_else(|panic| Err(ProjectionError::Panicked(panic_text(&panic)))),
+            result = leading => result.unwrap_or_else(|panic| Err(ProjectionError::Panicked(panic_message(&*panic)))),
         };
         match result {
             Ok(()) => return,
@@ -445,14 +445,6 @@ async fn run(
 
 /// The runner's name in [`Health`].
 pub const TASK: &str = "projections";
-
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
-}
 
 /// Takes every lease of `keys` on `client`, or none: a partial set is
 /// released, so that two runners wanting overlapping sets cannot hold
