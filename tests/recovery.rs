@@ -150,7 +150,14 @@ async fn the_node_is_unready_while_its_database_is_unreachable_and_recovers_alon
         .await
         .unwrap();
     let (body, took) = ready_becomes(base, 503).await;
-    assert!(body["problems"].to_string().contains("database"), "{body}");
+    let problems = body["problems"].to_string();
+    assert!(problems.contains("database"), "{body}");
+    // What the server said, with its SQLSTATE, not a bare "db error".
+    assert!(!problems.contains("db error\""), "{body}");
+    assert!(
+        problems.contains("(57P01)") || problems.contains("(55000)"),
+        "{body}"
+    );
     println!("unready {took:?} after the database went away: {body}");
 
     maintenance

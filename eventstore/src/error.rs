@@ -47,7 +47,7 @@ pub enum StoreError {
 
     /// The database failed or could not be reached. The append may or may not
     /// have committed: resend the same event ids, which is safe (`UNAVAILABLE`).
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
 
     /// The database could not be used: no pooled connection, or a group
@@ -70,6 +70,19 @@ pub enum StoreError {
     /// another node can take it).
     #[error("the event store is shut down")]
     Closed,
+}
+
+/// What the server said (message and SQLSTATE), or the error with its
+/// cause: tokio-postgres's own `Display` is often just "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let shown = e.to_string();
+    match std::error::Error::source(e).map(|cause| cause.to_string()) {
+        Some(cause) if !shown.contains(&cause) => format!("{shown}: {cause}"),
+        _ => shown,
+    }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {

@@ -48,7 +48,7 @@ use futures::StreamExt;
 pub use chain::{
     verify_events, CanonicalEvent, ChainVerifier, ExcerptVerifier, LedgerVerifier, Verification,
 };
-pub use error::StoreError;
+pub use error::{describe as describe_db_error, StoreError};
 pub use event::{
     json_len, Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, Page, PolicyRef,
     Position, ReadFrom, RecordedEvent, StreamId, MAX_EVENT_TYPE_LEN, MAX_STREAM_ID_LEN,

@@ -29,19 +29,16 @@ impl PostgresWorkQueue {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| QueueError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => unavailable(e),
+            other => QueueError::Unavailable(other.to_string()),
+        })
     }
 }
 
 fn unavailable(e: tokio_postgres::Error) -> QueueError {
     // "db error" alone says nothing: name what the server said.
-    QueueError::Unavailable(match e.as_db_error() {
-        Some(db) => db.to_string(),
-        None => e.to_string(),
-    })
+    QueueError::Unavailable(agentledger_eventstore::describe_db_error(&e))
 }
 
 const ENQUEUE: &str = "

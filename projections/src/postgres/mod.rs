@@ -60,10 +60,7 @@ pub enum ProjectionError {
 /// The server's message and SQLSTATE when there is one (tokio-postgres's
 /// `Display` says only "db error").
 fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
+    agentledger_eventstore::describe_db_error(e)
 }
 
 /// Queries over the PostgreSQL read models, with checkpoint watches fed by
@@ -88,10 +85,10 @@ impl PostgresReadModels {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| ReadError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => ReadError::Unavailable(describe(&e)),
+            other => ReadError::Unavailable(other.to_string()),
+        })
     }
 
     async fn with_subtasks(&self, rows: Vec<Row>) -> Result<Vec<WorkflowStatus>, ReadError> {
@@ -144,7 +141,7 @@ fn subtask_of(row: &Row, at: usize) -> Result<SubtaskStatus, ReadError> {
 }
 
 fn unavailable(e: tokio_postgres::Error) -> ReadError {
-    ReadError::Unavailable(e.to_string())
+    ReadError::Unavailable(describe(&e))
 }
 
 fn corrupt(what: &str, value: &str) -> ReadError {
