@@ -209,6 +209,27 @@ async fn people_use_the_console_in_a_browser() {
     );
     let artifacts = root.join("target/console-artifacts");
 
+    // The page's policy: scripts, styles and connections to itself (and
+    // the issuer), nothing inline, no framing.
+    let page = reqwest::get(format!("{}/", server.base)).await.unwrap();
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self';",
+        "style-src 'self';",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(policy.contains(directive), "{policy}");
+    }
+    assert!(
+        policy.contains(&format!("connect-src 'self' {}", issuer.url)),
+        "{policy}"
+    );
+    assert!(!policy.contains("unsafe"), "{policy}");
+
     let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking({
         let base = server.base.clone();

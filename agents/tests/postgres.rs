@@ -448,6 +448,14 @@ impl<T: Tool> Tool for SharedTool<T> {
     async fn run(&self, call: ToolCall) -> Result<String, ToolFailure> {
         self.0.run(call).await
     }
+
+    async fn intent(
+        &self,
+        instruction: &str,
+        input: &str,
+    ) -> Option<Result<agentledger_agents::CallPlan, ToolFailure>> {
+        self.0.intent(instruction, input).await
+    }
 }
 
 /// Answers with `bytes` bytes of Korean text (three bytes a character).
@@ -533,9 +541,27 @@ async fn a_tool_output_over_the_cap_fails_its_subtask_once_and_the_workflow_ends
         .any(|e| matches!(e, WorkflowEvent::SubtaskSucceeded { .. })));
 }
 
-/// Panics on its first call (a bug in a tool), then works.
+/// Panics once (a bug in a tool), then works: in `run`, or, with
+/// `in_intent`, while the executor asks it what it will call (which runs in
+/// the drive itself).
 struct PanicsOnce {
-    calls: AtomicU32,
+    in_intent: bool,
+    panicked: AtomicU32,
+    runs: AtomicU32,
+}
+
+impl PanicsOnce {
+    fn new(in_intent: bool) -> Arc<Self> {
+        Arc::new(Self {
+            in_intent,
+            panicked: AtomicU32::new(0),
+            runs: AtomicU32::new(0),
+        })
+    }
+
+    fn first_time(&self) -> bool {
+        self.panicked.fetch_add(1, Ordering::SeqCst) == 0
+    }
 }
 
 #[async_trait]
@@ -548,21 +574,37 @@ impl Tool for PanicsOnce {
         }
     }
 
+    async fn intent(
+        &self,
+        _instruction: &str,
+        _input: &str,
+    ) -> Option<Result<agentledger_agents::CallPlan, ToolFailure>> {
+        if self.in_intent && self.first_time() {
+            panic!("the fragile tool broke while planning");
+        }
+        None
+    }
+
     async fn run(&self, _call: ToolCall) -> Result<String, ToolFailure> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if !self.in_intent && self.first_time() {
             panic!("the fragile tool broke");
         }
         Ok("mended".into())
     }
 }
 
-#[tokio::test]
-async fn a_drive_that_panics_is_counted_and_its_workflow_driven_again() {
+/// Runs one workflow through `tool` on PostgreSQL; what was recorded, how
+/// long it took to settle, and the runtime's health.
+async fn through_fragile(
+    tool: Arc<PanicsOnce>,
+) -> (
+    Followed,
+    Duration,
+    Vec<(String, agentledger_eventstore::health::TaskHealth)>,
+) {
     let db = TestDatabase::create().await;
     let (store, queue) = postgres(&db).await;
-    let tool = Arc::new(PanicsOnce {
-        calls: AtomicU32::new(0),
-    });
     let config = RuntimeConfig {
         gitcode: GitCodeConfig {
             backoff_initial_ms: 1,
@@ -574,10 +616,11 @@ async fn a_drive_that_panics_is_counted_and_its_workflow_driven_again() {
     let running = Running::start(
         store.clone(),
         queue,
-        ToolRegistry::default().register(SharedTool(tool.clone())),
+        ToolRegistry::default().register(SharedTool(tool)),
         Arc::new(SystemClock),
         config,
     );
+    let started = std::time::Instant::now();
     let id = running
         .runtime
         .submit(Submission {
@@ -586,28 +629,52 @@ async fn a_drive_that_panics_is_counted_and_its_workflow_driven_again() {
         })
         .await
         .unwrap();
-    let seen = settle(&*store, &[id]).await;
+    let mut seen = settle(&*store, &[id]).await;
+    let took = started.elapsed();
     running.stop().await;
-    // Not stuck under a lease renewed forever: handed back, driven again
-    // from its history, the lost attempt recorded, and completed.
-    assert_eq!(seen[&id].workflow.state, WorkflowState::Completed);
-    assert_eq!(tool.calls.load(Ordering::SeqCst), 2);
-    let failed: Vec<_> = seen[&id]
+    (seen.remove(&id).unwrap(), took, health.snapshot())
+}
+
+fn restarts(health: &[(String, agentledger_eventstore::health::TaskHealth)], task: &str) -> u64 {
+    health
+        .iter()
+        .find(|(t, _)| t == task)
+        .unwrap_or_else(|| panic!("{task} is not reported: {health:?}"))
+        .1
+        .restarts
+}
+
+#[tokio::test]
+async fn a_tool_that_panics_fails_its_attempt_only_and_is_counted() {
+    let tool = PanicsOnce::new(false);
+    let (followed, took, health) = through_fragile(tool.clone()).await;
+    assert_eq!(followed.workflow.state, WorkflowState::Completed);
+    assert_eq!(tool.runs.load(Ordering::SeqCst), 2, "retried once");
+    let failures: Vec<String> = followed
         .events
         .iter()
         .filter(|e| e.event_type == "SubtaskFailed")
+        .map(|e| e.payload.to_string())
         .collect();
-    assert_eq!(
-        failed.len(),
-        1,
-        "the attempt that panicked is recorded as lost"
+    assert_eq!(failures.len(), 1);
+    assert!(
+        failures[0].contains("the tool panicked: the fragile tool broke"),
+        "{failures:?}"
     );
-    let agents = health
-        .snapshot()
-        .into_iter()
-        .find(|(task, _)| task == "agents")
-        .expect("the runtime reports itself")
-        .1;
-    assert_eq!(agents.restarts, 1);
-    assert_eq!(agents.problem, None);
+    assert_eq!(restarts(&health, "tools"), 1);
+    assert_eq!(restarts(&health, "agents"), 0, "the drive went on");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_drive_that_panics_is_counted_and_its_workflow_driven_again() {
+    let tool = PanicsOnce::new(true);
+    let (followed, took, health) = through_fragile(tool.clone()).await;
+    // Not stuck under a lease renewed for ever: handed back after a second
+    // (well before the 30 s lease would have run out), driven again from
+    // its history, and completed.
+    assert_eq!(followed.workflow.state, WorkflowState::Completed);
+    assert_eq!(restarts(&health, "agents"), 1);
+    assert_eq!(tool.runs.load(Ordering::SeqCst), 1);
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }

@@ -633,7 +633,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     );
     let _ = writeln!(
         out,
-        "# HELP agentledger_task_restarts_total Restarts of a background task after it failed (projections: the runner; agents: a workflow's drive that panicked)."
+        "# HELP agentledger_task_restarts_total Restarts of a background task after it failed (projections: the runner; agents: a workflow's drive that panicked; tools: a tool attempt that panicked)."
     );
     let _ = writeln!(out, "# TYPE agentledger_task_restarts_total counter");
     for (task, health) in services.runtime.health().snapshot() {

@@ -41,6 +41,12 @@ impl Health {
         });
     }
 
+    /// One unit of `task`'s work failed and was started again; the task
+    /// itself goes on working (a workflow's drive, a tool's attempt).
+    pub fn counted(&self, task: &str) {
+        self.with(task, |t| t.restarts += 1);
+    }
+
     /// `task` does not work, and will not by itself (it stopped).
     pub fn stopped(&self, task: &str, reason: impl Display) {
         self.with(task, |t| t.problem = Some(format!("stopped: {reason}")));
@@ -89,5 +95,8 @@ mod tests {
             Some("stopped: unreadable event")
         );
         assert_eq!(health.snapshot()[0].1.restarts, 2);
+        health.counted("agents");
+        let agents = &health.snapshot()[0].1;
+        assert_eq!((agents.restarts, agents.problem.as_deref()), (1, None));
     }
 }

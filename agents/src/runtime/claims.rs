@@ -20,6 +20,7 @@ impl Runtime {
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         let inner = self.inner.clone();
         inner.config.health.register(TASK);
+        inner.config.health.register(TOOL_TASK);
         // Before any claim: a restarted process reuses what it recorded
         // before. Submissions meanwhile wait in the queue.
         super::drive::warm_cache(inner.clone()).await;
@@ -160,24 +161,36 @@ fn spawn_drive(
 /// The runtime's name in [`agentledger_eventstore::health::Health`].
 pub const TASK: &str = "agents";
 
-/// A drive panicked (a bug, in a tool or an agent): its workflow would stay
-/// claimed, its lease renewed, and never move. Count it, hand the claim
-/// back after a pause (so a workflow that panics every time does not spin),
-/// and let the claim loop drive it again from its recorded history.
+/// Tool attempts that panicked (each failed its attempt, retried as an
+/// error), in [`agentledger_eventstore::health::Health`].
+pub const TOOL_TASK: &str = "tools";
+
+/// A drive panicked (a bug in an agent, a policy or the runtime; a tool's
+/// panic fails only its attempt): its workflow would stay claimed, its
+/// lease renewed, and never move. Count it, hand the claim back after a
+/// pause that doubles with each panic of this workflow (1 s, 2 s, … at
+/// most 5 minutes), and let the claim loop drive it again from its
+/// recorded history. A killed runtime touches nothing.
 async fn restart_after_panic(
     inner: &Arc<Inner>,
     workflow: Uuid,
     panic: Box<dyn std::any::Any + Send>,
 ) {
     let text = agentledger_eventstore::health::panic_message(&*panic);
-    tracing::error!(%workflow, panic = %text, "a workflow's drive panicked; it will be driven again");
-    inner
-        .config
-        .health
-        .restarted(TASK, format!("a drive panicked: {text}"));
+    inner.config.health.counted(TASK);
     inner.held.lock().expect("held lock").remove(&workflow);
-    let now = inner.clock.now();
-    let again = now + chrono::Duration::seconds(1);
+    if inner.dead.is_cancelled() {
+        return;
+    }
+    let panics = {
+        let mut panics = inner.panics.lock().expect("panics lock");
+        let seen = panics.entry(workflow).or_insert(0);
+        *seen += 1;
+        *seen
+    };
+    let pause = (1i64 << (panics - 1).min(9)).min(300);
+    tracing::error!(%workflow, panic = %text, panics, pause_s = pause, "a workflow's drive panicked; it will be driven again");
+    let again = inner.clock.now() + chrono::Duration::seconds(pause);
     if let Err(e) = inner
         .queue
         .release(&inner.config.owner, workflow, None, again)
@@ -186,7 +199,6 @@ async fn restart_after_panic(
         // The lease runs out instead, and another claim takes it.
         tracing::warn!(%workflow, error = %e, "handing back a panicked workflow failed");
     }
-    inner.config.health.recovered(TASK);
     inner.wake.notify_one();
 }
 

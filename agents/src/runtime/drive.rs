@@ -1036,7 +1036,19 @@ fn run_tool<'a>(
             cancel: cancel.clone(),
             declared,
         };
-        let result = match clock::timeout(&*inner.clock, limit, tool.run(call)).await {
+        // A tool that panics (a bug in it) fails its own attempt, which is
+        // retried like an error; the drive and its other attempts go on.
+        let running = std::panic::AssertUnwindSafe(tool.run(call))
+            .catch_unwind()
+            .map(|ran| {
+                ran.unwrap_or_else(|panic| {
+                    let text = agentledger_eventstore::health::panic_message(&*panic);
+                    tracing::error!(%workflow, tool = %plan.tool, panic = %text, "a tool panicked");
+                    inner.config.health.counted(super::claims::TOOL_TASK);
+                    Err(ToolFailure::Error(format!("the tool panicked: {text}")))
+                })
+            });
+        let result = match clock::timeout(&*inner.clock, limit, running).await {
             Some(Ok(output)) => match inner.config.gitcode.refuse_output(&output) {
                 None => Ok(output),
                 Some(why) => Err((FailureKind::Invalid, why)),

@@ -231,6 +231,9 @@ pub(crate) struct Inner {
     pub wake: Notify,
     /// Workflows this runtime holds a lease on.
     held: Mutex<HashSet<Uuid>>,
+    /// How often each workflow's drive panicked here: the pause before it
+    /// is driven again doubles with each.
+    panics: Mutex<std::collections::HashMap<Uuid, u32>>,
     /// One permit per workflow driven at once.
     slots: Arc<Semaphore>,
     /// Claims handed from `submit` to the running claim loop, each with its
@@ -355,6 +358,7 @@ impl Runtime {
                 faults,
                 wake: Notify::new(),
                 held: Mutex::new(HashSet::new()),
+                panics: Mutex::default(),
                 slots: Arc::new(Semaphore::new(config_slots)),
                 handoff: Mutex::new(None),
                 dead: CancellationToken::new(),
@@ -424,6 +428,8 @@ impl Inner {
 
     pub(crate) fn forget(&self, workflow: Uuid) {
         self.held.lock().expect("held lock").remove(&workflow);
+        // A drive that ended normally: its earlier panics are behind it.
+        self.panics.lock().expect("panics lock").remove(&workflow);
     }
 }
 

@@ -35,8 +35,13 @@ const STANDING_TEXT = {
   'after-break': 'Comes after a broken link: it cannot be trusted until the break is explained.',
 };
 
+/**
+ * One CSV cell. Text a spreadsheet would take for a formula (it may come
+ * from a request or a model's rationale) is prefixed with an apostrophe.
+ */
 function csvCell(value) {
-  const text = String(value ?? '');
+  let text = String(value ?? '');
+  if (/^[=+\-@\t\r]/.test(text)) text = `'${text}`;
   return /[",\n\r]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
 }
 
