@@ -42,7 +42,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the service. Without DATABASE_URL it keeps everything in memory (dev mode).
+    /// Run the service. Without DATABASE_URL it keeps the ledger in --data-dir, or nothing (dev mode).
     Serve(ServeArgs),
     /// Create, list and revoke API keys (owner role: works without a running server).
     #[command(subcommand)]
@@ -114,6 +114,11 @@ struct ServeArgs {
     /// Workflows this process drives at once.
     #[arg(long, env = "AGENTLEDGER_MAX_WORKFLOWS")]
     max_workflows: Option<usize>,
+    /// Without DATABASE_URL: keep the ledger (events and keys) in an embedded
+    /// SQLite file in this directory, so that it survives restarts. Read
+    /// models and the task queue are rebuilt from it at start.
+    #[arg(long, env = "AGENTLEDGER_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -237,6 +242,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              (the in-memory store is for the dev and test profiles)"
         );
     }
+    if let (Some(dir), Some(_)) = (&args.data_dir, &args.database.database_url) {
+        bail!(
+            "both DATABASE_URL and --data-dir {} are set: the ledger lives in one place; \
+             unset one of them",
+            dir.display()
+        );
+    }
     if hardened && args.database.admin_database_url.is_none() {
         bail!(
             "the {profile} profile runs as the least-privileged service role: set \
@@ -332,23 +344,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 kind: "postgres",
             }
         }
-        None => {
-            tracing::warn!(
-                "DATABASE_URL is not set: running on the IN-MEMORY event store (dev mode). \
-                 Nothing is kept when this process stops."
-            );
-            let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
-            let models = InMemoryReadModels::start(store.clone());
-            Backend {
-                store,
-                queue: Arc::new(InMemoryWorkQueue::default()),
-                read_models: Arc::new(models),
-                ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
-                subject_keys: Arc::new(InMemorySubjectKeys::default()),
-                api_keys: Arc::new(InMemoryApiKeys::default()),
-                kind: "in-memory",
+        None => match &args.data_dir {
+            Some(dir) => embedded_backend(dir)?,
+            None => {
+                tracing::warn!(
+                    "DATABASE_URL is not set: running on the IN-MEMORY event store (dev mode). \
+                     Nothing is kept when this process stops (--data-dir DIR keeps the ledger)."
+                );
+                let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::default());
+                let models = InMemoryReadModels::start(store.clone());
+                Backend {
+                    store,
+                    queue: Arc::new(InMemoryWorkQueue::default()),
+                    read_models: Arc::new(models),
+                    ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
+                    subject_keys: Arc::new(InMemorySubjectKeys::default()),
+                    api_keys: Arc::new(InMemoryApiKeys::default()),
+                    kind: "in-memory",
+                }
             }
-        }
+        },
     };
     tracing::info!(head = store.head_position().await?, "event store ready");
     let auth = authenticator(auth_config, api_keys, hardened).await?;
@@ -367,6 +382,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         runtime_config,
     )
     .with_subject_keys(subject_keys);
+    if store_kind == "embedded" {
+        // The queue is in memory: workflows that were waiting for an agent
+        // when the last process stopped are queued again.
+        let resumed = runtime
+            .resume_unfinished()
+            .await
+            .context("resuming the unfinished workflows of the data directory")?;
+        tracing::info!(resumed, "unfinished workflows queued again");
+    }
     {
         let (runtime, stop) = (runtime.clone(), stop.clone());
         background.push(tokio::spawn(async move {
@@ -526,8 +550,47 @@ struct Backend {
     ledger_keys: Arc<dyn LedgerKeys>,
     subject_keys: Arc<dyn SubjectKeys>,
     api_keys: Arc<dyn ApiKeys>,
-    /// `postgres` or `in-memory`.
+    /// `postgres`, `embedded` or `in-memory`.
     kind: &'static str,
+}
+
+/// The dev backend that keeps its ledger in `dir` (SQLite): events, the
+/// signing key and the subject keys are kept; read models, the task queue
+/// and API keys live in memory, the first two rebuilt from the ledger.
+fn embedded_backend(dir: &std::path::Path) -> anyhow::Result<Backend> {
+    let ledger = agentledger_eventstore::EmbeddedLedger::open(dir)?;
+    let loaded = ledger.event_store(Default::default())?;
+    let verification = &loaded.verification;
+    if verification.ok {
+        tracing::info!(
+            path = %ledger.path().display(),
+            events = verification.checked_events,
+            "embedded ledger opened; every hash chain verified"
+        );
+    } else {
+        tracing::error!(
+            path = %ledger.path().display(),
+            position = verification.first_broken_position,
+            reason = verification.reason.as_deref().unwrap_or_default(),
+            "the embedded ledger was CHANGED outside the service: a hash chain breaks here \
+             (serving anyway, so that the audit tools can show it)"
+        );
+    }
+    tracing::warn!(
+        path = %ledger.path().display(),
+        "DATABASE_URL is not set: keeping the ledger in an embedded SQLite file (dev mode, one process)"
+    );
+    let store: Arc<dyn EventStore> = Arc::new(loaded.store);
+    let models = InMemoryReadModels::start(store.clone());
+    Ok(Backend {
+        store,
+        queue: Arc::new(InMemoryWorkQueue::default()),
+        read_models: Arc::new(models),
+        ledger_keys: Arc::new(ledger.ledger_keys()),
+        subject_keys: Arc::new(ledger.subject_keys()),
+        api_keys: Arc::new(InMemoryApiKeys::default()),
+        kind: "embedded",
+    })
 }
 
 async fn shutdown_signal() {

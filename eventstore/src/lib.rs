@@ -29,6 +29,7 @@ pub mod api_keys;
 mod append;
 pub mod chain;
 pub mod digest;
+pub mod embedded;
 mod error;
 mod event;
 pub mod health;
@@ -48,6 +49,7 @@ use futures::StreamExt;
 pub use chain::{
     verify_events, CanonicalEvent, ChainVerifier, ExcerptVerifier, LedgerVerifier, Verification,
 };
+pub use embedded::EmbeddedLedger;
 pub use error::{describe as describe_db_error, StoreError};
 pub use event::{
     json_len, Actor, ActorKind, AppendResult, ExpectedVersion, Metadata, NewEvent, Page, PolicyRef,

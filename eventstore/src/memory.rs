@@ -1,5 +1,6 @@
 //! The in-memory store, for the embedded dev mode and fast unit tests.
-//! It keeps nothing across restarts and behaves like the PostgreSQL store.
+//! It behaves like the PostgreSQL store, and keeps nothing across restarts
+//! unless it writes through to an [`EmbeddedLedger`] (`serve --data-dir`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -9,6 +10,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::append::{decide, now_micros, recorded, written, Existing, Outcome, StreamHead};
+use crate::embedded::EmbeddedLedger;
 use crate::prepare::{prepare, Limits};
 use crate::subscription::{StreamRouter, Subscription};
 use crate::{
@@ -28,6 +30,8 @@ struct Inner {
     /// Started on the first stream subscription (it needs a runtime).
     router: OnceLock<Arc<StreamRouter>>,
     limits: Limits,
+    /// Where appends are written before they become visible, if anywhere.
+    journal: Option<Arc<EmbeddedLedger>>,
 }
 
 #[derive(Default)]
@@ -48,13 +52,41 @@ impl Default for InMemoryEventStore {
 impl InMemoryEventStore {
     /// An empty store enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
+        Self::with(limits, State::default(), None)
+    }
+
+    /// A store holding `events` (positions 1, 2, … in order, as read back
+    /// from `journal`) that writes every later append to `journal`.
+    pub(crate) fn restored(
+        limits: Limits,
+        events: Vec<RecordedEvent>,
+        journal: Arc<EmbeddedLedger>,
+    ) -> Self {
+        let mut state = State::default();
+        for (index, event) in events.into_iter().enumerate() {
+            debug_assert_eq!(event.global_position, index as Position + 1);
+            state
+                .ids
+                .insert((event.stream_id.clone(), event.event_id), index);
+            state
+                .streams
+                .entry(event.stream_id.clone())
+                .or_default()
+                .push(index);
+            state.events.push(Arc::new(event));
+        }
+        Self::with(limits, state, Some(journal))
+    }
+
+    fn with(limits: Limits, state: State, journal: Option<Arc<EmbeddedLedger>>) -> Self {
         let (live, _) = broadcast::channel(crate::LIVE_BUFFER);
         Self {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 live,
                 router: OnceLock::new(),
                 limits,
+                journal,
             }),
         }
     }
@@ -111,6 +143,12 @@ impl EventStore for InMemoryEventStore {
             Outcome::Write(records) => records,
         };
         drop(existing);
+        if let Some(journal) = &self.inner.journal {
+            // Written before it is visible, under the same lock: the file
+            // holds what readers saw, in their order. A failed write leaves
+            // nothing behind, here or there.
+            journal.write(stream, &prepared, &records, recorded_at)?;
+        }
         for (event, record) in prepared.into_iter().zip(&records) {
             let index = state.events.len();
             let event = Arc::new(recorded(stream, event, record, recorded_at));

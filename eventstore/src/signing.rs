@@ -151,14 +151,14 @@ pub trait LedgerKeys: Send + Sync {
     async fn rotate(&self) -> Result<LedgerKey, StoreError>;
 }
 
-fn generate() -> SigningKey {
+pub(crate) fn generate() -> SigningKey {
     use aes_gcm::aead::rand_core::RngCore;
     let mut seed = [0u8; 32];
     aes_gcm::aead::OsRng.fill_bytes(&mut seed);
     SigningKey::from_bytes(&seed)
 }
 
-fn public_of(key: &SigningKey, created_at: DateTime<Utc>) -> LedgerKey {
+pub(crate) fn public_of(key: &SigningKey, created_at: DateTime<Utc>) -> LedgerKey {
     let public = key.verifying_key();
     LedgerKey {
         key_id: key_id_of(&public),

@@ -60,7 +60,7 @@ pub fn filed_subject(tenant: &str, subject: &str) -> Result<String, StoreError> 
 
 /// A filed id as the store takes it: NFC, trimmed, not empty, at most
 /// twice [`MAX_SUBJECT_ID_BYTES`] (tenant and subject), no NUL.
-fn normalize_filed(filed: &str) -> Result<String, StoreError> {
+pub(crate) fn normalize_filed(filed: &str) -> Result<String, StoreError> {
     use unicode_normalization::UnicodeNormalization;
     let filed: String = filed.trim().nfc().collect();
     if filed.is_empty() || filed.len() > 2 * MAX_SUBJECT_ID_BYTES || filed.contains('\0') {
@@ -92,7 +92,7 @@ pub fn normalize_subject(subject: &str) -> Result<String, StoreError> {
     Ok(subject)
 }
 
-fn new_key() -> [u8; 32] {
+pub(crate) fn new_key() -> [u8; 32] {
     use aes_gcm::aead::rand_core::RngCore;
     let mut key = [0u8; 32];
     aes_gcm::aead::OsRng.fill_bytes(&mut key);

@@ -30,18 +30,27 @@ impl TestDatabase {
     pub async fn create() -> Self {
         let server =
             std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
+        Self::create_on(&server).await
+    }
+
+    /// [`TestDatabase::create`] on the server `server` names (a superuser's
+    /// connection string), whatever `DATABASE_URL` says.
+    ///
+    /// # Panics
+    /// When the server cannot be reached.
+    pub async fn create_on(server: &str) -> Self {
         // ops/test.sh sets a run id so that it can drop what a killed test left behind.
         let run = std::env::var("AGENTLEDGER_TEST_RUN")
             .map(|r| format!("{r}_"))
             .unwrap_or_default();
         let name = format!("agentledger_t_{run}{}", uuid::Uuid::new_v4().simple());
-        let admin = connect(&server).await;
+        let admin = connect(server).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
         let db = Self {
-            admin_url: with_database(&server, &name, None),
+            admin_url: with_database(server, &name, None),
             name,
         };
         crate::migrate::run(&db.admin_url)

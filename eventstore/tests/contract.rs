@@ -1,5 +1,6 @@
 //! The event store contract, written once and run against every
-//! implementation: in memory and on a real PostgreSQL database.
+//! implementation: in memory, in memory writing through to the embedded
+//! SQLite ledger (`serve --data-dir`), and on a real PostgreSQL database.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -13,13 +14,18 @@ use serde_json::{json, Value};
 /// PostgreSQL a separate store with its own writer, as a second process has).
 enum Backend {
     Memory(InMemoryEventStore),
+    /// The store and the directory its file lives in (removed on drop).
+    Embedded {
+        store: InMemoryEventStore,
+        _dir: tempfile::TempDir,
+    },
     Postgres(TestDatabase),
 }
 
 impl Backend {
     async fn open(&self) -> Arc<dyn EventStore> {
         match self {
-            Self::Memory(store) => Arc::new(store.clone()),
+            Self::Memory(store) | Self::Embedded { store, .. } => Arc::new(store.clone()),
             Self::Postgres(db) => Arc::new(db.store().await),
         }
     }
@@ -32,6 +38,14 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Backend::Memory(Default::default())).await;
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::embedded()).await;
                 }
             )*
         }
@@ -62,6 +76,19 @@ contract!(
     subscriber_that_fell_behind_the_live_buffer_still_sees_everything_once,
     concurrent_writers_and_a_tailing_reader_agree_on_one_gap_free_order,
 );
+
+/// A fresh data directory's store. One process owns a directory, so a
+/// second handle is a clone, as for memory; reopening is tested in the
+/// crate (`embedded`) and end to end (`tests/serve.rs`).
+fn embedded() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedLedger::open(dir.path())
+        .unwrap()
+        .event_store(Limits::default())
+        .unwrap()
+        .store;
+    Backend::Embedded { store, _dir: dir }
+}
 
 fn stream(name: &str) -> StreamId {
     StreamId::new(name).unwrap()

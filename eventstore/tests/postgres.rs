@@ -1083,6 +1083,60 @@ async fn a_heavy_read_is_cut_off_by_the_statement_timeout_and_writes_go_on() {
     );
 }
 
+/// An append that waits on a lock longer than `statement_timeout` is
+/// cancelled: the caller gets the server's reason with its SQLSTATE,
+/// nothing of the append is stored, and the next append goes on the chain
+/// as if it had never been tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_cut_off_by_the_statement_timeout_writes_nothing_and_the_next_one_goes_on() {
+    let db = TestDatabase::create().await;
+    let store = db
+        .store_with(PostgresOptions {
+            statement_timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        })
+        .await;
+    let s = stream("workflow-timeout");
+    store
+        .append(&s, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    // Someone holds the table: the append's INSERT waits, and the timeout
+    // cancels it mid-append.
+    let mut blocker = db.admin_client().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let refused = store
+        .append(&s, ExpectedVersion::Exact(1), events(3))
+        .await
+        .expect_err("cut off by the timeout");
+    let took = started.elapsed();
+    lock.rollback().await.unwrap();
+    let said = refused.to_string();
+    assert!(
+        said.contains("statement timeout") && said.contains("57014"),
+        "the caller is told why, with the SQLSTATE: {said}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "cut off, not run out: {took:?}"
+    );
+    let stored = store.read_stream(&s, 0, 10).await.unwrap();
+    assert_eq!(stored.len(), 2, "nothing of the cancelled append is stored");
+    let next = store
+        .append(&s, ExpectedVersion::Exact(1), events(3))
+        .await
+        .unwrap();
+    assert_eq!(next.stream_version, 4);
+    let verification = store.verify_stream(&s).await.unwrap();
+    assert!(verification.ok, "{verification:?}");
+    assert_eq!(verification.checked_events, 5);
+    println!("append cut off after {took:?}: {said}");
+}
+
 /// Polls `condition` (state with no event to await), for at most 10 s.
 async fn eventually(what: &str, condition: impl Fn() -> bool) {
     for _ in 0..1_000 {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -39,6 +41,12 @@ impl Server {
             .unwrap_or_else(|| panic!("unexpected: {line:?}"))
             .to_string();
         Self { child, base }
+    }
+
+    /// SIGKILL, as the OOM killer does: no shutdown of any kind.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
     }
 
     pub fn stop(mut self) -> std::process::ExitStatus {

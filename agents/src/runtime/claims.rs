@@ -10,10 +10,48 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::{drive, History, Inner, Runtime, STREAM_PREFIX};
+use super::{drive, History, Inner, Runtime, RuntimeError, STREAM_PREFIX};
 use crate::queue::Claim;
 
 impl Runtime {
+    /// Queues every workflow of the ledger that waits for an agent: what a
+    /// queue kept in memory needs after a restart over a kept ledger
+    /// (`serve --data-dir`). Reads the whole ledger once; returns how many
+    /// were queued.
+    pub async fn resume_unfinished(&self) -> Result<usize, RuntimeError> {
+        const PAGE: usize = 1_000;
+        let mut seen = std::collections::HashSet::new();
+        let mut order = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self.inner.store.read_all(from, PAGE).await?;
+            for event in &page {
+                let id = event
+                    .stream_id
+                    .as_str()
+                    .strip_prefix(STREAM_PREFIX)
+                    .and_then(|id| Uuid::parse_str(id).ok());
+                if let Some(id) = id.filter(|id| seen.insert(*id)) {
+                    order.push(id);
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE => from = last.global_position + 1,
+                _ => break,
+            }
+        }
+        let mut queued = 0;
+        for id in order {
+            if requeue_if_waiting(&self.inner, id).await?.is_some() {
+                queued += 1;
+            }
+        }
+        if queued > 0 {
+            self.inner.wake.notify_one();
+        }
+        Ok(queued)
+    }
+
     /// Claims and drives workflows until `shutdown` completes or a fault
     /// kills the runtime. On shutdown, drives in flight stop at their next
     /// step and their claims are released for others.
@@ -229,7 +267,6 @@ async fn renew_leases(inner: Arc<Inner>) {
 /// than the grace, and each is folded from its stream first, so a final or
 /// escalated workflow (which rightly has no row) is left alone.
 async fn sweep_unqueued(inner: Arc<Inner>) {
-    use agentledger_domain::workflow::WorkflowState as S;
     let grace = inner.config.orphan_grace.max(Duration::from_millis(100));
     loop {
         inner.clock.sleep(grace).await;
@@ -255,30 +292,12 @@ async fn sweep_unqueued(inner: Arc<Inner>) {
         };
         let mut requeued = 0;
         for id in candidates {
-            let history = match History::load(&*inner.store, inner.keys(), id).await {
-                Ok(Some(history)) => history,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(workflow = %id, error = %e, "reading a workflow to sweep failed");
-                    continue;
-                }
-            };
-            let waiting = matches!(
-                history.workflow.state,
-                S::Submitted | S::Analysing | S::Gating | S::Executing | S::Reviewing
-            );
-            if !waiting {
-                continue;
-            }
-            match inner
-                .queue
-                .enqueue(id, history.workflow.priority, now, now)
-                .await
-            {
-                Ok(()) => {
-                    tracing::warn!(workflow = %id, state = ?history.workflow.state, "workflow had no queue row; queued it again");
+            match requeue_if_waiting(&inner, id).await {
+                Ok(Some(state)) => {
+                    tracing::warn!(workflow = %id, ?state, "workflow had no queue row; queued it again");
                     requeued += 1;
                 }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(workflow = %id, error = %e, "re-queueing a workflow failed")
                 }
@@ -288,6 +307,32 @@ async fn sweep_unqueued(inner: Arc<Inner>) {
             inner.wake.notify_one();
         }
     }
+}
+
+/// Queues `id` again when its stream says it waits for an agent (a final
+/// or escalated workflow rightly has no row); the state it waits in, or
+/// `None` when it does not wait.
+pub(super) async fn requeue_if_waiting(
+    inner: &Inner,
+    id: uuid::Uuid,
+) -> Result<Option<agentledger_domain::workflow::WorkflowState>, RuntimeError> {
+    use agentledger_domain::workflow::WorkflowState as S;
+    let Some(history) = History::load(&*inner.store, inner.keys(), id).await? else {
+        return Ok(None);
+    };
+    let state = history.workflow.state;
+    if !matches!(
+        state,
+        S::Submitted | S::Analysing | S::Gating | S::Executing | S::Reviewing
+    ) {
+        return Ok(None);
+    }
+    let now = inner.clock.now();
+    inner
+        .queue
+        .enqueue(id, history.workflow.priority, now, now)
+        .await?;
+    Ok(Some(state))
 }
 
 /// Wakes the claim loop when another process records work: a submission,
