@@ -92,6 +92,9 @@ impl Nodes {
                 config.0.to_string_lossy().into(),
             ),
             ("RUST_LOG".into(), "warn".into()),
+            // Few workflows at a time per node: a backlog, so that a fault
+            // always meets workflows half-way.
+            ("AGENTLEDGER_MAX_WORKFLOWS".into(), "1".into()),
         ];
         let mut nodes = Self {
             env,
@@ -352,12 +355,12 @@ async fn follow(base: &str, from: u64, seen: &Mutex<Vec<u64>>) {
 }
 
 /// Waits until every workflow of `ids` has a final event; how long it took.
-async fn all_final(db: &TestDatabase, ids: &[String], limit: Duration) -> Duration {
+async fn all_final(db: &str, ids: &[String], limit: Duration) -> Duration {
     let started = Instant::now();
     let streams: Vec<String> = ids.iter().map(|id| format!("workflow-{id}")).collect();
     let finals: Vec<String> = FINAL.iter().map(|s| s.to_string()).collect();
     loop {
-        let done: i64 = match db.admin_client_checked().await {
+        let done: i64 = match connect_checked(db).await {
             Some(client) => client
                 .query_one(
                     "SELECT count(DISTINCT stream_id) FROM events
@@ -404,20 +407,14 @@ async fn open_workflows(db: &TestDatabase, acked: &[String]) -> Vec<String> {
         .collect()
 }
 
-trait Checked {
-    async fn admin_client_checked(&self) -> Option<tokio_postgres::Client>;
-}
-
-impl Checked for TestDatabase {
-    /// A connection as the owner, or `None` while the server is down.
-    async fn admin_client_checked(&self) -> Option<tokio_postgres::Client> {
-        let url = agentledger_eventstore::postgres::DatabaseUrl::parse(self.admin_url()).ok()?;
-        let (client, connection) = url.connect().await.ok()?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Some(client)
-    }
+/// A connection to `url`, or `None` while the server is down.
+async fn connect_checked(url: &str) -> Option<tokio_postgres::Client> {
+    let url = agentledger_eventstore::postgres::DatabaseUrl::parse(url).ok()?;
+    let (client, connection) = url.connect().await.ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(client)
 }
 
 /// Everything the suite promises about the ledger and the read models,
@@ -489,7 +486,7 @@ async fn audit(db: &TestDatabase, acked: &[(String, String)]) -> i64 {
     );
     // The read models as the nodes left them, then as a rebuild makes them.
     let before = read_models(&client).await;
-    let rebuilt = common::agentledger(&["rebuild"], db.admin_url());
+    let rebuilt = common::agentledger(&["rebuild", "--all"], db.admin_url());
     assert!(
         rebuilt.status.success(),
         "rebuild: {}",
@@ -533,7 +530,7 @@ async fn follower_saw_everything(db: &TestDatabase, follower: &Follower, from: u
     let head: i64 = db
         .admin_client()
         .await
-        .query_one("SELECT coalesce(max(position), 0) FROM events", &[])
+        .query_one("SELECT coalesce(max(global_position), 0) FROM events", &[])
         .await
         .unwrap()
         .get(0);
@@ -550,7 +547,7 @@ async fn follower_saw_everything(db: &TestDatabase, follower: &Follower, from: u
         .admin_client()
         .await
         .query(
-            "SELECT position FROM events WHERE position >= $1 AND position <= $2 ORDER BY position",
+            "SELECT global_position FROM events WHERE global_position BETWEEN $1 AND $2 ORDER BY 1",
             &[&(from as i64), &head],
         )
         .await
@@ -576,18 +573,17 @@ async fn follower_saw_everything(db: &TestDatabase, follower: &Follower, from: u
 async fn head(db: &TestDatabase) -> u64 {
     db.admin_client()
         .await
-        .query_one("SELECT coalesce(max(position), 0) FROM events", &[])
+        .query_one("SELECT coalesce(max(global_position), 0) FROM events", &[])
         .await
         .unwrap()
         .get::<_, i64>(0) as u64
 }
 
 /// Waits until every projection's checkpoint reaches `position`.
-async fn projected_to(db: &TestDatabase, position: u64, limit: Duration) -> Duration {
+async fn projected_to(db: &str, position: u64, limit: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        let reached: i64 = db
-            .admin_client()
+        let reached: i64 = agentledger_eventstore::testing::connect(db)
             .await
             .query_one(
                 "SELECT coalesce(min(position), 0) FROM projection_checkpoints",
@@ -619,11 +615,14 @@ async fn kill_nodes(nodes: usize, kills: &[(f64, usize, bool)]) {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0);
     let started = Instant::now();
-    let load = start_load(cluster.bases.clone(), total, 8, tally.clone(), acked_tx);
+    let load = start_load(cluster.bases.clone(), total, 24, tally.clone(), acked_tx);
+    let (mut watchers, mut settling) = (Vec::new(), Vec::new());
     for &(at, slot, restart) in kills {
         let threshold = ((total as f64) * at) as usize;
         acked_rx.wait_for(|n| *n >= threshold).await.unwrap();
-        let in_flight = {
+        // Kill when workflows are half-way (acknowledged, not final):
+        // looked at again after each acknowledgement.
+        let in_flight = loop {
             let acked: Vec<String> = tally
                 .lock()
                 .unwrap()
@@ -631,27 +630,52 @@ async fn kill_nodes(nodes: usize, kills: &[(f64, usize, bool)]) {
                 .iter()
                 .map(|(_, id)| id.clone())
                 .collect();
-            open_workflows(&db, &acked).await
+            let open = open_workflows(&db, &acked).await;
+            if !open.is_empty() {
+                break open;
+            }
+            assert!(
+                acked.len() < total,
+                "no workflow was ever half-way: the kill would prove nothing"
+            );
+            acked_rx.changed().await.unwrap();
         };
         let head_at_kill = head(&db).await;
         cluster.kill(slot);
         let killed = Instant::now();
+        // Someone watching a half-way workflow on a survivor sees it end.
+        let survivor = (0..nodes).find(|s| cluster.bases.lock().unwrap()[*s].is_some());
+        watchers.push(tokio::spawn(progress_ends(
+            cluster.base(survivor.expect("a survivor")),
+            in_flight[0].clone(),
+        )));
         if restart {
             cluster.restart(slot);
         }
         // Agent work moves within the lease; the projections at once (the
         // dead node's lock went with its connection).
-        let projections = projected_to(&db, head_at_kill, Duration::from_secs(30)).await;
-        all_final(&db, &in_flight, LEASE + Duration::from_secs(28)).await;
-        let settled = killed.elapsed();
-        let line = format!(
-            "killed node {slot} at {threshold} acknowledged ({} in flight): projections past the \
-             kill's head {projections:?} after it, every workflow in flight final {settled:?} \
-             after it (lease {LEASE:?}){}",
-            in_flight.len(),
-            if restart { ", node restarted" } else { "" }
-        );
+        // Measured while the load and the next kill go on.
+        let url = db.admin_url().to_string();
+        settling.push(tokio::spawn(async move {
+            let projections = projected_to(&url, head_at_kill, Duration::from_secs(30)).await;
+            all_final(&url, &in_flight, LEASE + Duration::from_secs(28)).await;
+            let settled = killed.elapsed();
+            format!(
+                "killed node {slot} at {threshold} acknowledged ({} in flight): projections \
+                 past the kill's head {projections:?} after it, every workflow in flight final \
+                 {settled:?} after it (lease {LEASE:?}){}",
+                in_flight.len(),
+                if restart { ", node restarted" } else { "" }
+            )
+        }));
+    }
+    for line in settling {
+        let line = line.await.unwrap();
         println!("{line}");
+    }
+    for watcher in watchers {
+        let state = watcher.await.unwrap();
+        println!("a workflowProgress subscriber on a survivor saw {state}");
     }
     let reconnects_before = follower.reconnects.load(Ordering::SeqCst);
     let summary = finish(&db, cluster, load, &tally, follower, from).await;
@@ -670,6 +694,46 @@ async fn a_node_killed_mid_load_and_restarted_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_of_three_nodes_killed_one_after_the_other_lose_nothing() {
     kill_nodes(3, &[(0.25, 0, false), (0.5, 1, false)]).await;
+}
+
+/// Subscribes to `workflowProgress(id)` on `base` and returns the first
+/// final state it shows (at most 60 s).
+async fn progress_ends(base: String, id: String) -> String {
+    let url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let send = |v: Value| Message::Text(v.to_string().into());
+    ws.send(send(json!({ "type": "connection_init" })))
+        .await
+        .unwrap();
+    ws.send(send(json!({ "id": "1", "type": "subscribe", "payload": {
+        "query": "subscription($id: ID!) { workflowProgress(id: $id) { state } }",
+        "variables": { "id": id } } })))
+        .await
+        .unwrap();
+    let watch = async {
+        while let Some(message) = ws.next().await {
+            let Message::Text(text) = message.unwrap() else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_ne!(v["type"], "error", "workflowProgress: {v}");
+            let state = v["payload"]["data"]["workflowProgress"]["state"]
+                .as_str()
+                .unwrap_or_default();
+            if ["COMPLETED", "REJECTED", "FAILED", "FLAGGED", "CANCELLED"].contains(&state) {
+                return state.to_string();
+            }
+        }
+        panic!("workflowProgress of {id} ended without a final state");
+    };
+    tokio::time::timeout(Duration::from_secs(60), watch)
+        .await
+        .unwrap_or_else(|_| panic!("workflowProgress of {id} showed no final state in 60 s"))
 }
 
 async fn ready(base: &str) -> u16 {
@@ -709,9 +773,9 @@ async fn finish(
     }
     let acked = tally.lock().unwrap().acked.clone();
     let ids: Vec<String> = acked.iter().map(|(_, id)| id.clone()).collect();
-    let tail = all_final(db, &ids, Duration::from_secs(120)).await;
+    let tail = all_final(db.admin_url(), &ids, Duration::from_secs(120)).await;
     let received = follower_saw_everything(db, &follower, from).await;
-    let projected = projected_to(db, head(db).await, Duration::from_secs(30)).await;
+    let projected = projected_to(db.admin_url(), head(db).await, Duration::from_secs(30)).await;
     let reconnects = follower.reconnects.load(Ordering::SeqCst);
     follower.task.abort();
     nodes.stop_all();
@@ -741,7 +805,7 @@ async fn the_database_crashes_mid_load_and_the_service_recovers_alone() {
     let follower = Follower::start(nodes.bases.clone(), from);
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0);
-    let load = start_load(nodes.bases.clone(), total, 8, tally.clone(), acked_tx);
+    let load = start_load(nodes.bases.clone(), total, 24, tally.clone(), acked_tx);
     acked_rx.wait_for(|n| *n >= total * 3 / 10).await.unwrap();
 
     // A crash of the server: every connection dropped, no checkpoint.
@@ -793,7 +857,7 @@ async fn every_service_connection_cut_again_and_again_loses_nothing() {
     let follower = Follower::start(nodes.bases.clone(), from);
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0);
-    let load = start_load(nodes.bases.clone(), total, 8, tally.clone(), acked_tx);
+    let load = start_load(nodes.bases.clone(), total, 24, tally.clone(), acked_tx);
     let owner = db.admin_client().await;
     let mut cut = Vec::new();
     for round in 1..=cuts {
@@ -841,9 +905,13 @@ async fn a_full_disk_refuses_the_append_clearly_and_stores_nothing_of_it() {
     let owner = db.admin_client().await;
     owner
         .batch_execute(&format!(
-            "CREATE TABLESPACE small LOCATION '{}'; ALTER TABLE events SET TABLESPACE small",
+            "CREATE TABLESPACE small LOCATION '{}'",
             disk.mount.display()
         ))
+        .await
+        .unwrap();
+    owner
+        .batch_execute("ALTER TABLE events SET TABLESPACE small")
         .await
         .unwrap();
     let store = db.store().await;

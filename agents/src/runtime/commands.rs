@@ -210,19 +210,22 @@ impl Runtime {
             .await
         {
             Ok(claim) => claim,
-            // Another submission of the same key is being recorded.
-            Err(QueueError::Held(_)) if submission.idempotency_key.is_some() => {
+            // Another submission of the same key is being recorded, or the
+            // node that took it stopped before recording it (its row stays
+            // leased until the lease runs out): the caller sends it again.
+            Err(QueueError::Held(held)) if submission.idempotency_key.is_some() => {
                 return match self
                     .existing_submission(id, &command, history.key.is_some())
                     .await?
                 {
                     Some(existing) => Ok(existing),
-                    None => Err(RuntimeError::Superseded),
+                    None => Err(RuntimeError::Queue(QueueError::Held(held))),
                 };
             }
             Err(e) => return Err(e.into()),
         };
         inner.held.lock().expect("held lock").insert(id);
+        let submission_keyed = submission.idempotency_key.is_some();
         let recorder = match submission.actor {
             Some(actor) => person(actor),
             None => person(Actor::human(history.owner.clone())),
@@ -244,6 +247,18 @@ impl Runtime {
                 position: history.last().map_or(0, |r| r.position),
                 existing: false,
             }),
+            // The stream exists: with a key, a resend of this submission
+            // recorded meanwhile through another node is a success.
+            Ok(false) if submission_keyed => {
+                match self
+                    .existing_submission(id, &command, history.key.is_some())
+                    .await
+                {
+                    Ok(Some(found)) => Ok(found),
+                    Ok(None) => Err(RuntimeError::Superseded),
+                    Err(e) => Err(e),
+                }
+            }
             Ok(false) => Err(RuntimeError::Superseded),
             // The database failed around the commit: it may have happened.
             // Read the stream before deciding; a submission found there is
@@ -282,8 +297,13 @@ impl Runtime {
         // Drive it here if a slot is free; else let any runtime claim it.
         let handoff = inner.handoff.lock().expect("handoff lock").clone();
         let slot = inner.slots.clone().try_acquire_owned().ok();
+        // A submission found recorded by another node left `history`
+        // empty: whoever claims the row reads the stream.
+        let recorded_here = outcome.as_ref().is_ok_and(|s| !s.existing);
         let handed_over = match (handoff, slot) {
-            (Some(handoff), Some(slot)) => handoff.send((claim, Some(history), slot)).is_ok(),
+            (Some(handoff), Some(slot)) if recorded_here => {
+                handoff.send((claim, Some(history), slot)).is_ok()
+            }
             _ => false,
         };
         if !handed_over {

@@ -88,6 +88,11 @@ pub fn from_runtime(e: RuntimeError) -> async_graphql::Error {
                 e.set("schemaPath", invalid.schema_path.as_str());
             }),
         RuntimeError::Store(e) => from_store(e),
+        RuntimeError::Queue(agentledger_agents::queue::QueueError::Held(_)) => error(
+            Code::Unavailable,
+            "a submission with this idempotency key is being recorded, or the node that took \
+             it stopped before recording it: send it again in a few seconds",
+        ),
         RuntimeError::Queue(e) => {
             tracing::warn!(error = %e, "task queue unavailable");
             error(
