@@ -53,8 +53,8 @@ for round in $(seq 1 "$rounds"); do
     started=$(date +%s)
     # One test at a time: the figures are each fault's alone.
     cargo nextest run --test faults --test-threads 1 --no-capture --no-fail-fast "$@" 2>&1 \
-        | grep -E '^(killed|database|connections|16 MB|a workflowProgress|[0-9]+ nodes|/ready|http)|PASS|FAIL|panicked|skipped:' \
-        | grep -v 'WARN\|ERROR'
+        | grep --line-buffered -E '^(killed|database|connections|16 MB|a workflowProgress|[0-9]+ nodes|/ready|http)|PASS|FAIL|panicked|skipped:' \
+        | grep --line-buffered -v 'WARN\|ERROR'
     status=${PIPESTATUS[0]}
     echo "== round $round: $(( $(date +%s) - started )) s, exit $status"
     [ "$status" -eq 0 ] || exit "$status"

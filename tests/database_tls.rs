@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -55,126 +54,46 @@ fn pki() -> Pki {
     }
 }
 
-/// A throwaway PostgreSQL cluster on a free port, stopped on drop.
-struct Cluster {
-    dir: PathBuf,
-    bin: PathBuf,
-    port: u16,
-}
-
-fn as_postgres(command: &Path) -> Command {
-    // PostgreSQL refuses to run as root; the test runs as root in CI.
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(command);
-        c
-    } else {
-        Command::new(command)
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn chown_postgres(path: &Path) {
-    if is_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
+/// A private cluster that accepts TLS connections only, with `pki`'s
+/// server certificate.
+struct Cluster(common::cluster::Cluster);
 
 impl Cluster {
     /// `None` (with the reason printed) when no PostgreSQL server binaries
     /// are installed on this machine.
     fn start(pki: &Pki) -> Option<Self> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|bin| bin.join("initdb").exists())
-            .max()?;
-        let dir = std::env::temp_dir().join(format!("agentledger-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        std::fs::write(dir.join("server.crt"), &pki.server_pem).unwrap();
-        std::fs::write(dir.join("server.key"), &pki.server_key_pem).unwrap();
-        std::fs::write(dir.join("ca.crt"), &pki.ca_pem).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join("server.key"), PermissionsExt::from_mode(0o600)).unwrap();
-        chown_postgres(&dir);
-        let initdb = as_postgres(&bin.join("initdb"))
-            .args(["-D"])
-            .arg(dir.join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(
-            initdb.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&initdb.stderr)
-        );
-        let conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{dir}'\n\
-             ssl = on\nssl_cert_file = '{dir}/server.crt'\nssl_key_file = '{dir}/server.key'\n\
-             fsync = off\nmax_connections = 60\n",
-            dir = dir.display()
-        );
-        let conf_path = dir.join("data/postgresql.conf");
-        let mut all = std::fs::read_to_string(&conf_path).unwrap();
-        all.push_str(&conf);
-        std::fs::write(&conf_path, all).unwrap();
-        std::fs::write(
-            dir.join("data/pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
-        )
-        .unwrap();
-        chown_postgres(&dir);
-        let start = as_postgres(&bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(dir.join("data"))
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-w", "start"])
-            .output()
-            .unwrap();
-        let cluster = Self { dir, bin, port };
-        assert!(
-            start.status.success(),
-            "pg_ctl start: {}{}",
-            String::from_utf8_lossy(&start.stderr),
-            std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default()
-        );
-        Some(cluster)
+        common::cluster::Cluster::start_with(|dir| {
+            std::fs::write(dir.join("server.crt"), &pki.server_pem).unwrap();
+            std::fs::write(dir.join("server.key"), &pki.server_key_pem).unwrap();
+            std::fs::write(dir.join("ca.crt"), &pki.ca_pem).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("server.key"), PermissionsExt::from_mode(0o600))
+                .unwrap();
+            common::cluster::Setup {
+                conf: format!(
+                    "ssl = on\nssl_cert_file = '{dir}/server.crt'\n\
+                     ssl_key_file = '{dir}/server.key'\nfsync = off\n",
+                    dir = dir.display()
+                ),
+                hba: Some(
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+                     hostnossl all all 0.0.0.0/0 reject\n"
+                        .into(),
+                ),
+            }
+        })
+        .map(Self)
     }
 
     fn url(&self, host: &str, query: &str) -> String {
-        format!("postgres://postgres@{host}:{}/postgres{query}", self.port)
+        format!(
+            "postgres://postgres@{host}:{}/postgres{query}",
+            self.0.port()
+        )
     }
 
     fn file(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.0.dir().join(name).display().to_string()
     }
 }
 
@@ -330,7 +249,7 @@ async fn every_connection_is_encrypted_and_verified_with_verify_full() {
     // The key=value form carries the same options.
     try_connect(&format!(
         "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert='{ca}'",
-        cluster.port
+        cluster.0.port()
     ))
     .await
     .unwrap();

@@ -47,8 +47,18 @@ pub enum Bench {
 #[derive(clap::Args)]
 pub struct AppendArgs {
     /// A database on the server to measure (used to create scratch databases).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        required_unless_present = "embedded"
+    )]
+    database_url: Option<String>,
+    /// Measure the dev-mode stores instead, in the same run: the in-memory
+    /// store, and the same store writing through to the embedded SQLite
+    /// ledger of `serve --data-dir` (a scratch directory under TMPDIR).
+    #[arg(long)]
+    embedded: bool,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -96,6 +106,9 @@ fn metadata() -> Metadata {
 
 async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
+    let Some(database_url) = args.database_url.as_deref().filter(|_| !args.embedded) else {
+        return append_embedded(&args, duration).await;
+    };
     println!(
         "append throughput, {} s per measurement, ~500-byte events, {} writer lane(s)",
         args.seconds, args.lanes
@@ -106,7 +119,7 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
     );
     for &batch in &args.batch {
         for &writers in &args.writers {
-            let scratch = Scratch::create(&args.database_url).await?;
+            let scratch = Scratch::create(database_url).await?;
             let raw = raw_insert(&scratch.url, writers, batch, duration).await?;
             let store = store_append(&scratch.url, writers, batch, args.lanes, duration).await?;
             println!(
@@ -260,6 +273,57 @@ async fn store_append(
         ..Default::default()
     };
     let store = PostgresEventStore::connect(url, options).await?;
+    appends(Arc::new(store), writers, batch, duration).await
+}
+
+/// The dev-mode stores side by side: in memory (the baseline), and in
+/// memory writing every append to the embedded SQLite ledger.
+async fn append_embedded(args: &AppendArgs, duration: Duration) -> anyhow::Result<()> {
+    println!(
+        "append throughput of the dev-mode stores, {} s per measurement, ~500-byte events",
+        args.seconds
+    );
+    println!(
+        "{:>8} {:>6} {:>14} {:>14} {:>7}",
+        "writers", "batch", "memory ev/s", "embedded ev/s", "ratio"
+    );
+    for &batch in &args.batch {
+        for &writers in &args.writers {
+            let memory = appends(
+                Arc::new(agentledger_eventstore::InMemoryEventStore::default()),
+                writers,
+                batch,
+                duration,
+            )
+            .await?;
+            let dir = std::env::temp_dir().join(format!(
+                "agentledger-bench-{}",
+                uuid::Uuid::new_v4().simple()
+            ));
+            let embedded = {
+                let ledger = agentledger_eventstore::EmbeddedLedger::open(&dir)?;
+                let store = ledger.event_store(Default::default())?.store;
+                appends(Arc::new(store), writers, batch, duration).await
+            };
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            let embedded = embedded?;
+            println!(
+                "{writers:>8} {batch:>6} {memory:>14.0} {embedded:>14.0} {:>6.0}%",
+                100.0 * embedded / memory.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `writers` tasks appending to their own streams (a new stream every 20
+/// events, like a workflow) with exact versions; events per second.
+async fn appends(
+    store: Arc<dyn EventStore>,
+    writers: usize,
+    batch: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     // Built once, as the raw baseline does; only the payload and ids vary per event.
     let metadata = metadata();
     measure(writers, duration, move |w, i| {

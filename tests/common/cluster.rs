@@ -15,10 +15,24 @@ pub struct Cluster {
     run_as: Option<&'static str>,
 }
 
+/// How a test wants its server: lines for `postgresql.conf`, and the whole
+/// `pg_hba.conf` (default: trust on loopback).
+#[derive(Default)]
+pub struct Setup {
+    pub conf: String,
+    pub hba: Option<String>,
+}
+
 impl Cluster {
     /// Creates and starts a server; `None`, with the reason printed, where
     /// this machine has no PostgreSQL server binaries.
     pub fn start() -> Option<Self> {
+        Self::start_with(|_| Setup::default())
+    }
+
+    /// [`Cluster::start`], after `setup` has written what it needs into the
+    /// cluster's directory (certificates, say) and said how to configure it.
+    pub fn start_with(setup: impl FnOnce(&Path) -> Setup) -> Option<Self> {
         let Some(bin) = server_binaries() else {
             println!("skipped: no PostgreSQL server binaries (initdb) under /usr/lib/postgresql");
             return None;
@@ -26,8 +40,7 @@ impl Cluster {
         let root = Command::new("id")
             .arg("-u")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
         let dir = std::env::temp_dir().join(format!("al-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&dir).unwrap();
         let cluster = Self {
@@ -36,14 +49,8 @@ impl Cluster {
             bin,
             run_as: root.then_some("postgres"),
         };
-        if root {
-            let owned = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&cluster.dir)
-                .status()
-                .unwrap();
-            assert!(owned.success(), "chown postgres {}", cluster.dir.display());
-        }
+        let wanted = setup(&cluster.dir);
+        cluster.own();
         cluster.run(
             "initdb",
             &[
@@ -58,8 +65,32 @@ impl Cluster {
                 "--locale=C.UTF-8",
             ],
         );
+        let conf_path = cluster.data().join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).unwrap();
+        conf.push_str(&format!(
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             max_connections = 200\nshared_buffers = 32MB\n{}\n",
+            cluster.port,
+            cluster.dir.display(),
+            wanted.conf
+        ));
+        std::fs::write(&conf_path, conf).unwrap();
+        if let Some(hba) = wanted.hba {
+            std::fs::write(cluster.data().join("pg_hba.conf"), hba).unwrap();
+        }
+        cluster.own();
         cluster.start_again();
         Some(cluster)
+    }
+
+    /// The cluster's directory (its data directory is `data/` in it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// A superuser's connection string to its `postgres` database.
@@ -85,25 +116,33 @@ impl Cluster {
 
     /// Starts it (again), waiting until it accepts connections.
     pub fn start_again(&self) {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
-             -c max_connections=200 -c shared_buffers=32MB",
-            self.port,
-            self.dir.display()
+        let log = self.dir.join("server.log");
+        let started = self
+            .command(&self.bin.join("pg_ctl"))
+            .args(["start", "-w", "-D"])
+            .arg(self.data())
+            .arg("-l")
+            .arg(&log)
+            .output()
+            .unwrap();
+        assert!(
+            started.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&started.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
-        self.run(
-            "pg_ctl",
-            &[
-                "start",
-                "-D",
-                &self.data().to_string_lossy(),
-                "-o",
-                &options,
-                "-l",
-                &self.dir.join("server.log").to_string_lossy(),
-                "-w",
-            ],
-        );
+    }
+
+    /// Hands the directory to the server's user, when it is not ours.
+    fn own(&self) {
+        if let Some(user) = self.run_as {
+            let owned = Command::new("chown")
+                .args(["-R", &format!("{user}:{user}")])
+                .arg(&self.dir)
+                .status()
+                .unwrap();
+            assert!(owned.success(), "chown {user} {}", self.dir.display());
+        }
     }
 
     fn data(&self) -> PathBuf {
