@@ -293,8 +293,9 @@ impl EmbeddedLedger {
 
 /// The event with its documents parsed, as the store keeps it.
 fn parsed(e: CanonicalEvent) -> Result<RecordedEvent, StoreError> {
+    let position = e.global_position;
     let corrupt = |e: serde_json::Error| StoreError::Corrupt {
-        position: 0,
+        position,
         reason: e.to_string(),
     };
     Ok(RecordedEvent {

@@ -40,6 +40,7 @@ mod prepare;
 pub mod signing;
 pub mod subject_keys;
 pub mod subscription;
+pub mod tlog;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -14,6 +14,7 @@
 
 mod rows;
 mod tailer;
+mod tiles;
 mod tls;
 mod writer;
 
@@ -35,6 +36,7 @@ use crate::{
 };
 
 pub use rows::EVENT_COLUMNS;
+pub use tiles::PostgresTiles;
 pub use tls::{Connection, DatabaseUrl, TlsMode};
 
 /// The channel other processes' commits are announced on.
