@@ -28,6 +28,7 @@
 pub mod api_keys;
 mod append;
 pub mod chain;
+pub mod checkpoint;
 pub mod digest;
 pub mod embedded;
 mod error;

@@ -131,3 +131,42 @@ async fn proofs_from_stored_tiles_pass_an_independent_verifier() {
     assert_eq!(tlog::tree_root(&tiles, 1_331).await.unwrap(), root);
     stop.cancel();
 }
+
+/// Our signed checkpoint is a C2SP checkpoint to `signed_note` and
+/// `tlog_tiles`: the signature verifies under our verifier key, the body
+/// parses, and a changed size or another key is refused.
+#[test]
+fn a_checkpoint_verifies_with_an_independent_note_verifier() {
+    use agentledger_eventstore::checkpoint::{signed_checkpoint, verifier_key};
+    use signed_note::{Note, StandardVerifier, VerifierList};
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let origin = "ledger.example.com/agentledger";
+    let root = [42u8; 32];
+    let note = signed_checkpoint(origin, 1_330, &root, &key);
+    let vkey = verifier_key(origin, &key.verifying_key());
+    // The same verifier key the independent crate derives from the key.
+    assert_eq!(
+        vkey,
+        signed_note::new_ed25519_verifier_key(origin, &key.verifying_key())
+    );
+    let verifiers = VerifierList::new(vec![Box::new(StandardVerifier::new(&vkey).unwrap())]);
+    let parsed = Note::from_bytes(note.as_bytes()).unwrap();
+    let (verified, _) = parsed.verify(&verifiers).unwrap();
+    assert_eq!(verified.len(), 1);
+    let checkpoint = tlog_tiles::Checkpoint::from_bytes(parsed.text()).unwrap();
+    assert_eq!(checkpoint.origin(), origin);
+    assert_eq!(checkpoint.size(), 1_330);
+    assert_eq!(checkpoint.hash().0, root);
+
+    let forged = note.replacen("\n1330\n", "\n1331\n", 1);
+    assert!(Note::from_bytes(forged.as_bytes())
+        .unwrap()
+        .verify(&verifiers)
+        .is_err());
+    let other = ed25519_dalek::SigningKey::from_bytes(&[8u8; 32]);
+    let stranger = signed_checkpoint(origin, 1_330, &root, &other);
+    assert!(Note::from_bytes(stranger.as_bytes())
+        .unwrap()
+        .verify(&verifiers)
+        .is_err());
+}
