@@ -13,6 +13,7 @@
 //! max_response_bytes = 8388608   # a larger GraphQL response (or subscription message) is refused with BAD_INPUT
 //! header_read_timeout_ms = 10000 # a request's header must arrive within this
 //! max_connections = 10000        # open connections at once; more wait in the backlog
+//! checkpoint_origin = "ledger.example.com/agentledger"  # names this ledger in its checkpoints (GET /checkpoint)
 //!
 //! [limits]                   # 0 turns a rate off
 //! credential_per_second = 1000   # requests and socket operations per credential
@@ -501,6 +502,7 @@ pub struct ServerSection {
     pub max_response_bytes: Option<usize>,
     pub header_read_timeout_ms: Option<u64>,
     pub max_connections: Option<usize>,
+    pub checkpoint_origin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -119,6 +119,12 @@ struct ServeArgs {
     /// models and the task queue are rebuilt from it at start.
     #[arg(long, env = "AGENTLEDGER_DATA_DIR")]
     data_dir: Option<std::path::PathBuf>,
+    /// The origin line of the ledger's checkpoints (`GET /checkpoint`), also
+    /// their key's name: a schema-less URL naming this ledger, such as
+    /// `ledger.example.com/agentledger` (default: `[server]
+    /// checkpoint_origin`, else `localhost/agentledger`).
+    #[arg(long, env = "AGENTLEDGER_CHECKPOINT_ORIGIN")]
+    checkpoint_origin: Option<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -261,6 +267,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => config::FileConfig::default(),
     };
     let auth_section = file.auth.clone().with_env()?;
+    let checkpoint_origin = args
+        .checkpoint_origin
+        .clone()
+        .or_else(|| file.server.checkpoint_origin.clone())
+        .unwrap_or_else(|| agentledger_api::DEFAULT_ORIGIN.to_string());
+    agentledger_eventstore::checkpoint::check_origin(&checkpoint_origin)?;
     let auth_config = auth_section.config(hardened, dev)?;
     // Read before anything is written: a bad [llm] stops the start here.
     let mut runtime_config = file.runtime(args.max_workflows)?;
@@ -282,6 +294,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ledger_keys,
         subject_keys,
         api_keys,
+        tree,
         kind: store_kind,
     } = match &args.database.database_url {
         Some(url) => {
@@ -338,6 +351,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 )),
                 subject_keys: Arc::new(PostgresSubjectKeys::new(store.pool().clone())),
                 api_keys: Arc::new(PostgresApiKeys::new(store.pool().clone())),
+                tree: Arc::new(agentledger_eventstore::postgres::PostgresTiles::new(
+                    store.pool().clone(),
+                )),
                 store: Arc::new(store),
                 queue,
                 read_models: Arc::new(models),
@@ -360,12 +376,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     ledger_keys: Arc::new(InMemoryLedgerKeys::default()),
                     subject_keys: Arc::new(InMemorySubjectKeys::default()),
                     api_keys: Arc::new(InMemoryApiKeys::default()),
+                    tree: Arc::new(agentledger_eventstore::tlog::MemoryTiles::default()),
                     kind: "in-memory",
                 }
             }
         },
     };
     tracing::info!(head = store.head_position().await?, "event store ready");
+    // The ledger's tree follows the ledger: proofs and checkpoints read it.
+    background.push(tokio::spawn(agentledger_eventstore::tlog::maintain(
+        store.clone(),
+        tree.clone(),
+        stop.clone(),
+    )));
     let auth = authenticator(auth_config, api_keys, hardened).await?;
     // The digest signing key exists from the first start on, so that
     // /.well-known/agentledger-key always has one to publish.
@@ -420,6 +443,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             open_subscriptions: Arc::default(),
             auth,
             ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+            transparency: agentledger_api::Transparency {
+                tree,
+                origin: checkpoint_origin,
+            },
         },
         agentledger_api::HttpConfig {
             console_oidc: auth_section.console_oidc(),
@@ -550,6 +577,8 @@ struct Backend {
     ledger_keys: Arc<dyn LedgerKeys>,
     subject_keys: Arc<dyn SubjectKeys>,
     api_keys: Arc<dyn ApiKeys>,
+    /// The ledger's tree (tiles), kept up by `tlog::maintain`.
+    tree: Arc<dyn agentledger_eventstore::tlog::TreeTiles>,
     /// `postgres`, `embedded` or `in-memory`.
     kind: &'static str,
 }
@@ -589,6 +618,7 @@ fn embedded_backend(dir: &std::path::Path) -> anyhow::Result<Backend> {
         ledger_keys: Arc::new(ledger.ledger_keys()),
         subject_keys: Arc::new(ledger.subject_keys()),
         api_keys: Arc::new(InMemoryApiKeys::default()),
+        tree: Arc::new(agentledger_eventstore::tlog::MemoryTiles::default()),
         kind: "embedded",
     })
 }

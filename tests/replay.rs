@@ -55,6 +55,7 @@ async fn replay_at_every_position_equals_the_read_model_right_after_that_event()
         open_subscriptions: Arc::default(),
         auth: Arc::new(agentledger_api::Authenticator::off()),
         ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+        transparency: Default::default(),
     };
     let schema = agentledger_api::schema(services);
     let run = |query: String, variables: Value| {

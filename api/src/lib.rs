@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 
 pub use auth::{AuthConfig, Authenticator, Principal};
-pub use graphql::{schema, sdl, AgentledgerSchema, Limits, Services};
+pub use graphql::{schema, sdl, AgentledgerSchema, Limits, Services, Transparency, DEFAULT_ORIGIN};
 
 /// What `/health` reports besides being alive.
 #[derive(Debug, Clone)]
@@ -208,6 +208,7 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/.well-known/agentledger-key", get(ledger_key))
+        .route("/checkpoint", get(checkpoint))
         .route_layer(axum::middleware::from_fn_with_state(http, metrics::track))
         // The GraphQL extractor reads the body itself, past axum's default
         // limit: the limit is enforced on the body stream instead.
@@ -244,16 +245,72 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
 /// reviewers who check signed digests.
 async fn ledger_key(State(state): State<AppState>) -> Response {
     match state.services.ledger_keys.public_keys().await {
-        Ok(keys) => Json(json!({
-            "active": keys.iter().find(|k| k.retired_at.is_none()).map(|k| &k.key_id),
-            "keys": keys,
-        }))
-        .into_response(),
+        Ok(keys) => {
+            let origin = &state.services.transparency.origin;
+            let active = keys.iter().find(|k| k.retired_at.is_none());
+            let listed: Vec<Value> = keys
+                .iter()
+                .map(|k| {
+                    let mut key = json!(k);
+                    key["verifier_key"] =
+                        json!(graphql::types::note_verifier_key(&k.public_key, origin));
+                    key
+                })
+                .collect();
+            Json(json!({
+                "active": active.map(|k| &k.key_id),
+                "checkpoint_origin": origin,
+                "verifier_key": active.map(|k| graphql::types::note_verifier_key(&k.public_key, origin)),
+                "keys": listed,
+            }))
+            .into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "reading the ledger keys");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({"error": "keys unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The latest checkpoint of the ledger's tree (C2SP `tlog-checkpoint`, a
+/// signed note), for verifiers and witnesses: public, like the key.
+async fn checkpoint(State(state): State<AppState>) -> Response {
+    let services = &state.services;
+    let signed = async {
+        let tree = &services.transparency.tree;
+        let size = tree.tree_size().await?;
+        let root = agentledger_eventstore::tlog::tree_root(&**tree, size).await?;
+        let (_, key) = services.ledger_keys.active().await?;
+        Ok::<_, agentledger_eventstore::StoreError>(
+            agentledger_eventstore::checkpoint::signed_checkpoint(
+                &services.transparency.origin,
+                size,
+                &root,
+                &key,
+            ),
+        )
+    };
+    match signed.await {
+        Ok(note) => (
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                ),
+                (axum::http::header::CACHE_CONTROL, "no-store"),
+            ],
+            note,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "signing a checkpoint");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the checkpoint cannot be signed now\n",
             )
                 .into_response()
         }

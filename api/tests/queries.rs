@@ -139,6 +139,7 @@ async fn a_page_of_100_workflows_with_subtasks_and_decisions_takes_a_bounded_num
         open_subscriptions: Arc::default(),
         auth: Arc::new(agentledger_api::Authenticator::off()),
         ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+        transparency: Default::default(),
     });
     models.calls.store(0, Ordering::SeqCst);
     let response = schema
@@ -187,6 +188,7 @@ async fn an_open_subscription_is_counted_until_it_is_dropped_and_ends_on_shutdow
         open_subscriptions: Arc::default(),
         auth: Arc::new(agentledger_api::Authenticator::off()),
         ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+        transparency: Default::default(),
     };
     let schema = agentledger_api::schema(services.clone());
     let mut stream = schema.execute_stream(anonymous(
@@ -226,6 +228,7 @@ async fn bad_subject_ids_and_digest_positions_are_refused_with_nothing_written()
         open_subscriptions: Arc::default(),
         auth: Arc::new(agentledger_api::Authenticator::off()),
         ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+        transparency: Default::default(),
     });
     let long = "x".repeat(300);
     for query in [
@@ -298,6 +301,7 @@ async fn a_mutation_whose_read_models_lag_answers_pending_not_an_error() {
         open_subscriptions: Arc::default(),
         auth: Arc::new(agentledger_api::Authenticator::off()),
         ledger_work: Arc::new(tokio::sync::Semaphore::new(1)),
+        transparency: Default::default(),
     });
     let response = schema
         .execute(anonymous(

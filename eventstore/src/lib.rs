@@ -41,9 +41,9 @@ mod prepare;
 pub mod signing;
 pub mod subject_keys;
 pub mod subscription;
-pub mod tlog;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tlog;
 
 use async_trait::async_trait;
 use futures::StreamExt;

@@ -250,7 +250,13 @@ pub async fn consistency_proof(
 
 /// Checks an inclusion proof (RFC 9162 §2.1.3.2): does `leaf_hash` at
 /// `index` lead to `root` in the tree of `size` leaves?
-pub fn verify_inclusion(index: u64, size: u64, leaf_hash: &Hash, proof: &[Hash], root: &Hash) -> bool {
+pub fn verify_inclusion(
+    index: u64,
+    size: u64,
+    leaf_hash: &Hash,
+    proof: &[Hash],
+    root: &Hash,
+) -> bool {
     if index >= size {
         return false;
     }
@@ -277,7 +283,13 @@ pub fn verify_inclusion(index: u64, size: u64, leaf_hash: &Hash, proof: &[Hash],
 
 /// Checks a consistency proof (RFC 9162 §2.1.4.2) between the tree of
 /// `from` leaves with head `old_root` and that of `to` with `new_root`.
-pub fn verify_consistency(from: u64, to: u64, proof: &[Hash], old_root: &Hash, new_root: &Hash) -> bool {
+pub fn verify_consistency(
+    from: u64,
+    to: u64,
+    proof: &[Hash],
+    old_root: &Hash,
+    new_root: &Hash,
+) -> bool {
     if from > to {
         return false;
     }
@@ -542,7 +554,10 @@ impl TreeTiles for MemoryTiles {
 
     async fn leaf_index(&self, position: Position) -> Result<Option<u64>, StoreError> {
         let state = self.state.read().expect("tiles lock");
-        if position == 0 || position > state.position || state.holes.binary_search(&position).is_ok() {
+        if position == 0
+            || position > state.position
+            || state.holes.binary_search(&position).is_ok()
+        {
             return Ok(None);
         }
         let below = state.holes.partition_point(|h| *h < position) as u64;
@@ -648,7 +663,9 @@ mod tests {
     #[tokio::test]
     async fn roots_from_tiles_equal_the_digest_tree_head_at_every_size() {
         let (tiles, leaves) = built(70_000);
-        for size in [0u64, 1, 2, 3, 255, 256, 257, 511, 65_535, 65_536, 65_537, 70_000] {
+        for size in [
+            0u64, 1, 2, 3, 255, 256, 257, 511, 65_535, 65_536, 65_537, 70_000,
+        ] {
             let root = tree_root(&tiles, size).await.unwrap();
             assert_eq!(root, head(&leaves[..size as usize]), "size {size}");
         }
@@ -663,7 +680,13 @@ mod tests {
                 let proof = inclusion_proof(&tiles, index, size).await.unwrap();
                 let (p, h) = leaves[index as usize];
                 assert!(verify_inclusion(index, size, &leaf(p, &h), &proof, &root));
-                assert!(!verify_inclusion(index, size, &leaf(p + 1, &h), &proof, &root));
+                assert!(!verify_inclusion(
+                    index,
+                    size,
+                    &leaf(p + 1, &h),
+                    &proof,
+                    &root
+                ));
                 if let Some(first) = proof.first() {
                     let mut bad = proof.clone();
                     bad[0] = node_hash(first, first);
@@ -676,7 +699,10 @@ mod tests {
                 }
                 let old = tree_root(&tiles, from).await.unwrap();
                 let proof = consistency_proof(&tiles, from, size).await.unwrap();
-                assert!(verify_consistency(from, size, &proof, &old, &root), "{from}→{size}");
+                assert!(
+                    verify_consistency(from, size, &proof, &old, &root),
+                    "{from}→{size}"
+                );
                 let other = node_hash(&old, &old);
                 assert!(from == size || !verify_consistency(from, size, &proof, &other, &root));
             }

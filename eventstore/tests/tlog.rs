@@ -26,7 +26,10 @@ async fn filled(db: &TestDatabase, events: usize) -> PostgresEventStore {
                 )
             })
             .collect();
-        store.append(&stream, ExpectedVersion::Any, batch).await.unwrap();
+        store
+            .append(&stream, ExpectedVersion::Any, batch)
+            .await
+            .unwrap();
     }
     store
 }
@@ -122,7 +125,11 @@ async fn proofs_from_stored_tiles_pass_an_independent_verifier() {
         .append(
             &StreamId::new("workflow-late").unwrap(),
             ExpectedVersion::NoStream,
-            vec![NewEvent::new("Tested", json!({}), Metadata::new(Actor::system()))],
+            vec![NewEvent::new(
+                "Tested",
+                json!({}),
+                Metadata::new(Actor::system()),
+            )],
         )
         .await
         .unwrap();

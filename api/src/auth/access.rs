@@ -82,6 +82,8 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("Query", "verifyLedger", Access::Audit),
     ("Query", "ledgerDigest", Access::Audit),
     ("Query", "ledgerKeys", Access::Audit),
+    ("Query", "inclusionProof", Access::Audit),
+    ("Query", "consistencyProof", Access::Audit),
     ("Query", "agentDecisionSchema", Access::Anyone),
     ("Mutation", "submitWorkflow", Access::Submit),
     ("Mutation", "cancelWorkflow", Access::Cancel),

@@ -93,6 +93,31 @@ pub struct Services {
     /// Whole-ledger work (verification, signing) runs one at a time per
     /// process, however many callers or aliases ask.
     pub ledger_work: Arc<tokio::sync::Semaphore>,
+    /// The ledger's tree: proofs and checkpoints.
+    pub transparency: Transparency,
+}
+
+/// The ledger's tree as proofs and checkpoints read it.
+#[derive(Clone)]
+pub struct Transparency {
+    /// The tiles (kept up by `agentledger_eventstore::tlog::maintain`).
+    pub tree: Arc<dyn agentledger_eventstore::tlog::TreeTiles>,
+    /// The checkpoints' origin line, also their signing key's name.
+    pub origin: String,
+}
+
+/// The origin a deployment that names none signs its checkpoints with.
+pub const DEFAULT_ORIGIN: &str = "localhost/agentledger";
+
+impl Default for Transparency {
+    /// Tiles in memory that nothing maintains, and the default origin: for
+    /// tests that do not ask for proofs.
+    fn default() -> Self {
+        Self {
+            tree: Arc::new(agentledger_eventstore::tlog::MemoryTiles::default()),
+            origin: DEFAULT_ORIGIN.to_string(),
+        }
+    }
 }
 
 /// Counts an open subscription for as long as it lives.

@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 use super::budget;
 use super::error::{self, bad_input, from_read, from_store, Code};
 use super::types::{
-    self, AgentMetrics, AgentRole, LedgerKey, Me, Position, ProjectionLag, RecordedEvent,
-    ReplayStep, SignedDigest, Verification, Workflow, WorkflowCount, WorkflowState,
+    self, AgentMetrics, AgentRole, ConsistencyProof, InclusionProof, LedgerKey, Me, Position,
+    ProjectionLag, RecordedEvent, ReplayStep, SignedDigest, Verification, Workflow, WorkflowCount,
+    WorkflowState,
 };
 use super::{
     decode_cursor, encode_cursor, facts_of, may_see, page_size, parse_id, principal, services,
@@ -348,12 +349,84 @@ impl Query {
     /// first, then retired ones, which still verify what they signed. Also
     /// served at `GET /.well-known/agentledger-key`.
     async fn ledger_keys(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<LedgerKey>> {
-        let keys = services(ctx)
+        let services = services(ctx);
+        let keys = services
             .ledger_keys
             .public_keys()
             .await
             .map_err(from_store)?;
-        Ok(keys.into_iter().map(LedgerKey::of).collect())
+        let origin = &services.transparency.origin;
+        Ok(keys.into_iter().map(|k| LedgerKey::of(k, origin)).collect())
+    }
+
+    /// The audit path of the event at `position` in the ledger's tree of
+    /// `treeSize` leaves (RFC 9162 §2.1.3): with the leaf hash, it leads to
+    /// the root of a checkpoint or signed digest of that size. The tree
+    /// grows a moment after each commit; a position it does not cover yet
+    /// is `BAD_INPUT`.
+    #[graphql(complexity = 50)]
+    async fn inclusion_proof(
+        &self,
+        ctx: &Context<'_>,
+        position: Position,
+        tree_size: Position,
+    ) -> async_graphql::Result<InclusionProof> {
+        use agentledger_eventstore::tlog;
+        let services = services(ctx);
+        let tree = &services.transparency.tree;
+        let index = tree
+            .leaf_index(position.0)
+            .await
+            .map_err(from_store)?
+            .ok_or_else(|| {
+                bad_input(format!(
+                    "the ledger's tree has no event at position {} (no event took it, or the \
+                     tree does not reach it yet)",
+                    position.0
+                ))
+            })?;
+        let event = services
+            .store
+            .read_all(position.0, 1)
+            .await
+            .map_err(from_store)?
+            .into_iter()
+            .find(|e| e.global_position == position.0)
+            .ok_or_else(|| bad_input(format!("no event at position {}", position.0)))?;
+        let hashes = tlog::inclusion_proof(&**tree, index, tree_size.0)
+            .await
+            .map_err(from_store)?;
+        Ok(InclusionProof {
+            leaf_index: Position(index),
+            tree_size,
+            leaf_hash: hex::encode(agentledger_eventstore::digest::leaf(
+                position.0,
+                &event.hash,
+            )),
+            hashes: hashes.iter().map(hex::encode).collect(),
+        })
+    }
+
+    /// The proof that the ledger's tree of `fromSize` leaves is a prefix of
+    /// its tree of `toSize` leaves (RFC 9162 §2.1.4): nothing a checkpoint
+    /// of the smaller size covered was changed or removed since.
+    #[graphql(complexity = 50)]
+    async fn consistency_proof(
+        &self,
+        ctx: &Context<'_>,
+        from_size: Position,
+        to_size: Position,
+    ) -> async_graphql::Result<ConsistencyProof> {
+        let tree = &services(ctx).transparency.tree;
+        let hashes =
+            agentledger_eventstore::tlog::consistency_proof(&**tree, from_size.0, to_size.0)
+                .await
+                .map_err(from_store)?;
+        Ok(ConsistencyProof {
+            from_size,
+            to_size,
+            hashes: hashes.iter().map(hex::encode).collect(),
+        })
     }
 
     /// Per agent, its figures over `[from, to)` (all time when omitted).

@@ -751,11 +751,17 @@ pub struct LedgerKey {
     pub created_at: DateTime<Utc>,
     /// Set once rotated away: it signs no more, it still verifies.
     pub retired_at: Option<DateTime<Utc>>,
+    /// The C2SP note verifier key of this key for the deployment's
+    /// checkpoints (`<origin>+<key id>+<base64 key>`): what a checkpoint
+    /// verifier or a witness is given.
+    pub verifier_key: String,
 }
 
 impl LedgerKey {
-    pub fn of(k: agentledger_eventstore::signing::LedgerKey) -> Self {
+    /// `k`, with its verifier key under the checkpoint origin `origin`.
+    pub fn of(k: agentledger_eventstore::signing::LedgerKey, origin: &str) -> Self {
         Self {
+            verifier_key: note_verifier_key(&k.public_key, origin),
             key_id: k.key_id,
             algorithm: k.algorithm,
             public_key: k.public_key,
@@ -763,6 +769,38 @@ impl LedgerKey {
             retired_at: k.retired_at,
         }
     }
+}
+
+/// The verifier key of a hex Ed25519 public key, empty if it does not decode.
+pub fn note_verifier_key(public_hex: &str, origin: &str) -> String {
+    hex::decode(public_hex)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok())
+        .map(|key| agentledger_eventstore::checkpoint::verifier_key(origin, &key))
+        .unwrap_or_default()
+}
+
+/// An event's audit path in the ledger's tree (RFC 9162 §2.1.3).
+#[derive(SimpleObject, Debug, Clone)]
+pub struct InclusionProof {
+    /// The event's leaf: its index among the events in position order.
+    pub leaf_index: Position,
+    /// The tree the proof is for (a checkpoint's or digest's size).
+    pub tree_size: Position,
+    /// SHA-256(0x00 ‖ position as 8 big-endian bytes ‖ event hash), hex.
+    pub leaf_hash: String,
+    /// The path, leaf side first, hex.
+    pub hashes: Vec<String>,
+}
+
+/// The proof that one tree is a prefix of a larger one (RFC 9162 §2.1.4).
+#[derive(SimpleObject, Debug, Clone)]
+pub struct ConsistencyProof {
+    pub from_size: Position,
+    pub to_size: Position,
+    /// In the RFC's order, hex.
+    pub hashes: Vec<String>,
 }
 
 /// One step of a replay: an event and the workflow's state after it.

@@ -67,7 +67,10 @@ impl TreeTiles for PostgresTiles {
         let row = client
             .query_one("SELECT size, position FROM ledger_tree", &[])
             .await?;
-        let (size, position) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as Position);
+        let (size, position) = (
+            row.get::<_, i64>(0) as u64,
+            row.get::<_, i64>(1) as Position,
+        );
         drop(client);
         let edges: Vec<TileId> = TreeBuilder::edge_tiles(size)
             .into_iter()
