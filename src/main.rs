@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod digest;
 mod export;
+mod prove;
 mod rebuild;
 mod replay;
 mod telemetry;
@@ -59,6 +60,9 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Sign the ledger's tree head at a position (JSON to keep outside the system).
     Digest(digest::DigestArgs),
+    /// Prove an event is in the ledger's tree, or that a smaller tree is a
+    /// prefix of a larger one (RFC 9162 proofs, JSON).
+    Prove(prove::ProveArgs),
     /// Replay projections from position 0 into fresh tables and swap them in.
     Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
@@ -175,6 +179,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Apikey(command) => command.run().await,
         Command::Verify(args) => verify::run(args).await,
         Command::Digest(args) => digest::run(args).await,
+        Command::Prove(args) => prove::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => demo::run(args).await,

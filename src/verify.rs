@@ -61,10 +61,42 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
             })
             .await?;
             bar.finish_and_clear();
-            ("the ledger".to_string(), verification)
+            report("the ledger", &verification)?;
+            return check_tree(&store).await;
         }
     };
     report(&what, &verification)
+}
+
+/// The stored tree (what proofs and checkpoints are served from) against
+/// the events: its root must be the tree head the events give.
+async fn check_tree(store: &PostgresEventStore) -> anyhow::Result<()> {
+    use agentledger_eventstore::postgres::PostgresTiles;
+    let row = store
+        .pool()
+        .get()
+        .await?
+        .query_one("SELECT size, position FROM ledger_tree", &[])
+        .await?;
+    let (size, position) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+    if size == 0 {
+        println!("the ledger's tree: empty so far");
+        return Ok(());
+    }
+    let tiles = PostgresTiles::new(store.pool().clone());
+    let stored = agentledger_eventstore::tlog::tree_root(&tiles, size).await?;
+    let (expected, events) = agentledger_eventstore::digest::ledger_root(store, position).await?;
+    if events != size || stored != expected {
+        bail!(
+            "the ledger's tree: BROKEN: its {size} leaves up to position {position} have root {}, \
+             the {events} events up to there give {}; proofs and checkpoints from it are wrong \
+             (the events are what counts: a rebuild of the tree is needed)",
+            hex::encode(stored),
+            hex::encode(expected)
+        );
+    }
+    println!("the ledger's tree: ok, {size} leaves up to position {position} match the events");
+    Ok(())
 }
 
 fn progress_bar() -> ProgressBar {

@@ -217,4 +217,88 @@ async fn checkpoints_and_proofs_pass_independent_verifiers() {
         assert_eq!(common::code(&body), Some("BAD_INPUT"), "{query}: {body}");
     }
     server.stop();
+
+    // The command line: a digest taken now, then a proof for it, checked
+    // against the digest's root before it is printed.
+    let digest = common::TempFile(
+        std::env::temp_dir().join(format!("digest-{}.json", uuid::Uuid::new_v4())),
+    );
+    let signed = common::agentledger(
+        &["digest", "--output", &digest.0.to_string_lossy()],
+        db.admin_url(),
+    );
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let digest_json: Value = serde_json::from_slice(&std::fs::read(&digest.0).unwrap()).unwrap();
+    let position = number(&second_events[2]["position"]);
+    let proved = common::agentledger(
+        &[
+            "prove",
+            "--position",
+            &position.to_string(),
+            "--digest",
+            &digest.0.to_string_lossy(),
+        ],
+        &db.service_url(),
+    );
+    assert!(
+        proved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&proved.stderr)
+    );
+    let proof: Value = serde_json::from_slice(&proved.stdout).unwrap();
+    assert_eq!(proof["root"], digest_json["root"]);
+    assert_eq!(number(&proof["tree_size"]), number(&digest_json["events"]));
+    let path: Vec<tlog_tiles::Hash> = proof["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| hash(h.as_str().unwrap()))
+        .collect();
+    tlog_tiles::check_record(
+        &path,
+        number(&proof["tree_size"]),
+        hash(proof["root"].as_str().unwrap()),
+        number(&proof["leaf_index"]),
+        hash(proof["leaf_hash"].as_str().unwrap()),
+    )
+    .unwrap();
+    let consistent = common::agentledger(
+        &[
+            "prove",
+            "--from-size",
+            &old.size().to_string(),
+            "--to-size",
+            &new.size().to_string(),
+        ],
+        &db.service_url(),
+    );
+    assert!(
+        consistent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&consistent.stderr)
+    );
+
+    // `verify` checks the stored tree against the events, and notices a
+    // changed tile.
+    let verified = common::agentledger(&["verify"], &db.service_url());
+    let said = String::from_utf8_lossy(&verified.stdout);
+    assert!(
+        verified.status.success() && said.contains("the ledger's tree: ok"),
+        "{said}"
+    );
+    db.admin_client()
+        .await
+        .batch_execute("UPDATE ledger_tiles SET hashes = set_byte(hashes, 0, get_byte(hashes, 0) # 255) WHERE level = 0 AND idx = 0")
+        .await
+        .unwrap();
+    let verified = common::agentledger(&["verify"], &db.service_url());
+    let said = String::from_utf8_lossy(&verified.stderr);
+    assert!(
+        !verified.status.success() && said.contains("the ledger's tree: BROKEN"),
+        "{said}"
+    );
 }
