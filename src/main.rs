@@ -8,6 +8,7 @@ mod digest;
 mod export;
 mod prove;
 mod rebuild;
+mod receipt;
 mod replay;
 mod telemetry;
 mod verify;
@@ -63,6 +64,9 @@ enum Command {
     /// Prove an event is in the ledger's tree, or that a smaller tree is a
     /// prefix of a larger one (RFC 9162 proofs, JSON).
     Prove(prove::ProveArgs),
+    /// Write a workflow's receipt: its events, their inclusion proofs and a
+    /// signed checkpoint, checkable with no database (`verify --receipt`).
+    Receipt(receipt::ReceiptArgs),
     /// Replay projections from position 0 into fresh tables and swap them in.
     Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
@@ -180,6 +184,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Verify(args) => verify::run(args).await,
         Command::Digest(args) => digest::run(args).await,
         Command::Prove(args) => prove::run(args).await,
+        Command::Receipt(args) => receipt::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => demo::run(args).await,

@@ -17,19 +17,33 @@ pub struct VerifyArgs {
     /// Verify an exported JSONL file, without the database.
     #[arg(long, conflicts_with = "digest")]
     export: Option<std::path::PathBuf>,
+    /// Verify a receipt (`agentledger receipt`), without the database:
+    /// every event's hash and chain, every inclusion proof, and the
+    /// checkpoint's signature.
+    #[arg(long, conflicts_with_all = ["digest", "export", "workflow"])]
+    receipt: Option<std::path::PathBuf>,
     /// Prove that the ledger up to a signed digest's position is unchanged
     /// (a file written by `agentledger digest`).
     #[arg(long, conflicts_with = "workflow")]
     digest: Option<std::path::PathBuf>,
     /// With --digest: the public key (hex) kept apart from the system; without
     /// it the digest's key must be one this deployment's database lists.
-    #[arg(long, requires = "digest")]
+    /// With --receipt: the deployment's note verifier key (`ledgerKeys`,
+    /// `/.well-known/agentledger-key`); without it, the key inside the
+    /// receipt, which a forger of the file could have replaced.
+    #[arg(long)]
     public_key: Option<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.receipt {
+        return check_receipt(path, args.public_key.as_deref());
+    }
+    if args.public_key.is_some() && args.digest.is_none() {
+        bail!("--public-key goes with --digest or --receipt");
+    }
     if let Some(path) = &args.export {
         let verification = crate::export::verify_file(path)?;
         return report(&path.display().to_string(), &verification);
@@ -152,6 +166,37 @@ async fn check_digest(
             Ok(())
         }
         Err(e) => bail!("digest {}: FAILED: {e}", path.display()),
+    }
+}
+
+fn check_receipt(path: &std::path::Path, trusted: Option<&str>) -> anyhow::Result<()> {
+    use agentledger_eventstore::receipt::{self, Receipt};
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let receipt: Receipt = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a receipt written by `agentledger receipt`",
+            path.display()
+        )
+    })?;
+    match receipt::verify(&receipt, trusted) {
+        Ok(checked) => {
+            println!(
+                "receipt {}: ok, {} events of {} are in the tree of {} leaves that {} signed ({})",
+                path.display(),
+                checked.events,
+                receipt.stream_id,
+                checked.tree_size,
+                checked.origin,
+                if trusted.is_some() {
+                    "the trusted key given"
+                } else {
+                    "the key inside the receipt: pass --public-key to check it is the deployment's"
+                }
+            );
+            Ok(())
+        }
+        Err(e) => bail!("receipt {}: FAILED: {e}", path.display()),
     }
 }
 

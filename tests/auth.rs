@@ -261,6 +261,7 @@ fn samples() -> BTreeMap<&'static str, Sample> {
         ("Query.ledgerDigest", s("{ ledgerDigest { position } }", None, "auditor", Some("operator"), Whole)),
         ("Query.ledgerKeys", s("{ ledgerKeys { keyId } }", None, "auditor", Some("submitter"), Whole)),
         ("Query.inclusionProof", s("{ inclusionProof(position: 1, treeSize: 1) { leafIndex } }", None, "auditor", Some("viewer"), Whole)),
+        ("Query.workflowReceipt", s("query($id: ID!) { workflowReceipt(id: $id) }", Some(Completed), "auditor", Some("operator"), Hidden)),
         ("Query.consistencyProof", s("{ consistencyProof(fromSize: 1, toSize: 1) { hashes } }", None, "auditor", Some("operator"), Whole)),
         ("Mutation.submitWorkflow", s("mutation { submitWorkflow(request: \"Count the words of this line.\") { id } }", None, "submitter", Some("viewer"), Whole)),
         ("Mutation.cancelWorkflow", s("mutation($id: ID!) { cancelWorkflow(id: $id) { state } }", Some(ToCancel), "submitter", Some("viewer"), Hidden)),

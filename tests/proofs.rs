@@ -30,6 +30,27 @@ fn number(v: &Value) -> u64 {
         .unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
+/// `agentledger verify --receipt FILE --public-key VKEY`, with no database:
+/// whether it passed, and what it said.
+fn verify_receipt(file: &std::path::Path, vkey: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentledger"))
+        .args(["verify", "--receipt"])
+        .arg(file)
+        .args(["--public-key", vkey])
+        .env_remove("DATABASE_URL")
+        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 fn hash(hex_text: &str) -> tlog_tiles::Hash {
     tlog_tiles::Hash(hex::decode(hex_text).unwrap().try_into().unwrap())
 }
@@ -129,7 +150,7 @@ async fn checkpoints_and_proofs_pass_independent_verifiers() {
     assert_eq!(known["checkpoint_origin"], ORIGIN);
     let verifiers = VerifierList::new(vec![Box::new(StandardVerifier::new(&vkey).unwrap())]);
 
-    let (_, first_events) = completed_workflow(
+    let (first_id, first_events) = completed_workflow(
         base,
         &key,
         "Summarise the attached quarterly report. Then count the words of the summary.",
@@ -200,6 +221,35 @@ async fn checkpoints_and_proofs_pass_independent_verifiers() {
     tlog_tiles::check_tree(&path, new.size(), *new.hash(), old.size(), *old.hash())
         .unwrap_or_else(|e| panic!("{} → {}: {e}", old.size(), new.size()));
 
+    // A receipt from the API checks alone, with no database, under the
+    // key kept apart; changed, it fails.
+    let receipt = gql(
+        base,
+        &key,
+        "query($id: ID!) { workflowReceipt(id: $id) }",
+        json!({ "id": first_id }),
+    )
+    .await["workflowReceipt"]
+        .clone();
+    let file = common::TempFile(
+        std::env::temp_dir().join(format!("receipt-{}.json", uuid::Uuid::new_v4())),
+    );
+    std::fs::write(&file.0, receipt.to_string()).unwrap();
+    let checked = verify_receipt(&file.0, &vkey);
+    assert!(checked.0, "{}", checked.1);
+    assert!(
+        checked
+            .1
+            .contains(&format!("ok, {} events", first_events.len())),
+        "{}",
+        checked.1
+    );
+    let mut changed = receipt.clone();
+    changed["events"][1]["event"]["payload"]["changed"] = json!("바뀜");
+    std::fs::write(&file.0, changed.to_string()).unwrap();
+    let checked = verify_receipt(&file.0, &vkey);
+    assert!(!checked.0 && checked.1.contains("FAILED"), "{}", checked.1);
+
     // Sizes beyond the tree, and positions no event holds, are refused.
     for query in [
         format!(
@@ -266,6 +316,28 @@ async fn checkpoints_and_proofs_pass_independent_verifiers() {
         hash(proof["leaf_hash"].as_str().unwrap()),
     )
     .unwrap();
+    let written = common::TempFile(
+        std::env::temp_dir().join(format!("receipt-{}.json", uuid::Uuid::new_v4())),
+    );
+    let made = common::agentledger(
+        &[
+            "receipt",
+            "--workflow",
+            &first_id,
+            "--output",
+            &written.0.to_string_lossy(),
+            "--checkpoint-origin",
+            ORIGIN,
+        ],
+        db.admin_url(),
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let checked = verify_receipt(&written.0, &vkey);
+    assert!(checked.0, "{}", checked.1);
     let consistent = common::agentledger(
         &[
             "prove",

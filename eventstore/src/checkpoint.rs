@@ -67,3 +67,110 @@ pub fn signed_checkpoint(origin: &str, size: u64, root: &Hash, key: &SigningKey)
     blob.extend_from_slice(&signature.to_bytes());
     format!("{body}\n\u{2014} {origin} {}\n", b64.encode(blob))
 }
+
+/// What a verified checkpoint says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub origin: String,
+    pub size: u64,
+    pub root: Hash,
+}
+
+/// Checks `note` (a signed checkpoint) against the verifier key `vkey`
+/// (`name+hex key id+base64(0x01 ‖ key)`): a signature line by that key
+/// must verify over the body, and the body must be a checkpoint whose
+/// origin is the key's name.
+pub fn verify_checkpoint(note: &str, vkey: &str) -> Result<Checked, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut parts = vkey.splitn(3, '+');
+    let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("{vkey:?} is not a note verifier key (name+id+key)"));
+    };
+    let key = b64
+        .decode(key_b64)
+        .map_err(|e| format!("the verifier key's key is not base64: {e}"))?;
+    let public: [u8; 32] = match key.split_first() {
+        Some((&ALG_ED25519, rest)) => rest
+            .try_into()
+            .map_err(|_| "the verifier key is not an Ed25519 key".to_string())?,
+        _ => return Err("the verifier key is not an Ed25519 key".into()),
+    };
+    let public = VerifyingKey::from_bytes(&public).map_err(|e| e.to_string())?;
+    let id = key_id(name, &public);
+    if hex::encode(id) != id_hex {
+        return Err("the verifier key's id does not match its key".into());
+    }
+    let Some(split) = note.find("\n\n") else {
+        return Err("the checkpoint has no signature lines".into());
+    };
+    let (body, signatures) = (&note[..split + 1], &note[split + 2..]);
+    let prefix = format!("\u{2014} {name} ");
+    let signed = signatures
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .any(|blob| {
+            let Ok(blob) = b64.decode(blob) else {
+                return false;
+            };
+            blob.len() == 68
+                && blob[..4] == id
+                && ed25519_dalek::Signature::from_slice(&blob[4..])
+                    .is_ok_and(|sig| public.verify_strict(body.as_bytes(), &sig).is_ok())
+        });
+    if !signed {
+        return Err(format!(
+            "the checkpoint carries no valid signature by {name}"
+        ));
+    }
+    let mut lines = body.lines();
+    let (Some(origin), Some(size), Some(root)) = (lines.next(), lines.next(), lines.next()) else {
+        return Err("the checkpoint's body is not origin, size and root".into());
+    };
+    if origin != name {
+        return Err(format!(
+            "the checkpoint is for {origin:?}, the key for {name:?}"
+        ));
+    }
+    let size: u64 = size
+        .parse()
+        .map_err(|_| format!("the checkpoint's size {size:?} is not a number"))?;
+    let root: Hash = b64
+        .decode(root)
+        .ok()
+        .and_then(|r| r.try_into().ok())
+        .ok_or("the checkpoint's root is not 32 bytes of base64")?;
+    Ok(Checked {
+        origin: origin.to_string(),
+        size,
+        root,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_verifies_under_its_key_and_nothing_else() {
+        let key = SigningKey::from_bytes(&[3u8; 32]);
+        let note = signed_checkpoint("example.com/ledger", 9, &[5u8; 32], &key);
+        let vkey = verifier_key("example.com/ledger", &key.verifying_key());
+        assert_eq!(
+            verify_checkpoint(&note, &vkey).unwrap(),
+            Checked {
+                origin: "example.com/ledger".into(),
+                size: 9,
+                root: [5u8; 32]
+            }
+        );
+        let other = verifier_key(
+            "example.com/ledger",
+            &SigningKey::from_bytes(&[4u8; 32]).verifying_key(),
+        );
+        assert!(verify_checkpoint(&note, &other).is_err());
+        assert!(verify_checkpoint(&note.replace("\n9\n", "\n10\n"), &vkey).is_err());
+        let renamed = verifier_key("example.com/other", &key.verifying_key());
+        assert!(verify_checkpoint(&note, &renamed).is_err());
+    }
+}

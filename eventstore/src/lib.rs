@@ -38,6 +38,7 @@ mod memory;
 pub mod migrate;
 pub mod postgres;
 mod prepare;
+pub mod receipt;
 pub mod signing;
 pub mod subject_keys;
 pub mod subscription;

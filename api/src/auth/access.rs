@@ -84,6 +84,7 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("Query", "ledgerKeys", Access::Audit),
     ("Query", "inclusionProof", Access::Audit),
     ("Query", "consistencyProof", Access::Audit),
+    ("Query", "workflowReceipt", Access::Audit),
     ("Query", "agentDecisionSchema", Access::Anyone),
     ("Mutation", "submitWorkflow", Access::Submit),
     ("Mutation", "cancelWorkflow", Access::Cancel),

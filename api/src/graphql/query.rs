@@ -284,6 +284,35 @@ impl Query {
         Ok(Verification::of(verification))
     }
 
+    /// A receipt of the workflow: its events as stored, each with its
+    /// inclusion proof in the ledger's tree, and a checkpoint of that tree
+    /// signed now (format `agentledger-receipt-1`). Save it as a file:
+    /// `agentledger verify --receipt FILE --public-key VERIFIER_KEY` checks
+    /// it with no database. Sealed personal text stays sealed in it.
+    #[graphql(complexity = 100)]
+    async fn workflow_receipt(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<async_graphql::Json<serde_json::Value>> {
+        let id = parse_id(&id)?;
+        // The caller's tenant's workflow, or NOT_FOUND.
+        visible_stream(ctx, id, 1).await?;
+        let services = services(ctx);
+        let receipt = agentledger_eventstore::receipt::build(
+            &*services.store,
+            &*services.transparency.tree,
+            &*services.ledger_keys,
+            &services.transparency.origin,
+            &stream_of(id),
+        )
+        .await
+        .map_err(from_store)?;
+        Ok(async_graphql::Json(
+            serde_json::to_value(receipt).map_err(|e| error::internal(&e))?,
+        ))
+    }
+
     /// Recomputes every stream's hash chain, reading the ledger in pages.
     /// It returns hashes and counts only, never another tenant's content;
     /// one runs at a time per process (others wait their turn).
