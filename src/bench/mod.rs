@@ -152,6 +152,9 @@ where
                 while !stop.load(Ordering::Relaxed) {
                     rows.fetch_add(step(w, i).await? as u64, Ordering::Relaxed);
                     i += 1;
+                    // An in-memory append never waits: without this the
+                    // writers keep every thread and the timer never fires.
+                    tokio::task::yield_now().await;
                 }
                 anyhow::Ok(())
             })
