@@ -78,6 +78,11 @@
 //! tools_off = ["fetch_rates"]   # never reuse these tools' results
 //! roles_off = ["ethics"]        # never reuse these roles' model answers
 //!
+//! [witness]                  # C2SP witnesses this ledger's checkpoints are pushed to
+//! urls = ["https://witness.example.net"]   # AGENTLEDGER_WITNESS_URLS (comma-separated) replaces it
+//! interval_seconds = 60      # push at least this often
+//! every_events = 1000        # and whenever the tree grew by this many events
+//!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
 //! jwt_issuer = "https://id.example.com/realms/acme"
@@ -126,6 +131,44 @@ pub struct FileConfig {
     pub llm: Option<LlmSection>,
     #[serde(default)]
     pub cache: CacheSection,
+    #[serde(default)]
+    pub witness: WitnessSection,
+}
+
+/// `[witness]`: the witnesses `serve` pushes its checkpoints to.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessSection {
+    #[serde(default)]
+    pub urls: Vec<String>,
+    pub interval_seconds: Option<u64>,
+    pub every_events: Option<u64>,
+}
+
+impl WitnessSection {
+    /// What to push where; `AGENTLEDGER_WITNESS_URLS` (comma-separated)
+    /// replaces the file's list. `None` when there is no witness.
+    pub fn witnessing(&self) -> anyhow::Result<Option<crate::witnessing::Witnessing>> {
+        let urls: Vec<String> = match std::env::var("AGENTLEDGER_WITNESS_URLS") {
+            Ok(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(String::from)
+                .collect(),
+            Err(_) => self.urls.clone(),
+        };
+        for url in &urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                anyhow::bail!("[witness] urls: {url:?} is not an http(s) URL");
+            }
+        }
+        Ok((!urls.is_empty()).then(|| crate::witnessing::Witnessing {
+            urls,
+            interval: std::time::Duration::from_secs(self.interval_seconds.unwrap_or(60).max(1)),
+            every_events: self.every_events.unwrap_or(1_000),
+        }))
+    }
 }
 
 /// `[cache]`: the result cache.

@@ -12,6 +12,8 @@ mod receipt;
 mod replay;
 mod telemetry;
 mod verify;
+mod witness;
+mod witnessing;
 
 use std::net::SocketAddr;
 
@@ -67,6 +69,9 @@ enum Command {
     /// Write a workflow's receipt: its events, their inclusion proofs and a
     /// signed checkpoint, checkable with no database (`verify --receipt`).
     Receipt(receipt::ReceiptArgs),
+    /// Run a C2SP witness: cosign a log's checkpoints only as extensions of
+    /// the last one cosigned, and refuse a rewritten history.
+    Witness(witness::WitnessArgs),
     /// Replay projections from position 0 into fresh tables and swap them in.
     Rebuild(rebuild::RebuildArgs),
     /// Run a few varied requests end to end in memory and show each stage live.
@@ -185,6 +190,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Digest(args) => digest::run(args).await,
         Command::Prove(args) => prove::run(args).await,
         Command::Receipt(args) => receipt::run(args).await,
+        Command::Witness(args) => witness::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => demo::run(args).await,
@@ -283,6 +289,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .or_else(|| file.server.checkpoint_origin.clone())
         .unwrap_or_else(|| agentledger_api::DEFAULT_ORIGIN.to_string());
     agentledger_eventstore::checkpoint::check_origin(&checkpoint_origin)?;
+    let witnessing = file.witness.witnessing()?;
     let auth_config = auth_section.config(hardened, dev)?;
     // Read before anything is written: a bad [llm] stops the start here.
     let mut runtime_config = file.runtime(args.max_workflows)?;
@@ -399,6 +406,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tree.clone(),
         stop.clone(),
     )));
+    let witnesses = agentledger_api::WitnessStatus::default();
+    if let Some(witnessing) = witnessing {
+        tracing::info!(witnesses = ?witnessing.urls, "checkpoints are pushed to witnesses");
+        background.push(tokio::spawn(witnessing::push(
+            witnessing,
+            tree.clone(),
+            ledger_keys.clone(),
+            checkpoint_origin.clone(),
+            witnesses.clone(),
+            stop.clone(),
+        )));
+    }
     let auth = authenticator(auth_config, api_keys, hardened).await?;
     // The digest signing key exists from the first start on, so that
     // /.well-known/agentledger-key always has one to publish.
@@ -456,6 +475,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             transparency: agentledger_api::Transparency {
                 tree,
                 origin: checkpoint_origin,
+                witnesses,
             },
         },
         agentledger_api::HttpConfig {

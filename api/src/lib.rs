@@ -38,7 +38,10 @@ use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 
 pub use auth::{AuthConfig, Authenticator, Principal};
-pub use graphql::{schema, sdl, AgentledgerSchema, Limits, Services, Transparency, DEFAULT_ORIGIN};
+pub use graphql::{
+    schema, sdl, AgentledgerSchema, Limits, Services, Transparency, WitnessReport, WitnessStatus,
+    DEFAULT_ORIGIN,
+};
 
 /// What `/health` reports besides being alive.
 #[derive(Debug, Clone)]
@@ -640,6 +643,19 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
             problems.push(format!("{task}: {problem}"));
         }
     }
+    // A witness that refuses our checkpoint saw another history of this
+    // ledger: serve nothing until someone looks.
+    for (url, report) in services
+        .transparency
+        .witnesses
+        .lock()
+        .expect("witness status lock")
+        .iter()
+    {
+        if let Some(refused) = &report.refused {
+            problems.push(format!("witness {url} refused the checkpoint: {refused}"));
+        }
+    }
     (problems, lags)
 }
 
@@ -648,7 +664,19 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
 async fn ready(State(state): State<AppState>) -> Response {
     let (problems, lags) = readiness(&state).await;
     let ready = problems.is_empty();
-    let body = Json(json!({ "ready": ready, "problems": problems, "projection_lag": lags }));
+    let witnesses = state
+        .services
+        .transparency
+        .witnesses
+        .lock()
+        .expect("witness status lock")
+        .clone();
+    let body = Json(json!({
+        "ready": ready,
+        "problems": problems,
+        "projection_lag": lags,
+        "witnesses": witnesses,
+    }));
     if ready {
         (StatusCode::OK, body).into_response()
     } else {
@@ -699,6 +727,41 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             "agentledger_task_restarts_total{{task=\"{task}\"}} {}",
             health.restarts
         );
+    }
+    let witnesses = services
+        .transparency
+        .witnesses
+        .lock()
+        .expect("witness status lock")
+        .clone();
+    if !witnesses.is_empty() {
+        let _ = writeln!(out, "# HELP agentledger_witness_cosigned_size The largest tree a witness cosigned for this ledger.");
+        let _ = writeln!(out, "# TYPE agentledger_witness_cosigned_size gauge");
+        for (url, report) in &witnesses {
+            let _ = writeln!(
+                out,
+                "agentledger_witness_cosigned_size{{witness=\"{url}\"}} {}",
+                report.cosigned_size
+            );
+        }
+        let _ = writeln!(out, "# HELP agentledger_witness_refused 1 while a witness refuses this ledger's checkpoint (its history does not extend what the witness cosigned).");
+        let _ = writeln!(out, "# TYPE agentledger_witness_refused gauge");
+        for (url, report) in &witnesses {
+            let _ = writeln!(
+                out,
+                "agentledger_witness_refused{{witness=\"{url}\"}} {}",
+                u8::from(report.refused.is_some())
+            );
+        }
+        let _ = writeln!(out, "# HELP agentledger_witness_unreachable 1 when a witness could not be reached the last time.");
+        let _ = writeln!(out, "# TYPE agentledger_witness_unreachable gauge");
+        for (url, report) in &witnesses {
+            let _ = writeln!(
+                out,
+                "agentledger_witness_unreachable{{witness=\"{url}\"}} {}",
+                u8::from(report.unreachable.is_some())
+            );
+        }
     }
     if let Ok(head) = services.store.head_position().await {
         let _ = writeln!(

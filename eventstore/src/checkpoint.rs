@@ -101,10 +101,10 @@ pub fn verify_checkpoint(note: &str, vkey: &str) -> Result<Checked, String> {
     if hex::encode(id) != id_hex {
         return Err("the verifier key's id does not match its key".into());
     }
-    let Some(split) = note.find("\n\n") else {
+    let Some(body) = note_body(note) else {
         return Err("the checkpoint has no signature lines".into());
     };
-    let (body, signatures) = (&note[..split + 1], &note[split + 2..]);
+    let signatures = &note[body.len() + 1..];
     let prefix = format!("\u{2014} {name} ");
     let signed = signatures
         .lines()
@@ -145,6 +145,50 @@ pub fn verify_checkpoint(note: &str, vkey: &str) -> Result<Checked, String> {
         size,
         root,
     })
+}
+
+/// A witness's cosignature key type (C2SP `tlog-cosignature`).
+const ALG_COSIGNATURE_V1: u8 = 0x04;
+
+/// The key id of a witness's cosigning key `public` under `name`.
+pub fn cosigner_key_id(name: &str, public: &VerifyingKey) -> [u8; 4] {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update([b'\n', ALG_COSIGNATURE_V1]);
+    h.update(public.as_bytes());
+    let digest = h.finalize();
+    [digest[0], digest[1], digest[2], digest[3]]
+}
+
+/// A witness's verifier key: `name+hex key id+base64(0x04 ‖ key)`.
+pub fn cosigner_verifier_key(name: &str, public: &VerifyingKey) -> String {
+    let mut key = vec![ALG_COSIGNATURE_V1];
+    key.extend_from_slice(public.as_bytes());
+    format!(
+        "{name}+{}+{}",
+        hex::encode(cosigner_key_id(name, public)),
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// The cosignature line (C2SP `tlog-cosignature`, `cosignature/v1`) of the
+/// checkpoint `body` by witness `name`, at `timestamp` (Unix seconds).
+pub fn cosign(name: &str, key: &SigningKey, body: &str, timestamp: u64) -> String {
+    let message = format!("cosignature/v1\ntime {timestamp}\n{body}");
+    let signature = key.sign(message.as_bytes());
+    let mut blob = cosigner_key_id(name, &key.verifying_key()).to_vec();
+    blob.extend_from_slice(&timestamp.to_be_bytes());
+    blob.extend_from_slice(&signature.to_bytes());
+    format!(
+        "\u{2014} {name} {}\n",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+/// The body of a signed note (everything up to and with the line before
+/// the blank line), or `None` when it has no signature block.
+pub fn note_body(note: &str) -> Option<&str> {
+    note.find("\n\n").map(|split| &note[..split + 1])
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::Pool;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+/// An Ed25519 signing key (the ledger key's secret half).
+pub use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signature, Signer as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 

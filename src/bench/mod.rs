@@ -16,6 +16,7 @@ use tokio_postgres::Client;
 
 mod api;
 mod closed_loop;
+mod proofs;
 mod rebuild;
 mod verify;
 mod workers;
@@ -42,6 +43,10 @@ pub enum Bench {
     /// Whole-ledger verification speed and the verifier's peak memory over
     /// a million events (real workflow events, replicated, loaded with COPY).
     Verify(verify::VerifyArgs),
+    /// The ledger's tree over a million events (real workflow events,
+    /// replicated, loaded with COPY): building it beside a plain read, its
+    /// size, and inclusion proofs, consistency proofs and checkpoints.
+    Proofs(proofs::ProofsArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +86,7 @@ impl Bench {
             Self::Rebuild(args) => rebuild::run(args).await,
             Self::Api(args) => api::run(args).await,
             Self::Verify(args) => verify::run(args).await,
+            Self::Proofs(args) => proofs::run(args).await,
         }
     }
 }

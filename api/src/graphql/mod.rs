@@ -104,6 +104,23 @@ pub struct Transparency {
     pub tree: Arc<dyn agentledger_eventstore::tlog::TreeTiles>,
     /// The checkpoints' origin line, also their signing key's name.
     pub origin: String,
+    /// What the witnesses said to the last checkpoint pushed, by URL.
+    pub witnesses: WitnessStatus,
+}
+
+/// The witnesses' answers, by witness URL (written by `serve`'s pusher).
+pub type WitnessStatus = Arc<std::sync::Mutex<std::collections::BTreeMap<String, WitnessReport>>>;
+
+/// What one witness said last.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WitnessReport {
+    /// The largest tree it cosigned for us.
+    pub cosigned_size: u64,
+    /// Why it refused our last checkpoint (a history it cannot see as an
+    /// extension of what it cosigned): the node is not ready while set.
+    pub refused: Option<String>,
+    /// Why it could not be reached last time (the node stays ready).
+    pub unreachable: Option<String>,
 }
 
 /// The origin a deployment that names none signs its checkpoints with.
@@ -116,6 +133,7 @@ impl Default for Transparency {
         Self {
             tree: Arc::new(agentledger_eventstore::tlog::MemoryTiles::default()),
             origin: DEFAULT_ORIGIN.to_string(),
+            witnesses: WitnessStatus::default(),
         }
     }
 }

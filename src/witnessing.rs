@@ -1,0 +1,181 @@
+//! `serve`'s side of witnessing: pushes a signed checkpoint of the ledger's
+//! tree to each configured witness (C2SP `tlog-witness`) when the tree has
+//! grown by `every_events` or `interval` has passed, with a consistency
+//! proof from the size the witness last cosigned, and keeps what each
+//! witness said for `/ready` and `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentledger_api::{WitnessReport, WitnessStatus};
+use agentledger_eventstore::checkpoint::signed_checkpoint;
+use agentledger_eventstore::signing::LedgerKeys;
+use agentledger_eventstore::tlog::{self, TreeTiles};
+use base64::Engine;
+use tokio_util::sync::CancellationToken;
+
+/// Where and how often to push.
+#[derive(Debug, Clone)]
+pub struct Witnessing {
+    pub urls: Vec<String>,
+    pub interval: Duration,
+    pub every_events: u64,
+}
+
+/// Pushes until `stop`.
+pub async fn push(
+    config: Witnessing,
+    tree: Arc<dyn TreeTiles>,
+    keys: Arc<dyn LedgerKeys>,
+    origin: String,
+    status: WitnessStatus,
+    stop: CancellationToken,
+) {
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTP client for the witnesses");
+            return;
+        }
+    };
+    // The size each witness holds for us, as far as we know (0 at first;
+    // a 409 tells the real one).
+    let mut known: HashMap<String, u64> = HashMap::new();
+    let mut pushed: Option<(u64, Instant)> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+        let Ok(size) = tree.tree_size().await else {
+            continue;
+        };
+        let due = match pushed {
+            None => true,
+            Some((last, at)) => {
+                size >= last + config.every_events.max(1) || at.elapsed() >= config.interval
+            }
+        };
+        if !due || size == 0 {
+            continue;
+        }
+        let note = match checkpoint(&*tree, &*keys, &origin, size).await {
+            Ok(note) => note,
+            Err(e) => {
+                tracing::warn!(error = %e, "signing a checkpoint for the witnesses failed");
+                continue;
+            }
+        };
+        for url in &config.urls {
+            let held = known.entry(url.clone()).or_insert(0);
+            let report = push_one(&http, url, &*tree, held, size, &note).await;
+            if let Some(refused) = &report.refused {
+                tracing::error!(witness = %url, %refused, "a witness REFUSED this ledger's checkpoint");
+            } else if let Some(unreachable) = &report.unreachable {
+                tracing::warn!(witness = %url, %unreachable, "a witness could not be reached");
+            }
+            status
+                .lock()
+                .expect("witness status lock")
+                .insert(url.clone(), report);
+        }
+        pushed = Some((size, Instant::now()));
+    }
+}
+
+async fn checkpoint(
+    tree: &dyn TreeTiles,
+    keys: &dyn LedgerKeys,
+    origin: &str,
+    size: u64,
+) -> Result<String, agentledger_eventstore::StoreError> {
+    let root = tlog::tree_root(tree, size).await?;
+    let (_, key) = keys.active().await?;
+    Ok(signed_checkpoint(origin, size, &root, &key))
+}
+
+/// One witness: at most two tries (the second from the size a 409 gave).
+async fn push_one(
+    http: &reqwest::Client,
+    url: &str,
+    tree: &dyn TreeTiles,
+    held: &mut u64,
+    size: u64,
+    note: &str,
+) -> WitnessReport {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let refused = |why: String| WitnessReport {
+        cosigned_size: 0,
+        refused: Some(why),
+        unreachable: None,
+    };
+    for _ in 0..2 {
+        if *held > size {
+            return refused(format!(
+                "it cosigned a tree of {} leaves, and this ledger has {size}: it lost events \
+                 (a restored backup?)",
+                held
+            ));
+        }
+        let proof = match tlog::consistency_proof(tree, *held, size).await {
+            Ok(proof) => proof,
+            Err(e) => {
+                return WitnessReport {
+                    unreachable: Some(format!("no consistency proof from {held}: {e}")),
+                    ..WitnessReport::default()
+                }
+            }
+        };
+        let mut body = format!("old {held}\n");
+        for hash in &proof {
+            body.push_str(&b64.encode(hash));
+            body.push('\n');
+        }
+        body.push('\n');
+        body.push_str(note);
+        let sent = http
+            .post(format!("{}/add-checkpoint", url.trim_end_matches('/')))
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                return WitnessReport {
+                    unreachable: Some(e.to_string()),
+                    ..WitnessReport::default()
+                }
+            }
+        };
+        let code = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        match code {
+            200 => {
+                *held = size;
+                return WitnessReport {
+                    cosigned_size: size,
+                    ..WitnessReport::default()
+                };
+            }
+            409 => match text.trim().parse() {
+                Ok(theirs) => *held = theirs,
+                Err(_) => return refused(format!("409 without a size: {}", text.trim())),
+            },
+            400..=499 => return refused(format!("{code}: {}", text.trim())),
+            _ => {
+                return WitnessReport {
+                    unreachable: Some(format!("{code}: {}", text.trim())),
+                    ..WitnessReport::default()
+                }
+            }
+        }
+    }
+    WitnessReport {
+        unreachable: Some("it answered 409 twice".into()),
+        ..WitnessReport::default()
+    }
+}
