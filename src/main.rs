@@ -406,6 +406,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tree.clone(),
         stop.clone(),
     )));
+    if store_kind != "postgres" {
+        // The tree of the dev stores is rebuilt in memory at each start:
+        // until it reaches the head, a checkpoint would look like a
+        // ledger that lost events.
+        let head = store.head_position().await?;
+        while tree.size_at(head).await?.is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
     let witnesses = agentledger_api::WitnessStatus::default();
     if let Some(witnessing) = witnessing {
         tracing::info!(witnesses = ?witnessing.urls, "checkpoints are pushed to witnesses");
@@ -476,6 +485,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tree,
                 origin: checkpoint_origin,
                 witnesses,
+                signed: Arc::default(),
             },
         },
         agentledger_api::HttpConfig {

@@ -79,6 +79,23 @@ pub async fn run(args: ProveArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(d) = &digest {
+        d.check_signature()
+            .map_err(|e| anyhow::anyhow!("the digest does not check: {e}"))?;
+        match tiles.size_at(d.position).await? {
+            Some(events) if events == d.events => {}
+            Some(events) => bail!(
+                "the digest covers {} events up to position {}, the ledger's tree {events}: \
+                 events were added or removed below that position",
+                d.events,
+                d.position
+            ),
+            None => bail!(
+                "the ledger's tree does not reach the digest's position {} yet; try again",
+                d.position
+            ),
+        }
+    }
     let size = match (&digest, args.tree_size) {
         (Some(d), _) => d.events,
         (None, Some(size)) => size,
@@ -125,8 +142,8 @@ pub async fn run(args: ProveArgs) -> anyhow::Result<()> {
     );
     if let Some(d) = &digest {
         eprintln!(
-            "checked: position {position} is leaf {index} of the digest's tree ({size} events up to \
-             position {}, signed by {})",
+            "checked: the digest's signature (key {1}, its own: compare it with the key you keep), \
+             and position {position} is leaf {index} of its tree ({size} events up to position {0})",
             d.position, d.key_id
         );
     }

@@ -83,33 +83,79 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
 }
 
 /// The stored tree (what proofs and checkpoints are served from) against
-/// the events: its root must be the tree head the events give.
+/// the events: every tile is rebuilt from the events and compared (a
+/// growing tile may have grown since), and the positions recorded as
+/// holes must be exactly those no event took.
 async fn check_tree(store: &PostgresEventStore) -> anyhow::Result<()> {
     use agentledger_eventstore::postgres::PostgresTiles;
-    let row = store
-        .pool()
-        .get()
-        .await?
+    use agentledger_eventstore::tlog::{TileReader, TreeBuilder};
+    let client = store.pool().get().await?;
+    let row = client
         .query_one("SELECT size, position FROM ledger_tree", &[])
         .await?;
     let (size, position) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+    let stored_holes: Vec<u64> = client
+        .query(
+            "SELECT position FROM ledger_tree_holes WHERE position <= $1 ORDER BY 1",
+            &[&(position as i64)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, i64>(0) as u64)
+        .collect();
+    drop(client);
     if size == 0 {
-        println!("the ledger's tree: empty so far");
+        println!("the ledger's tree: not built yet (a running `serve` builds it from the events)");
         return Ok(());
     }
     let tiles = PostgresTiles::new(store.pool().clone());
-    let stored = agentledger_eventstore::tlog::tree_root(&tiles, size).await?;
-    let (expected, events) = agentledger_eventstore::digest::ledger_root(store, position).await?;
-    if events != size || stored != expected {
-        bail!(
-            "the ledger's tree: BROKEN: its {size} leaves up to position {position} have root {}, \
-             the {events} events up to there give {}; proofs and checkpoints from it are wrong \
-             (the events are what counts: a rebuild of the tree is needed)",
-            hex::encode(stored),
-            hex::encode(expected)
-        );
+    let mut builder = TreeBuilder::new();
+    let mut holes = Vec::new();
+    let mut from = 1;
+    let broken = |what: String| {
+        anyhow::anyhow!(
+            "the ledger's tree: BROKEN: {what}; proofs and checkpoints from it are wrong (the \
+             events are what counts: the tree must be rebuilt)"
+        )
+    };
+    while from <= position {
+        let page = store.read_range(from, position, 10_000).await?;
+        let Some(last) = page.last() else { break };
+        from = last.global_position + 1;
+        for event in &page {
+            builder.push(event.global_position, &event.hash);
+        }
+        let (changed, found) = builder.take_changes();
+        holes.extend(found);
+        let wanted: Vec<_> = changed.keys().copied().collect();
+        let stored = tiles.read_tiles(&wanted).await?;
+        for (tile, ours) in &changed {
+            let matches = stored.get(tile).is_some_and(|theirs| {
+                theirs.len() >= ours.len() && theirs[..ours.len()] == ours[..]
+            });
+            if !matches {
+                return Err(broken(format!(
+                    "tile {}/{} does not match the events",
+                    tile.level, tile.index
+                )));
+            }
+        }
     }
-    println!("the ledger's tree: ok, {size} leaves up to position {position} match the events");
+    if builder.size() != size || builder.position() != position {
+        return Err(broken(format!(
+            "it says {size} leaves up to position {position}; the events give {} up to {}",
+            builder.size(),
+            builder.position()
+        )));
+    }
+    if holes != stored_holes {
+        return Err(broken(format!(
+            "its record of positions no event took ({} of them) differs from the events' ({})",
+            stored_holes.len(),
+            holes.len()
+        )));
+    }
+    println!("the ledger's tree: ok, every tile of its {size} leaves up to position {position} matches the events");
     Ok(())
 }
 
@@ -179,20 +225,26 @@ fn check_receipt(path: &std::path::Path, trusted: Option<&str>) -> anyhow::Resul
             path.display()
         )
     })?;
-    match receipt::verify(&receipt, trusted) {
+    let Some(trusted) = trusted else {
+        bail!(
+            "give --public-key: the deployment's verifier key, kept apart (ledgerKeys, \
+             /.well-known/agentledger-key). The key inside the receipt ({}) proves nothing \
+             alone: whoever forged the file would have put theirs there",
+            receipt.verifier_key
+        );
+    };
+    match receipt::verify(&receipt, Some(trusted)) {
         Ok(checked) => {
             println!(
-                "receipt {}: ok, {} events of {} are in the tree of {} leaves that {} signed ({})",
+                "receipt {}: ok, versions 0 to {} of {} ({} events) are in the tree of {} leaves \
+                 that {} signed with the key given; events recorded after it was written are not \
+                 covered",
                 path.display(),
-                checked.events,
+                checked.last_version,
                 receipt.stream_id,
+                checked.events,
                 checked.tree_size,
                 checked.origin,
-                if trusted.is_some() {
-                    "the trusted key given"
-                } else {
-                    "the key inside the receipt: pass --public-key to check it is the deployment's"
-                }
             );
             Ok(())
         }

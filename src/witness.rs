@@ -126,29 +126,27 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut seed = [0u8; 32];
-            getrandom(&mut seed)?;
+            let key = agentledger_eventstore::signing::new_signing_key();
+            // Written whole or not at all: a temporary file, then a rename.
+            let mut temporary = path.as_os_str().to_owned();
+            temporary.push(".partial");
+            let temporary = PathBuf::from(temporary);
             let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
+            options.write(true).create(true).truncate(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             use std::io::Write;
             let mut file = options
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            file.write_all(&seed)?;
+                .open(&temporary)
+                .with_context(|| format!("creating {}", temporary.display()))?;
+            file.write_all(&key.to_bytes())?;
             file.sync_all()?;
-            Ok(SigningKey::from_bytes(&seed))
+            std::fs::rename(&temporary, path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-/// 32 random bytes from the operating system (v4 UUIDs come from it).
-fn getrandom(out: &mut [u8; 32]) -> anyhow::Result<()> {
-    out[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    out[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    Ok(())
 }
 
 fn answer(status: StatusCode, text: impl Into<String>) -> Response {
@@ -200,6 +198,11 @@ impl Witness {
         if checkpoint.size < old {
             return Err(bad("the checkpoint is smaller than the old size"));
         }
+        if held.is_none() && !proof.is_empty() {
+            return Err(bad(
+                "nothing is cosigned for this log yet: the proof must be empty",
+            ));
+        }
         if let Some(held) = &held {
             let held_root: Hash = b64
                 .decode(&held.root)
@@ -242,10 +245,21 @@ impl Witness {
 /// `path`: a crash leaves the old state or the new one, never half.
 fn save_state(path: &Path, state: &BTreeMap<String, Cosigned>) -> anyhow::Result<()> {
     use std::io::Write;
-    let temporary = path.with_extension("tmp");
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".partial");
+    let temporary = PathBuf::from(temporary);
     let mut file = std::fs::File::create(&temporary)
         .with_context(|| format!("creating {}", temporary.display()))?;
     file.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
     file.sync_all()?;
-    std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))
+    std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))?;
+    // The rename itself must reach the disk before the cosignature leaves:
+    // a witness that forgets what it cosigned could cosign a fork of it.
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(directory)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", directory.display()))
 }

@@ -87,6 +87,19 @@ pub async fn push(
     }
 }
 
+/// At most 4 KiB of a witness's answer (a cosignature line is ~150 bytes).
+async fn bounded_text(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > 4096 {
+            body.truncate(4096);
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 async fn checkpoint(
     tree: &dyn TreeTiles,
     keys: &dyn LedgerKeys,
@@ -115,11 +128,17 @@ async fn push_one(
     };
     for _ in 0..2 {
         if *held > size {
-            return refused(format!(
-                "it cosigned a tree of {} leaves, and this ledger has {size}: it lost events \
-                 (a restored backup?)",
-                held
-            ));
+            // Another node pushed a larger tree, or this node's tree is
+            // behind: not a fork by itself (a fork fails a proof, 422).
+            let held_size = *held;
+            *held = 0;
+            return WitnessReport {
+                unreachable: Some(format!(
+                    "it holds a tree of {held_size} leaves and this node's has {size}: this node \
+                     is behind (or the ledger lost events: check with `agentledger verify`)"
+                )),
+                ..WitnessReport::default()
+            };
         }
         let proof = match tlog::consistency_proof(tree, *held, size).await {
             Ok(proof) => proof,
@@ -152,7 +171,7 @@ async fn push_one(
             }
         };
         let code = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
+        let text = bounded_text(response).await;
         match code {
             200 => {
                 *held = size;
@@ -165,7 +184,10 @@ async fn push_one(
                 Ok(theirs) => *held = theirs,
                 Err(_) => return refused(format!("409 without a size: {}", text.trim())),
             },
-            400..=499 => return refused(format!("{code}: {}", text.trim())),
+            // The witness's proof check failed: it holds another history.
+            422 => return refused(format!("{code}: {}", text.trim())),
+            // Unknown log or key, a malformed request, too many requests:
+            // a configuration problem to fix, not a fork.
             _ => {
                 return WitnessReport {
                     unreachable: Some(format!("{code}: {}", text.trim())),

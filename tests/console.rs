@@ -257,6 +257,30 @@ async fn people_use_the_console_in_a_browser() {
         started.elapsed().as_secs_f64()
     );
     assert!(status.success(), "the browser test failed: {status}");
+    // The receipt the console downloaded checks with no database, under the
+    // verifier key the server publishes.
+    let known: serde_json::Value =
+        reqwest::get(format!("{}/.well-known/agentledger-key", server.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let checked = Command::new(env!("CARGO_BIN_EXE_agentledger"))
+        .args(["verify", "--receipt"])
+        .arg(root.join("target/console-artifacts/receipt.json"))
+        .args(["--public-key", known["verifier_key"].as_str().unwrap()])
+        .env_remove("DATABASE_URL")
+        .env_remove("AGENTLEDGER_ADMIN_DATABASE_URL")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stdout).to_string()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        checked.status.success() && said.contains(": ok, versions 0 to"),
+        "{said}"
+    );
+    println!("{}", said.trim());
     assert_eq!(*issuer.refused.lock().unwrap(), Vec::<String>::new());
     assert!(
         issuer.codes.lock().unwrap().is_empty(),

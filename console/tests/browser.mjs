@@ -203,7 +203,7 @@ async function run() {
   await accessible('the replay page');
   await shot('06-replay');
 
-  // Exports and the signed digest.
+  // Exports, the signed digest and the receipt.
   const [jsonl] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: 'Export JSONL' }).click()]);
   const lines = readFileSync(await jsonl.path(), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
   assert.equal(lines.length, steps);
@@ -215,7 +215,14 @@ async function run() {
   await digest.saveAs(digestPath);
   const signed = JSON.parse(readFileSync(digestPath, 'utf8'));
   assert.ok(signed.root && signed.signature, 'the digest carries a root and a signature');
-  log(`exported ${lines.length} JSONL lines and a CSV; digest saved to ${digestPath}`);
+  const [receipt] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: 'Download receipt' }).click()]);
+  const receiptPath = join(artifacts, 'receipt.json');
+  await receipt.saveAs(receiptPath);
+  const proved = JSON.parse(readFileSync(receiptPath, 'utf8'));
+  assert.equal(proved.format, 'agentledger-receipt-1');
+  assert.equal(proved.events.length, steps, 'the receipt holds every event of the workflow');
+  assert.match(proved.checkpoint, /\n— /, 'the receipt carries a signed checkpoint');
+  log(`exported ${lines.length} JSONL lines and a CSV; digest saved to ${digestPath}; receipt of ${proved.events.length} events to ${receiptPath}`);
 
   // Tamper with one stored event as the database owner: the replay flags it.
   const tampered = lines[2].position;

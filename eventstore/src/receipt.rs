@@ -14,6 +14,9 @@ use crate::signing::LedgerKeys;
 use crate::tlog::{self, TreeTiles};
 use crate::{EventStore, RecordedEvent, StoreError, StreamId};
 
+/// Most events one receipt holds.
+pub const MAX_EVENTS: usize = 10_000;
+
 /// The `format` of a receipt this build writes and reads.
 pub const RECEIPT_FORMAT: &str = "agentledger-receipt-1";
 
@@ -43,6 +46,9 @@ pub struct ReceiptEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiptCheck {
     pub events: usize,
+    /// The stream's versions covered: 0 to this one. Events recorded after
+    /// the receipt was written are not in it.
+    pub last_version: u64,
     pub tree_size: u64,
     pub origin: String,
 }
@@ -58,28 +64,48 @@ pub async fn build(
     origin: &str,
     stream: &StreamId,
 ) -> Result<Receipt, StoreError> {
-    let events = store.read_stream(stream, 0, 100_000).await?;
+    let mut events = Vec::new();
+    loop {
+        let page = store
+            .read_stream(stream, events.len() as u64, 1_000)
+            .await?;
+        let full = page.len() == 1_000;
+        events.extend(page);
+        if events.len() > MAX_EVENTS {
+            return Err(StoreError::BadInput(format!(
+                "{stream} has more than {MAX_EVENTS} events: too many for one receipt"
+            )));
+        }
+        if !full {
+            break;
+        }
+    }
     let Some(last) = events.last() else {
         return Err(StoreError::BadInput(format!("no stream {stream}")));
     };
-    let size = tree.tree_size().await?;
     if tree.leaf_index(last.global_position).await?.is_none() {
         return Err(StoreError::Unavailable(format!(
             "the ledger's tree does not reach position {} yet; try again in a moment",
             last.global_position
         )));
     }
+    let mut indexes = Vec::with_capacity(events.len());
+    for event in &events {
+        indexes.push(
+            tree.leaf_index(event.global_position)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt {
+                    position: event.global_position,
+                    reason: "an event the tree covers has no leaf".into(),
+                })?,
+        );
+    }
+    // Read after the leaves: the tree only grows, so it covers them all.
+    let size = tree.tree_size().await?;
     let root = tlog::tree_root(tree, size).await?;
     let (_, key) = keys.active().await?;
     let mut proved = Vec::with_capacity(events.len());
-    for event in events {
-        let index = tree
-            .leaf_index(event.global_position)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt {
-                position: event.global_position,
-                reason: "an event the tree covers has no leaf".into(),
-            })?;
+    for (event, index) in events.into_iter().zip(indexes) {
         let proof = tlog::inclusion_proof(tree, index, size).await?;
         proved.push(ReceiptEvent {
             event,
@@ -154,6 +180,7 @@ pub fn verify(receipt: &Receipt, trusted: Option<&str>) -> Result<ReceiptCheck, 
     }
     Ok(ReceiptCheck {
         events: receipt.events.len(),
+        last_version: receipt.events.last().map_or(0, |p| p.event.stream_version),
         tree_size: checkpoint.size,
         origin: checkpoint.origin,
     })

@@ -153,6 +153,11 @@ pub trait LedgerKeys: Send + Sync {
     async fn rotate(&self) -> Result<LedgerKey, StoreError>;
 }
 
+/// A new Ed25519 key from the operating system's random source.
+pub fn new_signing_key() -> SigningKey {
+    generate()
+}
+
 pub(crate) fn generate() -> SigningKey {
     use aes_gcm::aead::rand_core::RngCore;
     let mut seed = [0u8; 32];

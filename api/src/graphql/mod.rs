@@ -106,6 +106,9 @@ pub struct Transparency {
     pub origin: String,
     /// What the witnesses said to the last checkpoint pushed, by URL.
     pub witnesses: WitnessStatus,
+    /// The last checkpoint `GET /checkpoint` signed: (tree size, when,
+    /// note). Signed again only when the tree grew or a second passed.
+    pub signed: Arc<std::sync::Mutex<Option<(u64, std::time::Instant, String)>>>,
 }
 
 /// The witnesses' answers, by witness URL (written by `serve`'s pusher).
@@ -134,6 +137,7 @@ impl Default for Transparency {
             tree: Arc::new(agentledger_eventstore::tlog::MemoryTiles::default()),
             origin: DEFAULT_ORIGIN.to_string(),
             witnesses: WitnessStatus::default(),
+            signed: Arc::default(),
         }
     }
 }

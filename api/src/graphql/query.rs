@@ -299,6 +299,12 @@ impl Query {
         // The caller's tenant's workflow, or NOT_FOUND.
         visible_stream(ctx, id, 1).await?;
         let services = services(ctx);
+        // A proof per event: one receipt at a time per process.
+        let _turn = services
+            .ledger_work
+            .acquire()
+            .await
+            .map_err(|e| error::internal(&e))?;
         let receipt = agentledger_eventstore::receipt::build(
             &*services.store,
             &*services.transparency.tree,

@@ -1,8 +1,10 @@
 // Audit replay: a workflow's recorded events one at a time, with the
 // state after each (folded again by the server, nothing re-executed), who
 // recorded it and why, its hash, and whether its stream's hash chain
-// verifies up to it. Exports the steps as JSONL or CSV and downloads a
-// signed digest that covers them.
+// verifies up to it. Exports the steps as JSONL or CSV, downloads a
+// signed digest that covers them, and downloads the workflow's receipt
+// (its events with their inclusion proofs and a signed checkpoint), which
+// `agentledger verify --receipt` checks with no database.
 
 import { useEffect, useState } from 'preact/hooks';
 import { useLocation } from 'wouter-preact';
@@ -20,6 +22,7 @@ const REPLAY = `query($id: ID!) {
   verifyWorkflow(id: $id) { ok checkedEvents firstBrokenPosition reason }
 }`;
 const DIGEST = `query($at: Position) { ledgerDigest(atPosition: $at) { position root keyId json } }`;
+const RECEIPT = `query($id: ID!) { workflowReceipt(id: $id) }`;
 
 /** How the chain stands at a step: verified, broken there, or after a break. */
 function standing(verification, position) {
@@ -120,6 +123,15 @@ export function Replay({ me, id }) {
       setDigestError(e);
     }
   };
+  const receipt = async () => {
+    setDigestError(null);
+    try {
+      const { workflowReceipt } = await gql(RECEIPT, { id });
+      download(`receipt-${id}.json`, 'application/json', JSON.stringify(workflowReceipt, null, 2) + '\n');
+    } catch (e) {
+      setDigestError(e);
+    }
+  };
 
   return html`
     ${header}
@@ -167,6 +179,8 @@ export function Replay({ me, id }) {
       <button type="button" class="secondary" onClick=${exportJsonl}>Export JSONL</button>
       <button type="button" class="secondary" onClick=${exportCsv}>Export CSV</button>
       <button type="button" class="secondary" onClick=${digest}>Download signed digest</button>
+      <button type="button" class="secondary" onClick=${receipt}
+        title="The workflow's events with their inclusion proofs and a signed checkpoint: agentledger verify --receipt checks it offline">Download receipt</button>
     </div>
     <${ErrorMessage} error=${digestError} />`;
 }

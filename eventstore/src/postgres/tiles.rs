@@ -37,46 +37,61 @@ impl TileReader for PostgresTiles {
     }
 
     async fn read_tiles(&self, tiles: &[TileId]) -> Result<HashMap<TileId, Vec<Hash>>, StoreError> {
-        let levels: Vec<i16> = tiles.iter().map(|t| i16::from(t.level)).collect();
-        let indexes: Vec<i64> = tiles.iter().map(|t| to_i64(t.index)).collect();
         let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT t.level, t.idx, t.hashes FROM ledger_tiles t
-                 JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx)
-                   ON t.level = w.level AND t.idx = w.idx",
-                &[&levels, &indexes],
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let tile = TileId {
-                    level: row.get::<_, i16>(0) as u8,
-                    index: row.get::<_, i64>(1) as u64,
-                };
-                Ok((tile, decode_tile(row.get(2))?))
-            })
-            .collect()
+        read_tiles_with(&client, tiles).await
     }
+}
+
+async fn read_tiles_with(
+    client: &impl deadpool_postgres::GenericClient,
+    tiles: &[TileId],
+) -> Result<HashMap<TileId, Vec<Hash>>, StoreError> {
+    let levels: Vec<i16> = tiles.iter().map(|t| i16::from(t.level)).collect();
+    let indexes: Vec<i64> = tiles.iter().map(|t| to_i64(t.index)).collect();
+    let rows = client
+        .query(
+            "SELECT t.level, t.idx, t.hashes FROM ledger_tiles t
+             JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx)
+               ON t.level = w.level AND t.idx = w.idx",
+            &[&levels, &indexes],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let tile = TileId {
+                level: row.get::<_, i16>(0) as u8,
+                index: row.get::<_, i64>(1) as u64,
+            };
+            Ok((tile, decode_tile(row.get(2))?))
+        })
+        .collect()
 }
 
 #[async_trait]
 impl TreeTiles for PostgresTiles {
     async fn load(&self) -> Result<TreeBuilder, StoreError> {
-        let client = self.pool.get().await?;
-        let row = client
+        // One snapshot: the size and its edge tiles as one node saved them
+        // (another node's save in between would have grown the tiles).
+        let mut client = self.pool.get().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(deadpool_postgres::tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let row = tx
             .query_one("SELECT size, position FROM ledger_tree", &[])
             .await?;
         let (size, position) = (
             row.get::<_, i64>(0) as u64,
             row.get::<_, i64>(1) as Position,
         );
-        drop(client);
         let edges: Vec<TileId> = TreeBuilder::edge_tiles(size)
             .into_iter()
             .map(|(t, _)| t)
             .collect();
-        let tiles = self.read_tiles(&edges).await?;
+        let tiles = read_tiles_with(&tx, &edges).await?;
+        tx.commit().await?;
         TreeBuilder::resume(size, position, &tiles)
     }
 

@@ -192,12 +192,12 @@ var e,t,n,r,i,a,o,s,c,l,u,d,f,p,m,h,g={},_=[],v=/acit|ex(?:s|g|n|p|$)|rph|grid|o
     state { state priority progress { done total } subtasks { id title tool dependsOn state attempts output } decisions { position } }
   }
   verifyWorkflow(id: $id) { ok checkedEvents firstBrokenPosition reason }
-}`,im=`query($at: Position) { ledgerDigest(atPosition: $at) { position root keyId json } }`;function am(e,t){let n=e.firstBrokenPosition;return n==null||t<n?`verified`:t===n?`broken`:`after-break`}var om={verified:`Hash chain verifies up to this event.`,broken:`This event does not verify: it was altered after it was recorded, or its link is broken.`,"after-break":`Comes after a broken link: it cannot be trusted until the break is explained.`};function sm(e){let t=String(e??``);return/^[=+\-@\t\r]/.test(t)&&(t=`'${t}`),/[",\n\r]/.test(t)?`"${t.replaceAll(`"`,`""`)}"`:t}function cm(e,t){return e.map(e=>({position:e.position,version:e.event.version,type:e.event.type,recorded_at:e.event.recordedAt,actor:e.actor,role:e.role,summary:e.summary,rationale:e.rationale,state_after:e.state.state,hash:e.event.hash,prev_hash:e.event.prevHash,chain:am(t,e.position)}))}function lm({initial:e}){let[t,n]=M(e??``),[,r]=bt();return L`
+}`,im=`query($at: Position) { ledgerDigest(atPosition: $at) { position root keyId json } }`,am=`query($id: ID!) { workflowReceipt(id: $id) }`;function om(e,t){let n=e.firstBrokenPosition;return n==null||t<n?`verified`:t===n?`broken`:`after-break`}var sm={verified:`Hash chain verifies up to this event.`,broken:`This event does not verify: it was altered after it was recorded, or its link is broken.`,"after-break":`Comes after a broken link: it cannot be trusted until the break is explained.`};function cm(e){let t=String(e??``);return/^[=+\-@\t\r]/.test(t)&&(t=`'${t}`),/[",\n\r]/.test(t)?`"${t.replaceAll(`"`,`""`)}"`:t}function lm(e,t){return e.map(e=>({position:e.position,version:e.event.version,type:e.event.type,recorded_at:e.event.recordedAt,actor:e.actor,role:e.role,summary:e.summary,rationale:e.rationale,state_after:e.state.state,hash:e.event.hash,prev_hash:e.event.prevHash,chain:om(t,e.position)}))}function um({initial:e}){let[t,n]=M(e??``),[,r]=bt();return L`
     <form class="inline" onSubmit=${e=>(e.preventDefault(),r(`/replay/${t.trim()}`))}>
       <label for="replay-id">Workflow id</label>
       <input id="replay-id" required value=${t} onInput=${e=>n(e.currentTarget.value)} size="38" />
       <button type="submit">Replay</button>
-    </form>`}function um({me:e,id:t}){let[n,r]=M(null),[i,a]=M(null),[o,s]=M(0),[c,l]=M(null);if(Me(()=>{t&&(r(null),a(null),on(rm,{id:t}).then(e=>{if(e.replay.length===0)throw Error(`There is no such workflow in your tenant.`);r(e),s(e.replay.length-1)}).catch(a))},[t]),!Ei(e,`auditor`,`admin`))return L`<h1>Audit replay</h1><p>The replay takes the auditor role.</p>`;let u=L`<h1>Audit replay</h1><${lm} initial=${t} />`;if(!t)return u;if(!n)return L`${u}<${wi} error=${i} />${!i&&L`<${Ti} />`}`;let d=n.replay,f=n.verifyWorkflow,p=d[o],m=am(f,p.position);return L`
+    </form>`}function dm({me:e,id:t}){let[n,r]=M(null),[i,a]=M(null),[o,s]=M(0),[c,l]=M(null);if(Me(()=>{t&&(r(null),a(null),on(rm,{id:t}).then(e=>{if(e.replay.length===0)throw Error(`There is no such workflow in your tenant.`);r(e),s(e.replay.length-1)}).catch(a))},[t]),!Ei(e,`auditor`,`admin`))return L`<h1>Audit replay</h1><p>The replay takes the auditor role.</p>`;let u=L`<h1>Audit replay</h1><${um} initial=${t} />`;if(!t)return u;if(!n)return L`${u}<${wi} error=${i} />${!i&&L`<${Ti} />`}`;let d=n.replay,f=n.verifyWorkflow,p=d[o],m=om(f,p.position);return L`
     ${u}
     <div class=${`verdict ${f.ok?`ok`:`bad`}`} role="status" data-testid="verification">
       ${f.ok?L`✓ The hash chain verifies: ${f.checkedEvents} events checked.`:L`✗ Tampering detected at position ${f.firstBrokenPosition}: ${f.reason}`}
@@ -215,7 +215,7 @@ var e,t,n,r,i,a,o,s,c,l,u,d,f,p,m,h,g={},_=[],v=/acit|ex(?:s|g|n|p|$)|rph|grid|o
     <div class="grid two">
       <section aria-labelledby="event" class=${`event chain-${m}`} data-testid="replay-event" data-chain=${m}>
         <h2 id="event">#${p.position} ${p.event.type}</h2>
-        <p class="chain" data-testid="chain">${m===`verified`?`✓ `:`✗ `}${om[m]}</p>
+        <p class="chain" data-testid="chain">${m===`verified`?`✓ `:`✗ `}${sm[m]}</p>
         <dl class="facts">
           <div><dt>Recorded</dt><dd><${bi} at=${p.event.recordedAt} /></dd></div>
           <div><dt>By</dt><dd>${p.actor}${p.role?` as ${p.role.toLowerCase()}`:``}</dd></div>
@@ -238,15 +238,18 @@ var e,t,n,r,i,a,o,s,c,l,u,d,f,p,m,h,g={},_=[],v=/acit|ex(?:s|g|n|p|$)|rph|grid|o
       </section>
     </div>
     <div class="actions">
-      <button type="button" class="secondary" onClick=${()=>Di(`workflow-${t}.jsonl`,`application/x-ndjson`,cm(d,f).map(e=>JSON.stringify(e)).join(`
+      <button type="button" class="secondary" onClick=${()=>Di(`workflow-${t}.jsonl`,`application/x-ndjson`,lm(d,f).map(e=>JSON.stringify(e)).join(`
 `)+`
 `)}>Export JSONL</button>
-      <button type="button" class="secondary" onClick=${()=>{let e=cm(d,f),n=Object.keys(e[0]),r=[n.join(`,`),...e.map(e=>n.map(t=>sm(e[t])).join(`,`))];Di(`workflow-${t}.csv`,`text/csv`,r.join(`\r
+      <button type="button" class="secondary" onClick=${()=>{let e=lm(d,f),n=Object.keys(e[0]),r=[n.join(`,`),...e.map(e=>n.map(t=>cm(e[t])).join(`,`))];Di(`workflow-${t}.csv`,`text/csv`,r.join(`\r
 `)+`\r
 `)}}>Export CSV</button>
       <button type="button" class="secondary" onClick=${async()=>{l(null);try{let{ledgerDigest:e}=await on(im,{at:d.at(-1).position});Di(`digest-${e.position}.json`,`application/json`,e.json)}catch(e){l(e)}}}>Download signed digest</button>
+      <button type="button" class="secondary" onClick=${async()=>{l(null);try{let{workflowReceipt:e}=await on(am,{id:t});Di(`receipt-${t}.json`,`application/json`,JSON.stringify(e,null,2)+`
+`)}catch(e){l(e)}}}
+        title="The workflow's events with their inclusion proofs and a signed checkpoint: agentledger verify --receipt checks it offline">Download receipt</button>
     </div>
-    <${wi} error=${c} />`}var dm=`{ me { subject name tenant roles method } }`;function fm({config:e,error:t,setError:n}){let[r,i]=M(``);return L`
+    <${wi} error=${c} />`}var fm=`{ me { subject name tenant roles method } }`;function pm({config:e,error:t,setError:n}){let[r,i]=M(``);return L`
     <main id="main" class="signin">
       <h1>agentledger</h1>
       <p>Every agent decision, recorded and verifiable. Sign in to follow workflows, decide escalations and audit the ledger.</p>
@@ -261,7 +264,7 @@ var e,t,n,r,i,a,o,s,c,l,u,d,f,p,m,h,g={},_=[],v=/acit|ex(?:s|g|n|p|$)|rph|grid|o
       ${e?.oidc&&L`
         <p>or</p>
         <button type="button" onClick=${async()=>{try{await mi(e.oidc)}catch(e){n(e)}}}>Sign in with ${e.oidc.name}</button>`}
-    </main>`}function pm({me:e,children:t}){return L`
+    </main>`}function mm({me:e,children:t}){return L`
     <a class="skip" href="#main" onClick=${e=>{e.preventDefault(),document.getElementById(`main`)?.focus()}}>Skip to content</a>
     <header>
       <span class="brand">agentledger</span>
@@ -276,17 +279,17 @@ var e,t,n,r,i,a,o,s,c,l,u,d,f,p,m,h,g={},_=[],v=/acit|ex(?:s|g|n|p|$)|rph|grid|o
         <button type="button" class="link" onClick=${en}>Sign out</button>
       </div>
     </header>
-    <main id="main" tabindex="-1">${t}</main>`}function mm(){let[e,t]=M(null),[n,r]=M(null),[i,a]=M(null),[o,s]=M(Qt()!==null),[c,l]=M(!0);return Me(()=>tn(s),[]),Me(()=>{(async()=>{let e=await un().catch(()=>({oidc:null}));t(e),e.authentication===`off`&&Qt()===null&&$t(``);try{if(e.oidc){let t=await hi(e.oidc);t&&$t(t)}}catch(e){a(e)}l(!1)})()},[]),Me(()=>{o?on(dm).then(e=>r(e.me)).catch(e=>{a(e),en()}):r(null)},[o]),c?L`<${Ti} />`:o?n?L`
+    <main id="main" tabindex="-1">${t}</main>`}function hm(){let[e,t]=M(null),[n,r]=M(null),[i,a]=M(null),[o,s]=M(Qt()!==null),[c,l]=M(!0);return Me(()=>tn(s),[]),Me(()=>{(async()=>{let e=await un().catch(()=>({oidc:null}));t(e),e.authentication===`off`&&Qt()===null&&$t(``);try{if(e.oidc){let t=await hi(e.oidc);t&&$t(t)}}catch(e){a(e)}l(!1)})()},[]),Me(()=>{o?on(fm).then(e=>r(e.me)).catch(e=>{a(e),en()}):r(null)},[o]),c?L`<${Ti} />`:o?n?L`
     <${St} hook=${Ft}>
-      <${pm} me=${n}>
+      <${mm} me=${n}>
         <${Ot}>
           <${Tt} path="/"><${Bp} me=${n} /><//>
           <${Tt} path="/workflows"><${Wp} me=${n} /><//>
           <${Tt} path="/workflows/:id">${e=>L`<${Zp} me=${n} id=${e.id} />`}<//>
           <${Tt} path="/inbox"><${nm} me=${n} /><//>
-          <${Tt} path="/replay">${()=>L`<${um} me=${n} />`}<//>
-          <${Tt} path="/replay/:id">${e=>L`<${um} me=${n} id=${e.id} />`}<//>
+          <${Tt} path="/replay">${()=>L`<${dm} me=${n} />`}<//>
+          <${Tt} path="/replay/:id">${e=>L`<${dm} me=${n} id=${e.id} />`}<//>
           <${Tt}><h1>Not found</h1><p>No page here. <${Et} href="/">Back to the dashboard<//>.</p><//>
         <//>
       <//>
-    <//>`:L`<${Ti} what="Signing in" />`:L`<${fm} config=${e} error=${i} setError=${a} />`}ge(L`<${mm} />`,document.getElementById(`app`));
+    <//>`:L`<${Ti} what="Signing in" />`:L`<${pm} config=${e} error=${i} setError=${a} />`}ge(L`<${hm} />`,document.getElementById(`app`));
