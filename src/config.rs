@@ -83,6 +83,12 @@
 //! interval_seconds = 60      # push at least this often
 //! every_events = 1000        # and whenever the tree grew by this many events
 //!
+//! [retention]                # read-model rows past the window are archived, then pruned
+//! archive_dir = "/var/lib/agentledger/archive"  # AGENTLEDGER_RETENTION_ARCHIVE_DIR; unset: no retention
+//! window_days = 365          # workflows finished longer ago (and metrics of older minutes)
+//! min_window_days = 183      # the floor: a shorter window is refused (lower it only where the law allows)
+//! interval_hours = 24        # how often a node runs it (one node at a time)
+//!
 //! [auth]
 //! mode = "required"          # "off" (every caller anonymous, every role: dev only) or "required"
 //! jwt_issuer = "https://id.example.com/realms/acme"
@@ -133,6 +139,42 @@ pub struct FileConfig {
     pub cache: CacheSection,
     #[serde(default)]
     pub witness: WitnessSection,
+    #[serde(default)]
+    pub retention: RetentionSection,
+}
+
+/// `[retention]`: archiving and pruning read-model rows past a window.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    pub archive_dir: Option<std::path::PathBuf>,
+    pub window_days: Option<u32>,
+    pub min_window_days: Option<u32>,
+    pub interval_hours: Option<u64>,
+}
+
+impl RetentionSection {
+    /// The policy `serve` runs on its schedule; `None` without an archive
+    /// directory (`AGENTLEDGER_RETENTION_ARCHIVE_DIR` replaces the file's).
+    /// A window under the floor is refused here, before the service starts.
+    pub fn policy(&self) -> anyhow::Result<Option<crate::retention::Policy>> {
+        let dir = match std::env::var_os("AGENTLEDGER_RETENTION_ARCHIVE_DIR") {
+            Some(dir) if !dir.is_empty() => Some(std::path::PathBuf::from(dir)),
+            _ => self.archive_dir.clone(),
+        };
+        let Some(dir) = dir else {
+            if self.window_days.is_some() || self.interval_hours.is_some() {
+                anyhow::bail!("[retention] needs archive_dir: where archived rows are written");
+            }
+            return Ok(None);
+        };
+        let mut policy =
+            crate::retention::Policy::new(dir, self.window_days, self.min_window_days)?;
+        if let Some(hours) = self.interval_hours {
+            policy.interval = Duration::from_secs(hours.max(1) * 3600);
+        }
+        Ok(Some(policy))
+    }
 }
 
 /// `[witness]`: the witnesses `serve` pushes its checkpoints to.

@@ -10,6 +10,7 @@ mod prove;
 mod rebuild;
 mod receipt;
 mod replay;
+mod retention;
 mod telemetry;
 mod verify;
 mod witness;
@@ -69,6 +70,9 @@ enum Command {
     /// Write a workflow's receipt: its events, their inclusion proofs and a
     /// signed checkpoint, checkable with no database (`verify --receipt`).
     Receipt(receipt::ReceiptArgs),
+    /// Archive read-model rows past the retention window (JSONL segments
+    /// with receipts) and prune them; the ledger is never pruned.
+    Retain(retention::RetainArgs),
     /// Run a C2SP witness: cosign a log's checkpoints only as extensions of
     /// the last one cosigned, and refuse a rewritten history.
     Witness(witness::WitnessArgs),
@@ -191,6 +195,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Prove(args) => prove::run(args).await,
         Command::Receipt(args) => receipt::run(args).await,
         Command::Witness(args) => witness::run(args).await,
+        Command::Retain(args) => retention::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => demo::run(args).await,
@@ -290,6 +295,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| agentledger_api::DEFAULT_ORIGIN.to_string());
     agentledger_eventstore::checkpoint::check_origin(&checkpoint_origin)?;
     let witnessing = file.witness.witnessing()?;
+    let retention = file.retention.policy()?;
+    if retention.is_some() && args.database.database_url.is_none() {
+        bail!(
+            "[retention] archives and prunes PostgreSQL's read models: it needs DATABASE_URL \
+             (the dev stores keep their read models in memory)"
+        );
+    }
     let auth_config = auth_section.config(hardened, dev)?;
     // Read before anything is written: a bad [llm] stops the start here.
     let mut runtime_config = file.runtime(args.max_workflows)?;
@@ -304,6 +316,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let stop = tokio_util::sync::CancellationToken::new();
     let mut background = Vec::new();
+    // The read models' database, for retention.
+    let mut read_model_pool = None;
     let Backend {
         store,
         queue,
@@ -357,6 +371,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 runner.stop().await;
             }));
             let models = PostgresReadModels::new(store.pool().clone(), &checkpoints);
+            read_model_pool = Some(store.pool().clone());
             let queue = Arc::new(PostgresWorkQueue::new(store.pool().clone()));
             // Signing needs the owner role: the service role may not read
             // the secret half of the key (migration V6).
@@ -424,6 +439,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ledger_keys.clone(),
             checkpoint_origin.clone(),
             witnesses.clone(),
+            stop.clone(),
+        )));
+    }
+    if let (Some(policy), Some(pool)) = (retention, read_model_pool) {
+        tracing::info!(
+            archive_dir = %policy.archive_dir.display(),
+            window_days = policy.window_days,
+            "read-model rows past the window are archived and pruned"
+        );
+        background.push(tokio::spawn(retention::schedule(
+            policy,
+            pool,
+            store.clone(),
+            tree.clone(),
+            ledger_keys.clone(),
+            checkpoint_origin.clone(),
             stop.clone(),
         )));
     }

@@ -22,15 +22,20 @@ pub struct VerifyArgs {
     /// checkpoint's signature.
     #[arg(long, conflicts_with_all = ["digest", "export", "workflow"])]
     receipt: Option<std::path::PathBuf>,
+    /// Verify an archive segment (`agentledger retain`), without the
+    /// database: every workflow's receipt, every archived audit row against
+    /// its receipt's events, and the segment's closing counts.
+    #[arg(long, conflicts_with_all = ["digest", "export", "workflow", "receipt"])]
+    archive: Option<std::path::PathBuf>,
     /// Prove that the ledger up to a signed digest's position is unchanged
     /// (a file written by `agentledger digest`).
     #[arg(long, conflicts_with = "workflow")]
     digest: Option<std::path::PathBuf>,
     /// With --digest: the public key (hex) kept apart from the system; without
     /// it the digest's key must be one this deployment's database lists.
-    /// With --receipt: the deployment's note verifier key (`ledgerKeys`,
-    /// `/.well-known/agentledger-key`); without it, the key inside the
-    /// receipt, which a forger of the file could have replaced.
+    /// With --receipt or --archive (required there): the deployment's note
+    /// verifier key (`ledgerKeys`, `/.well-known/agentledger-key`), kept
+    /// apart from the file.
     #[arg(long)]
     public_key: Option<String>,
     #[command(flatten)]
@@ -41,8 +46,11 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.receipt {
         return check_receipt(path, args.public_key.as_deref());
     }
+    if let Some(path) = &args.archive {
+        return check_archive(path, args.public_key.as_deref());
+    }
     if args.public_key.is_some() && args.digest.is_none() {
-        bail!("--public-key goes with --digest or --receipt");
+        bail!("--public-key goes with --digest, --receipt or --archive");
     }
     if let Some(path) = &args.export {
         let verification = crate::export::verify_file(path)?;
@@ -249,6 +257,33 @@ fn check_receipt(path: &std::path::Path, trusted: Option<&str>) -> anyhow::Resul
             Ok(())
         }
         Err(e) => bail!("receipt {}: FAILED: {e}", path.display()),
+    }
+}
+
+fn check_archive(path: &std::path::Path, trusted: Option<&str>) -> anyhow::Result<()> {
+    let Some(trusted) = trusted else {
+        bail!(
+            "give --public-key: the deployment's verifier key, kept apart (ledgerKeys, \
+             /.well-known/agentledger-key)"
+        );
+    };
+    match crate::retention::verify_segment(path, trusted) {
+        Ok(checked) => {
+            println!(
+                "archive {}: ok, {} segment: {} workflows ({} events proved, {} audit rows \
+                 matched to them), {} agent-metric rows; sha256 {} (compare it with \
+                 retention_segments)",
+                path.display(),
+                checked.contents,
+                checked.workflows,
+                checked.events,
+                checked.audit_rows,
+                checked.metric_rows,
+                checked.sha256,
+            );
+            Ok(())
+        }
+        Err(e) => bail!("archive {}: FAILED: {e}", path.display()),
     }
 }
 

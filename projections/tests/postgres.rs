@@ -223,6 +223,7 @@ async fn a_rebuild_swaps_in_while_queries_are_served_and_the_live_runner_goes_on
             "audit_trail_tenant",
             "audit_trail_time",
             "audit_trail_workflow",
+            "workflow_status_completed",
             "workflow_status_newest",
             "workflow_status_pkey",
             "workflow_status_state_newest",
