@@ -51,6 +51,11 @@ pub struct WorkflowArgs {
     /// process, as in `serve`, and their lag is reported).
     #[arg(long)]
     no_projections: bool,
+    /// Run without the ledger's tree (by default its builder follows the
+    /// ledger in the same process, as in `serve`, and its transactions are
+    /// counted with the rest): what the tree costs is the difference.
+    #[arg(long)]
+    no_tree: bool,
     /// Turn the result cache on (every workflow asks the same: after the
     /// first, each tool result is reused); its hit rate and the time it
     /// saved are reported.
@@ -111,11 +116,23 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
         )?]
     };
     let lag = LagRecorder::start(&counting.inner, &checkpoints).await?;
+    let tree_stop = tokio_util::sync::CancellationToken::new();
+    let tree = (!args.no_tree).then(|| {
+        tokio::spawn(agentledger_eventstore::tlog::maintain(
+            Arc::new(counting.inner.clone()),
+            Arc::new(agentledger_eventstore::postgres::PostgresTiles::new(
+                counting.inner.pool().clone(),
+            )),
+            tree_stop.clone(),
+        ))
+    });
 
     println!(
         "end-to-end workflows on PostgreSQL: {} per phase, 3 subtasks each (extract, sort, total), \
-         runtime drives {} at once",
-        args.count, args.max_workflows
+         runtime drives {} at once; the ledger's tree {}",
+        args.count,
+        args.max_workflows,
+        if args.no_tree { "off (--no-tree)" } else { "built as in serve" }
     );
     // Warm-up: connections, prepared statements, caches.
     phase(
@@ -212,6 +229,10 @@ async fn measure(args: &WorkflowArgs, url: &str) -> anyhow::Result<()> {
     }
     let _ = stop.send(());
     running.await?;
+    tree_stop.cancel();
+    if let Some(tree) = tree {
+        tree.await?;
+    }
     for runner in runners {
         runner.stop().await;
     }
