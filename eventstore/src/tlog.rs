@@ -574,10 +574,14 @@ impl TreeTiles for MemoryTiles {
     }
 }
 
+/// How long [`maintain`] lets events gather once it has caught up.
+pub const SAVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Keeps `tiles` up with `store` until `stop`: follows the ledger from
 /// where the stored tree ends and stores each batch of leaves in one go.
 /// A node that finds the tree extended by another waits a second and
-/// catches up from the stored tree; a failure is logged and retried.
+/// catches up from the stored tree; a failure is logged and retried. At
+/// the head it saves at most once per [`SAVE_PAUSE`].
 pub async fn maintain(
     store: std::sync::Arc<dyn crate::EventStore>,
     tiles: std::sync::Arc<dyn TreeTiles>,
@@ -596,6 +600,7 @@ pub async fn maintain(
             );
             while let Some(batch) = events.next().await {
                 let from = builder.size();
+                let caught_up = batch.len() < BATCH;
                 for event in batch {
                     let event = event?;
                     if event.global_position > builder.position() {
@@ -604,6 +609,12 @@ pub async fn maintain(
                 }
                 if !tiles.save(from, &mut builder).await? {
                     return Ok::<bool, StoreError>(false);
+                }
+                if caught_up {
+                    // At the head: gather what arrives for a moment, so
+                    // that a busy ledger costs one read and one save per
+                    // pause, not one per commit.
+                    tokio::time::sleep(SAVE_PAUSE).await;
                 }
             }
             Ok(true)
