@@ -14,6 +14,9 @@ use crate::signing::LedgerKeys;
 use crate::tlog::{self, TreeTiles};
 use crate::{EventStore, RecordedEvent, StoreError, StreamId};
 
+/// How long a receipt waits for the tree to reach the stream's last event.
+const TREE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Most events one receipt holds.
 pub const MAX_EVENTS: usize = 10_000;
 
@@ -55,8 +58,9 @@ pub struct ReceiptCheck {
 
 /// The receipt of `stream`: its events, their proofs in the tree as far
 /// as it reaches now, and a checkpoint of that tree signed now under
-/// `origin`. Refused while the tree does not reach the stream's last event
-/// yet (it follows the ledger a moment behind): try again.
+/// `origin`. The tree follows the ledger a moment behind: it waits up to
+/// two seconds for it to reach the stream's last event, then refuses
+/// (unavailable: try again).
 pub async fn build(
     store: &dyn EventStore,
     tree: &dyn TreeTiles,
@@ -83,11 +87,17 @@ pub async fn build(
     let Some(last) = events.last() else {
         return Err(StoreError::BadInput(format!("no stream {stream}")));
     };
-    if tree.leaf_index(last.global_position).await?.is_none() {
-        return Err(StoreError::Unavailable(format!(
-            "the ledger's tree does not reach position {} yet; try again in a moment",
-            last.global_position
-        )));
+    // The tree follows the ledger within moments (`tlog::SAVE_PAUSE`):
+    // wait that long rather than refuse a workflow that just finished.
+    let waited = std::time::Instant::now();
+    while tree.leaf_index(last.global_position).await?.is_none() {
+        if waited.elapsed() > TREE_WAIT {
+            return Err(StoreError::Unavailable(format!(
+                "the ledger's tree does not reach position {} yet; try again in a moment",
+                last.global_position
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let mut indexes = Vec::with_capacity(events.len());
     for event in &events {

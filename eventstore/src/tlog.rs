@@ -513,8 +513,12 @@ struct MemoryTree {
 impl MemoryTiles {
     /// Stores what `builder` changed.
     pub fn apply(&self, builder: &mut TreeBuilder) {
-        let (changed, holes) = builder.take_changes();
         let mut state = self.state.write().expect("tiles lock");
+        Self::store(&mut state, builder);
+    }
+
+    fn store(state: &mut MemoryTree, builder: &mut TreeBuilder) {
+        let (changed, holes) = builder.take_changes();
         state.tiles.extend(changed);
         state.holes.extend(holes);
         state.size = builder.size();
@@ -545,10 +549,12 @@ impl TreeTiles for MemoryTiles {
     }
 
     async fn save(&self, from: u64, builder: &mut TreeBuilder) -> Result<bool, StoreError> {
-        if self.state.read().expect("tiles lock").size != from {
+        // Compare and set under one lock, as PostgresTiles does with FOR UPDATE.
+        let mut state = self.state.write().expect("tiles lock");
+        if state.size != from {
             return Ok(false);
         }
-        self.apply(builder);
+        Self::store(&mut state, builder);
         Ok(true)
     }
 
