@@ -21,14 +21,16 @@
 //!
 //! One node runs at a time (a PostgreSQL advisory lock); the others skip.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use agentledger_eventstore::receipt::{self, Receipt};
 use agentledger_eventstore::signing::LedgerKeys;
 use agentledger_eventstore::tlog::TreeTiles;
-use agentledger_eventstore::EventStore;
+use agentledger_eventstore::{EventStore, RecordedEvent};
+use agentledger_projections::model::audit::AuditEntry;
+use agentledger_projections::model::Fact;
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -105,18 +107,24 @@ pub struct Report {
     pub workflows: usize,
     pub audit_rows: usize,
     pub metric_rows: usize,
+    /// Workflows left in place this time, and why (a receipt that could
+    /// not be built, rows that do not match the ledger). The others went on.
+    pub problems: Vec<String>,
     /// Another node held the lock: nothing was done.
     pub skipped: bool,
 }
 
 /// Archives and prunes everything past the window, one segment at a time;
-/// `progress` hears of each segment.
+/// `progress` hears of each segment and of each workflow left in place.
 pub async fn run_once(
     sources: &Sources<'_>,
     policy: &Policy,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<Report> {
-    let client = sources.pool.get().await?;
+    // A connection of its own, out of the pool: the session lock ends with
+    // it whatever becomes of this run (an error, a panic, a dropped future),
+    // never left held on a pooled connection.
+    let client = deadpool_postgres::Object::take(sources.pool.get().await?);
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK])
         .await?
@@ -128,11 +136,9 @@ pub async fn run_once(
         });
     }
     let result = archive(sources, policy, &mut progress).await;
-    // Released on every path; a process that dies releases it with its
-    // connection.
-    client
+    let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
-        .await?;
+        .await;
     result
 }
 
@@ -149,7 +155,13 @@ async fn archive(
         )
         .await?
         .get(0);
-    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    // The run's time and a random tag: two runs in one second (two nodes,
+    // a CLI run beside serve's) never name a segment alike.
+    let stamp = format!(
+        "{}-{}",
+        Utc::now().format("%Y%m%dT%H%M%SZ"),
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
     let mut report = Report {
         cutoff: Some(cutoff),
         ..Report::default()
@@ -166,9 +178,10 @@ async fn archive(
     };
 
     // Workflows finished before the cutoff that still have audit rows, in
-    // keyset pages (a page that could not all be pruned is not read again).
+    // keyset pages: a workflow left in place is not read again this run.
     let mut after: (Option<DateTime<Utc>>, Uuid) = (None, Uuid::nil());
-    for seq in 1.. {
+    let mut seq = 0;
+    loop {
         let rows = client
             .query(
                 "SELECT w.workflow_id, w.completed_at FROM workflow_status w
@@ -185,7 +198,7 @@ async fn archive(
         let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
         let mut receipts = HashMap::new();
         for id in &ids {
-            let built = receipt::build(
+            match receipt::build(
                 sources.store,
                 sources.tree,
                 sources.keys,
@@ -193,8 +206,16 @@ async fn archive(
                 &agentledger_agents::stream_of(*id),
             )
             .await
-            .with_context(|| format!("the receipt of workflow {id}"))?;
-            receipts.insert(*id, built);
+            {
+                Ok(built) => {
+                    receipts.insert(*id, built);
+                }
+                Err(e) => {
+                    let problem = format!("workflow {id} left in place: its receipt: {e}");
+                    progress(&problem);
+                    report.problems.push(problem);
+                }
+            }
         }
         let audit = client
             .query(
@@ -204,10 +225,11 @@ async fn archive(
             )
             .await?;
         let mut by_workflow: HashMap<Uuid, Vec<Value>> = HashMap::new();
-        let mut positions = Vec::new();
         for row in &audit {
             let (id, position, value): (Uuid, i64, Value) = (row.get(0), row.get(1), row.get(2));
-            let receipt = &receipts[&id];
+            let Some(receipt) = receipts.get(&id) else {
+                continue;
+            };
             // Rows of events recorded after the receipt wait for the next run.
             if receipt
                 .events
@@ -216,60 +238,80 @@ async fn archive(
             {
                 continue;
             }
-            check_row(&value, receipt).map_err(|e| {
-                anyhow::anyhow!(
-                    "workflow {id}: {e}; the audit trail does not match the ledger \
-                     (`agentledger rebuild audit_trail` derives it again), nothing was pruned"
-                )
-            })?;
-            positions.push(position);
+            if let Err(e) = check_row(&value, &id, receipt) {
+                let problem = format!(
+                    "workflow {id} left in place: {e}: its audit trail does not match the ledger \
+                     (`agentledger rebuild audit_trail` derives it again)"
+                );
+                progress(&problem);
+                report.problems.push(problem);
+                receipts.remove(&id);
+                by_workflow.remove(&id);
+                continue;
+            }
             by_workflow.entry(id).or_default().push(value);
         }
+        let kept: Vec<Uuid> = ids
+            .iter()
+            .copied()
+            .filter(|id| receipts.contains_key(id))
+            .collect();
+        if kept.is_empty() {
+            continue;
+        }
         let mut lines = vec![header("workflows")];
-        for id in &ids {
-            let receipt = receipts.remove(id).expect("built above");
+        let mut archived = Vec::new();
+        for id in &kept {
+            let rows = by_workflow.remove(id).unwrap_or_default();
+            archived.extend(rows.iter().cloned());
             lines.push(json!({
                 "kind": "workflow",
                 "workflow_id": id,
-                "audit_trail": by_workflow.remove(id).unwrap_or_default(),
-                "receipt": receipt,
+                "audit_trail": rows,
+                "receipt": receipts.remove(id).expect("kept"),
             }));
         }
         lines.push(json!({
             "kind": "end",
-            "workflows": ids.len(),
-            "audit_rows": positions.len(),
+            "workflows": kept.len(),
+            "audit_rows": archived.len(),
             "metric_rows": 0,
         }));
+        seq += 1;
         let name = format!("{stamp}-workflows-{seq:04}.jsonl");
-        let path = write_segment(&policy.archive_dir, &name, &lines)?;
-        let archived = positions.len();
+        let positions: Vec<i64> = archived
+            .iter()
+            .map(|r| r["position"].as_i64().expect("checked"))
+            .collect();
+        let segment = write_segment(&policy.archive_dir, &name, &lines).await?;
         prune(
             sources.pool,
-            &path,
-            &name,
+            &segment,
             cutoff,
-            (ids.len(), archived, 0),
+            (kept.len(), archived, Vec::new()),
             |tx| {
                 Box::pin(async move {
                     Ok(tx
-                        .execute(
-                            "DELETE FROM audit_trail WHERE position = ANY($1)",
+                        .query(
+                            "DELETE FROM audit_trail a WHERE position = ANY($1) RETURNING to_jsonb(a)",
                             &[&positions],
                         )
-                        .await?)
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect())
                 })
             },
         )
         .await?;
-        report.workflows += ids.len();
-        report.audit_rows += archived;
+        report.workflows += kept.len();
+        report.audit_rows += segment.audit_rows;
         progress(&format!(
             "{}: {} workflows finished before {cutoff}",
-            path.display(),
-            ids.len()
+            segment.path.display(),
+            kept.len()
         ));
-        report.segments.push(path);
+        report.segments.push(segment.path);
     }
 
     // Agent metrics of the minutes before the cutoff.
@@ -288,33 +330,39 @@ async fn archive(
         let Some(last) = rows.last() else { break };
         after = (Some(last.get(0)), last.get(1), last.get(2));
         let mut lines = vec![header("agent_metrics")];
-        let (mut buckets, mut tenants, mut agents) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut buckets, mut tenants, mut agents, mut archived) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
             buckets.push(row.get::<_, DateTime<Utc>>(0));
             tenants.push(row.get::<_, String>(1));
             agents.push(row.get::<_, String>(2));
-            lines.push(json!({ "kind": "agent_metrics", "row": row.get::<_, Value>(3) }));
+            let value: Value = row.get(3);
+            lines.push(json!({ "kind": "agent_metrics", "row": value }));
+            archived.push(value);
         }
         let count = rows.len();
         lines.push(json!({ "kind": "end", "workflows": 0, "audit_rows": 0, "metric_rows": count }));
         let name = format!("{stamp}-metrics-{seq:04}.jsonl");
-        let path = write_segment(&policy.archive_dir, &name, &lines)?;
+        let segment = write_segment(&policy.archive_dir, &name, &lines).await?;
         prune(
             sources.pool,
-            &path,
-            &name,
+            &segment,
             cutoff,
-            (0, 0, count),
+            (0, Vec::new(), archived),
             |tx| {
                 Box::pin(async move {
                     Ok(tx
-                        .execute(
+                        .query(
                             "DELETE FROM agent_metrics m USING
                                unnest($1::timestamptz[], $2::text[], $3::text[]) AS k(bucket, tenant, agent)
-                             WHERE m.bucket = k.bucket AND m.tenant = k.tenant AND m.agent = k.agent",
+                             WHERE m.bucket = k.bucket AND m.tenant = k.tenant AND m.agent = k.agent
+                             RETURNING to_jsonb(m)",
                             &[&buckets, &tenants, &agents],
                         )
-                        .await?)
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect())
                 })
             },
         )
@@ -322,16 +370,34 @@ async fn archive(
         report.metric_rows += count;
         progress(&format!(
             "{}: {count} agent-metric rows of minutes before {cutoff}",
-            path.display()
+            segment.path.display()
         ));
-        report.segments.push(path);
+        report.segments.push(segment.path);
     }
     Ok(report)
 }
 
-/// An archived audit row names an event of the receipt: same position,
-/// version and hash.
-fn check_row(row: &Value, receipt: &Receipt) -> Result<(), String> {
+/// The audit row the projection writes for `event`, by column, as
+/// `to_jsonb` gives it; `None` for an event that is not a workflow's.
+fn derived_row(event: &RecordedEvent) -> Result<Option<Value>, String> {
+    let fact = Fact::decode(event).map_err(|e| e.to_string())?;
+    Ok(fact.map(|fact| {
+        let e = AuditEntry::of(&fact);
+        json!({
+            "position": e.position, "workflow_id": e.workflow_id, "tenant": e.tenant,
+            "version": e.version, "event_type": e.event_type, "kind": e.kind,
+            "actor_kind": e.actor_kind, "actor": e.actor, "actor_version": e.actor_version,
+            "role": e.role.map(|r| r.as_str()), "summary": e.summary, "rationale": e.rationale,
+            "policy_fingerprint": e.policy_fingerprint, "recorded_at": e.recorded_at,
+            "hash": e.hash,
+        })
+    }))
+}
+
+/// An archived audit row is the row of an event of its workflow's receipt,
+/// column for column: the same position, hash and version, and every
+/// reading derived from that event again (times compared as instants).
+fn check_row(row: &Value, workflow: &Uuid, receipt: &Receipt) -> Result<(), String> {
     let position = row["position"]
         .as_u64()
         .ok_or("an audit row has no position")?;
@@ -340,82 +406,136 @@ fn check_row(row: &Value, receipt: &Receipt) -> Result<(), String> {
         .iter()
         .find(|e| e.event.global_position == position)
         .ok_or_else(|| format!("the audit row at position {position} names no event of it"))?;
-    if row["hash"].as_str() != Some(hex::encode(event.event.hash).as_str())
-        || row["version"].as_u64() != Some(event.event.stream_version)
-    {
+    let derived = derived_row(&event.event)
+        .map_err(|e| format!("the event at position {position} cannot be read: {e}"))?
+        .ok_or_else(|| format!("the event at position {position} is not a workflow's"))?;
+    if row["workflow_id"].as_str() != Some(workflow.to_string().as_str()) {
         return Err(format!(
-            "the audit row at position {position} has another hash or version than the event"
+            "the audit row at position {position} is of another workflow"
+        ));
+    }
+    let (Some(row), Some(derived)) = (row.as_object(), derived.as_object()) else {
+        return Err(format!(
+            "the audit row at position {position} is not an object"
+        ));
+    };
+    let instant = |v: &Value| v.as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    let matches = |column: &str, value: &Value| match (column, row.get(column)) {
+        ("recorded_at", Some(theirs)) => {
+            instant(theirs).is_some() && instant(theirs) == instant(value)
+        }
+        (_, theirs) => theirs == Some(value),
+    };
+    if row.len() != derived.len() || !derived.iter().all(|(c, v)| matches(c, v)) {
+        let differ: Vec<&str> = derived
+            .iter()
+            .filter(|(c, v)| !matches(c, v))
+            .map(|(c, _)| c.as_str())
+            .collect();
+        return Err(format!(
+            "the audit row at position {position} differs from its event ({})",
+            if differ.is_empty() {
+                "its columns".to_string()
+            } else {
+                differ.join(", ")
+            }
         ));
     }
     Ok(())
 }
 
+/// A segment as written.
+struct Segment {
+    path: PathBuf,
+    name: String,
+    sha256: String,
+    audit_rows: usize,
+}
+
 /// Writes `lines` as `dir/name`, durably: a `.partial` file, synced,
-/// renamed, and the directory synced. Returns the path.
-fn write_segment(dir: &Path, name: &str, lines: &[Value]) -> anyhow::Result<PathBuf> {
-    let path = dir.join(name);
-    if path.exists() {
-        bail!("{} exists already: nothing was pruned", path.display());
-    }
-    let partial = dir.join(format!(".{name}.partial"));
-    let _ = std::fs::remove_file(&partial);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
-    let mut out = std::io::BufWriter::new(&mut file);
+/// renamed, and the directory synced, on a blocking thread.
+async fn write_segment(dir: &Path, name: &str, lines: &[Value]) -> anyhow::Result<Segment> {
+    let mut bytes = Vec::new();
     for line in lines {
-        serde_json::to_writer(&mut out, line)?;
-        out.write_all(b"\n")?;
+        serde_json::to_writer(&mut bytes, line)?;
+        bytes.push(b'\n');
     }
-    out.flush()?;
-    drop(out);
-    file.sync_all()
-        .with_context(|| format!("syncing {}", partial.display()))?;
-    std::fs::rename(&partial, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(path)
+    let audit_rows = lines
+        .iter()
+        .map(|l| l["audit_trail"].as_array().map_or(0, Vec::len))
+        .sum();
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let (dir, name) = (dir.to_path_buf(), name.to_string());
+    tokio::task::spawn_blocking(move || {
+        let path = dir.join(&name);
+        if path.exists() {
+            bail!("{} exists already: nothing was pruned", path.display());
+        }
+        let partial = dir.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_file(&partial);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, &path)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        Ok(Segment {
+            path,
+            name,
+            sha256,
+            audit_rows,
+        })
+    })
+    .await?
 }
 
 type Deleting<'t> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<u64>> + Send + 't>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Vec<Value>>> + Send + 't>>;
 
-/// In one transaction: records the segment (its SHA-256 from the file as
-/// written) and deletes its rows; refused, and nothing deleted, when the
-/// rows deleted are not the rows written.
+/// In one transaction: records the segment (with its SHA-256) and deletes
+/// its rows; refused, with nothing deleted, unless the rows deleted are
+/// exactly the rows written (a row changed or added meanwhile stays).
 async fn prune(
     pool: &Pool,
-    path: &Path,
-    name: &str,
+    segment: &Segment,
     cutoff: DateTime<Utc>,
-    (workflows, audit_rows, metric_rows): (usize, usize, usize),
+    (workflows, audit, metrics): (usize, Vec<Value>, Vec<Value>),
     delete: impl for<'t> FnOnce(&'t deadpool_postgres::Transaction<'t>) -> Deleting<'t>,
 ) -> anyhow::Result<()> {
-    let sha256 = hex::encode(Sha256::digest(std::fs::read(path)?));
-    let name = name.to_string();
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute(
         "INSERT INTO retention_segments (name, sha256, cutoff, workflows, audit_rows, metric_rows)
          VALUES ($1, $2, $3, $4, $5, $6)",
         &[
-            &name,
-            &sha256,
+            &segment.name,
+            &segment.sha256,
             &cutoff,
             &(workflows as i32),
-            &(audit_rows as i32),
-            &(metric_rows as i32),
+            &(audit.len() as i32),
+            &(metrics.len() as i32),
         ],
     )
     .await?;
-    let deleted = delete(&tx).await? as usize;
-    if deleted != audit_rows + metric_rows {
+    let sorted = |rows: Vec<Value>| {
+        let mut texts: Vec<String> = rows.iter().map(Value::to_string).collect();
+        texts.sort();
+        texts
+    };
+    let written = sorted(audit.into_iter().chain(metrics).collect());
+    let deleted = sorted(delete(&tx).await?);
+    if deleted != written {
         tx.rollback().await?;
         bail!(
-            "{name}: {deleted} rows would be deleted for {} archived (a rebuild ran meanwhile?): \
-             nothing was pruned; the next run archives them again",
-            audit_rows + metric_rows
+            "{}: the rows to delete ({}) are not the rows written ({}): they changed meanwhile \
+             (a rebuild?); nothing was pruned, the next run archives them again",
+            segment.name,
+            deleted.len(),
+            written.len()
         );
     }
     tx.commit().await?;
@@ -441,18 +561,17 @@ pub async fn schedule(
             keys: &*keys,
             origin: &origin,
         };
-        let run = run_once(&sources, &policy, |segment| {
-            tracing::info!(segment, "archive segment written and its rows pruned")
-        });
+        let run = run_once(&sources, &policy, |said| tracing::info!(said, "retention"));
         tokio::select! {
             () = stop.cancelled() => return,
             report = run => match report {
-                Ok(r) if r.skipped => tracing::debug!("another node runs retention now"),
+                Ok(r) if r.skipped => tracing::info!("retention skipped: another node holds its lock"),
                 Ok(r) => tracing::info!(
                     workflows = r.workflows,
                     audit_rows = r.audit_rows,
                     metric_rows = r.metric_rows,
                     segments = r.segments.len(),
+                    left_in_place = r.problems.len(),
                     "retention run done"
                 ),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention run failed; it runs again at the next interval"),
@@ -468,9 +587,13 @@ pub async fn schedule(
 /// `agentledger retain`.
 #[derive(clap::Args)]
 pub struct RetainArgs {
+    /// The service's configuration file: its `[retention]` and `[server]
+    /// checkpoint_origin` apply; the flags below override them.
+    #[arg(long, env = "AGENTLEDGER_CONFIG")]
+    config: Option<PathBuf>,
     /// Where segments are written (created when missing).
     #[arg(long, env = "AGENTLEDGER_RETENTION_ARCHIVE_DIR")]
-    archive_dir: PathBuf,
+    archive_dir: Option<PathBuf>,
     /// Rows of workflows finished longer ago than this are archived and
     /// pruned (default 365).
     #[arg(long)]
@@ -479,9 +602,9 @@ pub struct RetainArgs {
     #[arg(long)]
     min_window_days: Option<u32>,
     /// The checkpoint origin receipts are signed under, as `serve` signs
-    /// them (`[server] checkpoint_origin`).
-    #[arg(long, env = "AGENTLEDGER_CHECKPOINT_ORIGIN", default_value = agentledger_api::DEFAULT_ORIGIN)]
-    checkpoint_origin: String,
+    /// them (default: the configuration's, else localhost/agentledger).
+    #[arg(long, env = "AGENTLEDGER_CHECKPOINT_ORIGIN")]
+    checkpoint_origin: Option<String>,
     #[command(flatten)]
     database: crate::DatabaseArgs,
 }
@@ -490,8 +613,27 @@ pub async fn run(args: RetainArgs) -> anyhow::Result<()> {
     use agentledger_eventstore::postgres::PostgresTiles;
     use agentledger_eventstore::signing::PostgresLedgerKeys;
     use agentledger_eventstore::{PostgresEventStore, PostgresOptions};
-    agentledger_eventstore::checkpoint::check_origin(&args.checkpoint_origin)?;
-    let policy = Policy::new(args.archive_dir, args.window_days, args.min_window_days)?;
+    let file = match &args.config {
+        Some(path) => crate::config::FileConfig::load(path)?,
+        None => crate::config::FileConfig::default(),
+    };
+    let origin = args
+        .checkpoint_origin
+        .clone()
+        .or_else(|| file.server.checkpoint_origin.clone())
+        .unwrap_or_else(|| agentledger_api::DEFAULT_ORIGIN.to_string());
+    agentledger_eventstore::checkpoint::check_origin(&origin)?;
+    let section = &file.retention;
+    let archive_dir = args
+        .archive_dir
+        .clone()
+        .or_else(|| section.archive_dir.clone())
+        .context("give --archive-dir (or [retention] archive_dir in --config)")?;
+    let policy = Policy::new(
+        archive_dir,
+        args.window_days.or(section.window_days),
+        args.min_window_days.or(section.min_window_days),
+    )?;
     // Receipts are signed: the key's secret half is the owner role's to read.
     let url = args
         .database
@@ -505,17 +647,14 @@ pub async fn run(args: RetainArgs) -> anyhow::Result<()> {
         store: &store,
         tree: &tree,
         keys: &keys,
-        origin: &args.checkpoint_origin,
+        origin: &origin,
     };
     let report = run_once(&sources, &policy, |line| eprintln!("{line}")).await?;
     if report.skipped {
         bail!("another retention run holds the lock (a node's [retention] schedule?): try later");
     }
     let (_, key) = keys.active().await?;
-    let verifier = agentledger_eventstore::checkpoint::verifier_key(
-        &args.checkpoint_origin,
-        &key.verifying_key(),
-    );
+    let verifier = agentledger_eventstore::checkpoint::verifier_key(&origin, &key.verifying_key());
     println!(
         "retention: {} workflows ({} audit rows) and {} agent-metric rows from before {} \
          archived in {} segments under {} and pruned; the ledger keeps every event. Check a \
@@ -527,6 +666,12 @@ pub async fn run(args: RetainArgs) -> anyhow::Result<()> {
         report.segments.len(),
         policy.archive_dir.display(),
     );
+    if !report.problems.is_empty() {
+        bail!(
+            "{} workflows were left in place (listed above); the others were archived",
+            report.problems.len()
+        );
+    }
     Ok(())
 }
 
@@ -541,9 +686,12 @@ pub struct SegmentCheck {
     pub sha256: String,
 }
 
-/// Checks a segment with no database: its header and closing line, every
-/// workflow's receipt under `trusted` (the verifier key kept apart), and
-/// that every archived audit row names an event of its workflow's receipt.
+/// Checks a segment with no database: its header, that every line is of
+/// the kind the header names, once (no workflow, position or metric minute
+/// twice), every workflow's receipt under `trusted` (the verifier key kept
+/// apart), every archived audit row against the event it names in that
+/// receipt (column for column, readings derived again), every metric row's
+/// minute before the cutoff, and the closing counts.
 pub fn verify_segment(path: &Path, trusted: &str) -> Result<SegmentCheck, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("reading it: {e}"))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| "it is not UTF-8 text".to_string())?;
@@ -551,7 +699,11 @@ pub fn verify_segment(path: &Path, trusted: &str) -> Result<SegmentCheck, String
         sha256: hex::encode(Sha256::digest(&bytes)),
         ..SegmentCheck::default()
     };
+    let mut cutoff: Option<DateTime<Utc>> = None;
     let mut ended = None;
+    let mut workflows = HashSet::new();
+    let mut positions = HashSet::new();
+    let mut minutes = HashSet::new();
     for (n, line) in text.lines().enumerate() {
         let at = n + 1;
         if ended.is_some() {
@@ -559,7 +711,8 @@ pub fn verify_segment(path: &Path, trusted: &str) -> Result<SegmentCheck, String
         }
         let value: Value =
             serde_json::from_str(line).map_err(|e| format!("line {at} is not JSON: {e}"))?;
-        match (n, value["kind"].as_str()) {
+        let kind = value["kind"].as_str();
+        match (n, kind) {
             (0, Some("header")) => {
                 if value["format"] != ARCHIVE_FORMAT {
                     return Err(format!(
@@ -568,10 +721,33 @@ pub fn verify_segment(path: &Path, trusted: &str) -> Result<SegmentCheck, String
                     ));
                 }
                 check.contents = value["contents"].as_str().unwrap_or_default().to_string();
+                if !matches!(check.contents.as_str(), "workflows" | "agent_metrics") {
+                    return Err(format!(
+                        "the header names unknown contents {:?}",
+                        value["contents"]
+                    ));
+                }
+                cutoff = Some(
+                    serde_json::from_value(value["cutoff"].clone())
+                        .map_err(|_| "the header has no cutoff".to_string())?,
+                );
             }
             (0, _) => return Err("line 1 is not a segment's header".into()),
+            (_, Some("end")) => ended = Some(value),
+            (_, Some(kind)) if kind != line_kind(&check.contents) => {
+                return Err(format!(
+                    "line {at} is a {kind} line in a segment of {}",
+                    check.contents
+                ))
+            }
             (_, Some("workflow")) => {
-                let id = value["workflow_id"].as_str().unwrap_or_default();
+                let id: Uuid = value["workflow_id"]
+                    .as_str()
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| format!("line {at}: no workflow id"))?;
+                if !workflows.insert(id) {
+                    return Err(format!("line {at}: workflow {id} appears twice"));
+                }
                 let receipt: Receipt = serde_json::from_value(value["receipt"].clone())
                     .map_err(|e| format!("line {at}: the receipt of workflow {id}: {e}"))?;
                 if receipt.stream_id != format!("{}{id}", agentledger_domain::names::STREAM_PREFIX)
@@ -583,17 +759,44 @@ pub fn verify_segment(path: &Path, trusted: &str) -> Result<SegmentCheck, String
                 }
                 receipt::verify(&receipt, Some(trusted))
                     .map_err(|e| format!("line {at}: workflow {id}: {e}"))?;
-                let rows = value["audit_trail"].as_array().cloned().unwrap_or_default();
-                for row in &rows {
-                    check_row(row, &receipt)
+                let rows = value["audit_trail"]
+                    .as_array()
+                    .ok_or_else(|| format!("line {at}: workflow {id} has no audit_trail list"))?;
+                for row in rows {
+                    check_row(row, &id, &receipt)
                         .map_err(|e| format!("line {at}: workflow {id}: {e}"))?;
+                    if !positions.insert(row["position"].as_u64()) {
+                        return Err(format!(
+                            "line {at}: the audit row at position {} appears twice",
+                            row["position"]
+                        ));
+                    }
                 }
                 check.workflows += 1;
                 check.events += receipt.events.len();
                 check.audit_rows += rows.len();
             }
-            (_, Some("agent_metrics")) => check.metric_rows += 1,
-            (_, Some("end")) => ended = Some(value),
+            (_, Some("agent_metrics")) => {
+                let row = &value["row"];
+                let minute: Option<DateTime<Utc>> =
+                    serde_json::from_value(row["bucket"].clone()).ok();
+                let (Some(tenant), Some(agent), Some(minute)) =
+                    (row["tenant"].as_str(), row["agent"].as_str(), minute)
+                else {
+                    return Err(format!(
+                        "line {at}: a metric row without tenant, agent and bucket"
+                    ));
+                };
+                if cutoff.is_some_and(|c| minute >= c) {
+                    return Err(format!(
+                        "line {at}: the metric minute {minute} is not before the cutoff"
+                    ));
+                }
+                if !minutes.insert((tenant.to_string(), agent.to_string(), minute)) {
+                    return Err(format!("line {at}: {agent} at {minute} appears twice"));
+                }
+                check.metric_rows += 1;
+            }
             (_, kind) => return Err(format!("line {at}: unknown kind {kind:?}")),
         }
     }
@@ -619,6 +822,15 @@ pub fn verify_segment(path: &Path, trusted: &str) -> Result<SegmentCheck, String
     Ok(check)
 }
 
+/// The kind of line a segment of `contents` holds.
+fn line_kind(contents: &str) -> &'static str {
+    if contents == "workflows" {
+        "workflow"
+    } else {
+        "agent_metrics"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,35 +851,88 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn a_cut_or_padded_segment_is_refused() {
+    #[tokio::test]
+    async fn metric_segments_that_are_cut_padded_repeated_or_mixed_are_refused() {
         let dir = std::env::temp_dir().join(format!("retention-{}", Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let header =
-            json!({ "kind": "header", "format": ARCHIVE_FORMAT, "contents": "agent_metrics" });
-        let row = json!({ "kind": "agent_metrics", "row": { "agent": "sena" } });
-        let end = json!({ "kind": "end", "workflows": 0, "audit_rows": 0, "metric_rows": 1 });
-        let whole = write_segment(
-            &dir,
-            "whole.jsonl",
-            &[header.clone(), row.clone(), end.clone()],
-        )
-        .unwrap();
-        let checked = verify_segment(&whole, "unused").unwrap();
-        assert_eq!(
-            (checked.metric_rows, checked.contents.as_str()),
-            (1, "agent_metrics")
+        let header = json!({ "kind": "header", "format": ARCHIVE_FORMAT,
+                             "contents": "agent_metrics", "cutoff": "2026-01-01T00:00:00Z" });
+        let row = |agent: &str, bucket: &str| {
+            json!({ "kind": "agent_metrics",
+                    "row": { "tenant": "default", "agent": agent, "bucket": bucket } })
+        };
+        let end = |rows: u64| json!({ "kind": "end", "workflows": 0, "audit_rows": 0, "metric_rows": rows });
+        let (sena, lubit) = (
+            row("sena", "2025-06-01T10:00:00+00:00"),
+            row("lubit", "2025-06-01T10:00:00+00:00"),
         );
-        let cut = write_segment(&dir, "cut.jsonl", &[header.clone(), row.clone()]).unwrap();
-        assert!(verify_segment(&cut, "unused")
-            .unwrap_err()
-            .contains("cut short"));
-        let padded = write_segment(&dir, "padded.jsonl", &[header, row.clone(), row, end]).unwrap();
-        assert!(verify_segment(&padded, "unused")
-            .unwrap_err()
-            .contains("closing line counts"));
+        let check = |name: &'static str, lines: Vec<Value>| {
+            let dir = dir.clone();
+            async move {
+                let segment = write_segment(&dir, name, &lines).await.unwrap();
+                verify_segment(&segment.path, "unused")
+            }
+        };
+        let whole = check(
+            "whole",
+            vec![header.clone(), sena.clone(), lubit.clone(), end(2)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (whole.metric_rows, whole.contents.as_str()),
+            (2, "agent_metrics")
+        );
+        let refused = [
+            ("cut", vec![header.clone(), sena.clone()], "cut short"),
+            (
+                "padded",
+                vec![
+                    header.clone(),
+                    sena.clone(),
+                    lubit.clone(),
+                    sena.clone(),
+                    end(3),
+                ],
+                "appears twice",
+            ),
+            (
+                "miscounted",
+                vec![header.clone(), sena.clone(), end(2)],
+                "closing line counts",
+            ),
+            (
+                "late",
+                vec![header.clone(), row("sena", "2026-02-01T00:00:00Z"), end(1)],
+                "not before the cutoff",
+            ),
+            (
+                "empty row",
+                vec![header.clone(), json!({ "kind": "agent_metrics" }), end(1)],
+                "without tenant",
+            ),
+            (
+                "mixed",
+                vec![
+                    header.clone(),
+                    sena.clone(),
+                    json!({ "kind": "workflow" }),
+                    end(1),
+                ],
+                "a workflow line in a segment of agent_metrics",
+            ),
+            (
+                "trailing",
+                vec![header.clone(), sena.clone(), end(1), sena.clone()],
+                "after the closing line",
+            ),
+        ];
+        for (name, lines, said) in refused {
+            let err = check(name, lines).await.unwrap_err();
+            assert!(err.contains(said), "{name}: {err}");
+        }
         assert!(
-            write_segment(&dir, "whole.jsonl", &[]).is_err(),
+            write_segment(&dir, "whole", &[]).await.is_err(),
             "never overwritten"
         );
         std::fs::remove_dir_all(dir).unwrap();

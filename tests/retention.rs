@@ -81,8 +81,31 @@ async fn count(db: &TestDatabase, sql: &str, ids: &[Uuid]) -> i64 {
         .get(0)
 }
 
+fn rows_of(db: &TestDatabase) -> impl std::future::Future<Output = i64> + '_ {
+    count(
+        db,
+        "SELECT count(*) FROM agent_metrics WHERE $1::uuid[] IS NOT NULL",
+        &[],
+    )
+}
+
+async fn audit_rows(db: &TestDatabase, ids: &[Uuid]) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
+        ids,
+    )
+    .await
+}
+
+fn write_lines(path: &Path, lines: &[Value]) {
+    let body: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(path, body).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledger_stays() {
+    const ORIGIN: &str = "ledger.example.com/agentledger";
     let db = TestDatabase::create().await;
     let key = create_key(&db, "ops", &["submitter", "auditor", "viewer"], "default");
     let (server, _config) = serve_with_config(&db, "");
@@ -98,6 +121,7 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
         "첨부된 분기 보고서를 요약해 주세요. 그다음 요약문의 단어 수를 세어 주세요.",
     )
     .await;
+    let odd = completed(&server.base, &key, "Sort these numbers: 3, 1, 2.").await;
     let recent = completed(&server.base, &key, "Count the words of this sentence.").await;
     let known: Value = reqwest::get(format!("{}/.well-known/agentledger-key", server.base))
         .await
@@ -108,14 +132,15 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
     let vkey = known["verifier_key"].as_str().unwrap().to_string();
     server.stop();
 
-    // Two workflows finished 400 days ago, and every metric minute too.
+    // Three workflows finished 400 days ago, and every metric minute too;
+    // one of the three has an audit row that no longer matches its event.
     let admin = db.admin_client().await;
     let old = [old_a, old_b];
     admin
         .execute(
             "UPDATE workflow_status SET completed_at = completed_at - interval '400 days'
               WHERE workflow_id = ANY($1)",
-            &[&old.to_vec()],
+            &[&vec![old_a, old_b, odd]],
         )
         .await
         .unwrap();
@@ -126,26 +151,19 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
         )
         .await
         .unwrap();
+    admin
+        .execute(
+            "UPDATE audit_trail SET summary = summary || ' (edited)' WHERE workflow_id = $1 AND version = 1",
+            &[&odd],
+        )
+        .await
+        .unwrap();
     let events_before = common::count_events(&db).await;
-    let old_rows = count(
-        &db,
-        "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
-        &old,
-    )
-    .await;
-    let recent_rows = count(
-        &db,
-        "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
-        &[recent],
-    )
-    .await;
-    let metric_rows = count(
-        &db,
-        "SELECT count(*) FROM agent_metrics WHERE $1::uuid[] IS NOT NULL",
-        &[],
-    )
-    .await;
-    assert!(old_rows > 10 && recent_rows > 0 && metric_rows > 0);
+    let old_rows = audit_rows(&db, &old).await;
+    let odd_rows = audit_rows(&db, &[odd]).await;
+    let recent_rows = audit_rows(&db, &[recent]).await;
+    let metric_rows = rows_of(&db).await;
+    assert!(old_rows > 10 && odd_rows > 0 && recent_rows > 0 && metric_rows > 0);
 
     let dir = TempFile(std::env::temp_dir().join(format!("archive-{}", Uuid::new_v4())));
     let dir_arg = dir.0.to_string_lossy().to_string();
@@ -161,56 +179,34 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
         "{said}"
     );
     assert!(!dir.0.exists(), "a refused run creates nothing");
-    assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
-            &old
-        )
-        .await,
-        old_rows
-    );
+    assert_eq!(audit_rows(&db, &old).await, old_rows);
 
-    // The default window (a year): the two old workflows and the metrics go.
+    // The default window (a year): two old workflows and the metrics go;
+    // the one whose row does not match stays, named, and the run says so.
     let out = agentledger(&["retain", "--archive-dir", &dir_arg], db.admin_url());
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
     println!("{said}");
+    assert!(
+        !out.status.success(),
+        "a workflow left in place fails the run: {said}"
+    );
     assert!(
         said.contains(&format!(
             "2 workflows ({old_rows} audit rows) and {metric_rows} agent-metric rows"
-        )),
+        )) && said.contains(&format!("workflow {odd} left in place"))
+            && said.contains("differs from its event (summary)")
+            && said.contains("1 workflows were left in place"),
         "{said}"
     );
+    assert_eq!(audit_rows(&db, &old).await, 0);
+    assert_eq!(audit_rows(&db, &[odd]).await, odd_rows, "left in place");
     assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
-            &old
-        )
-        .await,
-        0
-    );
-    assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
-            &[recent]
-        )
-        .await,
+        audit_rows(&db, &[recent]).await,
         recent_rows,
-        "a workflow inside the window keeps its rows"
+        "inside the window"
     );
-    assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM agent_metrics WHERE $1::uuid[] IS NOT NULL",
-            &[]
-        )
-        .await,
-        0
-    );
+    assert_eq!(rows_of(&db).await, 0);
     assert_eq!(
         common::count_events(&db).await,
         events_before,
@@ -231,7 +227,10 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
     let files = segments(&dir.0);
     assert_eq!(files.len(), 2, "{files:?}");
     let recorded = admin
-        .query("SELECT name, sha256, workflows, audit_rows, metric_rows FROM retention_segments ORDER BY name", &[])
+        .query(
+            "SELECT name, sha256 FROM retention_segments ORDER BY name",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(recorded.len(), 2);
@@ -256,48 +255,89 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
         "{said}"
     );
 
-    // A changed row, a cut file, or another key: refused.
-    let text = std::fs::read_to_string(workflows).unwrap();
-    let mut lines: Vec<Value> = text
+    // Changed, cut, repeated or moved: refused; so is another key.
+    let lines: Vec<Value> = std::fs::read_to_string(workflows)
+        .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let changed_file = TempFile(dir.0.with_extension("changed.jsonl"));
+    let other_id = lines[2]["workflow_id"].clone();
+    let mut cases: Vec<(&str, Vec<Value>)> = Vec::new();
     let mut changed = lines.clone();
     changed[1]["audit_trail"][0]["hash"] = json!("00".repeat(32));
-    let write = |path: &Path, lines: &[Value]| {
-        let body: String = lines.iter().map(|l| l.to_string() + "\n").collect();
-        std::fs::write(path, body).unwrap();
-    };
-    write(&changed_file.0, &changed);
-    let (ok, said) = verify_archive(&changed_file.0, &vkey);
+    cases.push(("differs from its event (hash)", changed));
+    let mut changed = lines.clone();
+    changed[1]["audit_trail"][1]["summary"] = json!("approved, by nobody");
+    cases.push(("differs from its event (summary)", changed));
+    let mut changed = lines.clone();
+    changed[1]["audit_trail"][1]["workflow_id"] = other_id;
+    cases.push(("of another workflow", changed));
+    let mut changed = lines.clone();
+    changed[1]["receipt"]["events"][0]["event"]["payload"]["changed"] = json!("바뀜");
+    cases.push(("FAILED", changed));
+    let mut changed = lines.clone();
+    let end = changed.pop().unwrap();
+    changed.push(lines[1].clone());
+    changed.push(json!({ "kind": "end", "workflows": 3,
+        "audit_rows": end["audit_rows"].as_u64().unwrap() + lines[1]["audit_trail"].as_array().unwrap().len() as u64,
+        "metric_rows": 0 }));
+    cases.push(("appears twice", changed));
+    let mut changed = lines.clone();
+    changed.pop();
+    cases.push(("cut short", changed));
+    for (expected, lines) in cases {
+        write_lines(&changed_file.0, &lines);
+        let (ok, said) = verify_archive(&changed_file.0, &vkey);
+        assert!(
+            !ok && said.contains("FAILED") && said.contains(expected),
+            "{expected}: {said}"
+        );
+    }
+    let stranger = agentledger_eventstore::checkpoint::verifier_key(
+        "localhost/agentledger",
+        &agentledger_eventstore::signing::new_signing_key().verifying_key(),
+    );
+    let (ok, said) = verify_archive(workflows, &stranger);
+    assert!(!ok && said.contains("FAILED"), "{said}");
+
+    // Mended, the odd workflow goes with the next run, which reads its
+    // settings (and the checkpoint origin) from the service's file.
+    admin
+        .execute(
+            "UPDATE audit_trail SET summary = left(summary, length(summary) - 9)
+              WHERE workflow_id = $1 AND version = 1",
+            &[&odd],
+        )
+        .await
+        .unwrap();
+    let config = TempFile(std::env::temp_dir().join(format!("retention-{}.toml", Uuid::new_v4())));
+    let toml = format!(
+        "[server]\ncheckpoint_origin = \"{ORIGIN}\"\n[retention]\narchive_dir = \"{dir_arg}\"\ninterval_hours = 24\n"
+    );
+    std::fs::write(&config.0, &toml).unwrap();
+    let config_arg = config.0.to_string_lossy().to_string();
+    let out = agentledger(&["retain", "--config", &config_arg], db.admin_url());
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
-        !ok && said.contains("FAILED") && said.contains("another hash"),
+        out.status.success() && said.contains(&format!("1 workflows ({odd_rows} audit rows)")),
         "{said}"
     );
-    changed = lines.clone();
-    changed[1]["receipt"]["events"][0]["event"]["payload"]["changed"] = json!("바뀜");
-    write(&changed_file.0, &changed);
-    let (ok, said) = verify_archive(&changed_file.0, &vkey);
-    assert!(!ok && said.contains("FAILED"), "{said}");
-    lines.pop();
-    write(&changed_file.0, &lines);
-    let (ok, said) = verify_archive(&changed_file.0, &vkey);
-    assert!(!ok && said.contains("cut short"), "{said}");
-    let other = vkey.replacen('+', "x+", 1);
-    let (ok, said) = verify_archive(workflows, &other);
-    assert!(!ok && said.contains("FAILED"), "{said}");
-
-    // Run again: nothing left to archive, no segment written.
-    let out = agentledger(&["retain", "--archive-dir", &dir_arg], db.admin_url());
+    assert!(said.contains(&format!("--public-key '{ORIGIN}+")), "{said}");
+    let out = agentledger(&["retain", "--config", &config_arg], db.admin_url());
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 workflows (0 audit rows)"));
-    assert_eq!(segments(&dir.0).len(), 2);
+    assert_eq!(
+        segments(&dir.0).len(),
+        3,
+        "a run with nothing to archive writes nothing"
+    );
 
     // serve refuses a window under the floor before it listens.
-    let config = TempFile(std::env::temp_dir().join(format!("retention-{}.toml", Uuid::new_v4())));
+    let short = TempFile(std::env::temp_dir().join(format!("retention-{}.toml", Uuid::new_v4())));
     std::fs::write(
-        &config.0,
+        &short.0,
         format!("[retention]\narchive_dir = \"{dir_arg}\"\nwindow_days = 90\n"),
     )
     .unwrap();
@@ -307,7 +347,7 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
         .env("AGENTLEDGER_ADMIN_DATABASE_URL", db.admin_url())
         .env("AGENTLEDGER_PROFILE", "test")
         .env("AGENTLEDGER_AUTH_MODE", "required")
-        .env("AGENTLEDGER_CONFIG", &config.0)
+        .env("AGENTLEDGER_CONFIG", &short.0)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&refused.stderr);
@@ -325,33 +365,36 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
         )
         .await
         .unwrap();
-    let (server, _config) = serve_with_config(
-        &db,
-        &format!("[retention]\narchive_dir = \"{dir_arg}\"\ninterval_hours = 24\n"),
-    );
+    let (server, _config) = serve_with_config(&db, &toml);
     let started = Instant::now();
-    while count(
-        &db,
-        "SELECT count(*) FROM audit_trail WHERE workflow_id = ANY($1)",
-        &[recent],
-    )
-    .await
-        > 0
-    {
+    while audit_rows(&db, &[recent]).await > 0 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "serve did not run retention"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The row in retention_segments commits with the DELETE.
-    let third = admin
-        .query_one("SELECT name, workflows FROM retention_segments ORDER BY written_at DESC, name DESC LIMIT 1", &[])
+    let known: Value = reqwest::get(format!("{}/.well-known/agentledger-key", server.base))
+        .await
+        .unwrap()
+        .json()
         .await
         .unwrap();
-    assert_eq!(third.get::<_, i32>(1), 1);
-    let (ok, said) = verify_archive(&dir.0.join(third.get::<_, String>(0)), &vkey);
-    assert!(ok, "{said}");
+    let vkey = known["verifier_key"].as_str().unwrap();
+    assert!(vkey.starts_with(&format!("{ORIGIN}+")));
+    // The CLI's segment and serve's, both signed under the configured origin.
+    let recorded = admin
+        .query(
+            "SELECT name, workflows FROM retention_segments ORDER BY written_at DESC, name DESC LIMIT 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &recorded {
+        assert_eq!(row.get::<_, i32>(1), 1);
+        let (ok, said) = verify_archive(&dir.0.join(row.get::<_, String>(0)), vkey);
+        assert!(ok, "{said}");
+    }
     server.stop();
     std::fs::remove_dir_all(&dir.0).unwrap();
 }

@@ -616,7 +616,9 @@ pub async fn maintain(
                 if !tiles.save(from, &mut builder).await? {
                     return Ok::<bool, StoreError>(false);
                 }
-                if caught_up {
+                // A short batch is not always the head: catching up reads
+                // pages smaller than a batch. Pause only at the head.
+                if caught_up && builder.position() >= store.head_position().await? {
                     // At the head: gather what arrives for a moment, so
                     // that a busy ledger costs one read and one save per
                     // pause, not one per commit.
