@@ -13,40 +13,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agentledger_eventstore::testing::TestDatabase;
-use common::{agentledger, create_key, post, serve_with_config, TempFile};
+use common::{agentledger, create_key, serve_with_config, TempFile};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-
-async fn completed(base: &str, key: &str, request: &str) -> Uuid {
-    let (status, body) = post(
-        base,
-        Some(key),
-        "mutation($r: String!) { submitWorkflow(request: $r) { id } }",
-        &json!({ "r": request }),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let id = body["data"]["submitWorkflow"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let started = Instant::now();
-    loop {
-        let (_, body) = post(
-            base,
-            Some(key),
-            "query($id: ID!) { workflow(id: $id) { state } }",
-            &json!({ "id": id }),
-        )
-        .await;
-        if body["data"]["workflow"]["state"] == "COMPLETED" {
-            return id.parse().unwrap();
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// `agentledger verify --archive FILE --public-key KEY`: passed, and what it said.
 fn verify_archive(file: &Path, vkey: &str) -> (bool, String) {
@@ -109,20 +79,21 @@ async fn old_read_model_rows_are_archived_with_receipts_and_pruned_and_the_ledge
     let db = TestDatabase::create().await;
     let key = create_key(&db, "ops", &["submitter", "auditor", "viewer"], "default");
     let (server, _config) = serve_with_config(&db, "");
-    let old_a = completed(
+    let old_a = common::submit_completed(
         &server.base,
         &key,
         "Summarise the attached quarterly report.",
     )
     .await;
-    let old_b = completed(
+    let old_b = common::submit_completed(
         &server.base,
         &key,
         "첨부된 분기 보고서를 요약해 주세요. 그다음 요약문의 단어 수를 세어 주세요.",
     )
     .await;
-    let odd = completed(&server.base, &key, "Sort these numbers: 3, 1, 2.").await;
-    let recent = completed(&server.base, &key, "Count the words of this sentence.").await;
+    let odd = common::submit_completed(&server.base, &key, "Sort these numbers: 3, 1, 2.").await;
+    let recent =
+        common::submit_completed(&server.base, &key, "Count the words of this sentence.").await;
     let known: Value = reqwest::get(format!("{}/.well-known/agentledger-key", server.base))
         .await
         .unwrap()

@@ -70,35 +70,6 @@ fn serve(service_url: &str, admin_url: &str, config: &std::path::Path) -> Server
     ])
 }
 
-async fn submit_and_finish(base: &str, key: &str, request: &str) {
-    let (_, body) = post(
-        base,
-        Some(key),
-        "mutation($r: String!) { submitWorkflow(request: $r) { id } }",
-        &json!({ "r": request }),
-    )
-    .await;
-    let id = body["data"]["submitWorkflow"]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{body}"))
-        .to_string();
-    let started = Instant::now();
-    loop {
-        let (_, body) = post(
-            base,
-            Some(key),
-            "query($id: ID!) { workflow(id: $id) { state } }",
-            &json!({ "id": id }),
-        )
-        .await;
-        if body["data"]["workflow"]["state"] == "COMPLETED" {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "{body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn ready(base: &str) -> (u16, Value) {
     let response = reqwest::get(format!("{base}/ready")).await.unwrap();
     let status = response.status().as_u16();
@@ -175,7 +146,7 @@ async fn a_witness_cosigns_the_ledger_and_refuses_a_rewritten_history() {
 
     // The witness cosigns as the ledger grows.
     let server = serve(&db.service_url(), db.admin_url(), &config);
-    submit_and_finish(
+    common::submit_completed(
         &server.base,
         &key,
         "Summarise the attached quarterly report. Then count the words of the summary.",
@@ -200,7 +171,7 @@ async fn a_witness_cosigns_the_ledger_and_refuses_a_rewritten_history() {
         .unwrap();
 
     let server = serve(&db.service_url(), db.admin_url(), &config);
-    submit_and_finish(
+    common::submit_completed(
         &server.base,
         &key,
         "첨부된 분기 보고서를 요약해 주세요. 그다음 요약문의 단어 수를 세어 주세요.",
@@ -219,8 +190,8 @@ async fn a_witness_cosigns_the_ledger_and_refuses_a_rewritten_history() {
     let restored_admin = with_database(db.admin_url(), &backup, None);
     let restored_service = with_database(db.admin_url(), &backup, Some(SERVICE_ROLE));
     let server = serve(&restored_service, &restored_admin, &config);
-    submit_and_finish(&server.base, &key, "- Count the characters in the product description\n- Extract the keywords from the product description\n- Deduplicate the list of tags").await;
-    submit_and_finish(
+    common::submit_completed(&server.base, &key, "- Count the characters in the product description\n- Extract the keywords from the product description\n- Deduplicate the list of tags").await;
+    common::submit_completed(
         &server.base,
         &key,
         "(17 * 23) + 4를 계산하고, 그리고 나서 결과를 한 문장으로 설명해 주세요.",

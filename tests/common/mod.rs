@@ -190,6 +190,41 @@ pub async fn post(
     (status, body)
 }
 
+/// Submits `request` over GraphQL with `credential` and returns its id
+/// once the read model shows it COMPLETED (within 30 s).
+pub async fn submit_completed(base: &str, credential: &str, request: &str) -> uuid::Uuid {
+    let (status, body) = post(
+        base,
+        Some(credential),
+        "mutation($r: String!) { submitWorkflow(request: $r) { id } }",
+        &serde_json::json!({ "r": request }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["data"]["submitWorkflow"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) = post(
+            base,
+            Some(credential),
+            "query($id: ID!) { workflow(id: $id) { state } }",
+            &serde_json::json!({ "id": id }),
+        )
+        .await;
+        if body["data"]["workflow"]["state"] == "COMPLETED" {
+            return id.parse().expect("a workflow id is a UUID");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 pub fn code(body: &serde_json::Value) -> Option<&str> {
     body["errors"][0]["extensions"]["code"].as_str()
 }
