@@ -644,9 +644,12 @@ async fn kill_nodes(nodes: usize, kills: &[(f64, usize, bool)]) {
         cluster.kill(slot);
         let killed = Instant::now();
         // Someone watching a half-way workflow on a survivor sees it end.
-        let survivor = (0..nodes).find(|s| cluster.bases.lock().unwrap()[*s].is_some());
+        assert!(
+            cluster.bases.lock().unwrap().iter().any(Option::is_some),
+            "a survivor"
+        );
         watchers.push(tokio::spawn(progress_ends(
-            cluster.base(survivor.expect("a survivor")),
+            cluster.bases.clone(),
             in_flight[0].clone(),
         )));
         if restart {
@@ -674,8 +677,11 @@ async fn kill_nodes(nodes: usize, kills: &[(f64, usize, bool)]) {
         println!("{line}");
     }
     for watcher in watchers {
-        let state = watcher.await.unwrap();
-        println!("a workflowProgress subscriber on a survivor saw {state}");
+        let (state, reconnects) = watcher.await.unwrap();
+        println!(
+            "a workflowProgress subscriber on a survivor saw {state} \
+             ({reconnects} reconnects)"
+        );
     }
     let reconnects_before = follower.reconnects.load(Ordering::SeqCst);
     let summary = finish(&db, cluster, load, &tally, follower, from).await;
@@ -696,44 +702,65 @@ async fn two_of_three_nodes_killed_one_after_the_other_lose_nothing() {
     kill_nodes(3, &[(0.25, 0, false), (0.5, 1, false)]).await;
 }
 
-/// Subscribes to `workflowProgress(id)` on `base` and returns the first
-/// final state it shows (at most 60 s).
-async fn progress_ends(base: String, id: String) -> String {
+/// Subscribes to `workflowProgress(id)` on a live node and returns the
+/// first final state it shows and how many times it had to reconnect (at
+/// most 60 s). When its node is killed too, it subscribes again on another
+/// live node, as a client would: the subscription starts with the current
+/// state, so nothing in between can be missed.
+async fn progress_ends(bases: Arc<Mutex<Vec<Option<String>>>>, id: String) -> (String, usize) {
+    let watch = async {
+        for round in 0usize.. {
+            let base = {
+                let live: Vec<String> = bases.lock().unwrap().iter().flatten().cloned().collect();
+                live.get(round % live.len().max(1)).cloned()
+            };
+            if let Some(base) = base {
+                if let Some(state) = progress_on(&base, &id).await {
+                    return (state, round);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        unreachable!()
+    };
+    tokio::time::timeout(Duration::from_secs(60), watch)
+        .await
+        .unwrap_or_else(|_| panic!("workflowProgress of {id} showed no final state in 60 s"))
+}
+
+/// `workflowProgress(id)` on `base` until a final state (`Some`) or until
+/// the socket ends without one (`None`). A GraphQL error fails the test.
+async fn progress_on(base: &str, id: &str) -> Option<String> {
     let url = format!("{}/graphql/ws", base.replacen("http", "ws", 1));
     let mut request = url.into_client_request().unwrap();
     request.headers_mut().insert(
         "sec-websocket-protocol",
         "graphql-transport-ws".parse().unwrap(),
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.ok()?;
     let send = |v: Value| Message::Text(v.to_string().into());
     ws.send(send(json!({ "type": "connection_init" })))
         .await
-        .unwrap();
+        .ok()?;
     ws.send(send(json!({ "id": "1", "type": "subscribe", "payload": {
         "query": "subscription($id: ID!) { workflowProgress(id: $id) { state } }",
         "variables": { "id": id } } })))
         .await
-        .unwrap();
-    let watch = async {
-        while let Some(message) = ws.next().await {
-            let Message::Text(text) = message.unwrap() else {
-                continue;
-            };
-            let v: Value = serde_json::from_str(&text).unwrap();
-            assert_ne!(v["type"], "error", "workflowProgress: {v}");
-            let state = v["payload"]["data"]["workflowProgress"]["state"]
-                .as_str()
-                .unwrap_or_default();
-            if ["COMPLETED", "REJECTED", "FAILED", "FLAGGED", "CANCELLED"].contains(&state) {
-                return state.to_string();
-            }
+        .ok()?;
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_ne!(v["type"], "error", "workflowProgress: {v}");
+        let state = v["payload"]["data"]["workflowProgress"]["state"]
+            .as_str()
+            .unwrap_or_default();
+        if ["COMPLETED", "REJECTED", "FAILED", "FLAGGED", "CANCELLED"].contains(&state) {
+            return Some(state.to_string());
         }
-        panic!("workflowProgress of {id} ended without a final state");
-    };
-    tokio::time::timeout(Duration::from_secs(60), watch)
-        .await
-        .unwrap_or_else(|_| panic!("workflowProgress of {id} showed no final state in 60 s"))
+    }
+    None
 }
 
 async fn ready(base: &str) -> u16 {
