@@ -82,6 +82,8 @@
 //! urls = ["https://witness.example.net"]   # AGENTLEDGER_WITNESS_URLS (comma-separated) replaces it
 //! interval_seconds = 60      # push at least this often
 //! every_events = 1000        # and whenever the tree grew by this many events
+//! keys = ["witness.example.net+1f2e3d4c+BAs…"]  # their verifier keys (AGENTLEDGER_WITNESS_KEYS):
+//!                            # cosignatures that verify are published at /checkpoint/cosigned
 //!
 //! [retention]                # read-model rows past the window are archived, then pruned
 //! archive_dir = "/var/lib/agentledger/archive"  # AGENTLEDGER_RETENTION_ARCHIVE_DIR; unset: no retention
@@ -183,6 +185,11 @@ impl RetentionSection {
 pub struct WitnessSection {
     #[serde(default)]
     pub urls: Vec<String>,
+    /// The witnesses' verifier keys (`name+keyid+base64`, cosignature/v1):
+    /// cosignatures that verify under one are published at
+    /// `/checkpoint/cosigned`.
+    #[serde(default)]
+    pub keys: Vec<String>,
     pub interval_seconds: Option<u64>,
     pub every_events: Option<u64>,
 }
@@ -205,8 +212,22 @@ impl WitnessSection {
                 anyhow::bail!("[witness] urls: {url:?} is not an http(s) URL");
             }
         }
+        let keys: Vec<String> = match std::env::var("AGENTLEDGER_WITNESS_KEYS") {
+            Ok(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(String::from)
+                .collect(),
+            Err(_) => self.keys.clone(),
+        };
+        for key in &keys {
+            agentledger_eventstore::checkpoint::parse_cosigner_key(key)
+                .map_err(|e| anyhow::anyhow!("[witness] keys: {e}"))?;
+        }
         Ok((!urls.is_empty()).then(|| crate::witnessing::Witnessing {
             urls,
+            keys,
             interval: std::time::Duration::from_secs(self.interval_seconds.unwrap_or(60).max(1)),
             every_events: self.every_events.unwrap_or(1_000),
         }))

@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct Witnessing {
     pub urls: Vec<String>,
+    /// Their verifier keys: cosignatures that verify under one are kept
+    /// for `/checkpoint/cosigned`.
+    pub keys: Vec<String>,
     pub interval: Duration,
     pub every_events: u64,
 }
@@ -72,7 +75,31 @@ pub async fn push(
         };
         for url in &config.urls {
             let held = known.entry(url.clone()).or_insert(0);
-            let report = push_one(&http, url, &*tree, held, size, &note).await;
+            let mut report = push_one(&http, url, &*tree, held, size, &note).await;
+            if let Some((_, lines)) = &report.cosigned {
+                let body = agentledger_eventstore::checkpoint::note_body(&note).unwrap_or_default();
+                let verified: Vec<String> = lines
+                    .iter()
+                    .filter(|line| {
+                        config.keys.iter().any(|key| {
+                            agentledger_eventstore::checkpoint::verify_cosignature(body, line, key)
+                                .is_ok()
+                        })
+                    })
+                    .map(|line| format!("{}\n", line.trim_end()))
+                    .collect();
+                report.cosigned = if verified.is_empty() {
+                    if !config.keys.is_empty() {
+                        report.unreachable = Some(
+                            "it cosigned, but no cosignature it sent verifies under [witness] keys"
+                                .into(),
+                        );
+                    }
+                    None
+                } else {
+                    Some((note.clone(), verified))
+                };
+            }
             if let Some(refused) = &report.refused {
                 tracing::error!(witness = %url, %refused, "a witness REFUSED this ledger's checkpoint");
             } else if let Some(unreachable) = &report.unreachable {
@@ -122,9 +149,8 @@ async fn push_one(
 ) -> WitnessReport {
     let b64 = base64::engine::general_purpose::STANDARD;
     let refused = |why: String| WitnessReport {
-        cosigned_size: 0,
         refused: Some(why),
-        unreachable: None,
+        ..WitnessReport::default()
     };
     for _ in 0..2 {
         if *held > size {
@@ -175,8 +201,15 @@ async fn push_one(
         match code {
             200 => {
                 *held = size;
+                // The signature lines, checked by the caller.
+                let lines = text
+                    .lines()
+                    .filter(|l| l.starts_with('\u{2014}'))
+                    .map(String::from)
+                    .collect();
                 return WitnessReport {
                     cosigned_size: size,
+                    cosigned: Some((note.to_string(), lines)),
                     ..WitnessReport::default()
                 };
             }

@@ -11,6 +11,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agentledger_eventstore::checkpoint::{
+    cosigner_verifier_key, note_body, verify_checkpoint, verify_cosignature,
+};
 use agentledger_eventstore::testing::{with_database, TestDatabase, SERVICE_ROLE};
 use common::{create_key, post, Server};
 use serde_json::{json, Value};
@@ -133,12 +136,25 @@ async fn a_witness_cosigns_the_ledger_and_refuses_a_rewritten_history() {
         .as_str()
         .unwrap()
         .to_string();
+    let none = reqwest::get(format!("{}/checkpoint/cosigned", server.base))
+        .await
+        .unwrap();
+    assert_eq!(none.status(), 404, "nothing is cosigned without witnesses");
     server.stop();
     let witness = start_witness(&vkey, &dir.join("state.json"), &dir.join("witness.key"));
+    // The witness's verifier key, from the key it made at start.
+    let seed: [u8; 32] = std::fs::read(dir.join("witness.key"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let witness_vkey = cosigner_verifier_key(
+        "witness.test",
+        &agentledger_eventstore::signing::SigningKey::from_bytes(&seed).verifying_key(),
+    );
     std::fs::write(
         &config,
         format!(
-            "[server]\ncheckpoint_origin = \"{ORIGIN}\"\n[witness]\nurls = [\"{}\"]\ninterval_seconds = 1\nevery_events = 1\n",
+            "[server]\ncheckpoint_origin = \"{ORIGIN}\"\n[witness]\nurls = [\"{}\"]\nkeys = [\"{witness_vkey}\"]\ninterval_seconds = 1\nevery_events = 1\n",
             witness.base
         ),
     )
@@ -158,6 +174,26 @@ async fn a_witness_cosigns_the_ledger_and_refuses_a_rewritten_history() {
         s == 200 && b["witnesses"][&url]["cosigned_size"].as_u64() >= Some(first)
     })
     .await;
+    // The cosigned checkpoint: the ledger's signature and the witness's
+    // cosignature, each checked under the key its signer published.
+    let cosigned = reqwest::get(format!("{}/checkpoint/cosigned", server.base))
+        .await
+        .unwrap();
+    assert_eq!(cosigned.status(), 200);
+    let note = cosigned.text().await.unwrap();
+    let checked = verify_checkpoint(&note, &vkey).unwrap_or_else(|e| panic!("{e}\n{note}"));
+    assert!(checked.size >= first, "{note}");
+    let body = note_body(&note).unwrap();
+    let line = note
+        .lines()
+        .find(|l| l.starts_with("\u{2014} witness.test "))
+        .unwrap_or_else(|| panic!("no cosignature in\n{note}"));
+    verify_cosignature(body, line, &witness_vkey).unwrap();
+    assert!(
+        verify_cosignature(body, line, &vkey).is_err(),
+        "the ledger's key is not the witness's"
+    );
+    println!("cosigned checkpoint of {} leaves:\n{note}", checked.size);
     server.stop();
 
     // A backup of the ledger as it is now.

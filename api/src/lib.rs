@@ -212,6 +212,7 @@ pub fn router(info: ServiceInfo, services: Services, config: HttpConfig) -> Rout
         .route("/metrics", get(render_metrics))
         .route("/.well-known/agentledger-key", get(ledger_key))
         .route("/checkpoint", get(checkpoint))
+        .route("/checkpoint/cosigned", get(cosigned_checkpoint))
         .route_layer(axum::middleware::from_fn_with_state(http, metrics::track))
         // The GraphQL extractor reads the body itself, past axum's default
         // limit: the limit is enforced on the body stream instead.
@@ -277,6 +278,50 @@ async fn ledger_key(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// The largest checkpoint witnesses cosigned, with every verified
+/// cosignature of it appended (C2SP: extra signature lines on the note);
+/// 404 until a witness whose key is in `[witness] keys` cosigned one.
+async fn cosigned_checkpoint(State(state): State<AppState>) -> Response {
+    let reports = state
+        .services
+        .transparency
+        .witnesses
+        .lock()
+        .expect("witness status lock")
+        .clone();
+    let newest = reports
+        .values()
+        .filter_map(|r| r.cosigned.as_ref().map(|c| (r.cosigned_size, &c.0)))
+        .max_by_key(|(size, _)| *size)
+        .map(|(_, note)| note.clone());
+    let Some(note) = newest else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            "no checkpoint is cosigned yet: [witness] urls and keys name the witnesses\n",
+        )
+            .into_response();
+    };
+    let mut text = note.clone();
+    for (_, lines) in reports
+        .values()
+        .filter_map(|r| r.cosigned.as_ref())
+        .filter(|(cosigned, _)| *cosigned == note)
+    {
+        text.extend(lines.iter().map(String::as_str));
+    }
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        text,
+    )
+        .into_response()
 }
 
 /// The latest checkpoint of the ledger's tree (C2SP `tlog-checkpoint`, a

@@ -185,6 +185,60 @@ pub fn cosign(name: &str, key: &SigningKey, body: &str, timestamp: u64) -> Strin
     )
 }
 
+/// Checks that `vkey` is a witness's verifier key (`name+keyid+base64`,
+/// type `cosignature/v1`): its name and public key.
+pub fn parse_cosigner_key(vkey: &str) -> Result<(String, VerifyingKey), String> {
+    let mut parts = vkey.splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{vkey:?} is not NAME+KEYID+KEY"));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| format!("{vkey:?}: the key is not base64"))?;
+    let (Some(&ALG_COSIGNATURE_V1), Ok(public)) = (
+        bytes.first(),
+        <[u8; 32]>::try_from(&bytes[1.min(bytes.len())..]),
+    ) else {
+        return Err(format!("{vkey:?} is not a cosignature/v1 Ed25519 key"));
+    };
+    let public = VerifyingKey::from_bytes(&public)
+        .map_err(|_| format!("{vkey:?}: not an Ed25519 public key"))?;
+    if hex::encode(cosigner_key_id(name, &public)) != id {
+        return Err(format!(
+            "{vkey:?}: the key id does not match its name and key"
+        ));
+    }
+    Ok((name.to_string(), public))
+}
+
+/// Checks one cosignature line (`— name base64(keyid ‖ time ‖ signature)`)
+/// of the checkpoint `body` under the witness's verifier key `vkey`;
+/// returns when it was made (Unix seconds).
+pub fn verify_cosignature(body: &str, line: &str, vkey: &str) -> Result<u64, String> {
+    let (name, public) = parse_cosigner_key(vkey)?;
+    let rest = line
+        .trim_end_matches('\n')
+        .strip_prefix("\u{2014} ")
+        .ok_or("not a signature line")?;
+    let (signer, blob) = rest.split_once(' ').ok_or("not a signature line")?;
+    if signer != name {
+        return Err(format!("signed by {signer}, not {name}"));
+    }
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|_| "the signature is not base64")?;
+    if blob.len() != 4 + 8 + 64 || blob[..4] != cosigner_key_id(&name, &public) {
+        return Err(format!("not a cosignature by {vkey}"));
+    }
+    let timestamp = u64::from_be_bytes(blob[4..12].try_into().expect("8 bytes"));
+    let signature = ed25519_dalek::Signature::from_bytes(&blob[12..].try_into().expect("64 bytes"));
+    let message = format!("cosignature/v1\ntime {timestamp}\n{body}");
+    public
+        .verify_strict(message.as_bytes(), &signature)
+        .map_err(|_| format!("the cosignature by {name} does not verify"))?;
+    Ok(timestamp)
+}
+
 /// The body of a signed note (everything up to and with the line before
 /// the blank line), or `None` when it has no signature block.
 pub fn note_body(note: &str) -> Option<&str> {
@@ -194,6 +248,35 @@ pub fn note_body(note: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cosignature_verifies_under_its_witness_key_and_for_its_body_only() {
+        let witness = SigningKey::from_bytes(&[7u8; 32]);
+        let vkey = cosigner_verifier_key("witness.example", &witness.verifying_key());
+        let body = "example.com/ledger\n9\nBQUF\n";
+        let line = cosign("witness.example", &witness, body, 1_700_000_000);
+        assert_eq!(verify_cosignature(body, &line, &vkey), Ok(1_700_000_000));
+        assert!(verify_cosignature("example.com/ledger\n10\nBQUF\n", &line, &vkey).is_err());
+        let other = cosigner_verifier_key(
+            "witness.example",
+            &SigningKey::from_bytes(&[8u8; 32]).verifying_key(),
+        );
+        assert!(verify_cosignature(body, &line, &other).is_err());
+        assert!(parse_cosigner_key("witness.example+00000000+AAAA").is_err());
+        // A note key (type 0x01) is not a witness key.
+        let note_key = verifier_key("witness.example", &witness.verifying_key());
+        assert!(parse_cosigner_key(&note_key).is_err());
+        // Base64 has '+' in it: the key is all that follows the second '+'.
+        let plus = (0u8..=255)
+            .map(|seed| SigningKey::from_bytes(&[seed; 32]).verifying_key())
+            .find(|k| cosigner_verifier_key("w", k).matches('+').count() > 2)
+            .expect("some key encodes with a '+'");
+        let vkey = cosigner_verifier_key("w", &plus);
+        assert_eq!(
+            parse_cosigner_key(&vkey).map(|(n, k)| (n, k == plus)),
+            Ok(("w".into(), true))
+        );
+    }
 
     #[test]
     fn a_checkpoint_verifies_under_its_key_and_nothing_else() {

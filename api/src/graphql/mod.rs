@@ -124,6 +124,10 @@ pub struct WitnessReport {
     pub refused: Option<String>,
     /// Why it could not be reached last time (the node stays ready).
     pub unreachable: Option<String>,
+    /// The checkpoint it cosigned last and its cosignature lines, each
+    /// verified under a key of `[witness] keys` (not in `/ready`'s body).
+    #[serde(skip)]
+    pub cosigned: Option<(String, Vec<String>)>,
 }
 
 /// The origin a deployment that names none signs its checkpoints with.
