@@ -194,33 +194,32 @@ pub struct WitnessSection {
     pub every_events: Option<u64>,
 }
 
+/// A comma-separated environment variable, when set, replaces the file's
+/// list (blank items dropped).
+fn env_list(name: &str, file: &[String]) -> Vec<String> {
+    match std::env::var(name) {
+        Ok(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(String::from)
+            .collect(),
+        Err(_) => file.to_vec(),
+    }
+}
+
 impl WitnessSection {
-    /// What to push where; `AGENTLEDGER_WITNESS_URLS` (comma-separated)
-    /// replaces the file's list. `None` when there is no witness.
+    /// What to push where; `AGENTLEDGER_WITNESS_URLS` and
+    /// `AGENTLEDGER_WITNESS_KEYS` (comma-separated) replace the file's
+    /// lists. `None` when there is no witness.
     pub fn witnessing(&self) -> anyhow::Result<Option<crate::witnessing::Witnessing>> {
-        let urls: Vec<String> = match std::env::var("AGENTLEDGER_WITNESS_URLS") {
-            Ok(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .map(String::from)
-                .collect(),
-            Err(_) => self.urls.clone(),
-        };
+        let urls = env_list("AGENTLEDGER_WITNESS_URLS", &self.urls);
         for url in &urls {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 anyhow::bail!("[witness] urls: {url:?} is not an http(s) URL");
             }
         }
-        let keys: Vec<String> = match std::env::var("AGENTLEDGER_WITNESS_KEYS") {
-            Ok(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .map(String::from)
-                .collect(),
-            Err(_) => self.keys.clone(),
-        };
+        let keys = env_list("AGENTLEDGER_WITNESS_KEYS", &self.keys);
         for key in &keys {
             agentledger_eventstore::checkpoint::parse_cosigner_key(key)
                 .map_err(|e| anyhow::anyhow!("[witness] keys: {e}"))?;

@@ -284,13 +284,7 @@ async fn ledger_key(State(state): State<AppState>) -> Response {
 /// cosignature of it appended (C2SP: extra signature lines on the note);
 /// 404 until a witness whose key is in `[witness] keys` cosigned one.
 async fn cosigned_checkpoint(State(state): State<AppState>) -> Response {
-    let reports = state
-        .services
-        .transparency
-        .witnesses
-        .lock()
-        .expect("witness status lock")
-        .clone();
+    let reports = state.services.transparency.witness_reports();
     let newest = reports
         .values()
         .filter_map(|r| r.cosigned.as_ref().map(|c| (r.cosigned_size, &c.0)))
@@ -697,13 +691,7 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
     }
     // A witness that refuses our checkpoint saw another history of this
     // ledger: serve nothing until someone looks.
-    for (url, report) in services
-        .transparency
-        .witnesses
-        .lock()
-        .expect("witness status lock")
-        .iter()
-    {
+    for (url, report) in &services.transparency.witness_reports() {
         if let Some(refused) = &report.refused {
             problems.push(format!("witness {url} refused the checkpoint: {refused}"));
         }
@@ -716,13 +704,7 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
 async fn ready(State(state): State<AppState>) -> Response {
     let (problems, lags) = readiness(&state).await;
     let ready = problems.is_empty();
-    let witnesses = state
-        .services
-        .transparency
-        .witnesses
-        .lock()
-        .expect("witness status lock")
-        .clone();
+    let witnesses = state.services.transparency.witness_reports();
     let body = Json(json!({
         "ready": ready,
         "problems": problems,
@@ -780,12 +762,7 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
             health.restarts
         );
     }
-    let witnesses = services
-        .transparency
-        .witnesses
-        .lock()
-        .expect("witness status lock")
-        .clone();
+    let witnesses = services.transparency.witness_reports();
     // The families are declared with no witness too (no series then): the
     // alert rules name them on every deployment.
     {

@@ -111,6 +111,13 @@ pub struct Transparency {
     pub signed: Arc<std::sync::Mutex<Option<(u64, std::time::Instant, String)>>>,
 }
 
+impl Transparency {
+    /// A copy of what each witness said last, by URL.
+    pub fn witness_reports(&self) -> std::collections::BTreeMap<String, WitnessReport> {
+        self.witnesses.lock().expect("witness status lock").clone()
+    }
+}
+
 /// The witnesses' answers, by witness URL (written by `serve`'s pusher).
 pub type WitnessStatus = Arc<std::sync::Mutex<std::collections::BTreeMap<String, WitnessReport>>>;
 
