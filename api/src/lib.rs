@@ -673,7 +673,14 @@ async fn readiness(state: &AppState) -> (Vec<String>, serde_json::Map<String, Va
     let services = &state.services;
     let mut problems = Vec::new();
     let mut lags = serde_json::Map::new();
-    match lag(&*services.read_models, &*services.store).await {
+    // A pooled connection the server closed earlier fails the first query
+    // on it and leaves the pool: one more try on a fresh connection says
+    // whether the database itself is gone, and why.
+    let probe = match lag(&*services.read_models, &*services.store).await {
+        Err(_) => lag(&*services.read_models, &*services.store).await,
+        found => found,
+    };
+    match probe {
         Ok(found) => {
             for (name, behind) in found {
                 if state.config.max_lag.is_some_and(|max| behind > max) {
