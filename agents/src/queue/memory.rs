@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    lease_end, Assignment, CallResult, Claim, PostedCall, QueueError, TaskClaim, WorkQueue,
-    CALL_GRACE,
+    lease_end, superseded, Assignment, CallResult, Claim, PostedCall, QueueError, TaskClaim,
+    WorkQueue, CALL_GRACE,
 };
 
 #[derive(Debug, Clone)]
@@ -302,7 +302,7 @@ impl WorkQueue for InMemoryWorkQueue {
             .posted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut calls = self.calls();
-        calls.retain(|_, (_, c)| c.deadline + CALL_GRACE >= now);
+        calls.retain(|_, (_, c)| c.deadline + CALL_GRACE >= now && !superseded(c, call));
         calls
             .entry(call.id)
             .or_insert_with(|| (order, call.clone()));

@@ -238,7 +238,8 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Posts an external tool call; nothing when a call of that id exists.
     /// Calls whose deadline passed long ago (a crashed executor's) are
-    /// cleared on the way.
+    /// cleared on the way, and so are the unanswered earlier attempts of
+    /// the same subtask: the executor gave up on them.
     async fn post_call(&self, call: &PostedCall, now: DateTime<Utc>) -> Result<(), QueueError>;
 
     /// Claims for `holder` until `now + lease` the oldest unanswered call
@@ -306,6 +307,16 @@ pub(crate) fn priority_from_code(code: i16) -> Priority {
 /// clears it: the executor removes its own calls, this catches those of
 /// one that crashed (and leaves room for clocks a little apart).
 pub(crate) const CALL_GRACE: chrono::Duration = chrono::Duration::minutes(1);
+
+/// Whether posting `new` makes `old` obsolete: an unanswered earlier
+/// attempt of the same subtask (answered ones stay, so that a worker
+/// sending its answer again is told it landed).
+pub(crate) fn superseded(old: &PostedCall, new: &PostedCall) -> bool {
+    old.workflow == new.workflow
+        && old.subtask == new.subtask
+        && old.attempt < new.attempt
+        && old.result.is_none()
+}
 
 pub(crate) fn lease_end(now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX)

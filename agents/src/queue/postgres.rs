@@ -149,7 +149,11 @@ const POST_CALL: &str = "
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
     ON CONFLICT (id) DO NOTHING";
 
-const CLEAR_CALLS: &str = "DELETE FROM tool_calls WHERE deadline < $1";
+const CLEAR_CALLS: &str = "
+    DELETE FROM tool_calls
+     WHERE deadline < $1
+        OR (workflow_id = $2 AND subtask = $3 AND attempt < $4
+            AND output IS NULL AND error IS NULL)";
 
 fn claim_call_sql() -> String {
     format!(
@@ -533,7 +537,8 @@ impl WorkQueue for PostgresWorkQueue {
             &call.deadline,
             &now,
         ];
-        let clear_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&cleared];
+        let clear_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&cleared, &call.workflow, &call.subtask, &attempt];
         tokio::try_join!(
             client.execute(&post, &post_params),
             client.execute(&clear, &clear_params)
