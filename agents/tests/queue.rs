@@ -194,3 +194,62 @@ async fn concurrent_postgres_claimers_share_rows_without_overlap() {
     all.dedup();
     assert_eq!(all.len(), ids.len());
 }
+
+/// A person's enqueue that commits while `complete` waits on the row (the
+/// drive letting go at the same instant): the row must come out released,
+/// not left leased to the finished drive until its lease runs out.
+#[tokio::test]
+async fn complete_racing_an_enqueue_on_postgres_releases_the_row() {
+    let db = TestDatabase::create().await;
+    let store = db.store().await;
+    let queue = PostgresWorkQueue::new(store.pool().clone());
+    let id = Uuid::now_v7();
+    queue
+        .enqueue(id, Priority::Normal, at(0), at(0))
+        .await
+        .unwrap();
+    let claim = queue.claim("w", 1, at(1), LEASE).await.unwrap().remove(0);
+
+    // The enqueue holds the row, uncommitted, while `complete` starts.
+    let mut person = db.admin_client().await;
+    let enqueue = person.transaction().await.unwrap();
+    enqueue
+        .execute(
+            "UPDATE agent_tasks SET seq = seq + 1, available_at = $2 WHERE workflow_id = $1",
+            &[&id, &at(2)],
+        )
+        .await
+        .unwrap();
+    let completing = {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.complete("w", id, claim.seq, at(3)).await })
+    };
+    // Until `complete` waits for that row lock.
+    let watcher = db.admin_client().await;
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%agent_tasks%'
+                    AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    enqueue.commit().await.unwrap();
+
+    let released = completing.await.unwrap().unwrap();
+    assert!(released, "newer work was enqueued: a claimer must be woken");
+    let again = queue.claim("v", 1, at(3), LEASE).await.unwrap();
+    assert_eq!(
+        again.iter().map(|c| c.workflow).collect::<Vec<_>>(),
+        [id],
+        "the person's work is claimable at once"
+    );
+}

@@ -87,16 +87,21 @@ const RELEASE: &str = "
            priority = COALESCE($3, priority), available_at = $4
      WHERE workflow_id = $2 AND lease_owner = $1";
 
-// Deletes when nothing was enqueued since the claim, else releases.
+// Deletes the row when nothing was enqueued since the claim. A concurrent
+// enqueue that commits first changes `seq`, which PostgreSQL checks again
+// on the row it waited for: the row then stays, for RELEASE_HELD.
 const COMPLETE: &str = "
-    WITH gone AS (
-        DELETE FROM agent_tasks
-         WHERE workflow_id = $2 AND lease_owner = $1 AND seq = $3
-        RETURNING workflow_id)
+    DELETE FROM agent_tasks
+     WHERE workflow_id = $2 AND lease_owner = $1 AND seq = $3";
+
+// What `complete` does when newer work kept the row: hands it back now,
+// whatever its `seq` became. (One statement with the DELETE above in a CTE
+// missed both when the enqueue committed while it waited: its UPDATE
+// judged `seq` on the row as it was before.)
+const RELEASE_HELD: &str = "
     UPDATE agent_tasks
-       SET lease_owner = NULL, lease_until = NULL, available_at = LEAST(available_at, $4)
-     WHERE workflow_id = $2 AND lease_owner = $1 AND seq <> $3
-       AND NOT EXISTS (SELECT 1 FROM gone)";
+       SET lease_owner = NULL, lease_until = NULL, available_at = LEAST(available_at, $3)
+     WHERE workflow_id = $2 AND lease_owner = $1";
 
 const ASSIGN: &str = "
     UPDATE agent_tasks
@@ -360,9 +365,20 @@ impl WorkQueue for PostgresWorkQueue {
     ) -> Result<bool, QueueError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(COMPLETE).await.map_err(unavailable)?;
-        // The count is the release's (the outer UPDATE).
+        let removed = client
+            .execute(&statement, &[&owner, &workflow, &seq])
+            .await
+            .map_err(unavailable)?;
+        if removed > 0 {
+            return Ok(false);
+        }
+        // Newer work came (or the lease is lost, and this finds nothing).
+        let statement = client
+            .prepare_cached(RELEASE_HELD)
+            .await
+            .map_err(unavailable)?;
         let released = client
-            .execute(&statement, &[&owner, &workflow, &seq, &now])
+            .execute(&statement, &[&owner, &workflow, &now])
             .await
             .map_err(unavailable)?;
         Ok(released > 0)
