@@ -149,7 +149,13 @@ impl Runtime {
         // leaves its leases to expire, a stopped one hands them back.
         while drives.join_next().await.is_some() {}
         if !killed {
-            let held: Vec<Uuid> = inner.held.lock().expect("held lock").drain().collect();
+            let held: Vec<Uuid> = inner
+                .held
+                .lock()
+                .expect("held lock")
+                .drain()
+                .map(|(workflow, _)| workflow)
+                .collect();
             let now = inner.clock.now();
             for workflow in held {
                 let _ = inner
@@ -178,7 +184,11 @@ fn spawn_drive(
     history: Option<History>,
     slot: OwnedSemaphorePermit,
 ) {
-    inner.held.lock().expect("held lock").insert(claim.workflow);
+    inner
+        .held
+        .lock()
+        .expect("held lock")
+        .insert(claim.workflow, false);
     let inner = inner.clone();
     let span = crate::trace::workflow_span(claim.workflow);
     drives.spawn(tracing::Instrument::instrument(
@@ -248,7 +258,7 @@ async fn renew_leases(inner: Arc<Inner>) {
             .held
             .lock()
             .expect("held lock")
-            .iter()
+            .keys()
             .copied()
             .collect();
         if held.is_empty() || inner.dead.is_cancelled() {
@@ -355,13 +365,22 @@ fn wake_on_new_work(inner: Arc<Inner>) -> tokio::task::JoinHandle<()> {
             // A workflow this runtime holds is being driven here (its own
             // submissions, its own gate verdicts): nothing in the queue is
             // new for it, and a claim would cost a transaction to find
-            // nothing. A requeue here wakes the loop itself.
+            // nothing. A requeue here wakes the loop itself. A person's
+            // decision is never the drive's own: its wake-up waits for the
+            // drive to let go (`Inner::forget`), which may be after the
+            // drive's queue row went and the person's row came.
+            let person = event.event_type == "HumanDecisionRecorded";
             let local = event
                 .stream_id
                 .as_str()
                 .strip_prefix(STREAM_PREFIX)
                 .and_then(|id| id.parse::<Uuid>().ok())
-                .is_some_and(|id| inner.held.lock().expect("held lock").contains(&id));
+                .is_some_and(|id| {
+                    let mut held = inner.held.lock().expect("held lock");
+                    held.get_mut(&id)
+                        .map(|decided| *decided |= person)
+                        .is_some()
+                });
             if !local {
                 inner.wake.notify_one();
             }

@@ -224,7 +224,7 @@ impl Runtime {
             }
             Err(e) => return Err(e.into()),
         };
-        inner.held.lock().expect("held lock").insert(id);
+        inner.held.lock().expect("held lock").insert(id, false);
         let submission_keyed = submission.idempotency_key.is_some();
         let recorder = match submission.actor {
             Some(actor) => person(actor),

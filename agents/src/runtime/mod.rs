@@ -17,7 +17,7 @@ mod drive;
 mod external;
 mod history;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -229,8 +229,9 @@ pub(crate) struct Inner {
     pub faults: Option<FaultPlan>,
     /// Something may be claimable.
     pub wake: Notify,
-    /// Workflows this runtime holds a lease on.
-    held: Mutex<HashSet<Uuid>>,
+    /// Workflows this runtime holds a lease on, each with whether a
+    /// person decided on it meanwhile (its wake-up was held back).
+    held: Mutex<HashMap<Uuid, bool>>,
     /// How often each workflow's drive panicked here: the pause before it
     /// is driven again doubles with each.
     panics: Mutex<std::collections::HashMap<Uuid, u32>>,
@@ -357,7 +358,7 @@ impl Runtime {
                 agents,
                 faults,
                 wake: Notify::new(),
-                held: Mutex::new(HashSet::new()),
+                held: Mutex::new(HashMap::new()),
                 panics: Mutex::default(),
                 slots: Arc::new(Semaphore::new(config_slots)),
                 handoff: Mutex::new(None),
@@ -427,7 +428,13 @@ impl Inner {
     }
 
     pub(crate) fn forget(&self, workflow: Uuid) {
-        self.held.lock().expect("held lock").remove(&workflow);
+        let decided_meanwhile = self.held.lock().expect("held lock").remove(&workflow);
+        if decided_meanwhile == Some(true) {
+            // Its wake-up came while the drive still held the workflow,
+            // maybe after the drive's queue row was gone: the person's
+            // work is claimable now, and nothing else would say so.
+            self.wake.notify_one();
+        }
         // A drive that ended normally: its earlier panics are behind it.
         self.panics.lock().expect("panics lock").remove(&workflow);
     }
