@@ -35,7 +35,10 @@ export function onSessionChange(f) {
 
 function resetSocket() {
   if (socket) {
-    socket.dispose();
+    // Disposing a socket still connecting (signing out or in while a page
+    // subscribes) rejects with its close event. Nothing waits for it, and
+    // the pages learn of the close from their subscriptions' sinks.
+    Promise.resolve(socket.dispose()).catch(() => {});
     socket = null;
   }
 }
